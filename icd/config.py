@@ -1,0 +1,259 @@
+"""One typed configuration for a run: data, models, method, storage, pipeline.
+
+Load a preset (``icd/presets/NAME.yaml``) or a YAML file, then apply ``key.path=value``
+overrides. Unknown keys and invalid values raise :class:`ConfigError` with a one-line
+message naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file, preset name or override (one-line message)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the benchmark stream comes from."""
+
+    dataset: str = Field("shapes", description="Registered dataset name (see `icd/data/registry.py`)")
+    source: str | None = Field(
+        None,
+        description="Override the registry source: 'hf:<id>', 'parquet:<path>', "
+        "'imagefolder:<path>' or 'fixture:shapes'",
+    )
+    split: str | None = Field(None, description="Split to stream (default: the registry's)")
+    limit: int | None = Field(None, ge=1, description="Stop after this many samples")
+    order_seed: int | None = Field(
+        None, description="Shuffle the stream order with this seed (None keeps source order)"
+    )
+
+
+class ModelConfig(_Strict):
+    """One model: a student, a teacher or the embedder."""
+
+    backend: Literal["hf", "openai", "oracle"] = "hf"
+    model_id: str = ""
+    revision: str = "main"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    # oracle teacher
+    noise: float = Field(0.0, ge=0.0, le=1.0, description="Oracle: rate of wrong labels")
+    # openai teacher
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(8, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+
+
+class PolicyConfig(_Strict):
+    """When the teacher is asked (DESIGN §2.3)."""
+
+    threshold: Literal["adaptive", "fixed", "always", "never"] = "adaptive"
+    tau: float = Field(0.5, description="Fixed threshold on the uncertainty")
+    budget: float | None = Field(0.04, ge=0.0, le=1.0, description="Fraction ρ of samples seen")
+    budget_count: int | None = Field(None, ge=0, description="Absolute budget (overrides ρ)")
+    warmup: int = Field(8, ge=0, description="First W samples queried unconditionally")
+
+
+class VotingConfig(_Strict):
+    """Teacher test-time scaling (DESIGN §2.4)."""
+
+    n: int = Field(5, ge=1, description="Teacher answers per queried sample")
+    temperature: float = Field(0.7, ge=0.0)
+    include_greedy: bool = True
+    aggregation: Literal["majority", "best_of_n"] = "majority"
+    a_min: float = Field(0.6, ge=0.0, le=1.0, description="Minimum agreement to enter the pool")
+    fuzzy_threshold: float = Field(0.85, ge=0.0, le=1.0)
+
+
+class SelectionConfig(_Strict):
+    """Demonstration selection (DESIGN §2.6)."""
+
+    strategy: Literal["random", "rices", "cross_modal", "combined", "cascade"] = "combined"
+    k: int = Field(3, ge=0)
+    w_ii: float = 1.0
+    w_it: float = 1.0
+    w_tt: float = 0.5
+    shortlist: int = Field(32, ge=1, description="Cascade: K_it rows shortlisted by image→text")
+    per_label_cap: int | None = Field(None, ge=1, description="At most m demos per label")
+    most_similar_last: bool = True
+
+
+class MethodConfig(_Strict):
+    mode: Literal[
+        "icd",
+        "student_zero_shot",
+        "teacher_zero_shot",
+        "teacher_forward",
+        "random_demos",
+        "rices",
+    ] = "icd"
+    uncertainty: Literal["entropy_mean", "nll_mean", "entropy_first", "margin"] = "entropy_mean"
+    policy: PolicyConfig = PolicyConfig()
+    voting: VotingConfig = VotingConfig()
+    selection: SelectionConfig = SelectionConfig()
+    final_from_teacher: bool = Field(
+        True, description="Annotated samples take the teacher's voted label as final answer"
+    )
+    list_classes_in_prompt: bool = False
+
+
+class ModelsConfig(_Strict):
+    student: ModelConfig = ModelConfig(model_id="HuggingFaceTB/SmolVLM-256M-Instruct")
+    teacher: ModelConfig = ModelConfig(model_id="Qwen/Qwen2.5-VL-7B-Instruct", batch_size=4)
+    embedder: ModelConfig = ModelConfig(model_id="google/siglip-base-patch16-224", batch_size=32)
+
+
+class StorageConfig(_Strict):
+    root: str = Field(".icd", description="Folder for pools, results, MLflow store and cache")
+    pool_uri: str | None = Field(None, description="LanceDB URI (default: ROOT/pool)")
+    tracking_uri: str | None = Field(None, description="MLflow URI (default: sqlite:///ROOT/mlflow.db)")
+    experiment: str = "icd"
+    compact_every: int = Field(16, ge=1, description="Compact the pool every N chunk commits")
+
+    def resolved_pool_uri(self) -> str:
+        return self.pool_uri or str(Path(self.root).absolute() / "pool")
+
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{Path(self.root).absolute() / 'mlflow.db'}"
+
+    def results_dir(self, run_id: str) -> Path:
+        return Path(self.root).absolute() / "runs" / run_id
+
+
+class PipelineConfig(_Strict):
+    chunk_size: int = Field(64, ge=1)
+    lookahead: int = Field(0, ge=0, description="Chunks whose pool-independent stages run ahead")
+    task_runner: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = Field(None, description="Existing Dask scheduler (default: local)")
+    dask_workers: int = Field(2, ge=1)
+    cache: bool = Field(True, description="Reuse task results across runs")
+
+
+class Config(_Strict):
+    run_id: str | None = Field(None, description="Identifies the run; reuse it to resume")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    method: MethodConfig = MethodConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.models.student.backend != "hf":
+            raise ValueError("models.student.backend: the student must be an 'hf' model")
+        if self.models.embedder.backend != "hf":
+            raise ValueError("models.embedder.backend: the embedder must be an 'hf' model")
+        return self
+
+    def fingerprint(self, *paths: str) -> str:
+        """A stable hash of the named config sections/fields (all of it if none given)."""
+        data = self.model_dump(mode="json")
+        picked = {p: _get(data, p) for p in paths} if paths else data
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (numbers, bools, null, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. method.k=3")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a config: preset, then YAML file, then ``values`` (nested dict), then overrides."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(presets())})")
+        data = _merge(data, _read_yaml(path))
+    if file is not None:
+        path = Path(file)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = _merge(data, _read_yaml(path))
+    if values:
+        data = _merge(data, values)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return validate(data)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Validate a nested dict into a :class:`Config`, with a one-line error naming the key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown config key {key!r}") from None
+        raise ConfigError(f"invalid value for {key!r}: {err['msg']}") from None

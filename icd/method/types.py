@@ -1,0 +1,43 @@
+"""Records shared by the method and the model backends (plain data, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Prompt:
+    """A chat in Hugging Face message format plus the images it references, in order.
+
+    ``messages`` is a list of ``{"role": ..., "content": [{"type": "image"} |
+    {"type": "text", "text": ...}]}``; the i-th ``{"type": "image"}`` entry refers to
+    ``images[i]``. Demonstrations are earlier user/assistant turns; the query is the last
+    user turn, and the model answers it.
+    """
+
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """One generated answer with the token statistics the uncertainty measures need.
+
+    All statistics are taken from the model's real (unwarped, temperature-1) distribution.
+    ``token_logprobs[t]`` is log p(chosen token t); ``token_entropy[t]`` the entropy (nats)
+    of step t's full distribution; ``first_top2`` the two largest probabilities of the
+    first step. Empty answers have empty arrays and ``first_top2 == (1.0, 0.0)``.
+    """
+
+    text: str
+    token_logprobs: np.ndarray
+    token_entropy: np.ndarray
+    first_top2: tuple[float, float] = (1.0, 0.0)
+
+    @property
+    def seq_logprob(self) -> float:
+        return float(np.sum(self.token_logprobs))
