@@ -1,0 +1,288 @@
+"""The ``icd`` command: run the stream flow locally, build fixtures, benchmark, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from icd.config import Config, ConfigError, load_config, presets
+
+app = typer.Typer(
+    help="Online In-Context Distillation for small vision-language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline measured in the same run.")
+pool_app = typer.Typer(help="Inspect a LanceDB demonstration pool.")
+app.add_typer(bench_app, name="bench")
+app.add_typer(pool_app, name="pool")
+console = Console()
+err = Console(stderr=True)
+
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", "-p", help="Shipped preset to start from (see `icd presets`)."),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file layered on top of the preset."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one config field, KEY=VALUE with a dotted key, e.g. "
+        "--set method.policy.budget=0.04 (repeatable; applied last).",
+    ),
+]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from icd.data.registry import UnknownDataset
+    from icd.models import ModelLoadError
+
+    return (ConfigError, UnknownDataset, ModelLoadError, ValueError, FileNotFoundError)
+
+
+def _resolve(preset: str | None, config: Path | None, sets: list[str] | None) -> Config:
+    try:
+        return load_config(preset if (preset or config) else "smoke", config, sets)
+    except ConfigError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _quiet_prefect() -> None:
+    for name in ("prefect.task_runs", "prefect._internal", "prefect.server", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _preflight(cfg: Config) -> None:
+    """Fail fast, in one line, on a bad dataset or model id before the flow starts.
+
+    Models are loaded into the process cache, so the flow then reuses them.
+    """
+    from icd.data.stream import open_stream
+    from icd.models import load_embedder, load_student, load_teacher
+
+    src = open_stream(cfg.data)
+    load_embedder(cfg.models.embedder)
+    load_student(cfg.models.student)
+    if cfg.method.mode != "student_zero_shot" and cfg.models.teacher.backend != "openai":
+        load_teacher(cfg.models.teacher, src.class_names)
+
+
+def print_summary(summary: dict) -> None:
+    """The run summary as a rich table."""
+    table = Table(title=f"ICD run {summary.get('run_id', '')}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in (
+        "mode", "dataset", "samples", "skipped", "accuracy", "zs_accuracy", "annotation_rate",
+        "queried", "accepted", "teacher_calls", "teacher_errors", "pool_size",
+        "mean_agreement", "demo_accuracy",
+    ):
+        if key in summary:
+            v = summary[key]
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    for stage, s in (summary.get("seconds") or {}).items():
+        table.add_row(f"seconds.{stage}", f"{s:.2f}")
+    console.print(table)
+
+
+@app.command()
+def run(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", "-r", help="Run id; reuse an existing one to resume that run."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run the `stream` flow in this process (Prefect ephemeral mode, no server needed).
+
+    Without --preset or --config the offline `smoke` preset is used. Results (predictions
+    parquet, summary) go under STORAGE.ROOT/runs/RUN_ID; metrics and lineage to MLflow.
+    """
+    cfg = _resolve(preset, config, set_)
+    _quiet_prefect()
+    try:
+        _preflight(cfg)
+    except _user_errors() as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    from icd.flows import stream as stream_mod
+
+    bar = Progress(
+        TextColumn("[bold]stream[/]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("samples"), TimeElapsedColumn(), console=err, disable=not progress,
+    )
+    task_id = bar.add_task("stream", total=None)
+
+    def hook(chunks: int, samples: int, total: int | None) -> None:
+        bar.update(task_id, completed=samples, total=total)
+
+    stream_mod.CHUNK_HOOKS.append(hook)
+    try:
+        with bar:
+            summary = stream_mod.stream_flow_for(cfg)(
+                preset=None, overrides=None, config_json=cfg.model_dump_json(), run_id=run_id
+            )
+    except _user_errors() as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        stream_mod.CHUNK_HOOKS.remove(hook)
+    print_summary(summary)
+    console.print(f"results: [bold]{summary['run_dir']}[/]")
+    console.print(f"MLflow:  {cfg.storage.resolved_tracking_uri()} (run {summary['mlflow_run_id']})")
+
+
+@app.command("presets")
+def list_presets() -> None:
+    """List the shipped presets."""
+    for name in presets():
+        console.print(name)
+
+
+@app.command("config")
+def show_config(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the fully resolved config (preset + file + overrides) as YAML."""
+    import yaml
+
+    cfg = _resolve(preset, config, set_)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def fixtures(
+    root: Annotated[
+        Path | None, typer.Option(help="Where to build (default: $ICD_FIXTURES or ./.icd/fixtures).")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Samples in the shapes dataset.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed for models and data.")] = 0,
+) -> None:
+    """Build the offline fixtures: tiny Idefics3 student, Qwen2-VL teacher, SigLIP embedder
+    (each with a locally trained tokenizer and real processor) and the shapes dataset."""
+    import time
+
+    from icd.data.shapes import build_shapes_dataset
+    from icd.models.fixtures import build_model_fixtures, fixtures_dir
+
+    root = root or fixtures_dir()
+    t0 = time.perf_counter()
+    paths = build_model_fixtures(root, seed=seed)
+    data = build_shapes_dataset(root, n=samples, seed=seed)
+    for name, path in {**{k: str(v) for k, v in paths.items()}, "shapes": str(data)}.items():
+        console.print(f"{name:>14}: {path}")
+    console.print(f"fixtures ready in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def report(
+    target: Annotated[str, typer.Argument(help="A run id, or a benchmark name.")],
+    root: Annotated[Path, typer.Option(help="Storage root the run wrote to.")] = Path(".icd"),
+) -> None:
+    """Print a finished run's (or benchmark's) summary; write its plots and HTML report."""
+    from icd.report import build_report
+
+    try:
+        paths = build_report(target, root)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    summary_file = root.absolute() / "runs" / target / "summary.json"
+    if summary_file.exists():
+        print_summary(json.loads(summary_file.read_text()))
+    console.print(f"report: [bold]{paths.html}[/]")
+    for p in paths.plots:
+        console.print(f"plot:   {p}")
+
+
+@pool_app.command("inspect")
+def pool_inspect(
+    uri: Annotated[str, typer.Argument(help="LanceDB URI or folder of the pool.")],
+    run_id: Annotated[str | None, typer.Option(help="Only this run's rows.")] = None,
+) -> None:
+    """Size, label histogram, agreement stats and versions of a demonstration pool."""
+    from icd.storage.pool import inspect_pool
+
+    try:
+        info = inspect_pool(uri, run_id)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+        return
+    table = Table(title=f"pool {uri}")
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in info.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@bench_app.command("select")
+def bench_select(
+    quick: Annotated[bool, typer.Option(help="Small pool sizes (seconds, not minutes).")] = False,
+) -> None:
+    """Selection ms/query at pool sizes 1k/10k/100k vs numpy brute force; upsert ms/row;
+    fragment count after 100 chunk commits."""
+    from icd.bench.select import print_select_bench, run_select_bench
+
+    print_select_bench(run_select_bench(quick=quick))
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    samples: Annotated[int, typer.Option(help="Smoke samples to stream.")] = 2000,
+    chunk_size: Annotated[int, typer.Option(help="Chunk size of the flow.")] = 64,
+) -> None:
+    """Samples/s of the full flow vs a plain Python loop over the same method and model
+    functions (no Prefect/LanceDB/MLflow), same samples, same run; peak RSS."""
+    from icd.bench.overhead import print_overhead_bench, run_overhead_bench
+
+    print_overhead_bench(run_overhead_bench(samples=samples, chunk_size=chunk_size))
+
+
+@bench_app.command("teacher")
+def bench_teacher(
+    samples: Annotated[int, typer.Option(help="Samples to annotate.")] = 64,
+    n: Annotated[int, typer.Option(help="Votes per sample.")] = 3,
+    concurrency: Annotated[int, typer.Option(help="Concurrent requests to compare with 1.")] = 8,
+) -> None:
+    """OpenAI-compatible teacher throughput, concurrency 1 vs N, against a local server."""
+    from icd.bench.teacher import print_teacher_bench, run_teacher_bench
+
+    print_teacher_bench(run_teacher_bench(samples=samples, n=n, concurrency=concurrency))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    samples: Annotated[int, typer.Option(help="Smoke samples to stream.")] = 512,
+) -> None:
+    """Flow samples/s with lookahead 0 vs 2, thread runner vs a 2-worker local Dask cluster."""
+    from icd.bench.scale import print_scale_bench, run_scale_bench
+
+    print_scale_bench(run_scale_bench(samples=samples))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; committed chunks are kept — rerun with the same --run-id to resume")
+        sys.exit(130)

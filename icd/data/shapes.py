@@ -1,0 +1,294 @@
+"""Procedural coloured-shapes image classification: the offline benchmark stream.
+
+``build_shapes_dataset`` draws ``n`` small PNGs (10 shapes x 3 colours = 30 classes, with
+varied position, size, rotation, background tint and light noise), writes them as one
+parquet file in the Hugging Face ``datasets`` layout (``image`` is the ``Image`` feature's
+``{bytes, path}`` struct, ``label`` a ``ClassLabel``) next to a dataset card and a
+``shapes.json`` listing class names and synonyms. Every ``corrupt_every``-th sample
+carries undecodable image bytes so that the pipeline's skip path is exercised.
+
+Everything is a pure function of the arguments: the same seed gives the same bytes, and
+sample ``i`` does not depend on ``n`` (a 500-sample build is a prefix of a 2000 one, up to
+which samples are corrupted).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "pentagon",
+    "hexagon",
+    "diamond",
+    "cross",
+    "ring",
+    "arrow",
+)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (35, 160, 60),
+    "blue": (40, 80, 215),
+}
+CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+QUESTION = "What is shown in the image?"
+
+_SHAPE_SYNONYMS: dict[str, list[str]] = {
+    "circle": ["disk", "disc", "dot"],
+    "square": ["box"],
+    "diamond": ["rhombus", "lozenge"],
+    "cross": ["plus", "plus sign"],
+    "ring": ["donut", "annulus", "hollow circle"],
+    "star": ["five-pointed star"],
+}
+SYNONYMS: dict[str, list[str]] = {
+    f"{c} {s}": [f"{c} {alt}" for alt in alts]
+    for c in COLOURS
+    for s, alts in _SHAPE_SYNONYMS.items()
+}
+
+_FORMAT_VERSION = 1  # bump when the drawing changes, so cached builds are redone
+_DATA_FILE = "data/train-00000-of-00001.parquet"
+_META_FILE = "shapes.json"
+
+
+def dataset_dir(root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 64) -> Path:
+    """Folder a build with these arguments lives in: ``root/shapes-<n>-<seed>`` for the
+    default corruption and size, with a suffix naming any non-default ones."""
+    name = f"shapes-{n}-{seed}"
+    if corrupt_every != 500:
+        name += f"-c{corrupt_every}"
+    if size != 64:
+        name += f"-s{size}"
+    return Path(root) / name
+
+
+def data_files(path: Path) -> list[str]:
+    """The parquet files of a built shapes dataset folder (for ``load_dataset("parquet", ...)``)."""
+    return [str(Path(path) / _DATA_FILE)]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``shapes.json`` of a built dataset: arguments, class names, synonyms, corrupt ids."""
+    return json.loads((Path(path) / _META_FILE).read_text())
+
+
+def build_shapes_dataset(
+    root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 64
+) -> Path:
+    """Build (or find cached) the shapes dataset and return its folder.
+
+    The folder holds ``data/train-00000-of-00001.parquet`` (columns ``id``, ``image``,
+    ``question``, ``label``), ``README.md`` (a dataset card whose YAML header declares the
+    features and the ``train`` split, so ``load_dataset(str(folder))`` also works) and
+    ``shapes.json``. A second call with the same arguments returns at once. The build
+    writes to a temporary folder and renames it into place, so an interrupted build never
+    leaves a half-written dataset behind.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if size < 16:
+        raise ValueError(f"size must be >= 16 pixels, got {size}")
+    target = dataset_dir(root, n, seed, corrupt_every, size)
+    params = {"n": n, "seed": seed, "corrupt_every": corrupt_every, "size": size, "version": _FORMAT_VERSION}
+    if _is_built(target, params):
+        return target
+
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    rows: dict[str, list[Any]] = {"id": [], "image": [], "question": [], "label": []}
+    corrupt_ids = []
+    for i in range(n):
+        sample_id = f"shapes{seed}-{i:06d}"
+        label = _label_of(i, seed)
+        if corrupt_every > 0 and (i + 1) % corrupt_every == 0:
+            data = _corrupt_bytes(render_shape(i, seed, size), len(corrupt_ids))
+            corrupt_ids.append(sample_id)
+        else:
+            data = render_shape(i, seed, size)
+        rows["id"].append(sample_id)
+        rows["image"].append({"bytes": data, "path": f"{sample_id}.png"})
+        rows["question"].append(QUESTION)
+        rows["label"].append(label)
+
+    features = Features(
+        {
+            "id": Value("string"),
+            "image": ImageFeature(),
+            "question": Value("string"),
+            "label": ClassLabel(names=CLASS_NAMES),
+        }
+    )
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(root) / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data").mkdir(parents=True)
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp / _DATA_FILE))
+    meta = {
+        **params,
+        "question": QUESTION,
+        "class_names": CLASS_NAMES,
+        "synonyms": SYNONYMS,
+        "corrupt_ids": corrupt_ids,
+        "data_files": [_DATA_FILE],
+    }
+    (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
+    (tmp / "README.md").write_text(_card(n, seed, corrupt_every, size, len(corrupt_ids)))
+
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:
+        # Another process finished the same build first; its copy is identical.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_built(target, params):
+            raise
+    return target
+
+
+def _is_built(target: Path, params: dict[str, Any]) -> bool:
+    meta_path = target / _META_FILE
+    if not meta_path.exists() or not (target / _DATA_FILE).exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(meta.get(k) == v for k, v in params.items())
+
+
+def _label_of(i: int, seed: int) -> int:
+    """Class of sample ``i``: each block of 30 consecutive samples holds every class once,
+    in an order drawn from (seed, block) — balanced and independent of ``n``."""
+    block, offset = divmod(i, len(CLASS_NAMES))
+    order = np.random.default_rng([seed, 7919, block]).permutation(len(CLASS_NAMES))
+    return int(order[offset])
+
+
+def render_shape(i: int, seed: int = 0, size: int = 64) -> bytes:
+    """PNG bytes of sample ``i`` of the stream with this seed (never corrupted)."""
+    rng = np.random.default_rng([seed, i])
+    label = _label_of(i, seed)
+    colour_name, shape = CLASS_NAMES[label].split(" ", 1)
+
+    scale = 2  # draw at twice the size, then downsample: cheap anti-aliasing
+    s = size * scale
+    background = tuple(int(v) for v in rng.integers(200, 250, size=3))
+    fill = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[colour_name])
+    radius = rng.uniform(0.18, 0.32) * s
+    cx = rng.uniform(radius + 2, s - radius - 2)
+    cy = rng.uniform(radius + 2, s - radius - 2)
+    angle = rng.uniform(0.0, 2 * math.pi)
+
+    img = Image.new("RGB", (s, s), background)
+    draw = ImageDraw.Draw(img)
+    if shape in ("circle", "ring"):
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+        if shape == "ring":
+            r = radius * 0.55
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=background)
+    else:
+        points = [(cx + radius * x, cy + radius * y) for x, y in _rotate(_OUTLINES[shape], angle)]
+        draw.polygon(points, fill=fill)
+    img = img.resize((size, size), Image.Resampling.LANCZOS)
+
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = pixels + rng.normal(0.0, 4.0, size=pixels.shape)
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _regular(k: int) -> list[tuple[float, float]]:
+    return [(math.cos(2 * math.pi * j / k - math.pi / 2), math.sin(2 * math.pi * j / k - math.pi / 2)) for j in range(k)]
+
+
+def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
+    out = []
+    for j in range(2 * points):
+        r = 1.0 if j % 2 == 0 else inner
+        a = math.pi * j / points - math.pi / 2
+        out.append((r * math.cos(a), r * math.sin(a)))
+    return out
+
+
+_W = 0.33  # half-width of the cross's arms
+_OUTLINES: dict[str, list[tuple[float, float]]] = {
+    "square": _regular(4),
+    "triangle": _regular(3),
+    "pentagon": _regular(5),
+    "hexagon": _regular(6),
+    "star": _star(),
+    "diamond": [(0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0)],
+    "cross": [
+        (-_W, -1), (_W, -1), (_W, -_W), (1, -_W), (1, _W), (_W, _W),
+        (_W, 1), (-_W, 1), (-_W, _W), (-1, _W), (-1, -_W), (-_W, -_W),
+    ],  # fmt: skip
+    "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)],
+}
+
+
+def _rotate(points: list[tuple[float, float]], angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(c * x - s * y, s * x + c * y) for x, y in points]
+
+
+def _corrupt_bytes(png: bytes, k: int) -> bytes:
+    """Undecodable image bytes for the ``k``-th corrupted sample, alternating two failure
+    kinds: a PNG cut in half (valid header, truncated pixel data) and bytes that are not
+    an image at all."""
+    if k % 2 == 0:
+        return png[: len(png) // 2]
+    return b"this is not an image " + bytes(range(32))
+
+
+def _card(n: int, seed: int, corrupt_every: int, size: int, n_corrupt: int) -> str:
+    names = "\n".join(f"          '{k}': {name}" for k, name in enumerate(CLASS_NAMES))
+    return f"""---
+dataset_info:
+  features:
+    - name: id
+      dtype: string
+    - name: image
+      dtype: image
+    - name: question
+      dtype: string
+    - name: label
+      dtype:
+        class_label:
+          names:
+{names}
+  splits:
+    - name: train
+      num_examples: {n}
+configs:
+  - config_name: default
+    data_files:
+      - split: train
+        path: {_DATA_FILE}
+---
+# Coloured shapes (ICD offline fixture)
+
+Procedural image classification: {len(CLASS_NAMES)} classes ({len(SHAPES)} shapes x
+{len(COLOURS)} colours), {n} samples of {size}x{size} pixels, seed {seed}. Each sample is
+a PNG with a shape of varied position, size and rotation on a tinted, lightly noisy
+background, the question "{QUESTION}" and the class name as label.
+
+Every {corrupt_every}-th sample ({n_corrupt} in total) has deliberately undecodable image
+bytes, to exercise the skip path of the pipeline. Class names and accepted synonyms are
+listed in `{_META_FILE}`.
+"""

@@ -1,0 +1,337 @@
+"""Tiny randomly initialised models of the real architectures, built offline in seconds.
+
+``build_model_fixtures(root, seed)`` writes three folders under ``root`` that load through
+the same ``from_pretrained`` path as hub checkpoints:
+
+- ``tiny-idefics3``: the student, ``Idefics3ForConditionalGeneration`` (SmolVLM architecture)
+  with an ``Idefics3Processor`` (no image splitting, 32 px images, 4 image tokens each).
+- ``tiny-qwen2vl``: the teacher, ``Qwen2VLForConditionalGeneration`` with a
+  ``Qwen2VLProcessor`` (32 px images, 4 image tokens each).
+- ``tiny-clip``: the embedder, ``CLIPModel`` with a ``CLIPProcessor``.
+
+Each tokenizer is a byte-level BPE trained locally with ``tokenizers`` on a corpus built
+from the coloured-shapes vocabulary, wrapped in the architecture's own tokenizer class
+(``GPT2Tokenizer``, ``Qwen2Tokenizer``, ``CLIPTokenizer``) with the special tokens the
+processor needs and the architecture's chat template. Weights are random but fully
+determined by ``seed``. Accuracy of these models is meaningless; every code path is real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FIXTURE_VERSION = 1
+STUDENT = "tiny-idefics3"
+TEACHER = "tiny-llava"
+EMBEDDER = "tiny-clip"
+NAMES = (STUDENT, TEACHER, EMBEDDER)
+MARKER = "fixture.json"
+
+IMAGE_SIZE = 32  # pixels fed to every vision tower
+PATCH_SIZE = 8
+BPE_VOCAB_SIZE = 640
+
+COLOURS = [
+    "red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan", "brown", "gray",
+    "black", "white",
+]  # fmt: skip
+SHAPES = [
+    "circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "ring", "pentagon",
+    "heart",
+]  # fmt: skip
+_WORDS = (
+    "what shape is shown in the image answer with a short phrase options which one of "
+    "following best describes picture question this object colour color kind here there "
+    "you are helpful assistant user system yes no it its an on at of to for and or"
+).split()
+
+# SmolVLM's chat template (Idefics3 processors use "User:"/"Assistant:" turns).
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# ChatML template (as in LLaVA-OneVision-Qwen2) with images kept in message order.
+LLAVA_QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def fixtures_dir() -> Path:
+    """Where fixtures live: ``$ICD_FIXTURES`` or ``<cwd>/.icd/fixtures``."""
+    return Path(os.environ.get("ICD_FIXTURES") or Path.cwd() / ".icd" / "fixtures").absolute()
+
+
+def _corpus(seed: int) -> list[str]:
+    """Sentences covering the shapes vocabulary, prompts, digits and punctuation."""
+    rng = random.Random(seed)
+    lines = []
+    classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    for _ in range(600):
+        c = rng.choice(classes)
+        opts = ", ".join(rng.sample(classes, 4))
+        lines += [
+            f"What shape is shown in the image? Answer with a short phrase. {c.capitalize()}.",
+            f"Which one of the following best describes the picture? Options: {opts}. {c}",
+            f"Q{rng.randint(0, 999)}: is it a {c}? yes; no! ({rng.randint(0, 9)}) - \"{c}\"",
+            f"User: What is shown here?\nAssistant: {c}\nuser\nassistant\nsystem",
+        ]
+    lines.append(" ".join(_WORDS + COLOURS + SHAPES))
+    lines.append("0 1 2 3 4 5 6 7 8 9 . , ; : ! ? ' \" ( ) [ ] - _ / + = * & % $ # @")
+    return lines
+
+
+def _train_bpe(
+    tokenizer_cls: type, special_tokens: list[str], seed: int, suffix: str = "", **kwargs: Any
+) -> Any:
+    """Train a byte-level BPE with ``tokenizer_cls``'s own pre-tokenizer pipeline, then
+    rebuild ``tokenizer_cls`` from the learned vocab and merges."""
+    from tokenizers import pre_tokenizers, trainers
+
+    empty = tokenizer_cls(**kwargs)
+    backend = empty.backend_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        **({"end_of_word_suffix": suffix} if suffix else {}),
+    )
+    backend.train_from_iterator(_corpus(seed), trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return tokenizer_cls(vocab=model["vocab"], merges=merges, **kwargs)
+
+
+def _build_student(out: Path, seed: int) -> None:
+    from transformers import (
+        GPT2Tokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>"]
+    extras = ["<fake_token_around_image>", "<image>", "<global-img>", *grid]
+    tok = _train_bpe(
+        GPT2Tokenizer,
+        specials + extras,
+        seed,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|im_end|>",
+    )
+    tok.add_special_tokens({"additional_special_tokens": extras})
+    scale = 2
+    image_seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // scale**2
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_len=image_seq_len,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        scale_factor=scale,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _set_generation_ids(model, tok)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_teacher(out: Path, seed: int) -> None:
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Tokenizer,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tok = _train_bpe(
+        Qwen2Tokenizer, specials, seed, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    patch = 2 * PATCH_SIZE
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_QWEN2_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=patch,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=(IMAGE_SIZE // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed + 1)
+    model = LlavaForConditionalGeneration(config).eval()
+    _set_generation_ids(model, tok)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _build_embedder(out: Path, seed: int) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tok = _train_bpe(CLIPTokenizer, ["<|startoftext|>", "<|endoftext|>"], seed, suffix="</w>")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+        ),
+        projection_dim=32,
+    )
+    torch.manual_seed(seed + 2)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _set_generation_ids(model: Any, tok: Any) -> None:
+    gc = model.generation_config
+    gc.eos_token_id = tok.eos_token_id
+    gc.pad_token_id = tok.pad_token_id
+    gc.bos_token_id = tok.bos_token_id
+    gc.do_sample = False
+
+
+_BUILDERS = {STUDENT: _build_student, TEACHER: _build_teacher, EMBEDDER: _build_embedder}
+
+
+def build_model_fixtures(root: Path, seed: int = 0) -> dict[str, Path]:
+    """Build (or reuse) the three tiny models under ``root``; return name -> folder.
+
+    A folder whose ``fixture.json`` records the same seed and fixture version is reused as
+    is, so a second call returns at once. Building all three takes a few seconds on CPU.
+    """
+    root = Path(root)
+    paths = {}
+    for name, build in _BUILDERS.items():
+        out = root / name
+        marker = {"name": name, "seed": seed, "version": FIXTURE_VERSION}
+        if not _is_built(out, marker):
+            t0 = time.perf_counter()
+            tmp = root / f".{name}.tmp-{os.getpid()}"
+            _rmtree(tmp)
+            tmp.mkdir(parents=True)
+            build(tmp, seed)
+            marker["build_seconds"] = round(time.perf_counter() - t0, 3)
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+            _rmtree(out)
+            tmp.rename(out)
+        paths[name] = out
+    return paths
+
+
+def _is_built(out: Path, marker: dict[str, Any]) -> bool:
+    try:
+        found = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return all(found.get(k) == v for k, v in marker.items())
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

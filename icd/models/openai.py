@@ -1,0 +1,657 @@
+"""Teacher over an OpenAI-compatible chat-completions API (vLLM, SGLang, hosted APIs).
+
+Prompts go out as chat messages with the images inlined as base64 PNG data URLs, in the
+same interleaved order as the :class:`~icd.method.types.Prompt`. N answers per sample come
+from the API's ``n`` (with single requests where a server ignores it), the greedy answer
+from one extra request at temperature 0. Requests run concurrently under a bound, a
+requests-per-minute limit and a per-request timeout; 429/5xx/timeouts/dropped
+connections/malformed bodies are retried with exponential backoff and jitter, honouring
+``Retry-After``. A misconfigured teacher (401/403/404, or a server never reached) raises
+:class:`TeacherConfigError` at once; a sample whose retries run out gets an
+:class:`~icd.models.base.Annotation` with ``error`` set and the others carry on.
+
+The API key is read from the environment variable named by ``api_key_env`` at call time
+and sent as a Bearer token; it is never stored on the object, logged, or put in messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import email.utils
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from icd.config import ModelConfig
+from icd.data.types import Sample
+from icd.method.types import Generation, Prompt
+from icd.models.base import Annotation
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
+CONFIG_STATUS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
+MAX_RETRY_AFTER_S = 300.0
+
+
+class TeacherConfigError(RuntimeError):
+    """The teacher endpoint is misconfigured (bad key, unknown model or URL, unreachable):
+    every request of the run would fail the same way. The message is one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt conversion and response parsing (pure)
+
+
+def image_to_data_url(image: Image.Image) -> str:
+    """A lossless PNG ``data:`` URL of ``image`` (RGB), so a server decodes the same pixels."""
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """Convert a Hugging Face chat prompt into OpenAI chat messages.
+
+    User turns become content-part lists (``text`` and ``image_url`` parts, in the
+    prompt's order, the i-th ``{"type": "image"}`` taking ``prompt.images[i]``);
+    assistant and system turns become plain text.
+    """
+    n_placeholders = sum(
+        1
+        for m in prompt.messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if part.get("type") == "image"
+    )
+    if n_placeholders != len(prompt.images):
+        raise ValueError(
+            f"prompt has {n_placeholders} image placeholders but {len(prompt.images)} images"
+        )
+    urls = iter([image_to_data_url(img) for img in prompt.images])
+    out: list[dict[str, Any]] = []
+    for m in prompt.messages:
+        role, content = m["role"], m.get("content", "")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if role != "user":
+            text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            out.append({"role": role, "content": text})
+            continue
+        parts: list[dict[str, Any]] = []
+        for p in content:
+            if p.get("type") == "image":
+                parts.append({"type": "image_url", "image_url": {"url": next(urls)}})
+            elif p.get("type") == "text":
+                parts.append({"type": "text", "text": p.get("text", "")})
+            else:
+                raise ValueError(f"unsupported content part type {p.get('type')!r}")
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def topk_entropy(logprobs: Sequence[float]) -> float:
+    """Entropy (nats) of a distribution known only through its top-k log-probs.
+
+    The listed tokens contribute exactly; the remaining mass r = 1 - sum(p) is counted as
+    if spread over tokens as likely as the k-th, contributing -r·log(p_k). Every unlisted
+    token has p <= p_k, so this is a lower bound of the true entropy, exact when the
+    listed tokens carry all the mass. An approximation: servers give only the top k.
+    """
+    p = np.sort(np.exp(np.asarray(logprobs, dtype=np.float64)))[::-1]
+    p = p[p > 0]
+    if p.size == 0:
+        return 0.0
+    total = float(p.sum())
+    if total > 1.0:  # rounding in the server's log-probs
+        p, total = p / total, 1.0
+    h = float(-(p * np.log(p)).sum())
+    rest = 1.0 - total
+    if rest > 1e-12:
+        h += -rest * math.log(float(p[-1]))
+    return max(h, 0.0)
+
+
+def parse_choice(choice: dict[str, Any]) -> Generation:
+    """One OpenAI ``choice`` as a :class:`Generation`.
+
+    Token statistics come from ``choice["logprobs"]["content"]``: the chosen token's
+    log-prob, the entropy approximated from ``top_logprobs`` (:func:`topk_entropy`; 0 for a
+    step without them) and the first step's two largest probabilities. Without logprobs
+    the arrays are empty and ``first_top2`` is (1.0, 0.0). Raises ``ValueError`` when the
+    choice is malformed.
+    """
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise ValueError("choice without a message")
+    text = message.get("content") or ""
+    if not isinstance(text, str):
+        raise ValueError("message content is not a string")
+    steps = (choice.get("logprobs") or {}).get("content") or []
+    if not isinstance(steps, list):
+        raise ValueError("logprobs.content is not a list")
+    token_lp, token_h = [], []
+    first_top2 = (1.0, 0.0)
+    for t, step in enumerate(steps):
+        lp = float(step["logprob"])
+        top = _dedupe_top(step.get("top_logprobs") or [])
+        token_lp.append(lp)
+        token_h.append(topk_entropy(top) if top else 0.0)
+        if t == 0:
+            probs = sorted((math.exp(x) for x in (top or [lp])), reverse=True)
+            first_top2 = (probs[0], probs[1] if len(probs) > 1 else 0.0)
+    return Generation(
+        text=text.strip(),
+        token_logprobs=np.asarray(token_lp, dtype=np.float32),
+        token_entropy=np.asarray(token_h, dtype=np.float32),
+        first_top2=first_top2,
+    )
+
+
+def _dedupe_top(top: list[dict[str, Any]]) -> list[float]:
+    seen: dict[str, float] = {}
+    for i, entry in enumerate(top):
+        key = entry.get("token") or f"#{i}"
+        seen.setdefault(key, float(entry["logprob"]))
+    return list(seen.values())
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A per-sample seed that depends only on the run seed and the sample id."""
+    h = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# ---------------------------------------------------------------------------------------
+# Limits and accounting
+
+
+class RateLimiter:
+    """Token bucket: ``per_minute`` requests a minute, bursts of at most ``burst``.
+
+    :meth:`reserve` takes a token (going into debt when none is left) and returns how long
+    the caller must wait before sending; safe from any thread or event loop.
+    """
+
+    def __init__(self, per_minute: float, burst: float | None = None):
+        self.rate = per_minute / 60.0
+        self.capacity = burst if burst is not None else max(1.0, self.rate)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            self.tokens -= 1.0
+            return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+@dataclass
+class _Counts:
+    requests: int = 0  # HTTP attempts, whatever their outcome
+    ok: int = 0  # attempts that returned usable choices
+    failures: int = 0  # attempts that did not (status, timeout, connection, bad body)
+    retries: int = 0  # attempts made because an earlier one failed
+    samples: int = 0  # choices returned
+    annotations: int = 0  # samples annotated (successfully or not)
+    errors: int = 0  # samples finally marked teacher_error
+    latencies_ms: list[float] = field(default_factory=list)  # successful attempts
+
+
+class _Failed(Exception):
+    """An attempt failed in a way worth retrying; ``reason`` is short and key-free."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, connect: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.connect = connect
+
+
+class _SampleError(Exception):
+    """An attempt failed in a way retrying cannot fix for this sample (e.g. 400)."""
+
+
+def _sample_failure(group: BaseExceptionGroup) -> str:
+    """The ``teacher_error`` message for a sample whose requests failed; re-raises anything
+    that is not a per-sample failure (a misconfigured teacher, a bug)."""
+    for e in group.exceptions:
+        if isinstance(e, TeacherConfigError):
+            raise e from None
+    for e in group.exceptions:
+        if not isinstance(e, _Failed | _SampleError):
+            raise group
+    return f"teacher_error: {group.exceptions[0]}"
+
+
+@dataclass
+class _Tally:
+    requests: int = 0
+    retries: int = 0
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class OpenAITeacher:
+    """Teacher backed by an OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        requests_per_minute: int | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        max_tokens: int = 16,
+        backoff_base: float = 0.5,
+        backoff_max: float = 20.0,
+        revision: str = "main",
+        top_logprobs: int = 5,
+    ):
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model
+        self.revision = revision
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.requests_per_minute = requests_per_minute
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.max_tokens = max_tokens
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.top_logprobs = top_logprobs
+        self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
+        self._logprobs = top_logprobs >= 0  # turned off if the server rejects them
+        self._n_supported = True  # turned off once the server returns fewer choices than n
+        self._reached = False  # set once any request got an HTTP response
+        self._counts = _Counts()
+        self._lock = threading.Lock()
+        self._jitter = random.Random()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> OpenAITeacher:
+        """Build from ``models.teacher`` (``backend: openai``); the model name is ``model_id``."""
+        if not cfg.base_url:
+            raise TeacherConfigError(
+                f"models.teacher.base_url is required for the openai backend (model {cfg.model_id!r})"
+            )
+        return cls(
+            base_url=cfg.base_url,
+            model=cfg.model_id,
+            api_key_env=cfg.api_key_env,
+            concurrency=cfg.concurrency,
+            requests_per_minute=cfg.requests_per_minute,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            max_tokens=cfg.max_new_tokens,
+            revision=cfg.revision,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAITeacher(base_url={self.base_url!r}, model={self.model_id!r}, "
+            f"api_key_env={self.api_key_env!r}, concurrency={self.concurrency}, "
+            f"requests_per_minute={self.requests_per_minute}, timeout_s={self.timeout_s}, "
+            f"max_retries={self.max_retries})"
+        )
+
+    # -- accounting -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, float | int]:
+        """Cumulative counts since creation (or :meth:`reset_stats`).
+
+        ``requests == ok + failures`` (every HTTP attempt is one or the other);
+        ``retries`` counts attempts made because an earlier one failed; ``samples`` the
+        choices returned; ``errors`` the samples marked ``teacher_error``; latency
+        percentiles are over successful attempts, in milliseconds.
+        """
+        with self._lock:
+            c = self._counts
+            lat = np.asarray(c.latencies_ms) if c.latencies_ms else np.zeros(1)
+            return {
+                "requests": c.requests,
+                "ok": c.ok,
+                "failures": c.failures,
+                "retries": c.retries,
+                "samples": c.samples,
+                "annotations": c.annotations,
+                "errors": c.errors,
+                "latency_p50_ms": float(np.percentile(lat, 50)),
+                "latency_p95_ms": float(np.percentile(lat, 95)),
+                "latency_max_ms": float(lat.max()),
+            }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._counts = _Counts()
+
+    def _count(self, **delta: int) -> None:
+        with self._lock:
+            for k, v in delta.items():
+                setattr(self._counts, k, getattr(self._counts, k) + v)
+
+    # -- public API -----------------------------------------------------------------
+
+    def annotate(
+        self,
+        samples: Sequence[Sample],
+        prompts: Sequence[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> list[Annotation]:
+        """``n`` answers per sample (the greedy one first when ``include_greedy``, the rest
+        sampled at ``temperature`` with a per-sample seed), order preserved.
+
+        Runs its own event loop (in a fresh thread when the caller already runs one).
+        Raises :class:`TeacherConfigError` when the endpoint is misconfigured.
+        """
+        coro_args = (samples, prompts, n, temperature, include_greedy, seed)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.aannotate(*coro_args))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self.aannotate(*coro_args)).result()
+
+    async def aannotate(
+        self,
+        samples: Sequence[Sample],
+        prompts: Sequence[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> list[Annotation]:
+        """Async form of :meth:`annotate`."""
+        if len(samples) != len(prompts):
+            raise ValueError(f"{len(samples)} samples but {len(prompts)} prompts")
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if not samples:
+            return []
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        sem = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
+        timeout = httpx.Timeout(self.timeout_s)
+        async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(
+                            self._annotate_one(
+                                client, sem, s, p, n, temperature, include_greedy, seed
+                            )
+                        )
+                        for s, p in zip(samples, prompts, strict=True)
+                    ]
+            except BaseExceptionGroup as group:
+                for e in group.exceptions:
+                    if isinstance(e, TeacherConfigError):
+                        raise e from None
+                raise
+        return [t.result() for t in tasks]
+
+    # -- internals ------------------------------------------------------------------
+
+    async def _annotate_one(
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        sample: Sample,
+        prompt: Prompt,
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> Annotation:
+        tally = _Tally()
+        try:
+            messages = to_openai_messages(prompt)
+        except (ValueError, OSError) as e:
+            self._count(annotations=1, errors=1)
+            return Annotation([], error=f"teacher_error: bad prompt: {e}", requests=0)
+        base = sample_seed(seed, sample.sample_id)
+        n_sampled = n - 1 if include_greedy else n
+        jobs = []
+        if include_greedy:
+            jobs.append(self._choices(client, sem, messages, 1, 0.0, base, tally))
+        if n_sampled > 0:
+            jobs.append(
+                self._choices(client, sem, messages, n_sampled, temperature, base + 1, tally)
+            )
+        error = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(job) for job in jobs]
+        except BaseExceptionGroup as group:
+            error = _sample_failure(group)
+        if error is not None:
+            log.warning("teacher: sample %s failed: %s", sample.sample_id, error)
+            self._count(annotations=1, errors=1)
+            return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
+        gens = [g for t in tasks for g in t.result()]
+        self._count(annotations=1)
+        return Annotation(gens, requests=tally.requests, retries=tally.retries)
+
+    async def _choices(
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        messages: list[dict[str, Any]],
+        k: int,
+        temperature: float,
+        seed: int,
+        tally: _Tally,
+    ) -> list[Generation]:
+        """``k`` answers: one request with ``n=k``, topped up by single requests (distinct
+        seeds) when the server returns fewer choices."""
+        gens: list[Generation] = []
+        if k == 1 or self._n_supported:
+            gens = await self._request(client, sem, messages, k, temperature, seed, tally)
+            if len(gens) < k and k > 1:
+                self._n_supported = False
+                log.info(
+                    "teacher: server returned %d of n=%d choices; topping up with single requests",
+                    len(gens),
+                    k,
+                )
+            gens = gens[:k]
+        while len(gens) < k:
+            gens += await self._request(
+                client, sem, messages, 1, temperature, seed + len(gens), tally
+            )
+        return gens[:k]
+
+    async def _request(
+        self,
+        client: httpx.AsyncClient,
+        sem: asyncio.Semaphore,
+        messages: list[dict[str, Any]],
+        k: int,
+        temperature: float,
+        seed: int,
+        tally: _Tally,
+    ) -> list[Generation]:
+        """One logical request, retried until it succeeds or ``max_retries`` run out."""
+        attempt, retry = 0, False
+        while True:
+            try:
+                async with sem:
+                    if self._limiter is not None:
+                        wait = self._limiter.reserve()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                    return await self._attempt(client, messages, k, temperature, seed, tally, retry)
+            except _Failed as e:
+                retry = True
+                if e.reason == "logprobs rejected":
+                    continue  # resent at once without logprobs
+                if attempt >= self.max_retries:
+                    if e.connect and not self._reached:
+                        raise TeacherConfigError(
+                            f"teacher at {self.base_url}: unreachable ({e.reason}) after "
+                            f"{self.max_retries} retries — check base_url and that the server is up"
+                        ) from None
+                    raise _Failed(f"{e.reason} after {self.max_retries} retries") from None
+                delay = self._backoff(attempt, e.retry_after)
+                log.debug("teacher: %s; retry %d in %.2fs", e.reason, attempt + 1, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter, never shorter than the server's Retry-After."""
+        delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+        delay *= 0.5 + 0.5 * self._jitter.random()
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
+        return delay
+
+    def _payload(
+        self, messages: list[dict[str, Any]], k: int, temperature: float, seed: int
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": messages,
+            "n": k,
+            "temperature": temperature,
+            "max_tokens": self.max_tokens,
+            "seed": seed,
+        }
+        if self._logprobs:
+            body["logprobs"] = True
+            if self.top_logprobs > 0:
+                body["top_logprobs"] = self.top_logprobs
+        return body
+
+    async def _attempt(
+        self,
+        client: httpx.AsyncClient,
+        messages: list[dict[str, Any]],
+        k: int,
+        temperature: float,
+        seed: int,
+        tally: _Tally,
+        retry: bool,
+    ) -> list[Generation]:
+        """One HTTP attempt (``retry``: made because an earlier one failed); counts it, and
+        raises :class:`_Failed` / :class:`_SampleError` / :class:`TeacherConfigError` by
+        outcome."""
+        tally.requests += 1
+        tally.retries += int(retry)
+        self._count(requests=1, retries=int(retry))
+        ok = False
+        try:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    resp = await client.post(
+                        f"{self.base_url}/chat/completions",
+                        content=json.dumps(self._payload(messages, k, temperature, seed)),
+                    )
+            except (TimeoutError, httpx.TimeoutException):
+                raise _Failed("timeout") from None
+            except httpx.ConnectError:
+                raise _Failed("connection refused", connect=True) from None
+            except httpx.TransportError as e:
+                raise _Failed(f"connection error ({type(e).__name__})") from None
+            self._reached = True
+            status = resp.status_code
+            if status in CONFIG_STATUS:
+                hint = (
+                    f"check {self.api_key_env}"
+                    if status in (401, 403)
+                    else f"check base_url and model {self.model_id!r}"
+                )
+                raise TeacherConfigError(
+                    f"teacher at {self.base_url}: {status} {CONFIG_STATUS[status]} — {hint}"
+                )
+            if status in RETRYABLE_STATUS or status >= 500:
+                raise _Failed(
+                    str(status), retry_after=parse_retry_after(resp.headers.get("retry-after"))
+                )
+            if status >= 400:
+                detail = self._server_message(resp)
+                if self._logprobs and "logprob" in detail.lower():
+                    self._logprobs = False
+                    log.info(
+                        "teacher: server rejects logprobs; continuing without token statistics"
+                    )
+                    raise _Failed("logprobs rejected")
+                raise _SampleError(f"{status} {detail}")
+            try:
+                body = resp.json()
+                choices = body["choices"]
+                if not isinstance(choices, list) or not choices:
+                    raise ValueError("no choices")
+                gens = [parse_choice(c) for c in choices]
+            except (ValueError, KeyError, TypeError):
+                raise _Failed("malformed response") from None
+            ok = True
+            latency = (time.perf_counter() - t0) * 1000.0
+            with self._lock:
+                self._counts.ok += 1
+                self._counts.samples += len(gens)
+                self._counts.latencies_ms.append(latency)
+            return gens
+        finally:
+            if not ok:
+                self._count(failures=1)
+
+    def _server_message(self, resp: httpx.Response) -> str:
+        """The server's error message, one line, at most 200 characters, key-free."""
+        try:
+            err = resp.json().get("error", "")
+            text = err.get("message", "") if isinstance(err, dict) else str(err)
+        except (ValueError, AttributeError):
+            text = resp.text
+        text = " ".join(str(text).split())[:200] or resp.reason_phrase
+        key = os.environ.get(self.api_key_env)
+        return text.replace(key, "***") if key else text

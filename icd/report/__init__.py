@@ -1,0 +1,316 @@
+"""Reports of finished runs and benchmarks: plots, a self-contained HTML page, terminal tables.
+
+Layout read here (written by the ``stream`` and ``benchmark`` flows)::
+
+    ROOT/runs/RUN_ID/            summary.json, config.json, predictions/chunk-*.parquet
+    ROOT/benchmarks/BENCH_ID/    benchmark.json, runs.parquet, comparison.parquet, comparison.md
+
+Reports are written into a ``report/`` folder inside the run or benchmark folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from icd.report import html, plots
+from icd.report.tables import comparison_rows
+
+BENCHMARK_FILE = "benchmark.json"
+RUNS_FILE = "runs.parquet"
+COMPARISON_FILE = "comparison.parquet"
+COMPARISON_MD = "comparison.md"
+REPORT_DIR = "report"
+
+
+class ReportError(FileNotFoundError):
+    """The report target does not name a run or benchmark under the storage root."""
+
+
+@dataclass
+class ReportPaths:
+    """What :func:`build_report` wrote. ``plots`` maps a plot name to its PNG."""
+
+    kind: str  # "run" | "benchmark"
+    source: Path  # the run or benchmark folder
+    html: Path
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+def benchmarks_dir(root: Path) -> Path:
+    return Path(root).absolute() / "benchmarks"
+
+
+def runs_dir(root: Path) -> Path:
+    return Path(root).absolute() / "runs"
+
+
+def resolve_target(target: str, root: Path) -> tuple[str, Path]:
+    """Find what ``target`` names: ``("run", folder)`` or ``("benchmark", folder)``.
+
+    Tried in order: a folder path (a run folder has ``predictions/``, a benchmark folder
+    ``benchmark.json``); a run id under ``ROOT/runs``; a benchmark id under
+    ``ROOT/benchmarks``; a benchmark suite name, which picks that suite's latest benchmark.
+    Raises :class:`ReportError` with a one-line message otherwise.
+    """
+    path = Path(target)
+    if path.is_dir():
+        if (path / BENCHMARK_FILE).exists():
+            return "benchmark", path.absolute()
+        if (path / "predictions").is_dir() or (path / "summary.json").exists():
+            return "run", path.absolute()
+    if (runs_dir(root) / target).is_dir():
+        return "run", runs_dir(root) / target
+    if (benchmarks_dir(root) / target / BENCHMARK_FILE).exists():
+        return "benchmark", benchmarks_dir(root) / target
+    latest = latest_benchmark(target, root)
+    if latest is not None:
+        return "benchmark", latest
+    raise ReportError(f"no run or benchmark {target!r} under {Path(root).absolute()}")
+
+
+def latest_benchmark(suite: str, root: Path) -> Path | None:
+    """The most recently started benchmark folder of suite ``suite``, if any."""
+    found: list[tuple[str, Path]] = []
+    base = benchmarks_dir(root)
+    for meta in base.glob(f"*/{BENCHMARK_FILE}") if base.is_dir() else []:
+        info = json.loads(meta.read_text())
+        if info.get("suite", {}).get("name") == suite:
+            found.append((info.get("started", ""), meta.parent))
+    return max(found)[1] if found else None
+
+
+def build_report(target: str, root: Path) -> ReportPaths:
+    """Write the plots and a self-contained HTML report for a finished run or benchmark.
+
+    ``target`` is a run id, a benchmark id or suite name, or a folder (see
+    :func:`resolve_target`); ``root`` is the storage root (``storage.root``).
+    """
+    kind, folder = resolve_target(target, Path(root))
+    if kind == "run":
+        return build_run_report(folder)
+    return build_benchmark_report(folder)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _run_predictions(run_dir: Path) -> pl.DataFrame:
+    from icd.storage.results import read_predictions
+
+    return read_predictions(run_dir)
+
+
+def build_run_report(run_dir: Path) -> ReportPaths:
+    """Report of one run folder: running curves, uncertainty and agreement plots, HTML."""
+    run_dir = Path(run_dir)
+    preds = _run_predictions(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    if not summary:
+        from icd.storage.results import summarize
+
+        summary = summarize(preds, {"run_id": run_dir.name})
+    config = _read_json(run_dir / "config.json")
+    method = config.get("method", {})
+    budget = method.get("policy", {}).get("budget") if _uses_budget(method.get("mode")) else None
+    a_min = method.get("voting", {}).get("a_min")
+    out = run_dir / REPORT_DIR
+    name = summary.get("run_id") or run_dir.name
+    paths = {
+        "running": plots.plot_running_curves(preds, out / "running.png", title=name, budget=budget),
+        "uncertainty": plots.plot_uncertainty_hist(preds, out / "uncertainty.png", title=name),
+        "agreement": plots.plot_agreement_hist(
+            preds, out / "agreement.png", a_min=a_min, title=name
+        ),
+    }
+    rows = [(k, _fmt_value(k, v)) for k, v in _flat_summary(summary).items()]
+    page = html.page(
+        f"ICD run {name}",
+        html.paragraph(f"{run_dir}", "meta"),
+        html.section("Summary", html.table(["field", "value"], rows)),
+        html.section(
+            "Over the stream",
+            html.image(
+                paths["running"], "Running accuracy, pool size and annotation rate per chunk."
+            ),
+        ),
+        html.section(
+            "Student uncertainty",
+            html.image(
+                paths["uncertainty"], "Zero-shot uncertainty of queried vs not queried samples."
+            ),
+        ),
+        html.section(
+            "Teacher agreement",
+            html.image(paths["agreement"], "Agreement of the teacher's votes on queried samples."),
+        ),
+        html.section(
+            "Configuration",
+            html.preformatted(json.dumps(config, indent=2) if config else "(no config.json)"),
+        ),
+    )
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return ReportPaths("run", run_dir, html_path, paths)
+
+
+def build_benchmark_report(bench_dir: Path) -> ReportPaths:
+    """Report of one benchmark folder: the main curve, running accuracy per dataset, HTML.
+
+    The per-dataset running-accuracy plot overlays every setting's first seed (stream
+    order), read from each child run's predictions.
+    """
+    bench_dir = Path(bench_dir)
+    info = _read_json(bench_dir / BENCHMARK_FILE)
+    table = pl.read_parquet(bench_dir / COMPARISON_FILE)
+    runs = pl.read_parquet(bench_dir / RUNS_FILE)
+    out = bench_dir / REPORT_DIR
+    name = info.get("benchmark_id", bench_dir.name)
+    paths: dict[str, Path] = {
+        "accuracy_vs_annotation": plots.plot_accuracy_vs_annotation(
+            table, out / "accuracy_vs_annotation.png", title=name
+        )
+    }
+    sections = [
+        html.section(
+            "Accuracy vs annotation rate",
+            html.image(
+                paths["accuracy_vs_annotation"],
+                "Mean ± std over stream orders; dashed: modes without a budget.",
+            ),
+        )
+    ]
+    for dataset in dict.fromkeys(runs.get_column("dataset").to_list()):
+        first = (
+            runs.filter(pl.col("dataset") == dataset)
+            .sort("seed", nulls_last=True)
+            .unique(["variant", "budget"], keep="first", maintain_order=True)
+        )
+        frames, labels = [], {}
+        for r in first.iter_rows(named=True):
+            run_dir = Path(r["run_dir"]) if r["run_dir"] else None
+            if run_dir is None or not run_dir.is_dir():
+                continue
+            frames.append(
+                _run_predictions(run_dir).with_columns(pl.lit(r["run_id"]).alias("run_id"))
+            )
+            budget = "" if r["budget"] is None else f" ρ={r['budget']:g}"
+            labels[r["run_id"]] = f"{r['variant']}{budget}"
+        preds = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+        key = f"running_{_slug(dataset)}"
+        paths[key] = plots.plot_running_comparison(
+            preds,
+            out / f"{key}.png",
+            labels=labels,
+            title=f"{dataset}: running accuracy (first stream order)",
+        )
+        sections.append(html.section(f"{dataset}: over the stream", html.image(paths[key])))
+    header, rows = comparison_rows(table)
+    child_rows = [
+        (r["dataset"], r["variant"], _fmt_value("budget", r["budget"]), _fmt_value("seed", r["seed"]),
+         r["run_id"], r["mlflow_run_id"] or "", _fmt_value("accuracy", r["accuracy"]),
+         _fmt_value("annotation_rate", r["annotation_rate"]))
+        for r in runs.iter_rows(named=True)
+    ]  # fmt: skip
+    page = html.page(
+        f"ICD benchmark {name}",
+        html.paragraph(
+            f"{bench_dir} · parent MLflow run {info.get('parent_mlflow_run_id', '?')} · "
+            f"started {info.get('started', '?')}",
+            "meta",
+        ),
+        html.section("Comparison (mean ± std over stream orders)", html.table(header, rows)),
+        *sections,
+        html.section(
+            "Runs",
+            html.table(
+                [
+                    "dataset",
+                    "mode",
+                    "budget",
+                    "seed",
+                    "run id",
+                    "MLflow run",
+                    "accuracy",
+                    "annotation rate",
+                ],
+                child_rows,
+            ),
+        ),
+        html.section(
+            "Benchmark configuration",
+            html.preformatted(json.dumps(info.get("suite", {}), indent=2)),
+        ),
+    )
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return ReportPaths("benchmark", bench_dir, html_path, paths)
+
+
+def _uses_budget(mode: str | None) -> bool:
+    """Whether a mode's teacher queries are rationed by the policy budget."""
+    if mode is None:
+        return False
+    from icd.method.modes import mode_spec
+
+    spec = mode_spec(mode)
+    return bool(spec.query_teacher and not spec.teacher_on_all)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def _flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+_PERCENT_FIELDS = ("accuracy", "zs_accuracy", "annotation_rate", "mean_agreement", "demo_accuracy")
+
+
+def _fmt_value(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key in _PERCENT_FIELDS and isinstance(value, int | float):
+        return f"{100 * value:.2f} %"
+    if key.startswith("seconds") and isinstance(value, int | float):
+        return f"{value:.2f} s"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | None = None) -> None:
+    """Print a run summary (dict) or a comparison/runs table (polars) as a rich table."""
+    console = console or Console()
+    if isinstance(summary, pl.DataFrame):
+        if "accuracy_mean" in summary.columns:
+            header, rows = comparison_rows(summary)
+        else:
+            header = summary.columns
+            rows = [[_fmt_value(k, v) for k, v in r.items()] for r in summary.iter_rows(named=True)]
+        table = Table(
+            *header, title="ICD benchmark" if "accuracy_mean" in summary.columns else None
+        )
+        for row in rows:
+            table.add_row(*row)
+    else:
+        title = f"ICD run {summary.get('run_id', '')}".strip()
+        table = Table("field", "value", title=title)
+        for k, v in _flat_summary(summary).items():
+            table.add_row(k, _fmt_value(k, v))
+    console.print(table)

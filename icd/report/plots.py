@@ -1,0 +1,290 @@
+"""PNG plots of runs and benchmarks (matplotlib, no display needed).
+
+Each function takes polars frames and an output path, writes one PNG and returns its path.
+Empty or degenerate inputs (no rows, one point, no queried samples, all-null columns) give
+a valid figure that says what is missing instead of raising. Figures are built with the
+object API (``matplotlib.figure.Figure``), so no global pyplot state or GUI backend is
+touched and plotting is safe from worker threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+
+from icd.report.tables import running_curves
+
+_DPI = 110
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _save(fig: Figure, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=_DPI)
+    return path
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _floats(frame: pl.DataFrame, column: str) -> np.ndarray:
+    """A column as float64 with nulls as NaN (empty array if the column is absent)."""
+    if column not in frame.columns:
+        return np.full(frame.height, np.nan)
+    return frame.get_column(column).cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def plot_accuracy_vs_annotation(
+    table: pl.DataFrame, path: Path | str, title: str | None = None
+) -> Path:
+    """The paper's main curve: accuracy against annotation rate, one line per mode.
+
+    ``table`` is a comparison table (``icd.report.tables.comparison_table``). One panel
+    per dataset. Settings with a budget are drawn as points joined in budget order, with
+    ± std error bars over seeds on both axes and the budget ρ written next to each point.
+    Settings without a budget (modes that never consult it, e.g. the zero-shot baselines)
+    are horizontal reference lines labelled with their annotation rate.
+    """
+    datasets = (
+        [] if table.height == 0 else list(dict.fromkeys(table.get_column("dataset").to_list()))
+    )
+    ncols = max(1, min(3, len(datasets)))
+    nrows = max(1, -(-len(datasets) // ncols))
+    fig = Figure(figsize=(5.2 * ncols, 4.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    if not datasets:
+        _empty(axes[0], "no benchmark runs")
+    variants = (
+        [] if table.height == 0 else list(dict.fromkeys(table.get_column("variant").to_list()))
+    )
+    color = {v: _COLORS[i % len(_COLORS)] for i, v in enumerate(variants)}
+    for ax, dataset in zip(axes, datasets, strict=False):
+        sub = table.filter(pl.col("dataset") == dataset)
+        drawn = False
+        budgeted = sub.filter(pl.col("budget").is_not_null()).sort("budget")
+        for variant in dict.fromkeys(budgeted.get_column("variant").to_list()):
+            rows = budgeted.filter(pl.col("variant") == variant)
+            x = _floats(rows, "annotation_rate_mean") * 100
+            y = _floats(rows, "accuracy_mean") * 100
+            ok = ~(np.isnan(x) | np.isnan(y))
+            if not ok.any():
+                continue
+            xerr = np.nan_to_num(_floats(rows, "annotation_rate_std") * 100)[ok]
+            yerr = np.nan_to_num(_floats(rows, "accuracy_std") * 100)[ok]
+            ax.errorbar(
+                x[ok], y[ok], xerr=xerr, yerr=yerr, marker="o", capsize=3,
+                color=color[variant], label=variant,
+            )  # fmt: skip
+            for xi, yi, b in zip(
+                x[ok], y[ok], rows.get_column("budget").to_numpy()[ok], strict=True
+            ):
+                ax.annotate(
+                    f"ρ={b:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+            drawn = True
+        for r in sub.filter(pl.col("budget").is_null()).iter_rows(named=True):
+            if r["accuracy_mean"] is None:
+                continue
+            rate = r["annotation_rate_mean"]
+            label = r["variant"] + ("" if rate is None else f" (annotation {rate * 100:.0f}%)")
+            ax.axhline(
+                r["accuracy_mean"] * 100, ls="--", lw=1.2, color=color[r["variant"]], label=label
+            )
+            if r["accuracy_std"] is not None:
+                lo = (r["accuracy_mean"] - r["accuracy_std"]) * 100
+                hi = (r["accuracy_mean"] + r["accuracy_std"]) * 100
+                ax.axhspan(lo, hi, color=color[r["variant"]], alpha=0.12)
+            drawn = True
+        if not drawn:
+            _empty(ax, f"{dataset}: no accuracy values")
+            continue
+        ax.set_title(dataset)
+        ax.set_xlabel("annotation rate (% of stream labelled by the teacher)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes[len(datasets) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_running_curves(
+    preds: pl.DataFrame, path: Path | str, title: str | None = None, budget: float | None = None
+) -> Path:
+    """One run over its stream: running accuracy, pool size and annotation rate per chunk.
+
+    ``preds`` is the run's predictions table. Three stacked panels sharing the x axis
+    (samples seen): running and per-chunk accuracy; pool size (accepted annotations so far)
+    with the cumulative queried count; cumulative annotation rate, with the budget ρ as a
+    dashed line when given.
+    """
+    curves = running_curves(preds)
+    fig = Figure(figsize=(7.5, 7.5), layout="constrained")
+    ax_acc, ax_pool, ax_rate = fig.subplots(3, 1, sharex=True)
+    if curves.height == 0:
+        for ax in (ax_acc, ax_pool, ax_rate):
+            _empty(ax, "no predictions")
+    else:
+        x = curves.get_column("samples_seen").to_numpy()
+        marker = "o" if curves.height <= 40 else None
+        acc = _floats(curves, "running_accuracy") * 100
+        if np.isnan(acc).all():
+            _empty(ax_acc, "no scored samples")
+        else:
+            ax_acc.plot(x, acc, marker=marker, label="running accuracy")
+            ax_acc.plot(x, _floats(curves, "chunk_accuracy") * 100, ls=":", marker=marker, alpha=0.6,
+                        label="accuracy of the chunk")  # fmt: skip
+            ax_acc.set_ylabel("accuracy (%)")
+            ax_acc.legend(fontsize=8)
+        ax_pool.step(
+            x, curves.get_column("pool_size").to_numpy(), where="post", label="pool size (accepted)"
+        )
+        ax_pool.step(x, curves.get_column("queried").cum_sum().to_numpy(), where="post", ls="--",
+                     label="queried so far")  # fmt: skip
+        ax_pool.set_ylabel("annotations")
+        ax_pool.legend(fontsize=8)
+        rate = _floats(curves, "annotation_rate") * 100
+        ax_rate.plot(x, rate, marker=marker, color="#2ca02c", label="annotation rate so far")
+        if budget is not None:
+            ax_rate.axhline(budget * 100, ls="--", color="0.3", label=f"budget ρ={budget:g}")
+        ax_rate.set_ylabel("annotation rate (%)")
+        ax_rate.legend(fontsize=8)
+        for ax in (ax_acc, ax_pool, ax_rate):
+            ax.grid(alpha=0.3)
+        ax_rate.set_xlabel("samples seen")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_running_comparison(
+    preds: pl.DataFrame,
+    path: Path | str,
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Running accuracy over the stream of several runs on one axis, one line per run id.
+
+    ``preds`` holds the predictions of all the runs (column ``run_id`` tells them apart);
+    ``labels`` maps run ids to legend labels (default: the run id).
+    """
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    run_ids = [] if preds.height == 0 else list(dict.fromkeys(preds.get_column("run_id").to_list()))
+    drawn = False
+    for i, run_id in enumerate(run_ids):
+        curves = running_curves(preds.filter(pl.col("run_id") == run_id))
+        acc = _floats(curves, "running_accuracy") * 100
+        if np.isnan(acc).all():
+            continue
+        label = (labels or {}).get(run_id, run_id)
+        marker = "o" if curves.height <= 40 else None
+        ax.plot(curves.get_column("samples_seen").to_numpy(), acc, marker=marker, label=label,
+                color=_COLORS[i % len(_COLORS)], ls="-" if i < len(_COLORS) else "--")  # fmt: skip
+        drawn = True
+    if drawn:
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel("running accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    else:
+        _empty(ax, "no scored predictions")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_uncertainty_hist(preds: pl.DataFrame, path: Path | str, title: str | None = None) -> Path:
+    """Student zero-shot uncertainty, histogram for queried vs not queried samples.
+
+    Both groups share the bin edges; counts are drawn as overlapping step histograms so a
+    small queried group stays visible next to a large unqueried one. Rows with a null
+    uncertainty (skipped samples, modes without a student pass) are left out.
+    """
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    rows = (
+        preds.filter(pl.col("zs_uncertainty").is_not_null() & pl.col("zs_uncertainty").is_not_nan())
+        if preds.height
+        else preds
+    )
+    values = _floats(rows, "zs_uncertainty")
+    if values.size == 0:
+        _empty(ax, "no student uncertainties")
+    else:
+        queried = rows.get_column("queried").fill_null(False).to_numpy().astype(bool)
+        edges = np.histogram_bin_edges(values, bins=min(30, max(5, int(np.sqrt(values.size)) * 2)))
+        for mask, label, color in (
+            (~queried, "not queried", "#1f77b4"),
+            (queried, "queried", "#d62728"),
+        ):
+            n = int(mask.sum())
+            if n:
+                ax.hist(values[mask], bins=edges, histtype="stepfilled", alpha=0.45, color=color,
+                        edgecolor=color, label=f"{label} (n={n})")  # fmt: skip
+            else:
+                ax.plot([], [], color=color, label=f"{label} (n=0)")
+        ax.set_xlabel("student zero-shot uncertainty")
+        ax.set_ylabel("samples")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_agreement_hist(
+    preds: pl.DataFrame, path: Path | str, a_min: float | None = None, title: str | None = None
+) -> Path:
+    """Teacher vote agreement (winner votes / N) over queried samples.
+
+    One bar per distinct agreement value (they are multiples of 1/N), stacked by whether
+    the annotation entered the pool (accepted) or was filtered out; ``a_min`` is drawn as
+    a dashed line when given. Samples whose teacher call failed have no agreement and are
+    counted in the legend only.
+    """
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    queried = preds.filter(pl.col("queried").fill_null(False)) if preds.height else preds
+    rows = queried.filter(pl.col("agreement").is_not_null()) if queried.height else queried
+    if rows.height == 0:
+        _empty(ax, "no teacher annotations" if queried.height == 0 else "no agreement values")
+    else:
+        agreement = _floats(rows, "agreement")
+        accepted = rows.get_column("accepted").fill_null(False).to_numpy().astype(bool)
+        levels = np.unique(np.round(agreement, 6))
+        width = 0.8 * (np.min(np.diff(levels)) if levels.size > 1 else 0.1)
+        acc_counts = np.array([np.sum((np.round(agreement, 6) == v) & accepted) for v in levels])
+        rej_counts = np.array([np.sum((np.round(agreement, 6) == v) & ~accepted) for v in levels])
+        ax.bar(
+            levels,
+            acc_counts,
+            width=width,
+            color="#2ca02c",
+            label=f"accepted (n={acc_counts.sum()})",
+        )
+        ax.bar(levels, rej_counts, width=width, bottom=acc_counts, color="0.6",
+               label=f"rejected (n={rej_counts.sum()})")  # fmt: skip
+        failed = queried.height - rows.height
+        if failed:
+            ax.plot([], [], " ", label=f"no agreement (teacher error): {failed}")
+        if a_min is not None:
+            ax.axvline(a_min, ls="--", color="0.2", label=f"a_min={a_min:g}")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_xlabel("agreement (winner votes / N)")
+        ax.set_ylabel("queried samples")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

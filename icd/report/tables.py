@@ -1,0 +1,196 @@
+"""Tables behind the reports: running curves of one run, and the benchmark comparison.
+
+Everything here is polars in, polars out; no plotting and no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import polars as pl
+
+# Summary fields (CONTRACTS.md run summary) carried per run and averaged over seeds.
+METRICS: tuple[str, ...] = (
+    "accuracy",
+    "zs_accuracy",
+    "annotation_rate",
+    "queried",
+    "accepted",
+    "teacher_calls",
+    "teacher_errors",
+    "pool_size",
+    "mean_agreement",
+    "demo_accuracy",
+    "seconds",
+)
+
+# Columns identifying one benchmark setting (one row of the comparison table).
+SETTING: tuple[str, ...] = ("dataset", "variant", "mode", "budget")
+
+RUNS_SCHEMA: dict[str, pl.DataType] = {
+    "dataset": pl.String(),
+    "variant": pl.String(),
+    "mode": pl.String(),
+    "budget": pl.Float64(),
+    "seed": pl.Int64(),
+    "run_id": pl.String(),
+    "mlflow_run_id": pl.String(),
+    "run_dir": pl.String(),
+    "samples": pl.Int64(),
+    "skipped": pl.Int64(),
+    **{m: pl.Float64() for m in METRICS},
+}
+
+
+def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
+    """Per-chunk running curves of one run's predictions, ordered by chunk.
+
+    Columns: ``chunk``; ``samples`` (rows in the chunk); ``samples_seen`` (rows up to and
+    including the chunk); ``valid_seen`` (non-skipped rows so far); ``chunk_accuracy``
+    (mean score in the chunk); ``running_accuracy`` (mean score of all scored rows so far);
+    ``queried``/``accepted`` per chunk; ``pool_size`` (accepted annotations so far — the
+    run's own pool rows); ``annotation_rate`` (queried so far / non-skipped rows so far).
+    Accuracies are null where no row is scored yet. An empty frame gives an empty result.
+    """
+    if preds.height == 0:
+        return pl.DataFrame(
+            schema={
+                "chunk": pl.Int64,
+                "samples": pl.Int64,
+                "samples_seen": pl.Int64,
+                "valid_seen": pl.Int64,
+                "chunk_accuracy": pl.Float64,
+                "running_accuracy": pl.Float64,
+                "queried": pl.Int64,
+                "accepted": pl.Int64,
+                "pool_size": pl.Int64,
+                "annotation_rate": pl.Float64,
+            }
+        )
+    per = (
+        preds.group_by("chunk")
+        .agg(
+            samples=pl.len().cast(pl.Int64),
+            valid=pl.col("skip_reason").is_null().sum().cast(pl.Int64),
+            scored=pl.col("score").is_not_null().sum().cast(pl.Int64),
+            score_sum=pl.col("score").cast(pl.Float64).sum(),
+            queried=pl.col("queried").fill_null(False).sum().cast(pl.Int64),
+            accepted=pl.col("accepted").fill_null(False).sum().cast(pl.Int64),
+        )
+        .sort("chunk")
+    )
+    return per.select(
+        pl.col("chunk").cast(pl.Int64),
+        "samples",
+        samples_seen=pl.col("samples").cum_sum(),
+        valid_seen=pl.col("valid").cum_sum(),
+        chunk_accuracy=_ratio(pl.col("score_sum"), pl.col("scored")),
+        running_accuracy=_ratio(pl.col("score_sum").cum_sum(), pl.col("scored").cum_sum()),
+        queried="queried",
+        accepted="accepted",
+        pool_size=pl.col("accepted").cum_sum(),
+        annotation_rate=_ratio(
+            pl.col("queried").cum_sum().cast(pl.Float64), pl.col("valid").cum_sum()
+        ),
+    )
+
+
+def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
+    return pl.when(den > 0).then(num / den).otherwise(None).cast(pl.Float64)
+
+
+def summary_row(setting: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of the runs table: the setting's coordinates plus the run summary's metrics.
+
+    ``setting`` holds dataset, variant, mode, budget (None for modes that never consult
+    the budget) and seed. ``seconds`` is the summary's per-stage dict summed to a total.
+    """
+    row: dict[str, Any] = {
+        k: setting.get(k) for k in ("dataset", "variant", "mode", "budget", "seed")
+    }
+    row["run_id"] = summary.get("run_id")
+    row["mlflow_run_id"] = summary.get("mlflow_run_id")
+    row["run_dir"] = summary.get("run_dir")
+    row["samples"] = summary.get("samples")
+    row["skipped"] = summary.get("skipped")
+    for m in METRICS:
+        value = summary.get(m)
+        if m == "seconds" and isinstance(value, Mapping):
+            value = sum(float(v) for v in value.values())
+        row[m] = None if value is None else float(value)
+    return row
+
+
+def runs_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    """The runs table (one row per child run) with the fixed ``RUNS_SCHEMA`` columns."""
+    return pl.DataFrame([dict(r) for r in rows], schema=RUNS_SCHEMA)
+
+
+def comparison_table(runs: pl.DataFrame) -> pl.DataFrame:
+    """Aggregate a runs table over seeds: one row per (dataset, variant, mode, budget).
+
+    Columns: the setting, ``seeds`` (runs aggregated), ``samples`` (mean per run), and for
+    each metric ``<m>_mean`` and ``<m>_std`` (sample standard deviation over seeds, null
+    with a single seed). Rows keep the order in which settings first appear in ``runs``.
+    """
+    aggs: list[pl.Expr] = [
+        pl.len().cast(pl.Int64).alias("seeds"),
+        pl.col("samples").cast(pl.Float64).mean().alias("samples"),
+    ]
+    for m in METRICS:
+        aggs.append(pl.col(m).mean().alias(f"{m}_mean"))
+        aggs.append(pl.col(m).std(ddof=1).alias(f"{m}_std"))
+    if runs.height == 0:
+        schema = {k: RUNS_SCHEMA[k] for k in SETTING} | {
+            "seeds": pl.Int64(),
+            "samples": pl.Float64(),
+        }
+        schema |= {f"{m}_{s}": pl.Float64() for m in METRICS for s in ("mean", "std")}
+        return pl.DataFrame(schema=schema)
+    return runs.group_by(list(SETTING), maintain_order=True).agg(aggs)
+
+
+# Markdown columns: (header, metric, kind) with kind "pct" (shown ×100) or "num".
+_MD_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("accuracy %", "accuracy", "pct"),
+    ("student zero-shot %", "zs_accuracy", "pct"),
+    ("annotation rate %", "annotation_rate", "pct"),
+    ("teacher calls", "teacher_calls", "num"),
+    ("pool size", "pool_size", "num"),
+    ("agreement %", "mean_agreement", "pct"),
+    ("demo accuracy %", "demo_accuracy", "pct"),
+    ("seconds", "seconds", "num"),
+)
+
+
+def mean_std(mean: float | None, std: float | None, kind: str = "num") -> str:
+    """Format ``mean ± std`` ("pct" scales by 100, one decimal); "–" when the mean is missing."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    scale, fmt = (100.0, "{:.1f}") if kind == "pct" else (1.0, "{:.1f}")
+    text = fmt.format(mean * scale)
+    if std is not None and not math.isnan(std):
+        text += " ± " + fmt.format(std * scale)
+    return text
+
+
+def comparison_rows(table: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells of a comparison table (shared by markdown and HTML)."""
+    header = ["dataset", "mode", "budget ρ", "seeds", "samples"] + [h for h, _, _ in _MD_COLUMNS]
+    rows: list[list[str]] = []
+    for r in table.iter_rows(named=True):
+        budget = "–" if r["budget"] is None else f"{r['budget']:g}"
+        cells = [r["dataset"], r["variant"], budget, str(r["seeds"]), mean_std(r["samples"], None)]
+        cells += [mean_std(r[f"{m}_mean"], r[f"{m}_std"], kind) for _, m, kind in _MD_COLUMNS]
+        rows.append(cells)
+    return header, rows
+
+
+def to_markdown(table: pl.DataFrame) -> str:
+    """A GitHub-markdown rendering of a comparison table, values as ``mean ± std``."""
+    header, rows = comparison_rows(table)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,75 @@
+"""A run's durable progress: which chunks are committed and the state after each.
+
+A chunk is committed when ``state/chunk-NNNNN.json`` exists; it is written last (after the
+chunk's predictions parquet and pool commit), atomically, so a run killed at any point
+resumes from the chunk after the last committed one with exactly the policy state,
+counters and pool version it had there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunState:
+    """Committed chunk states of one run, kept under ``run_dir/state``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.dir = run_dir / "state"
+
+    def _path(self, chunk: int) -> Path:
+        return self.dir / f"chunk-{chunk:05d}.json"
+
+    def commit(self, chunk: int, state: dict[str, Any]) -> None:
+        """Mark ``chunk`` committed with its state (policy state, counters, pool version)."""
+        atomic_write_text(self._path(chunk), json.dumps({"chunk": chunk, **state}, sort_keys=True))
+
+    def committed(self) -> list[int]:
+        """Indices of committed chunks, ascending."""
+        if not self.dir.exists():
+            return []
+        return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.json"))
+
+    def load(self, chunk: int) -> dict[str, Any]:
+        return json.loads(self._path(chunk).read_text())
+
+    def last(self) -> dict[str, Any] | None:
+        """State after the last committed chunk, or None for a fresh run."""
+        done = self.committed()
+        return self.load(done[-1]) if done else None
+
+    def all(self) -> list[dict[str, Any]]:
+        return [self.load(c) for c in self.committed()]
+
+    def check_config(self, fingerprint: str) -> None:
+        """Record the run's config fingerprint, or refuse to resume under a different one."""
+        path = self.run_dir / "config.fingerprint"
+        if path.exists():
+            old = path.read_text().strip()
+            if old != fingerprint:
+                raise ValueError(
+                    f"run {self.run_dir.name!r} exists with a different configuration; "
+                    "resume it with the same config or pick a new run id"
+                )
+        else:
+            atomic_write_text(path, fingerprint)
