@@ -21,7 +21,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline measured in the same run.")
+bench_app = typer.Typer(
+    help="Benchmarks that print ratios against a baseline measured in the same run."
+)
 pool_app = typer.Typer(help="Inspect a LanceDB demonstration pool.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(pool_app, name="pool")
@@ -93,9 +95,20 @@ def print_summary(summary: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in (
-        "mode", "dataset", "samples", "skipped", "accuracy", "zs_accuracy", "annotation_rate",
-        "queried", "accepted", "teacher_calls", "teacher_errors", "pool_size",
-        "mean_agreement", "demo_accuracy",
+        "mode",
+        "dataset",
+        "samples",
+        "skipped",
+        "accuracy",
+        "zs_accuracy",
+        "annotation_rate",
+        "queried",
+        "accepted",
+        "teacher_calls",
+        "teacher_errors",
+        "pool_size",
+        "mean_agreement",
+        "demo_accuracy",
     ):
         if key in summary:
             v = summary[key]
@@ -130,8 +143,13 @@ def run(
     from icd.flows import stream as stream_mod
 
     bar = Progress(
-        TextColumn("[bold]stream[/]"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("samples"), TimeElapsedColumn(), console=err, disable=not progress,
+        TextColumn("[bold]stream[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not progress,
     )
     task_id = bar.add_task("stream", total=None)
 
@@ -150,7 +168,9 @@ def run(
         stream_mod.CHUNK_HOOKS.remove(hook)
     print_summary(summary)
     console.print(f"results: [bold]{summary['run_dir']}[/]")
-    console.print(f"MLflow:  {cfg.storage.resolved_tracking_uri()} (run {summary['mlflow_run_id']})")
+    console.print(
+        f"MLflow:  {cfg.storage.resolved_tracking_uri()} (run {summary['mlflow_run_id']})"
+    )
 
 
 @app.command("presets")
@@ -172,7 +192,8 @@ def show_config(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
 @app.command()
 def fixtures(
     root: Annotated[
-        Path | None, typer.Option(help="Where to build (default: $ICD_FIXTURES or ./.icd/fixtures).")
+        Path | None,
+        typer.Option(help="Where to build (default: $ICD_FIXTURES or ./.icd/fixtures)."),
     ] = None,
     samples: Annotated[int, typer.Option(help="Samples in the shapes dataset.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed for models and data.")] = 0,

@@ -29,7 +29,9 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the benchmark stream comes from."""
 
-    dataset: str = Field("shapes", description="Registered dataset name (see `icd/data/registry.py`)")
+    dataset: str = Field(
+        "shapes", description="Registered dataset name (see `icd/data/registry.py`)"
+    )
     source: str | None = Field(
         None,
         description="Override the registry source: 'hf:<id>', 'parquet:<path>', "
@@ -125,7 +127,9 @@ class ModelsConfig(_Strict):
 class StorageConfig(_Strict):
     root: str = Field(".icd", description="Folder for pools, results, MLflow store and cache")
     pool_uri: str | None = Field(None, description="LanceDB URI (default: ROOT/pool)")
-    tracking_uri: str | None = Field(None, description="MLflow URI (default: sqlite:///ROOT/mlflow.db)")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI (default: sqlite:///ROOT/mlflow.db)"
+    )
     experiment: str = "icd"
     compact_every: int = Field(16, ge=1, description="Compact the pool every N chunk commits")
 

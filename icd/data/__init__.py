@@ -1,0 +1,19 @@
+"""Benchmark streams: the dataset registry, stream sources and the offline shapes fixture."""
+
+from icd.data.registry import DATASETS, DatasetSpec, UnknownDataset, get_dataset
+from icd.data.shapes import build_shapes_dataset
+from icd.data.stream import DatasetUnavailable, Stream, open_stream
+from icd.data.types import Chunk, Sample
+
+__all__ = [
+    "DATASETS",
+    "Chunk",
+    "DatasetSpec",
+    "DatasetUnavailable",
+    "Sample",
+    "Stream",
+    "UnknownDataset",
+    "build_shapes_dataset",
+    "get_dataset",
+    "open_stream",
+]

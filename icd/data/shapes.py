@@ -64,7 +64,9 @@ _DATA_FILE = "data/train-00000-of-00001.parquet"
 _META_FILE = "shapes.json"
 
 
-def dataset_dir(root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 64) -> Path:
+def dataset_dir(
+    root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 64
+) -> Path:
     """Folder a build with these arguments lives in: ``root/shapes-<n>-<seed>`` for the
     default corruption and size, with a suffix naming any non-default ones."""
     name = f"shapes-{n}-{seed}"
@@ -102,41 +104,41 @@ def build_shapes_dataset(
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     target = dataset_dir(root, n, seed, corrupt_every, size)
-    params = {"n": n, "seed": seed, "corrupt_every": corrupt_every, "size": size, "version": _FORMAT_VERSION}
+    params = {
+        "n": n,
+        "seed": seed,
+        "corrupt_every": corrupt_every,
+        "size": size,
+        "version": _FORMAT_VERSION,
+    }
     if _is_built(target, params):
         return target
 
-    from datasets import ClassLabel, Dataset, Features, Value
-    from datasets import Image as ImageFeature
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     rows: dict[str, list[Any]] = {"id": [], "image": [], "question": [], "label": []}
-    corrupt_ids = []
+    corrupt_ids: list[str] = []
     for i in range(n):
         sample_id = f"shapes{seed}-{i:06d}"
-        label = _label_of(i, seed)
+        data = render_shape(i, seed, size)
         if corrupt_every > 0 and (i + 1) % corrupt_every == 0:
-            data = _corrupt_bytes(render_shape(i, seed, size), len(corrupt_ids))
+            data = _corrupt_bytes(data, len(corrupt_ids))
             corrupt_ids.append(sample_id)
-        else:
-            data = render_shape(i, seed, size)
         rows["id"].append(sample_id)
         rows["image"].append({"bytes": data, "path": f"{sample_id}.png"})
         rows["question"].append(QUESTION)
-        rows["label"].append(label)
+        rows["label"].append(_label_of(i, seed))
 
-    features = Features(
-        {
-            "id": Value("string"),
-            "image": ImageFeature(),
-            "question": Value("string"),
-            "label": ClassLabel(names=CLASS_NAMES),
-        }
-    )
+    features = _features()
     Path(root).mkdir(parents=True, exist_ok=True)
     tmp = Path(root) / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
-    Dataset.from_dict(rows, features=features).to_parquet(str(tmp / _DATA_FILE))
+    # The schema carries the `huggingface` metadata, so `datasets` reads `image` back as
+    # the Image feature and `label` as a ClassLabel.
+    table = pa.Table.from_pydict(rows, schema=features.arrow_schema)
+    pq.write_table(table, tmp / _DATA_FILE, row_group_size=256)
     meta = {
         **params,
         "question": QUESTION,
@@ -146,7 +148,8 @@ def build_shapes_dataset(
         "data_files": [_DATA_FILE],
     }
     (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
-    (tmp / "README.md").write_text(_card(n, seed, corrupt_every, size, len(corrupt_ids)))
+    card = _card(features, n, seed, corrupt_every, size, len(corrupt_ids), table.nbytes)
+    (tmp / "README.md").write_text(card)
 
     shutil.rmtree(target, ignore_errors=True)
     try:
@@ -203,18 +206,21 @@ def render_shape(i: int, seed: int = 0, size: int = 64) -> bytes:
     else:
         points = [(cx + radius * x, cy + radius * y) for x, y in _rotate(_OUTLINES[shape], angle)]
         draw.polygon(points, fill=fill)
-    img = img.resize((size, size), Image.Resampling.LANCZOS)
+    img = img.reduce(scale)
 
     pixels = np.asarray(img, dtype=np.float32)
-    pixels = pixels + rng.normal(0.0, 4.0, size=pixels.shape)
+    pixels += 4.0 * rng.standard_normal(pixels.shape, dtype=np.float32)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def _regular(k: int) -> list[tuple[float, float]]:
-    return [(math.cos(2 * math.pi * j / k - math.pi / 2), math.sin(2 * math.pi * j / k - math.pi / 2)) for j in range(k)]
+    return [
+        (math.cos(2 * math.pi * j / k - math.pi / 2), math.sin(2 * math.pi * j / k - math.pi / 2))
+        for j in range(k)
+    ]
 
 
 def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
@@ -235,8 +241,18 @@ _OUTLINES: dict[str, list[tuple[float, float]]] = {
     "star": _star(),
     "diamond": [(0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0)],
     "cross": [
-        (-_W, -1), (_W, -1), (_W, -_W), (1, -_W), (1, _W), (_W, _W),
-        (_W, 1), (-_W, 1), (-_W, _W), (-1, _W), (-1, -_W), (-_W, -_W),
+        (-_W, -1),
+        (_W, -1),
+        (_W, -_W),
+        (1, -_W),
+        (1, _W),
+        (_W, _W),
+        (_W, 1),
+        (-_W, 1),
+        (-_W, _W),
+        (-1, _W),
+        (-1, -_W),
+        (-_W, -_W),
     ],  # fmt: skip
     "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)],
 }
@@ -256,30 +272,36 @@ def _corrupt_bytes(png: bytes, k: int) -> bytes:
     return b"this is not an image " + bytes(range(32))
 
 
-def _card(n: int, seed: int, corrupt_every: int, size: int, n_corrupt: int) -> str:
-    names = "\n".join(f"          '{k}': {name}" for k, name in enumerate(CLASS_NAMES))
+def _features() -> Any:
+    from datasets import ClassLabel, Features, Value
+    from datasets import Image as ImageFeature
+
+    return Features(
+        {
+            "id": Value("string"),
+            "image": ImageFeature(),
+            "question": Value("string"),
+            "label": ClassLabel(names=CLASS_NAMES),
+        }
+    )
+
+
+def _card(
+    features: Any, n: int, seed: int, corrupt_every: int, size: int, n_corrupt: int, num_bytes: int
+) -> str:
+    import yaml
+
+    header = {
+        "dataset_info": {
+            "features": features._to_yaml_list(),
+            "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": n}],
+        },
+        "configs": [
+            {"config_name": "default", "data_files": [{"split": "train", "path": _DATA_FILE}]}
+        ],
+    }
     return f"""---
-dataset_info:
-  features:
-    - name: id
-      dtype: string
-    - name: image
-      dtype: image
-    - name: question
-      dtype: string
-    - name: label
-      dtype:
-        class_label:
-          names:
-{names}
-  splits:
-    - name: train
-      num_examples: {n}
-configs:
-  - config_name: default
-    data_files:
-      - split: train
-        path: {_DATA_FILE}
+{yaml.safe_dump(header, sort_keys=False).strip()}
 ---
 # Coloured shapes (ICD offline fixture)
 
@@ -288,7 +310,7 @@ Procedural image classification: {len(CLASS_NAMES)} classes ({len(SHAPES)} shape
 a PNG with a shape of varied position, size and rotation on a tinted, lightly noisy
 background, the question "{QUESTION}" and the class name as label.
 
-Every {corrupt_every}-th sample ({n_corrupt} in total) has deliberately undecodable image
-bytes, to exercise the skip path of the pipeline. Class names and accepted synonyms are
-listed in `{_META_FILE}`.
+Every {corrupt_every}-th sample ({n_corrupt} in total; none when 0) has deliberately
+undecodable image bytes, to exercise the skip path of the pipeline. Class names and
+accepted synonyms are listed in `{_META_FILE}`.
 """

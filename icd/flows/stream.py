@@ -1,4 +1,5 @@
-"""The ``stream`` flow (deployment ``icd/stream``): online ICD over one benchmark stream.
+"""The stream flow (Prefect flow ``icd``, deployment ``icd/stream``): online ICD over one
+benchmark stream.
 
 Per chunk (DESIGN §4)::
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -34,9 +34,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from icd.config import Config, load_config
 from icd.data.stream import open_stream
 from icd.data.types import Chunk
-from icd.method import modes, steps
+from icd.method import metrics, modes, steps
 from icd.method.policy import PolicyState
 from icd.method.uncertainty import uncertainty
+from icd.method.voting import VoteResult
 from icd.storage import results
 from icd.storage.runstate import RunState, atomic_write_text
 from icd.storage.tracking import Tracker
@@ -44,6 +45,7 @@ from icd.tasks.stages import (
     annotate_with_teacher,
     evaluate_chunk,
     extract_embeddings,
+    load_chunk,
     open_pool,
     predict_icl,
     score_student,
@@ -57,6 +59,8 @@ ChunkHook = Callable[[int, int, int | None], None]
 CHUNK_HOOKS: list[ChunkHook] = []
 
 STAGES = ("embed", "score", "annotate", "pool", "icl", "evaluate")
+# Most chunks that were in flight at once in this process (instrumentation for lookahead).
+IN_FLIGHT_PEAK = [0]
 
 
 def _git_commit() -> str:
@@ -86,11 +90,13 @@ def new_run_id(cfg: Config) -> str:
     return f"{cfg.data.dataset}-{cfg.method.mode}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def _pool_key(ids: np.ndarray) -> str:
-    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+def _pool_key(ids: Any, labels: list[str]) -> str:
+    """Fingerprint of a pool view's content (which rows, with which labels)."""
+    text = "\n".join(f"{i}\t{label}" for i, label in zip(ids, labels, strict=True))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@flow(name="stream", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="icd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def stream(
     preset: str | None = "smoke",
     overrides: list[str] | None = None,
@@ -135,26 +141,24 @@ def stream_flow_for(cfg: Config) -> Any:
 def run_stream(
     cfg: Config, run_id: str | None = None, parent_mlflow_run_id: str | None = None
 ) -> dict[str, Any]:
-    """The body of the ``stream`` flow for an already resolved config."""
+    """The body of the stream flow for an already resolved config."""
     log = get_run_logger()
     run_id = run_id or cfg.run_id or new_run_id(cfg)
     cfg = cfg.model_copy(update={"run_id": run_id})
     run_dir = cfg.storage.results_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_store = RunState(run_dir)
-    state_store.check_config(cfg.fingerprint("seed", "data", "models", "method", "pipeline.chunk_size"))
+    store = RunState(run_dir)
+    store.check_config(cfg.fingerprint("seed", "data", "models", "method", "pipeline.chunk_size"))
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
 
     src = open_stream(cfg.data)
-    spec = src.spec
-    mode = modes.mode_spec(cfg.method.mode)
-    sel_cfg = cfg.method.selection
-    if mode.strategy is not None:
-        sel_cfg = sel_cfg.model_copy(update={"strategy": mode.strategy})
-    class_names = src.class_names
+    task_type, class_names, synonyms = src.task, src.class_names, src.synonyms
     prompt_classes = class_names if cfg.method.list_classes_in_prompt else None
+    mode = modes.mode_spec(cfg.method.mode)
+    sel_cfg = modes.selection_config(cfg.method)
     pool_uri = cfg.storage.resolved_pool_uri()
     ledger = str(run_dir / "teacher_calls.jsonl")
+    chunk_size = cfg.pipeline.chunk_size
 
     tracker = Tracker(
         cfg.storage.resolved_tracking_uri(),
@@ -172,126 +176,193 @@ def run_stream(
         },
         parent_mlflow_run_id=parent_mlflow_run_id,
     )
-    tracker.log_dataset(src.dataset_info(), None)
+    tracker.log_dataset(src.dataset_info())
 
-    # Resume point and carried state.
-    done = state_store.all()
-    for st in done:  # re-log metrics of committed chunks; the tracker skips logged steps
-        tracker.log_metrics(st["metrics"], step=st["samples_seen"])
+    # Resume: carry the state of the last committed chunk; re-log committed chunks' metrics
+    # (the tracker skips steps it already has, so a kill between commit and log loses none).
+    done = store.all()
+    for st in done:
+        tracker.log_metrics(_loggable(st["running"]), step=st["samples_seen"])
     last = done[-1] if done else None
     start_chunk = last["chunk"] + 1 if last else 0
     policy_state: dict[str, Any] = last["policy_state"] if last else PolicyState().to_dict()
-    counters: dict[str, Any] = (
+    counters: dict[str, int] = (
         dict(last["counters"])
         if last
-        else {"teacher_requests": 0, "teacher_samples": 0, "samples_seen": 0}
+        else dict.fromkeys(("samples_seen", "teacher_requests", "teacher_samples"), 0)
     )
+    running: dict[str, Any] | None = last["running"] if last else None
     manifest: dict[str, int] = dict(last["manifest"]) if last else {}
     seconds: dict[str, float] = dict(last["seconds"]) if last else dict.fromkeys(STAGES, 0.0)
     if last:
-        log.info("run %s: resuming after chunk %d", run_id, last["chunk"])
+        log.info(
+            "run %s: resuming after chunk %d (%d samples done)",
+            run_id,
+            last["chunk"],
+            counters["samples_seen"],
+        )
     else:
-        log.info("run %s: starting (mode=%s, dataset=%s)", run_id, cfg.method.mode, cfg.data.dataset)
-
-    total = src.length
-    lookahead = cfg.pipeline.lookahead
+        log.info(
+            "run %s: mode %s on %s (%s samples)",
+            run_id,
+            cfg.method.mode,
+            cfg.data.dataset,
+            src.length if src.length is not None else "unknown",
+        )
 
     def submit_ahead(chunk: Chunk) -> tuple[Chunk, Any, Any]:
-        key = chunk.key
-        emb = extract_embeddings.submit(chunk, key, cfg.models.embedder)
-        zs = score_student.submit(chunk, key, cfg.models.student, spec.task, prompt_classes)
+        emb = extract_embeddings.submit(chunk, chunk.key, cfg.models.embedder)
+        zs = None
+        if mode.student_zero_shot:
+            zs = score_student.submit(
+                chunk, chunk.key, cfg.models.student, task_type, prompt_classes
+            )
         return chunk, emb, zs
 
+    # The pool-independent stages of up to `lookahead` chunks run ahead of the current one.
     in_flight: deque[tuple[Chunk, Any, Any]] = deque()
-    chunk_iter = src.chunks(cfg.pipeline.chunk_size, start_chunk=start_chunk)
-    exhausted = False
+    index = start_chunk
+    n_chunks = src.num_chunks(chunk_size)
     while True:
-        while not exhausted and len(in_flight) <= lookahead:
-            nxt = next(chunk_iter, None)
-            if nxt is None:
-                exhausted = True
-            else:
-                in_flight.append(submit_ahead(nxt))
+        while len(in_flight) <= cfg.pipeline.lookahead and (n_chunks is None or index < n_chunks):
+            chunk = load_chunk(src, index, chunk_size)
+            if not chunk.samples:
+                n_chunks = index
+                break
+            in_flight.append(submit_ahead(chunk))
+            index += 1
         if not in_flight:
             break
         chunk, emb_f, zs_f = in_flight.popleft()
-        emb, zs = emb_f.result(), zs_f.result()
+        IN_FLIGHT_PEAK[0] = max(IN_FLIGHT_PEAK[0], len(in_flight) + 1)
+        emb = emb_f.result()
+        zs = zs_f.result() if zs_f is not None else None
         seconds["embed"] += emb["seconds"]
-        seconds["score"] += zs["seconds"]
+        seconds["score"] += zs["seconds"] if zs else 0.0
         valid = chunk.valid
-        zs_gens = zs["generations"]
-        zs_unc = uncertainty(zs_gens, cfg.method.uncertainty) if zs_gens else np.zeros(0)
+        zs_gens = zs["generations"] if zs else []
+        zs_answers = [g.text.strip() for g in zs_gens]
+        zs_unc = uncertainty(zs_gens, cfg.method.uncertainty) if zs_gens else np.zeros(len(valid))
 
-        # Teacher: who is asked, and what it says.
-        queried = [False] * len(valid)
+        # Teacher: the budgeted policy picks samples; N answers each are voted.
+        votes: dict[str, VoteResult] = {}
+        teacher_zs: dict[str, VoteResult] = {}
+        queried_ids: list[str] = []
         if mode.teacher_on_all:
-            queried = [True] * len(valid)
-        elif mode.query_teacher:
-            queried, policy_state = select_for_annotation(
-                zs_unc, policy_state, cfg.method.policy, total
-            )
-        queried_ids = [s.sample_id for s, q in zip(valid, queried, strict=True) if q]
-        outcomes: list[dict[str, Any]] = []
+            queried_ids = [s.sample_id for s in valid]
+        elif mode.query_teacher and valid:
+            mask, policy_state = select_for_annotation(zs_unc, policy_state, cfg.method, src.length)
+            queried_ids = [s.sample_id for s, q in zip(valid, mask, strict=True) if q]
         if queried_ids:
             voting = cfg.method.voting
-            if mode.teacher_on_all:
-                voting = voting.model_copy(update={"n": 1, "temperature": 0.0, "a_min": 0.0})
+            if mode.teacher_on_all:  # one greedy zero-shot answer per sample
+                voting = voting.model_copy(
+                    update={"n": 1, "temperature": 0.0, "include_greedy": True, "a_min": 0.0}
+                )
             ann = annotate_with_teacher(
-                chunk, chunk.key, queried_ids, cfg.models.teacher, voting, spec.task,
-                prompt_classes if prompt_classes else class_names, src.synonyms, cfg.seed, ledger,
+                chunk,
+                chunk.key,
+                queried_ids,
+                cfg.models.teacher,
+                voting,
+                task_type,
+                class_names,
+                synonyms,
+                cfg.seed,
+                ledger,
             )
-            outcomes = ann["outcomes"]
+            (teacher_zs if mode.teacher_on_all else votes).update(ann["votes"])
             counters["teacher_requests"] += ann["requests"]
             counters["teacher_samples"] += ann["samples"]
             seconds["annotate"] += ann["seconds"]
 
-        # Pool: the accepted annotations, committed as one LanceDB version.
+        # Pool: this chunk's accepted annotations, one LanceDB commit.
         t0 = time.perf_counter()
-        if mode.use_pool:
+        if mode.use_pool and votes:
             manifest[str(chunk.index)] = update_pool(
-                pool_uri, run_id, chunk, outcomes, emb["image_vecs"], zs_unc,
-                cfg.models.teacher.model_id, cfg.models.embedder, cfg.storage.compact_every,
+                pool_uri,
+                run_id,
+                chunk,
+                votes,
+                emb["image_vecs"],
+                zs_unc,
+                cfg.models.teacher.model_id,
+                cfg.models.embedder,
+                cfg.storage.compact_every,
             )
         seconds["pool"] += time.perf_counter() - t0
 
-        # Student with demonstrations from the pool as it was before this chunk.
-        icl: dict[str, Any] | None = None
+        # Student ICL with demos from the pool as it was before this chunk.
+        icl = None
+        icl_rows: list[int] = []
         if mode.use_icl and valid:
-            view_ids = open_pool(pool_uri).view(run_id, before_chunk=chunk.index).ids
+            need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
+            icl_rows = [i for i, n in enumerate(need) if n]
+            view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
             icl = predict_icl(
-                chunk, chunk.key, emb["image_vecs"], [g.text for g in zs_gens], pool_uri, run_id,
-                _pool_key(view_ids), cfg.models.student, cfg.models.embedder, sel_cfg, spec.task,
-                prompt_classes, cfg.seed,
+                chunk,
+                chunk.key,
+                icl_rows,
+                emb["image_vecs"],
+                zs_answers,
+                pool_uri,
+                run_id,
+                _pool_key(view.ids, list(view.labels)),
+                cfg.models.student,
+                cfg.models.embedder,
+                sel_cfg,
+                task_type,
+                prompt_classes,
+                cfg.seed,
             )
             seconds["icl"] += icl["seconds"]
 
         t0 = time.perf_counter()
-        metrics = evaluate_chunk(
-            run_dir, run_id, cfg.method.mode, cfg.data.dataset, chunk, zs_gens, zs_unc,
-            queried, outcomes, icl, cfg.method, spec.task, src.synonyms,
-            uncertainty_fn_measure=cfg.method.uncertainty,
+        pool_size = open_pool(pool_uri).count(run_id) if mode.use_pool else 0
+        chunk_m = evaluate_chunk(
+            run_dir,
+            run_id,
+            cfg.data.dataset,
+            chunk,
+            cfg.method,
+            task_type,
+            synonyms,
+            zs,
+            votes,
+            teacher_zs,
+            icl,
+            icl_rows,
+            pool_size,
         )
+        running = metrics.merge_metrics(running, chunk_m)
         counters["samples_seen"] += len(chunk.samples)
         seconds["evaluate"] += time.perf_counter() - t0
-        metrics.update(
+        running.update(
             teacher_requests=counters["teacher_requests"],
             teacher_samples=counters["teacher_samples"],
-            pool_size=open_pool(pool_uri).count(run_id) if mode.use_pool else 0,
         )
-        state_store.commit(
+        store.commit(
             chunk.index,
             {
                 "samples_seen": counters["samples_seen"],
                 "policy_state": policy_state,
                 "counters": counters,
+                "running": running,
                 "manifest": manifest,
                 "seconds": seconds,
-                "metrics": metrics,
             },
         )
-        tracker.log_metrics(metrics, step=counters["samples_seen"])
+        tracker.log_metrics(_loggable(running), step=counters["samples_seen"])
+        log.info(
+            "chunk %d: %d samples, %d queried, accuracy so far %s, pool %d",
+            chunk.index,
+            len(chunk.samples),
+            len(queried_ids),
+            f"{running['accuracy']:.3f}" if running.get("accuracy") is not None else "n/a",
+            pool_size,
+        )
         for hook in CHUNK_HOOKS:
-            hook(chunk.index + 1, counters["samples_seen"], total)
+            hook(chunk.index + 1, counters["samples_seen"], src.length)
 
     # Summary, artifacts, lineage.
     df = results.read_predictions(run_dir)
@@ -300,27 +371,43 @@ def run_stream(
     summary = results.summarize(
         df,
         {
+            "run_id": run_id,
+            "mode": cfg.method.mode,
+            "dataset": cfg.data.dataset,
+            "zs_accuracy": (running or {}).get("zs_accuracy"),
             "teacher_calls": counters["teacher_samples"],
-            "teacher_requests": counters["teacher_requests"],
             "pool_size": open_pool(pool_uri).count(run_id) if mode.use_pool else 0,
             "seconds": seconds,
         },
     )
-    summary.update(run_id=run_id, run_dir=str(run_dir), mlflow_run_id=mlflow_run_id)
-
+    summary.update(
+        teacher_requests=counters["teacher_requests"],
+        run_dir=str(run_dir),
+        mlflow_run_id=mlflow_run_id,
+    )
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     tracker.log_artifact(pred_path)
+    tracker.log_artifact(run_dir / "summary.json")
     tracker.log_pool_manifest({int(k): v for k, v in manifest.items()})
     tracker.finish(summary)
     log.info(
-        "run %s finished: accuracy %.3f, annotation rate %.3f, teacher calls %d, pool %d",
+        "run %s finished: accuracy %s, annotation rate %.3f, teacher calls %d, pool %d",
         run_id,
-        summary.get("accuracy") or 0.0,
+        f"{summary['accuracy']:.3f}" if summary.get("accuracy") is not None else "n/a",
         summary.get("annotation_rate") or 0.0,
         summary.get("teacher_calls", 0),
         summary.get("pool_size", 0),
     )
     return summary
+
+
+def _loggable(running: dict[str, Any]) -> dict[str, float]:
+    """The numeric running metrics worth a curve in MLflow."""
+    return {
+        k: float(v)
+        for k, v in running.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_sum")
+    }
 
 
 def task_runner_for(cfg: Config) -> Any:
@@ -331,8 +418,11 @@ def task_runner_for(cfg: Config) -> Any:
         if cfg.pipeline.dask_address:
             return DaskTaskRunner(address=cfg.pipeline.dask_address)
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": cfg.pipeline.dask_workers, "threads_per_worker": 1,
-                            "processes": True, "dashboard_address": None}
+            cluster_kwargs={
+                "n_workers": cfg.pipeline.dask_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
         )
     return ThreadPoolTaskRunner(max_workers=cfg.pipeline.max_workers)
-

@@ -1,0 +1,42 @@
+"""The ICD method core: pure functions over arrays and records (no Prefect, LanceDB or MLflow).
+
+Modules: ``uncertainty`` (DESIGN §2.2), ``policy`` (§2.3), ``voting`` (§2.4), ``selection``
+(§2.6), ``prompts`` (§2.7), ``metrics`` (§2.9), ``modes`` (§2.10), ``steps`` (the chunk-level
+functions the pipeline wires), ``types`` (records shared with the model backends).
+"""
+
+from icd.method.metrics import chunk_metrics, demo_accuracy, merge_metrics, score, vqa_accuracy
+from icd.method.modes import MODES, ModeSpec, mode_spec, selection_config
+from icd.method.policy import PolicyState, budget_cap, decide_queries
+from icd.method.prompts import build_prompt, format_question
+from icd.method.selection import scores, select_demos
+from icd.method.types import Generation, Prompt
+from icd.method.uncertainty import MEASURES, uncertainty
+from icd.method.voting import VoteResult, aggregate, map_to_class, normalize_answer
+
+__all__ = [
+    "MEASURES",
+    "MODES",
+    "Generation",
+    "ModeSpec",
+    "PolicyState",
+    "Prompt",
+    "VoteResult",
+    "aggregate",
+    "budget_cap",
+    "build_prompt",
+    "chunk_metrics",
+    "decide_queries",
+    "demo_accuracy",
+    "format_question",
+    "map_to_class",
+    "merge_metrics",
+    "mode_spec",
+    "normalize_answer",
+    "score",
+    "scores",
+    "select_demos",
+    "selection_config",
+    "uncertainty",
+    "vqa_accuracy",
+]

@@ -20,7 +20,9 @@ class Student(Protocol):
     model_id: str
     revision: str
 
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Prompt], max_new_tokens: int | None = None
+    ) -> list[Generation]:
         """One greedy answer per prompt, batched internally; order preserved."""
         ...
 

@@ -18,10 +18,16 @@ determined by ``seed``. Accuracy of these models is meaningless; every code path
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import random
+import shutil
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +52,13 @@ SHAPES = [
     "circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "ring", "pentagon",
     "heart",
 ]  # fmt: skip
-_WORDS = (
-    "what shape is shown in the image answer with a short phrase options which one of "
-    "following best describes picture question this object colour color kind here there "
-    "you are helpful assistant user system yes no it its an on at of to for and or"
-).split()
+_WORDS = [
+    "what", "shape", "is", "shown", "in", "the", "image", "answer", "with", "a", "short",
+    "phrase", "options", "which", "one", "of", "following", "best", "describes", "picture",
+    "question", "this", "object", "colour", "color", "kind", "here", "there", "you", "are",
+    "helpful", "assistant", "user", "system", "yes", "no", "it", "its", "an", "on", "at",
+    "to", "for", "and", "or",
+]  # fmt: skip
 
 # SmolVLM's chat template (Idefics3 processors use "User:"/"Assistant:" turns).
 IDEFICS3_CHAT_TEMPLATE = (
@@ -90,7 +98,7 @@ def _corpus(seed: int) -> list[str]:
         lines += [
             f"What shape is shown in the image? Answer with a short phrase. {c.capitalize()}.",
             f"Which one of the following best describes the picture? Options: {opts}. {c}",
-            f"Q{rng.randint(0, 999)}: is it a {c}? yes; no! ({rng.randint(0, 9)}) - \"{c}\"",
+            f'Q{rng.randint(0, 999)}: is it a {c}? yes; no! ({rng.randint(0, 9)}) - "{c}"',
             f"User: What is shown here?\nAssistant: {c}\nuser\nassistant\nsystem",
         ]
     lines.append(" ".join(_WORDS + COLOURS + SHAPES))
@@ -252,7 +260,13 @@ def _build_teacher(out: Path, seed: int) -> None:
 
 
 def _build_embedder(out: Path, seed: int) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     tok = _train_bpe(CLIPTokenizer, ["<|startoftext|>", "<|endoftext|>"], seed, suffix="</w>")
     image_processor = CLIPImageProcessorPil(
@@ -298,29 +312,87 @@ def _set_generation_ids(model: Any, tok: Any) -> None:
 _BUILDERS = {STUDENT: _build_student, TEACHER: _build_teacher, EMBEDDER: _build_embedder}
 
 
-def build_model_fixtures(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Build (or reuse) the three tiny models under ``root``; return name -> folder.
+def resolve_model_path(model_id: str) -> Path | None:
+    """The local folder a model id loads from: ``fixtures/<name>`` is built on demand under
+    :func:`fixtures_dir`; an existing directory is itself; anything else (a hub id) is None.
 
-    A folder whose ``fixture.json`` records the same seed and fixture version is reused as
-    is, so a second call returns at once. Building all three takes a few seconds on CPU.
+    Raises ``ValueError`` for a ``fixtures/`` id that names no fixture.
+    """
+    if model_id.startswith("fixtures/"):
+        name = model_id.removeprefix("fixtures/")
+        if name not in NAMES:
+            raise ValueError(f"no fixture model {name!r} (known: {', '.join(NAMES)})")
+        return build_model_fixtures(fixtures_dir(), names=[name])[name]
+    path = Path(model_id).expanduser()
+    return path if path.is_dir() else None
+
+
+def build_model_fixtures(
+    root: Path, seed: int = 0, names: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """Build (or reuse) the tiny models under ``root``; return name -> folder.
+
+    ``names`` picks a subset of :data:`NAMES` (default: all three). A folder whose
+    ``fixture.json`` records the same seed and fixture version is reused as is, so a second
+    call returns at once. Building all three takes a few seconds on CPU. Concurrent
+    builders (threads or processes) are serialised by a lock file in ``root``.
     """
     root = Path(root)
-    paths = {}
-    for name, build in _BUILDERS.items():
-        out = root / name
-        marker = {"name": name, "seed": seed, "version": FIXTURE_VERSION}
-        if not _is_built(out, marker):
+    names = list(NAMES if names is None else names)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise ValueError(f"no fixture model {unknown[0]!r} (known: {', '.join(NAMES)})")
+    stamp = _build_stamp()
+    markers = {n: {"name": n, "seed": seed, **stamp} for n in names}
+    paths = {name: root / name for name in names}
+    if all(_is_built(paths[n], markers[n]) for n in names):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        for name in names:
+            out, marker = paths[name], markers[name]
+            if _is_built(out, marker):
+                continue
             t0 = time.perf_counter()
-            tmp = root / f".{name}.tmp-{os.getpid()}"
-            _rmtree(tmp)
-            tmp.mkdir(parents=True)
-            build(tmp, seed)
-            marker["build_seconds"] = round(time.perf_counter() - t0, 3)
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-            _rmtree(out)
+            tmp = root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                _BUILDERS[name](tmp, seed)
+            info = {**marker, "build_seconds": round(time.perf_counter() - t0, 3)}
+            (tmp / MARKER).write_text(json.dumps(info, indent=2))
+            shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
-        paths[name] = out
     return paths
+
+
+_THREAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock across threads (a lock) and processes (``flock`` on ``path``)."""
+    with _THREAD_LOCK, open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_stamp() -> dict[str, str | int]:
+    """What a built fixture depends on besides its seed: this builder's code and the
+    library versions. Any change rebuilds the fixtures instead of reusing stale ones."""
+    import tokenizers
+    import transformers
+
+    return {
+        "version": FIXTURE_VERSION,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def _is_built(out: Path, marker: dict[str, Any]) -> bool:
@@ -329,9 +401,3 @@ def _is_built(out: Path, marker: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         return False
     return all(found.get(k) == v for k, v in marker.items())
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

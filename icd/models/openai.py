@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,6 +222,9 @@ class RateLimiter:
             return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+COUNT_KEYS = ("requests", "ok", "failures", "retries", "samples", "annotations", "errors")
+
+
 @dataclass
 class _Counts:
     requests: int = 0  # HTTP attempts, whatever their outcome
@@ -232,6 +235,27 @@ class _Counts:
     annotations: int = 0  # samples annotated (successfully or not)
     errors: int = 0  # samples finally marked teacher_error
     latencies_ms: list[float] = field(default_factory=list)  # successful attempts
+
+    def raw(self) -> dict[str, Any]:
+        return {
+            **{k: getattr(self, k) for k in COUNT_KEYS},
+            "latencies_ms": list(self.latencies_ms),
+        }
+
+
+def summarize_stats(calls: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
+    """Merge raw per-call accounting (as returned by :meth:`OpenAITeacher.annotate_with_stats`)
+    into totals plus latency percentiles (ms, over successful attempts; 0 when none)."""
+    out: dict[str, float | int] = {k: sum(int(c.get(k, 0)) for c in calls) for k in COUNT_KEYS}
+    lat = np.asarray([x for c in calls for x in c.get("latencies_ms", [])], dtype=np.float64)
+    if lat.size == 0:
+        lat = np.zeros(1)
+    out.update(
+        latency_p50_ms=float(np.percentile(lat, 50)),
+        latency_p95_ms=float(np.percentile(lat, 95)),
+        latency_max_ms=float(lat.max()),
+    )
+    return out
 
 
 class _Failed(Exception):
@@ -248,16 +272,22 @@ class _SampleError(Exception):
     """An attempt failed in a way retrying cannot fix for this sample (e.g. 400)."""
 
 
-def _sample_failure(group: BaseExceptionGroup) -> str:
-    """The ``teacher_error`` message for a sample whose requests failed; re-raises anything
-    that is not a per-sample failure (a misconfigured teacher, a bug)."""
-    for e in group.exceptions:
-        if isinstance(e, TeacherConfigError):
-            raise e from None
-    for e in group.exceptions:
-        if not isinstance(e, _Failed | _SampleError):
-            raise group
-    return f"teacher_error: {group.exceptions[0]}"
+async def _settle(job: Any) -> list[Generation] | Exception:
+    """Await ``job``; a per-sample failure is returned instead of raised."""
+    try:
+        return await job
+    except (_Failed, _SampleError) as e:
+        return e
+
+
+@dataclass
+class _Call:
+    """State shared by the requests of one :meth:`OpenAITeacher.aannotate` call."""
+
+    client: httpx.AsyncClient
+    sem: asyncio.Semaphore
+    failed: TeacherConfigError | None = None  # set once: no further request is sent
+    counts: _Counts = field(default_factory=_Counts)  # this call's share of the accounting
 
 
 @dataclass
@@ -339,37 +369,29 @@ class OpenAITeacher:
     # -- accounting -----------------------------------------------------------------
 
     def stats(self) -> dict[str, float | int]:
-        """Cumulative counts since creation (or :meth:`reset_stats`).
+        """Cumulative accounting since creation (or :meth:`reset_stats`).
 
         ``requests == ok + failures`` (every HTTP attempt is one or the other);
         ``retries`` counts attempts made because an earlier one failed; ``samples`` the
-        choices returned; ``errors`` the samples marked ``teacher_error``; latency
-        percentiles are over successful attempts, in milliseconds.
+        choices returned (including those of a sample that failed overall); ``errors`` the
+        samples marked ``teacher_error``; latency percentiles are over successful
+        attempts, in milliseconds.
         """
         with self._lock:
-            c = self._counts
-            lat = np.asarray(c.latencies_ms) if c.latencies_ms else np.zeros(1)
-            return {
-                "requests": c.requests,
-                "ok": c.ok,
-                "failures": c.failures,
-                "retries": c.retries,
-                "samples": c.samples,
-                "annotations": c.annotations,
-                "errors": c.errors,
-                "latency_p50_ms": float(np.percentile(lat, 50)),
-                "latency_p95_ms": float(np.percentile(lat, 95)),
-                "latency_max_ms": float(lat.max()),
-            }
+            raw = self._counts.raw()
+        return summarize_stats([raw])
 
     def reset_stats(self) -> None:
         with self._lock:
             self._counts = _Counts()
 
-    def _count(self, **delta: int) -> None:
+    def _count(self, call: _Call, latency_ms: float | None = None, **delta: int) -> None:
         with self._lock:
-            for k, v in delta.items():
-                setattr(self._counts, k, getattr(self._counts, k) + v)
+            for counts in (self._counts, call.counts):
+                for k, v in delta.items():
+                    setattr(counts, k, getattr(counts, k) + v)
+                if latency_ms is not None:
+                    counts.latencies_ms.append(latency_ms)
 
     # -- public API -----------------------------------------------------------------
 
@@ -388,13 +410,26 @@ class OpenAITeacher:
         Runs its own event loop (in a fresh thread when the caller already runs one).
         Raises :class:`TeacherConfigError` when the endpoint is misconfigured.
         """
-        coro_args = (samples, prompts, n, temperature, include_greedy, seed)
+        return self.annotate_with_stats(samples, prompts, n, temperature, include_greedy, seed)[0]
+
+    def annotate_with_stats(
+        self,
+        samples: Sequence[Sample],
+        prompts: Sequence[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> tuple[list[Annotation], dict[str, Any]]:
+        """:meth:`annotate`, plus this call's raw accounting (the counts of :meth:`stats`
+        and the list ``latencies_ms``); merge several with :func:`summarize_stats`."""
+        coro = self.aannotate_with_stats(samples, prompts, n, temperature, include_greedy, seed)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.aannotate(*coro_args))
+            return asyncio.run(coro)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, self.aannotate(*coro_args)).result()
+            return pool.submit(asyncio.run, coro).result()
 
     async def aannotate(
         self,
@@ -406,29 +441,42 @@ class OpenAITeacher:
         seed: int,
     ) -> list[Annotation]:
         """Async form of :meth:`annotate`."""
+        anns, _ = await self.aannotate_with_stats(
+            samples, prompts, n, temperature, include_greedy, seed
+        )
+        return anns
+
+    async def aannotate_with_stats(
+        self,
+        samples: Sequence[Sample],
+        prompts: Sequence[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> tuple[list[Annotation], dict[str, Any]]:
+        """Async form of :meth:`annotate_with_stats`."""
         if len(samples) != len(prompts):
             raise ValueError(f"{len(samples)} samples but {len(prompts)} prompts")
         if n < 1:
             raise ValueError("n must be >= 1")
         if not samples:
-            return []
+            return [], _Counts().raw()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        sem = asyncio.Semaphore(self.concurrency)
         limits = httpx.Limits(
             max_connections=self.concurrency, max_keepalive_connections=self.concurrency
         )
         timeout = httpx.Timeout(self.timeout_s)
         async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
+            call = _Call(client, asyncio.Semaphore(self.concurrency))
             try:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
                         tg.create_task(
-                            self._annotate_one(
-                                client, sem, s, p, n, temperature, include_greedy, seed
-                            )
+                            self._annotate_one(call, s, p, n, temperature, include_greedy, seed)
                         )
                         for s, p in zip(samples, prompts, strict=True)
                     ]
@@ -437,14 +485,13 @@ class OpenAITeacher:
                     if isinstance(e, TeacherConfigError):
                         raise e from None
                 raise
-        return [t.result() for t in tasks]
+        return [t.result() for t in tasks], call.counts.raw()
 
     # -- internals ------------------------------------------------------------------
 
     async def _annotate_one(
         self,
-        client: httpx.AsyncClient,
-        sem: asyncio.Semaphore,
+        call: _Call,
         sample: Sample,
         prompt: Prompt,
         n: int,
@@ -454,37 +501,41 @@ class OpenAITeacher:
     ) -> Annotation:
         tally = _Tally()
         try:
-            messages = to_openai_messages(prompt)
+            messages = await asyncio.to_thread(to_openai_messages, prompt)  # PNG encoding
         except (ValueError, OSError) as e:
-            self._count(annotations=1, errors=1)
+            self._count(call, annotations=1, errors=1)
             return Annotation([], error=f"teacher_error: bad prompt: {e}", requests=0)
         base = sample_seed(seed, sample.sample_id)
         n_sampled = n - 1 if include_greedy else n
         jobs = []
         if include_greedy:
-            jobs.append(self._choices(client, sem, messages, 1, 0.0, base, tally))
+            jobs.append(self._choices(call, messages, 1, 0.0, base, tally))
         if n_sampled > 0:
-            jobs.append(
-                self._choices(client, sem, messages, n_sampled, temperature, base + 1, tally)
-            )
-        error = None
+            jobs.append(self._choices(call, messages, n_sampled, temperature, base + 1, tally))
+        # A failed job does not cancel its sibling (every request sent is accounted for);
+        # a TeacherConfigError does, and aborts the whole call.
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(job) for job in jobs]
+                tasks = [tg.create_task(_settle(job)) for job in jobs]
         except BaseExceptionGroup as group:
-            error = _sample_failure(group)
-        if error is not None:
+            for e in group.exceptions:
+                if isinstance(e, TeacherConfigError):
+                    raise e from None
+            raise
+        results = [t.result() for t in tasks]
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            error = f"teacher_error: {failed[0]}"
             log.warning("teacher: sample %s failed: %s", sample.sample_id, error)
-            self._count(annotations=1, errors=1)
+            self._count(call, annotations=1, errors=1)
             return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
-        gens = [g for t in tasks for g in t.result()]
-        self._count(annotations=1)
+        gens = [g for r in results for g in r]
+        self._count(call, annotations=1)
         return Annotation(gens, requests=tally.requests, retries=tally.retries)
 
     async def _choices(
         self,
-        client: httpx.AsyncClient,
-        sem: asyncio.Semaphore,
+        call: _Call,
         messages: list[dict[str, Any]],
         k: int,
         temperature: float,
@@ -495,8 +546,8 @@ class OpenAITeacher:
         seeds) when the server returns fewer choices."""
         gens: list[Generation] = []
         if k == 1 or self._n_supported:
-            gens = await self._request(client, sem, messages, k, temperature, seed, tally)
-            if len(gens) < k and k > 1:
+            gens = await self._request(call, messages, k, temperature, seed, tally)
+            if len(gens) < k and self._n_supported:
                 self._n_supported = False
                 log.info(
                     "teacher: server returned %d of n=%d choices; topping up with single requests",
@@ -505,15 +556,12 @@ class OpenAITeacher:
                 )
             gens = gens[:k]
         while len(gens) < k:
-            gens += await self._request(
-                client, sem, messages, 1, temperature, seed + len(gens), tally
-            )
+            gens += await self._request(call, messages, 1, temperature, seed + len(gens), tally)
         return gens[:k]
 
     async def _request(
         self,
-        client: httpx.AsyncClient,
-        sem: asyncio.Semaphore,
+        call: _Call,
         messages: list[dict[str, Any]],
         k: int,
         temperature: float,
@@ -524,22 +572,25 @@ class OpenAITeacher:
         attempt, retry = 0, False
         while True:
             try:
-                async with sem:
+                async with call.sem:
+                    if call.failed is not None:  # another request found the endpoint misconfigured
+                        raise call.failed
                     if self._limiter is not None:
                         wait = self._limiter.reserve()
                         if wait > 0:
                             await asyncio.sleep(wait)
-                    return await self._attempt(client, messages, k, temperature, seed, tally, retry)
+                    return await self._attempt(call, messages, k, temperature, seed, tally, retry)
             except _Failed as e:
                 retry = True
                 if e.reason == "logprobs rejected":
                     continue  # resent at once without logprobs
                 if attempt >= self.max_retries:
                     if e.connect and not self._reached:
-                        raise TeacherConfigError(
+                        call.failed = TeacherConfigError(
                             f"teacher at {self.base_url}: unreachable ({e.reason}) after "
                             f"{self.max_retries} retries — check base_url and that the server is up"
-                        ) from None
+                        )
+                        raise call.failed from None
                     raise _Failed(f"{e.reason} after {self.max_retries} retries") from None
                 delay = self._backoff(attempt, e.retry_after)
                 log.debug("teacher: %s; retry %d in %.2fs", e.reason, attempt + 1, delay)
@@ -573,7 +624,7 @@ class OpenAITeacher:
 
     async def _attempt(
         self,
-        client: httpx.AsyncClient,
+        call: _Call,
         messages: list[dict[str, Any]],
         k: int,
         temperature: float,
@@ -586,13 +637,13 @@ class OpenAITeacher:
         outcome."""
         tally.requests += 1
         tally.retries += int(retry)
-        self._count(requests=1, retries=int(retry))
+        self._count(call, requests=1, retries=int(retry))
         ok = False
         try:
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    resp = await client.post(
+                    resp = await call.client.post(
                         f"{self.base_url}/chat/completions",
                         content=json.dumps(self._payload(messages, k, temperature, seed)),
                     )
@@ -610,9 +661,10 @@ class OpenAITeacher:
                     if status in (401, 403)
                     else f"check base_url and model {self.model_id!r}"
                 )
-                raise TeacherConfigError(
+                call.failed = TeacherConfigError(
                     f"teacher at {self.base_url}: {status} {CONFIG_STATUS[status]} — {hint}"
                 )
+                raise call.failed
             if status in RETRYABLE_STATUS or status >= 500:
                 raise _Failed(
                     str(status), retry_after=parse_retry_after(resp.headers.get("retry-after"))
@@ -636,14 +688,11 @@ class OpenAITeacher:
                 raise _Failed("malformed response") from None
             ok = True
             latency = (time.perf_counter() - t0) * 1000.0
-            with self._lock:
-                self._counts.ok += 1
-                self._counts.samples += len(gens)
-                self._counts.latencies_ms.append(latency)
+            self._count(call, latency_ms=latency, ok=1, samples=len(gens))
             return gens
         finally:
             if not ok:
-                self._count(failures=1)
+                self._count(call, failures=1)
 
     def _server_message(self, resp: httpx.Response) -> str:
         """The server's error message, one line, at most 200 characters, key-free."""

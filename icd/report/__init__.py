@@ -36,12 +36,15 @@ class ReportError(FileNotFoundError):
 
 @dataclass
 class ReportPaths:
-    """What :func:`build_report` wrote. ``plots`` maps a plot name to its PNG."""
+    """What :func:`build_report` wrote. ``plots`` maps a plot name to its PNG; ``summary``
+    is what :func:`print_summary` shows: the run summary dict, or the benchmark's
+    comparison table."""
 
     kind: str  # "run" | "benchmark"
     source: Path  # the run or benchmark folder
     html: Path
     plots: dict[str, Path] = field(default_factory=dict)
+    summary: dict[str, Any] | pl.DataFrame | None = None
 
 
 def benchmarks_dir(root: Path) -> Path:
@@ -159,7 +162,7 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     )
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
-    return ReportPaths("run", run_dir, html_path, paths)
+    return ReportPaths("run", run_dir, html_path, paths, summary)
 
 
 def build_benchmark_report(bench_dir: Path) -> ReportPaths:
@@ -252,7 +255,7 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
     )
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
-    return ReportPaths("benchmark", bench_dir, html_path, paths)
+    return ReportPaths("benchmark", bench_dir, html_path, paths, table)
 
 
 def _uses_budget(mode: str | None) -> bool:

@@ -41,6 +41,7 @@ RUNS_SCHEMA: dict[str, pl.DataType] = {
     "samples": pl.Int64(),
     "skipped": pl.Int64(),
     **{m: pl.Float64() for m in METRICS},
+    "error": pl.String(),
 }
 
 
@@ -101,11 +102,14 @@ def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
     return pl.when(den > 0).then(num / den).otherwise(None).cast(pl.Float64)
 
 
-def summary_row(setting: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
+def summary_row(
+    setting: Mapping[str, Any], summary: Mapping[str, Any], error: str | None = None
+) -> dict[str, Any]:
     """One row of the runs table: the setting's coordinates plus the run summary's metrics.
 
     ``setting`` holds dataset, variant, mode, budget (None for modes that never consult
     the budget) and seed. ``seconds`` is the summary's per-stage dict summed to a total.
+    ``error`` marks a run that failed (its metrics are then null).
     """
     row: dict[str, Any] = {
         k: setting.get(k) for k in ("dataset", "variant", "mode", "budget", "seed")
@@ -120,6 +124,7 @@ def summary_row(setting: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[
         if m == "seconds" and isinstance(value, Mapping):
             value = sum(float(v) for v in value.values())
         row[m] = None if value is None else float(value)
+    row["error"] = error
     return row
 
 
@@ -131,9 +136,10 @@ def runs_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
 def comparison_table(runs: pl.DataFrame) -> pl.DataFrame:
     """Aggregate a runs table over seeds: one row per (dataset, variant, mode, budget).
 
-    Columns: the setting, ``seeds`` (runs aggregated), ``samples`` (mean per run), and for
-    each metric ``<m>_mean`` and ``<m>_std`` (sample standard deviation over seeds, null
-    with a single seed). Rows keep the order in which settings first appear in ``runs``.
+    Failed runs (non-null ``error``) are left out. Columns: the setting, ``seeds`` (runs
+    aggregated), ``samples`` (mean per run), and for each metric ``<m>_mean`` and
+    ``<m>_std`` (sample standard deviation over seeds, null with a single seed). Rows keep
+    the order in which settings first appear in ``runs``.
     """
     aggs: list[pl.Expr] = [
         pl.len().cast(pl.Int64).alias("seeds"),
@@ -142,13 +148,8 @@ def comparison_table(runs: pl.DataFrame) -> pl.DataFrame:
     for m in METRICS:
         aggs.append(pl.col(m).mean().alias(f"{m}_mean"))
         aggs.append(pl.col(m).std(ddof=1).alias(f"{m}_std"))
-    if runs.height == 0:
-        schema = {k: RUNS_SCHEMA[k] for k in SETTING} | {
-            "seeds": pl.Int64(),
-            "samples": pl.Float64(),
-        }
-        schema |= {f"{m}_{s}": pl.Float64() for m in METRICS for s in ("mean", "std")}
-        return pl.DataFrame(schema=schema)
+    if "error" in runs.columns:
+        runs = runs.filter(pl.col("error").is_null())
     return runs.group_by(list(SETTING), maintain_order=True).agg(aggs)
 
 
@@ -182,7 +183,13 @@ def comparison_rows(table: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     rows: list[list[str]] = []
     for r in table.iter_rows(named=True):
         budget = "–" if r["budget"] is None else f"{r['budget']:g}"
-        cells = [r["dataset"], r["variant"], budget, str(r["seeds"]), mean_std(r["samples"], None)]
+        cells = [
+            r["dataset"],
+            r["variant"],
+            budget,
+            str(r["seeds"]),
+            "–" if r["samples"] is None else f"{r['samples']:.0f}",
+        ]
         cells += [mean_std(r[f"{m}_mean"], r[f"{m}_std"], kind) for _, m, kind in _MD_COLUMNS]
         rows.append(cells)
     return header, rows

@@ -1,10 +1,10 @@
 """Prefect tasks: one per pipeline stage, each working on a whole chunk.
 
 Tasks are thin: they load models through the process-level cache in :mod:`icd.models`
-(so a worker loads a model once), call the pure method code, and return plain data.
-Caching is keyed on what a stage really depends on: the chunk's identity (``chunk_key``,
-never the decoded images), the model configs and the config fields it reads. Results are
-persisted, so a new process (a resumed run, a re-run) reuses them.
+(so a worker loads a model once), call the pure method code in :mod:`icd.method`, and do
+the I/O. Caching is keyed on what a stage really depends on: the chunk's identity
+(``chunk_key``, never the decoded images), the model configs and the config fields it
+reads. Results are persisted, so a new process (a resumed run, a re-run) reuses them.
 """
 
 from __future__ import annotations
@@ -20,37 +20,49 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from icd.config import ModelConfig, PolicyConfig, SelectionConfig, VotingConfig
+from icd.config import MethodConfig, ModelConfig, SelectionConfig, VotingConfig
+from icd.data.stream import Stream
 from icd.data.types import Chunk
-from icd.method import policy as policy_mod
-from icd.method import selection, steps
+from icd.method import metrics, steps
+from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
-from icd.method.types import Generation
+from icd.method.selection import select_demos
+from icd.method.types import Prompt
+from icd.method.voting import VoteResult
 from icd.models import load_embedder, load_student, load_teacher
 from icd.models.images import load_image
+from icd.storage import results
 from icd.storage.pool import DemoPool
 
-# Cache keys: every input except the live chunk object (its identity is `chunk_key`).
-CHUNK_CACHE = (INPUTS + TASK_SOURCE) - "chunk"
+# Cache keys: every input except the live chunk object (its identity is `chunk_key`), and
+# except where results go (`ledger`) and which run asks (`run_id`; a pool's content is
+# keyed by `pool_key`), so another run over the same chunks reuses the results.
+CHUNK_CACHE = (INPUTS + TASK_SOURCE) - "chunk" - "ledger" - "run_id"
 MODEL_RETRIES: dict[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": exponential_backoff(backoff_factor=0.5),
     "retry_jitter_factor": 0.5,
 }
 
-
 _POOLS: dict[str, DemoPool] = {}
 
 
 def open_pool(uri: str) -> DemoPool:
-    """The process's handle on the pool at ``uri`` (its vector cache is reused across tasks)."""
+    """This process's handle on the pool at ``uri`` (its vector cache is reused by tasks)."""
     if uri not in _POOLS:
         _POOLS[uri] = DemoPool(uri)
     return _POOLS[uri]
 
 
-def _prompts(chunk: Chunk, task_type: str, class_names: list[str] | None) -> list:
+def zero_shot_prompts(chunk: Chunk, task_type: str, class_names: list[str] | None) -> list[Prompt]:
+    """The query-only prompt of each valid sample."""
     return [build_prompt(s.question, s.image, [], task_type, class_names) for s in chunk.valid]
+
+
+@task(name="load_chunk", retries=2, retry_delay_seconds=1)
+def load_chunk(stream: Stream, index: int, chunk_size: int) -> Chunk:
+    """Read and decode chunk ``index``; undecodable samples are kept with a skip reason."""
+    return stream.chunk(index, chunk_size)
 
 
 @task(name="extract_embeddings", cache_policy=CHUNK_CACHE, persist_result=True, **MODEL_RETRIES)
@@ -73,7 +85,8 @@ def score_student(
 ) -> dict[str, Any]:
     """The student's zero-shot answer (with token statistics) for each valid sample."""
     t0 = time.perf_counter()
-    gens = load_student(student).generate(_prompts(chunk, task_type, class_names)) if chunk.valid else []
+    prompts = zero_shot_prompts(chunk, task_type, class_names)
+    gens = load_student(student).generate(prompts) if prompts else []
     return {"generations": gens, "seconds": time.perf_counter() - t0}
 
 
@@ -81,13 +94,14 @@ def score_student(
 def select_for_annotation(
     uncertainties: np.ndarray,
     policy_state: dict[str, Any],
-    policy: PolicyConfig,
+    method: MethodConfig,
     stream_length: int | None,
 ) -> tuple[list[bool], dict[str, Any]]:
-    """Which samples the teacher labels (sequential policy over the chunk) and the new state."""
-    state = policy_mod.PolicyState.from_dict(policy_state)
-    mask, new_state = policy_mod.decide_queries(np.asarray(uncertainties), state, policy, stream_length)
-    return [bool(m) for m in mask], new_state.to_dict()
+    """Which samples the teacher labels (the policy runs sample by sample) and its new state."""
+    mask, state = steps.select_queries(
+        uncertainties, PolicyState.from_dict(policy_state), method, stream_length
+    )
+    return [bool(m) for m in mask], state.to_dict()
 
 
 @task(name="annotate_with_teacher", cache_policy=CHUNK_CACHE, persist_result=True, **MODEL_RETRIES)
@@ -103,36 +117,35 @@ def annotate_with_teacher(
     seed: int,
     ledger: str,
 ) -> dict[str, Any]:
-    """Label the queried samples: N teacher answers each, aggregated into a vote.
+    """Label the queried samples: N teacher answers each, aggregated into one vote each.
 
-    Every real teacher request is appended to the ``ledger`` file (one JSON line per
-    chunk) before the result is persisted, so a run's teacher spend can be audited.
+    Each real teacher round is appended to the ``ledger`` file (one JSON line) before the
+    result is persisted, so a run's teacher spend can be audited across resumes.
     """
     t0 = time.perf_counter()
     wanted = set(queried_ids)
     samples = [s for s in chunk.valid if s.sample_id in wanted]
     if not samples:
-        return {"outcomes": [], "requests": 0, "samples": 0, "seconds": 0.0}
+        return {"votes": {}, "requests": 0, "samples": 0, "seconds": 0.0}
     model = load_teacher(teacher, class_names)
-    prompts = [build_prompt(s.question, s.image, [], task_type, class_names) for s in samples]
-    annotations = model.annotate(
+    prompts = [build_prompt(s.question, s.image, [], task_type, None) for s in samples]
+    anns = model.annotate(
         samples, prompts, voting.n, voting.temperature, voting.include_greedy, seed
     )
-    outcomes = steps.annotations_to_outcomes(
-        [s.sample_id for s in samples], annotations, voting, class_names, synonyms
-    )
-    requests = sum(a.requests for a in annotations)
-    returned = sum(len(a.generations) for a in annotations)
+    votes = steps.vote_annotations(anns, voting, class_names, synonyms)
+    requests = sum(a.requests for a in anns)
+    returned = sum(len(a.generations) for a in anns)
+    record = {
+        "chunk_key": chunk_key,
+        "sample_ids": [s.sample_id for s in samples],
+        "requests": requests,
+        "samples": returned,
+        "time": time.time(),
+    }
     with Path(ledger).open("a") as f:
-        f.write(
-            json.dumps(
-                {"chunk_key": chunk_key, "sample_ids": [s.sample_id for s in samples],
-                 "requests": requests, "samples": returned, "time": time.time()}
-            )
-            + "\n"
-        )
+        f.write(json.dumps(record) + "\n")
     return {
-        "outcomes": outcomes,
+        "votes": {s.sample_id: v for s, v in zip(samples, votes, strict=True)},
         "requests": requests,
         "samples": returned,
         "seconds": time.perf_counter() - t0,
@@ -144,44 +157,45 @@ def update_pool(
     pool_uri: str,
     run_id: str,
     chunk: Chunk,
-    outcomes: list[dict[str, Any]],
+    votes: dict[str, VoteResult],
     image_vecs: np.ndarray,
     uncertainties: np.ndarray,
     teacher_id: str,
     embedder: ModelConfig,
     compact_every: int,
 ) -> int:
-    """Upsert the chunk's accepted annotations (idempotent on the sample id) as one pool
-    commit, embedding each label with the embedder's text tower; returns the version."""
+    """Upsert the chunk's accepted annotations as one pool commit (idempotent on the sample
+    id), embedding each label with the embedder's text tower; returns the pool version."""
     pool = open_pool(pool_uri)
-    row_of = {s.sample_id: i for i, s in enumerate(chunk.valid)}
-    accepted = [o for o in outcomes if o["accepted"] and o["label"] is not None]
+    valid = chunk.valid
+    accepted = [
+        (i, votes[s.sample_id])
+        for i, s in enumerate(valid)
+        if s.sample_id in votes and votes[s.sample_id].accepted and votes[s.sample_id].label
+    ]
     if not accepted:
         return pool.version()
-    label_vecs = load_embedder(embedder).embed_texts([o["label"] for o in accepted])
+    label_vecs = load_embedder(embedder).embed_texts([v.label for _, v in accepted])
     now = datetime.now(UTC)
-    rows = []
-    for o, label_vec in zip(accepted, label_vecs, strict=True):
-        i = row_of[o["sample_id"]]
-        s = chunk.valid[i]
-        rows.append(
-            {
-                "sample_id": s.sample_id,
-                "run_id": run_id,
-                "chunk": chunk.index,
-                "stream_pos": s.stream_pos,
-                "image": s.image_bytes,
-                "question": s.question,
-                "image_vec": image_vecs[i],
-                "label": o["label"],
-                "label_vec": label_vec,
-                "votes": o["votes"],
-                "agreement": o["agreement"],
-                "uncertainty": float(uncertainties[i]),
-                "teacher": teacher_id,
-                "created_at": now,
-            }
-        )
+    rows = [
+        {
+            "sample_id": valid[i].sample_id,
+            "run_id": run_id,
+            "chunk": chunk.index,
+            "stream_pos": valid[i].stream_pos,
+            "image": valid[i].image_bytes,
+            "question": valid[i].question,
+            "image_vec": image_vecs[i],
+            "label": v.label,
+            "label_vec": label_vec,
+            "votes": v.votes,
+            "agreement": v.agreement,
+            "uncertainty": float(uncertainties[i]) if len(uncertainties) else None,
+            "teacher": teacher_id,
+            "created_at": now,
+        }
+        for (i, v), label_vec in zip(accepted, label_vecs, strict=True)
+    ]
     version = pool.upsert(rows)
     pool.maybe_compact(compact_every)
     return version
@@ -191,6 +205,7 @@ def update_pool(
 def predict_icl(
     chunk: Chunk,
     chunk_key: str,
+    rows: list[int],
     image_vecs: np.ndarray,
     zs_answers: list[str],
     pool_uri: str,
@@ -203,31 +218,134 @@ def predict_icl(
     class_names: list[str] | None,
     seed: int,
 ) -> dict[str, Any]:
-    """Choose k demonstrations per sample from the pool as it was before this chunk
-    (``pool_key`` fingerprints that view), then answer with them in the prompt."""
+    """For the valid samples at ``rows``: choose demonstrations from the pool as it was
+    before this chunk (``pool_key`` fingerprints that view), then answer with them."""
     t0 = time.perf_counter()
-    view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
-    valid = chunk.valid
+    valid = [chunk.valid[i] for i in rows]
     if not valid:
         return {"generations": [], "demo_ids": [], "demo_labels": [], "seconds": 0.0}
+    pool = open_pool(pool_uri)
+    view = pool.view(run_id, before_chunk=chunk.index)
     query_txt = None
-    if sel.strategy in ("combined", "cascade") and sel.w_tt != 0 and len(view.ids):
-        query_txt = load_embedder(embedder).embed_texts(zs_answers)
-    chosen = selection.select_demos(
-        image_vecs, query_txt, view.image_vecs, view.label_vecs, view.labels, sel, seed,
+    if sel.w_tt != 0 and sel.strategy in ("combined", "cascade") and len(view):
+        query_txt = load_embedder(embedder).embed_texts([zs_answers[i] for i in rows])
+    chosen = select_demos(
+        image_vecs[rows],
+        query_txt,
+        view.image_vecs,
+        view.label_vecs,
+        view.labels,
+        sel,
+        seed,
         [s.sample_id for s in valid],
     )
-    demo_ids = [[str(view.ids[i]) for i in idx] for idx in chosen]
-    rows = {r["sample_id"]: r for r in open_pool(pool_uri).fetch(
-        sorted({d for ids in demo_ids for d in ids}), run_id)}
-    prompts = []
-    for s, ids in zip(valid, demo_ids, strict=True):
-        demos = [(load_image(rows[d]["image"]), rows[d]["question"], rows[d]["label"]) for d in ids]
-        prompts.append(build_prompt(s.question, s.image, demos, task_type, class_names))
-    gens: list[Generation] = load_student(student).generate(prompts)
+    demo_ids = [[str(view.ids[j]) for j in idx] for idx in chosen]
+    needed = sorted({d for ids in demo_ids for d in ids})
+    by_id = {r["sample_id"]: r for r in pool.fetch(needed, run_id)} if needed else {}
+    images = {d: load_image(r["image"]) for d, r in by_id.items()}
+    prompts = [
+        build_prompt(
+            s.question,
+            s.image,
+            [(images[d], by_id[d]["question"] or s.question, by_id[d]["label"]) for d in ids],
+            task_type,
+            class_names,
+        )
+        for s, ids in zip(valid, demo_ids, strict=True)
+    ]
+    gens = load_student(student).generate(prompts)
     return {
         "generations": gens,
         "demo_ids": demo_ids,
-        "demo_labels": [[rows[d]["label"] for d in ids] for ids in demo_ids],
+        "demo_labels": [[by_id[d]["label"] for d in ids] for ids in demo_ids],
         "seconds": time.perf_counter() - t0,
     }
+
+
+@task(name="evaluate_chunk")
+def evaluate_chunk(
+    run_dir: Path,
+    run_id: str,
+    dataset: str,
+    chunk: Chunk,
+    method: MethodConfig,
+    task_type: str,
+    synonyms: dict[str, list[str]] | None,
+    zs: dict[str, Any] | None,
+    votes: dict[str, VoteResult],
+    teacher_zs: dict[str, VoteResult],
+    icl: dict[str, Any] | None,
+    icl_rows: list[int],
+    pool_size: int,
+) -> dict[str, Any]:
+    """Build the chunk's prediction rows (every sample, skipped ones too), write them as the
+    chunk's parquet file, and return the chunk's metrics."""
+    valid = chunk.valid
+    n = len(valid)
+    zs_gens = zs["generations"] if zs else []
+    zs_answers, zs_unc = (
+        steps.student_outputs(zs_gens, method.uncertainty) if zs_gens else ([None] * n, None)
+    )
+    icl_answers: list[str | None] = [None] * n
+    icl_unc: list[float | None] = [None] * n
+    demo_ids: list[list[str]] = [[] for _ in range(n)]
+    demo_labels: list[list[str]] = [[] for _ in range(n)]
+    if icl and icl["generations"]:
+        answers, unc = steps.student_outputs(icl["generations"], method.uncertainty)
+        for j, i in enumerate(icl_rows):
+            icl_answers[i], icl_unc[i] = answers[j], float(unc[j])
+            demo_ids[i], demo_labels[i] = icl["demo_ids"][j], icl["demo_labels"][j]
+    v_list = [votes.get(s.sample_id) for s in valid]
+    t_list = [teacher_zs.get(s.sample_id) for s in valid]
+    finals = steps.final_answers(method, zs_answers, icl_answers, v_list, t_list)
+
+    records: list[dict[str, Any]] = []
+    i = 0
+    for s in chunk.samples:
+        rec: dict[str, Any] = {
+            "run_id": run_id,
+            "mode": method.mode,
+            "dataset": dataset,
+            "sample_id": s.sample_id,
+            "chunk": chunk.index,
+            "stream_pos": s.stream_pos,
+            "question": s.question,
+            "answers": list(s.answers),
+            "skip_reason": s.skip_reason,
+            "queried": False,
+            "accepted": False,
+            "teacher_votes": [],
+            "demo_ids": [],
+            "demo_labels": [],
+        }
+        if s.skip_reason is None:
+            v = v_list[i] or t_list[i]
+            final, source = finals[i]
+            truth = s.answers[0] if s.answers else None
+            rec.update(
+                zs_answer=zs_answers[i],
+                zs_uncertainty=float(zs_unc[i]) if zs_unc is not None else None,
+                queried=v_list[i] is not None,
+                teacher_votes=list(v.votes) if v else [],
+                teacher_label=v.label if v else None,
+                agreement=v.agreement if v else None,
+                accepted=bool(v_list[i] is not None and v_list[i].accepted),
+                teacher_error=v.error if v else None,
+                demo_ids=demo_ids[i],
+                demo_labels=demo_labels[i],
+                demo_accuracy=(
+                    metrics.demo_accuracy(demo_labels[i], truth, synonyms)
+                    if demo_labels[i] and truth and task_type == "classification"
+                    else None
+                ),
+                icl_answer=icl_answers[i],
+                icl_uncertainty=icl_unc[i],
+                final_answer=final,
+                final_source=source,
+                score=metrics.score(final, s.answers, task_type, synonyms) if s.answers else None,
+            )
+            i += 1
+        records.append(rec)
+    results.write_chunk_predictions(run_dir, chunk.index, records)
+    n_votes = method.voting.n
+    return metrics.chunk_metrics(records, task_type, n_votes, pool_size, synonyms)

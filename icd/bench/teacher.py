@@ -1,0 +1,164 @@
+"""``icd bench teacher``: throughput of the ``openai`` teacher, concurrency 1 vs C.
+
+Starts the repository's local OpenAI-compatible server (``tests/openai_server.py``) on
+loopback, serving the tiny fixture teacher through the ``hf`` backend, and annotates the
+same samples (same seed, same N) with concurrency 1 and with concurrency C, in the same
+run. Two settings: the bare server (bound by the model's CPU time, which one process
+serialises, so concurrency gains little) and the server with an added per-request
+latency (``latency_ms``: the network and queueing delay of a real remote teacher, which
+concurrency hides).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import polars as pl
+from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.table import Table
+
+from icd.data.types import Sample
+from icd.method.types import Prompt
+from icd.models.openai import OpenAITeacher
+
+QUESTION = "What shape is shown in the image?"
+
+
+def _server_module() -> ModuleType:
+    """``tests/openai_server.py`` of this checkout (the server is a test tool, not shipped)."""
+    if "tests.openai_server" in sys.modules:
+        return sys.modules["tests.openai_server"]
+    path = Path(__file__).resolve().parents[2] / "tests" / "openai_server.py"
+    if not path.exists():
+        raise RuntimeError(f"icd bench teacher needs a repository checkout ({path} is missing)")
+    spec = importlib.util.spec_from_file_location("icd_bench_openai_server", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_samples(count: int, seed: int = 0) -> tuple[list[Sample], list[Prompt]]:
+    """``count`` deterministic samples (a coloured shape on a plain background) and their
+    zero-shot prompts."""
+    rng = np.random.default_rng(seed)
+    samples, prompts = [], []
+    for i in range(count):
+        bg, fg = (tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
+        img = Image.new("RGB", (64, 64), bg)
+        x0, y0 = (int(v) for v in rng.integers(4, 28, 2))
+        ImageDraw.Draw(img).ellipse((x0, y0, x0 + 30, y0 + 30), fill=fg)
+        samples.append(Sample(f"bench-{i}", i, QUESTION, ["circle"], image=img))
+        prompts.append(
+            Prompt(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": QUESTION}],
+                    }
+                ],
+                images=[img],
+            )
+        )
+    return samples, prompts
+
+
+def run_teacher_bench(
+    samples: int = 64,
+    n: int = 3,
+    concurrency: int = 8,
+    latency_ms: float = 50.0,
+    max_new_tokens: int = 6,
+) -> pl.DataFrame:
+    """Samples/s of the ``openai`` teacher at concurrency 1 and ``concurrency`` against the
+    local server, without and with ``latency_ms`` of added server latency.
+
+    One row per (setting, concurrency): seconds, samples/s, requests, p50/p95 latency, and
+    ``speedup`` = samples/s over the same setting's concurrency-1 row.
+    """
+    from icd.models.fixtures import TEACHER, build_model_fixtures, fixtures_dir
+    from icd.models.hf import HFVLM
+
+    server_mod = _server_module()
+    path = build_model_fixtures(fixtures_dir())[TEACHER]
+    model = HFVLM(str(path), max_new_tokens=max_new_tokens)
+    data, prompts = bench_samples(samples)
+    rows = []
+    with server_mod.OpenAIServer(
+        model, model_name="bench-teacher", max_tokens=max_new_tokens
+    ) as srv:
+        warm = OpenAITeacher(
+            srv.url, "bench-teacher", max_tokens=max_new_tokens, api_key_env="ICD_BENCH_NO_KEY"
+        )
+        warm.annotate(data[:2], prompts[:2], n, 0.7, True, 0)  # first model call pays one-off costs
+        for setting, delay in (("server only", 0.0), (f"+{latency_ms:g} ms latency", latency_ms)):
+            srv.set_faults(latency_ms=delay)
+            base = None
+            for conc in (1, concurrency):
+                teacher = OpenAITeacher(
+                    srv.url,
+                    "bench-teacher",
+                    concurrency=conc,
+                    max_tokens=max_new_tokens,
+                    api_key_env="ICD_BENCH_NO_KEY",
+                )
+                t0 = time.perf_counter()
+                anns = teacher.annotate(data, prompts, n, 0.7, True, 0)
+                seconds = time.perf_counter() - t0
+                st = teacher.stats()
+                rate = samples / seconds
+                base = base or rate
+                rows.append(
+                    {
+                        "setting": setting,
+                        "latency_ms": delay,
+                        "concurrency": conc,
+                        "samples": samples,
+                        "n": n,
+                        "requests": st["requests"],
+                        "errors": sum(a.error is not None for a in anns),
+                        "seconds": round(seconds, 3),
+                        "samples_per_s": round(rate, 2),
+                        "speedup": round(rate / base, 2),
+                        "p50_ms": round(st["latency_p50_ms"], 1),
+                        "p95_ms": round(st["latency_p95_ms"], 1),
+                    }
+                )
+    return pl.DataFrame(rows)
+
+
+def print_teacher_bench(df: pl.DataFrame, console: Console | None = None) -> None:
+    """Print the bench table (rich), one row per (setting, concurrency)."""
+    table = Table(title="openai teacher: samples/s, concurrency 1 vs C (same samples, same run)")
+    for col in (
+        "setting",
+        "concurrency",
+        "requests",
+        "seconds",
+        "samples_per_s",
+        "speedup",
+        "p50_ms",
+        "p95_ms",
+        "errors",
+    ):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for row in df.iter_rows(named=True):
+        table.add_row(
+            row["setting"],
+            str(row["concurrency"]),
+            str(row["requests"]),
+            f"{row['seconds']:.2f}",
+            f"{row['samples_per_s']:.2f}",
+            f"{row['speedup']:.2f}x",
+            f"{row['p50_ms']:.0f}",
+            f"{row['p95_ms']:.0f}",
+            str(row["errors"]),
+        )
+    (console or Console()).print(table)

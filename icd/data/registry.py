@@ -1,0 +1,257 @@
+"""Named benchmark streams: where each dataset lives and how its columns map onto samples.
+
+``DATASETS`` holds the offline shapes fixture and the fine-grained classification and VQA
+sets commonly used in VLM in-context-learning papers. Hub ids and column layouts of the
+public sets were taken from their Hugging Face dataset cards but could not be loaded on
+the offline machine this was written on, so they are marked ``verified=False`` with a
+note saying so; ``icd`` reports a one-line error naming the id when one cannot be opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from icd.data import shapes
+
+Task = Literal["classification", "vqa"]
+SOURCE_KINDS = ("hf", "parquet", "imagefolder", "fixture")
+
+
+class UnknownDataset(ValueError):
+    """A dataset name that is not in the registry (one-line message listing known names)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one benchmark stream.
+
+    ``source`` is ``hf:<hub id>``, ``parquet:<file, folder or glob>``,
+    ``imagefolder:<folder>`` or ``fixture:shapes`` (optionally
+    ``fixture:shapes?n=200&seed=1&corrupt_every=50``). A classification set names its
+    ``label_column`` (class index or name); ``class_names=None`` means "read them from the
+    column's ``ClassLabel`` feature". A VQA set names its ``answers_column`` (a list of
+    human answers, or the VQAv2 list of ``{"answer": ...}`` dicts). When the dataset has no
+    question column, every sample is asked ``question``. ``prompt`` is a template with a
+    ``{question}`` field that turns the dataset's question into what the models are asked
+    (e.g. extra context); the answer-format instruction is added by ``icd.method.prompts``,
+    so the default ``"{question}"`` is usually right. ``synonyms`` maps a class name to other accepted answers.
+    ``readable_names`` turns raw class names such as ``001.Black_footed_Albatross`` or
+    ``AnnualCrop`` into ``Black footed Albatross`` / ``Annual Crop``.
+    """
+
+    name: str
+    source: str
+    split: str
+    task: Task = "classification"
+    image_column: str = "image"
+    question_column: str | None = None
+    question: str = "What is shown in the image?"
+    label_column: str | None = None
+    answers_column: str | None = None
+    id_column: str | None = None
+    class_names: tuple[str, ...] | None = None
+    synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    prompt: str = "{question}"
+    config: str | None = None
+    revision: str | None = None
+    readable_names: bool = True
+    shuffle_buffer: int = 10_000
+    verified: bool = False
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        kind = self.source.split(":", 1)[0]
+        if ":" not in self.source or kind not in SOURCE_KINDS or not self.source.split(":", 1)[1]:
+            raise ValueError(
+                f"dataset {self.name!r}: source {self.source!r} must look like "
+                "'hf:<id>', 'parquet:<path>', 'imagefolder:<dir>' or 'fixture:shapes'"
+            )
+        if self.task not in ("classification", "vqa"):
+            raise ValueError(
+                f"dataset {self.name!r}: task must be 'classification' or 'vqa', got {self.task!r}"
+            )
+        if self.task == "classification" and not self.label_column:
+            raise ValueError(f"dataset {self.name!r}: a classification set needs label_column")
+        if self.task == "vqa" and not self.answers_column:
+            raise ValueError(f"dataset {self.name!r}: a VQA set needs answers_column")
+        if "{question}" not in self.prompt:
+            raise ValueError(f"dataset {self.name!r}: prompt must contain '{{question}}'")
+        if self.question_column is None and not self.question.strip():
+            raise ValueError(f"dataset {self.name!r}: needs question_column or a fixed question")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"dataset {self.name!r}: shuffle_buffer must be >= 1")
+
+    @property
+    def kind(self) -> str:
+        """The source kind: ``hf``, ``parquet``, ``imagefolder`` or ``fixture``."""
+        return self.source.split(":", 1)[0]
+
+    @property
+    def target(self) -> str:
+        """The source without its kind prefix (hub id, path, glob or fixture name)."""
+        return self.source.split(":", 1)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (for logging as run parameters)."""
+        d = asdict(self)
+        d["class_names"] = list(self.class_names) if self.class_names is not None else None
+        d["synonyms"] = {k: list(v) for k, v in self.synonyms.items()}
+        return d
+
+
+def readable_name(name: str) -> str:
+    """Turn a raw class name into words: drop a leading ``001.`` index, turn ``_`` into
+    spaces, split CamelCase words (``SeaLake`` -> ``Sea Lake``) and squeeze whitespace."""
+    name = re.sub(r"^\d+\.", "", name.strip())
+    name = name.replace("_", " ")
+    if " " not in name:
+        name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+    return " ".join(name.split())
+
+
+_UNVERIFIED = (
+    "Hub id and columns taken from the dataset card; not loadable on the offline machine "
+    "this registry was written on — unverified."
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            name="shapes",
+            source="fixture:shapes",
+            split="train",
+            question_column="question",
+            label_column="label",
+            id_column="id",
+            synonyms={k: tuple(v) for k, v in shapes.SYNONYMS.items()},
+            verified=True,
+            note="Procedural offline fixture (icd.data.shapes): 30 classes, 2000 samples, "
+            "4 deliberately corrupt images.",
+        ),
+        DatasetSpec(
+            name="cub200",
+            source="hf:bentrevett/caltech-ucsd-birds-200-2011",
+            split="test",
+            label_column="label",
+            question="What species of bird is shown in the image?",
+            note="CUB-200-2011, 200 bird species. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="flowers102",
+            source="hf:dpdl-benchmark/oxford_flowers102",
+            split="test",
+            label_column="label",
+            question="What type of flower is shown in the image?",
+            note="Oxford Flowers-102. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="aircraft",
+            source="hf:HuggingFaceM4/FGVC-Aircraft",
+            split="test",
+            label_column="variant",
+            question="Which aircraft model is shown in the image?",
+            note="FGVC-Aircraft, 100 variants (the card also has 'family' and 'manufacturer' "
+            "label columns). " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="cars",
+            source="hf:tanganke/stanford_cars",
+            split="test",
+            label_column="label",
+            question="What car model is shown in the image?",
+            note="Stanford Cars, 196 classes. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="pets",
+            source="hf:timm/oxford-iiit-pet",
+            split="test",
+            label_column="label",
+            id_column="image_id",
+            question="What breed of cat or dog is shown in the image?",
+            note="Oxford-IIIT Pets, 37 breeds. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="food101",
+            source="hf:ethz/food101",
+            split="validation",
+            label_column="label",
+            question="What dish is shown in the image?",
+            note="Food-101 (its 25,250-image 'validation' split is the standard test set). "
+            + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="dtd",
+            source="hf:tanganke/dtd",
+            split="test",
+            label_column="label",
+            question="What texture is shown in the image?",
+            synonyms={"polka-dotted": ("polka dot", "polka dots"), "zigzagged": ("zigzag",)},
+            note="Describable Textures (DTD), 47 classes. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="eurosat",
+            source="hf:tanganke/eurosat",
+            split="test",
+            label_column="label",
+            question="What kind of land cover is shown in this satellite image?",
+            synonyms={
+                "annual crop": ("annual crop land", "cropland"),
+                "permanent crop": ("permanent crop land", "orchard", "vineyard"),
+                "herbaceous vegetation": ("herbaceous vegetation land", "grassland"),
+                "highway": ("road", "highway or road"),
+                "industrial": ("industrial buildings", "industrial area"),
+                "pasture": ("pasture land", "meadow"),
+                "residential": ("residential buildings", "residential area", "houses"),
+                "sea lake": ("sea or lake", "sea", "lake"),
+                "forest": ("woods",),
+                "river": ("stream",),
+            },
+            note="EuroSAT RGB, 10 land-cover classes (raw names like 'SeaLake' are split into "
+            "words). " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="vqav2",
+            source="hf:lmms-lab/VQAv2",
+            split="validation",
+            task="vqa",
+            question_column="question",
+            answers_column="answers",
+            id_column="question_id",
+            note="VQAv2 val (214k questions; use data.limit). 'answers' is a list of "
+            "{answer, answer_confidence, answer_id} dicts. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="okvqa",
+            source="hf:lmms-lab/OK-VQA",
+            split="val2014",
+            task="vqa",
+            question_column="question",
+            answers_column="answers",
+            id_column="question_id",
+            note="OK-VQA val, 5,046 questions needing outside knowledge. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="textvqa",
+            source="hf:lmms-lab/textvqa",
+            split="validation",
+            task="vqa",
+            question_column="question",
+            answers_column="answers",
+            id_column="question_id",
+            note="TextVQA val, questions about text in the image. " + _UNVERIFIED,
+        ),
+    ]
+}
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The registered spec called ``name``; :class:`UnknownDataset` if there is none."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UnknownDataset(
+            f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})"
+        ) from None

@@ -1,0 +1,396 @@
+"""The benchmark flow (Prefect flow ``icd-benchmark``, nightly deployment): a matrix of
+``stream`` runs — dataset × mode × budget ρ × stream order — and their comparison table.
+
+A suite is a YAML file (``icd/presets/benchmarks/NAME.yaml`` or any path) validated by
+:class:`BenchmarkConfig`. Each cell of the matrix is a sub-flow run of ``stream`` and its
+own MLflow child run under one parent run. Outputs, in ``ROOT/benchmarks/BENCH_ID/``:
+
+    benchmark.json       the suite, the planned settings, the parent MLflow run id
+    runs.parquet         one row per child run (its summary metrics, run id, MLflow id)
+    comparison.parquet   one row per setting, mean and std of each metric over seeds
+    comparison.md        the same as a markdown table (mean ± std)
+    report/              plots and the self-contained HTML report
+
+Budgets only matter for modes whose teacher queries the policy rations (``icd``,
+``teacher_forward``, ``random_demos``, ``rices`` and the oracle variants). Modes that
+never consult the budget (``student_zero_shot``, ``teacher_zero_shot``) run once per
+(dataset, stream order) and appear in the table with an empty budget, instead of being
+rerun identically for every ρ.
+
+Re-running with the same ``benchmark_id`` resumes: each child keeps its run id, so
+finished children return their summary at once and an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import yaml
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from icd.config import ConfigError, load_config, parse_override
+from icd.data.registry import UnknownDataset, get_dataset
+from icd.report import (
+    BENCHMARK_FILE,
+    COMPARISON_FILE,
+    COMPARISON_MD,
+    RUNS_FILE,
+    benchmarks_dir,
+    build_benchmark_report,
+    build_run_report,
+)
+from icd.report.tables import comparison_table, runs_table, summary_row, to_markdown
+from icd.storage.runstate import atomic_write_text
+
+SUITE_DIR = Path(__file__).resolve().parent.parent / "presets" / "benchmarks"
+
+Mode = Literal[
+    "icd", "student_zero_shot", "teacher_zero_shot", "teacher_forward", "random_demos", "rices"
+]
+
+
+class Variant(BaseModel):
+    """A named mode of the matrix: a ``method.mode`` plus config overrides of its own
+    (e.g. ``icd_oracle``: mode ``icd`` with ``models.teacher.backend=oracle``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    mode: Mode
+    overrides: list[str] = []
+
+
+class BenchmarkConfig(BaseModel):
+    """A benchmark suite: which streams, modes, budgets and stream orders to run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    base_preset: str = "smoke"
+    overrides: list[str] = Field(default=[], description="Config overrides for every run")
+    datasets: list[str] = Field(min_length=1)
+    modes: list[Mode | Variant] = Field(min_length=1)
+    budgets: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(
+        default=[0], min_length=1, description="Stream orders (data.order_seed)"
+    )
+    limit: int | None = Field(None, ge=1, description="Samples per stream (data.limit)")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= b <= 1.0 for b in v):
+            raise ValueError("every budget must be a fraction in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> BenchmarkConfig:
+        names = [v.name for v in self.variants()]
+        for label, values in (
+            ("mode", names),
+            ("dataset", self.datasets),
+            ("budget", self.budgets),
+            ("seed", self.seeds),
+        ):
+            dup = {x for x in values if values.count(x) > 1}
+            if dup:
+                raise ValueError(f"duplicate {label} in the suite: {sorted(dup, key=str)}")
+        return self
+
+    def variants(self) -> list[Variant]:
+        """The modes as variants (a bare mode name is a variant of that name, no overrides)."""
+        return [m if isinstance(m, Variant) else Variant(name=m, mode=m) for m in self.modes]
+
+
+def suites() -> list[str]:
+    """Names of the shipped benchmark suites."""
+    return sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
+
+
+def load_benchmark(suite: str | Path, overrides: list[str] | None = None) -> BenchmarkConfig:
+    """Load a suite by name (``icd/presets/benchmarks/NAME.yaml``) or YAML path.
+
+    ``overrides`` are ``key=value`` strings on the suite's own fields (``limit=64``,
+    ``seeds=[0,1]``, ``datasets=[cub200]``). Unknown suites, keys, values or datasets
+    (not in ``icd.data.registry``) raise :class:`icd.config.ConfigError` with a one-line
+    message.
+    """
+    path = Path(suite)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = SUITE_DIR / f"{suite}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown benchmark suite {str(suite)!r} (known: {', '.join(suites())})"
+            )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        if len(keys) != 1:
+            raise ConfigError(f"benchmark override {item!r}: suite fields are not nested")
+        data[keys[0]] = value
+    try:
+        spec = BenchmarkConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "suite"
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{path.name}: unknown benchmark key {key!r}") from None
+        raise ConfigError(f"{path.name}: invalid value for {key!r}: {err['msg']}") from None
+    for name in spec.datasets:
+        try:
+            get_dataset(name)
+        except UnknownDataset as e:
+            raise ConfigError(f"{path.name}: {e}") from None
+    return spec
+
+
+def uses_budget(mode: str) -> bool:
+    """Whether ``mode``'s teacher queries are rationed by the budget ρ."""
+    from icd.method.modes import mode_spec
+
+    spec = mode_spec(mode)
+    return bool(spec.query_teacher and not spec.teacher_on_all)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of the matrix: one ``stream`` run."""
+
+    dataset: str
+    variant: str
+    mode: str
+    budget: float | None  # None: the mode never consults the budget
+    seed: int
+    variant_overrides: tuple[str, ...] = ()
+
+    def run_id(self, benchmark_id: str) -> str:
+        budget = "all" if self.budget is None else f"b{self.budget:g}"
+        return f"{benchmark_id}--{self.dataset}--{self.variant}--{budget}--s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        """Config overrides placing the run at this cell (applied after the suite's)."""
+        out = [*self.variant_overrides, f"data.dataset={self.dataset}", f"method.mode={self.mode}"]
+        if self.budget is not None:
+            out.append(f"method.policy.budget={self.budget}")
+        out.append(f"data.order_seed={self.seed}")
+        return out
+
+
+def expand(suite: BenchmarkConfig) -> list[Setting]:
+    """The matrix in run order (dataset, mode, budget, seed); budget-free modes once per
+    (dataset, seed) with ``budget=None``."""
+    settings: list[Setting] = []
+    for dataset in suite.datasets:
+        for v in suite.variants():
+            budgets: list[float | None] = list(suite.budgets) if uses_budget(v.mode) else [None]
+            for budget in budgets:
+                for seed in suite.seeds:
+                    settings.append(
+                        Setting(dataset, v.name, v.mode, budget, seed, tuple(v.overrides))
+                    )
+    return settings
+
+
+def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """``benchmark.FIELD=v`` items change the suite; the rest go to every stream run."""
+    suite, runs = [], []
+    for item in overrides or []:
+        (suite if item.startswith("benchmark.") else runs).append(item.removeprefix("benchmark."))
+    return suite, runs
+
+
+def _metric_key(s: Setting, metric: str) -> str:
+    budget = "all" if s.budget is None else f"b{s.budget:g}"
+    return f"{s.dataset}.{s.variant}.{budget}.{metric}"
+
+
+@flow(name="icd-benchmark", log_prints=True)
+def benchmark(
+    suite: str = "smoke", overrides: list[str] | None = None, benchmark_id: str | None = None
+) -> dict[str, Any]:
+    """Run a benchmark suite and return where its comparison table is.
+
+    ``suite`` is a suite name or YAML path. ``overrides`` are ``key.path=value`` config
+    overrides for every stream run (e.g. ``storage.root=/data/icd``); items starting with
+    ``benchmark.`` change the suite instead (``benchmark.limit=64``,
+    ``benchmark.seeds=[0,1]``). ``benchmark_id`` names the benchmark folder and parent
+    MLflow run (default ``NAME-YYYYmmdd-HHMMSS``); reuse it to resume.
+
+    Returns ``benchmark_id``, ``folder``, ``table`` (comparison parquet path), ``runs_table``,
+    ``markdown`` (the table as text), ``markdown_path``, ``report`` (HTML path), ``plots``,
+    ``parent_mlflow_run_id`` and ``children`` (one dict per child run). Children that fail
+    are recorded with their error, the others still run; the flow then fails at the end,
+    after writing and logging everything, naming the failed runs.
+    """
+    from icd.flows.stream import stream
+    from icd.storage.tracking import Tracker
+
+    log = get_run_logger()
+    suite_overrides, run_overrides = _split_overrides(overrides)
+    spec = load_benchmark(suite, suite_overrides)
+    common = list(spec.overrides)
+    if spec.limit is not None:
+        common.append(f"data.limit={spec.limit}")
+    common += run_overrides
+    base = load_config(spec.base_preset, overrides=common)  # validates the shared overrides early
+    settings = expand(spec)
+
+    benchmark_id = benchmark_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = benchmarks_dir(Path(base.storage.root)) / benchmark_id
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = (
+        json.loads((folder / BENCHMARK_FILE).read_text())
+        if (folder / BENCHMARK_FILE).exists()
+        else {}
+    )
+
+    tracker = Tracker(
+        base.storage.resolved_tracking_uri(),
+        base.storage.experiment,
+        artifact_root=Path(base.storage.root).absolute() / "mlartifacts",
+    )
+    parent_id = tracker.start(
+        benchmark_id,
+        config={"suite": spec.model_dump(mode="json"), "run_overrides": common},
+        tags={
+            "icd.kind": "benchmark",
+            "icd.benchmark": spec.name,
+            "icd.benchmark_id": benchmark_id,
+        },
+    )
+    info = {
+        "benchmark_id": benchmark_id,
+        "suite": spec.model_dump(mode="json"),
+        "run_overrides": common,
+        "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "parent_mlflow_run_id": parent_id,
+        "settings": [asdict(s) | {"run_id": s.run_id(benchmark_id)} for s in settings],
+    }
+    atomic_write_text(folder / BENCHMARK_FILE, json.dumps(info, indent=2))
+    log.info("benchmark %s: %d runs (parent MLflow run %s)", benchmark_id, len(settings), parent_id)
+
+    try:
+        children = _run_matrix(
+            stream, spec, settings, common, benchmark_id, parent_id, folder, tracker, log
+        )
+        runs = pl.read_parquet(folder / RUNS_FILE)
+        table = comparison_table(runs)
+        table_path = folder / COMPARISON_FILE
+        table.write_parquet(table_path)
+        markdown = to_markdown(table)
+        md_path = folder / COMPARISON_MD
+        atomic_write_text(md_path, markdown)
+        report = build_benchmark_report(folder)
+        for path in (table_path, md_path, folder / RUNS_FILE, folder / BENCHMARK_FILE):
+            tracker.log_artifact(path)
+        for path in (report.html, *report.plots.values()):
+            tracker.log_artifact(path, "report")
+    except BaseException:
+        tracker.finish(None, status="FAILED")
+        raise
+    failed = [c for c in children if c["error"]]
+    tracker.finish(
+        {"runs": len(children), "failed_runs": len(failed), "settings": table.height},
+        status="FAILED" if failed else "FINISHED",
+    )
+    print(markdown)
+    if failed:
+        names = ", ".join(c["run_id"] for c in failed)
+        raise RuntimeError(
+            f"benchmark {benchmark_id}: {len(failed)} of {len(children)} runs failed "
+            f"(results of the others are in {folder}): {names}"
+        )
+    return {
+        "benchmark_id": benchmark_id,
+        "folder": str(folder),
+        "table": str(table_path),
+        "runs_table": str(folder / RUNS_FILE),
+        "markdown": markdown,
+        "markdown_path": str(md_path),
+        "report": str(report.html),
+        "plots": {k: str(v) for k, v in report.plots.items()},
+        "parent_mlflow_run_id": parent_id,
+        "children": children,
+    }
+
+
+def _run_matrix(
+    stream: Any,
+    spec: BenchmarkConfig,
+    settings: list[Setting],
+    common: list[str],
+    benchmark_id: str,
+    parent_id: str,
+    folder: Path,
+    tracker: Any,
+    log: Any,
+) -> list[dict[str, Any]]:
+    """Run every setting as a ``stream`` sub-flow; write the runs table after each one.
+
+    A child that raises is recorded with its error and the matrix goes on. Each finished
+    child gets its plots and HTML report, attached to its own MLflow run, and its accuracy
+    and annotation rate are logged on the parent (``DATASET.MODE.bRHO.metric``, step = seed).
+    """
+    rows: list[dict[str, Any]] = []
+    children: list[dict[str, Any]] = []
+    tracking_uri = tracker.tracking_uri
+    for i, s in enumerate(settings, 1):
+        run_id = s.run_id(benchmark_id)
+        log.info("[%d/%d] %s", i, len(settings), run_id)
+        child = asdict(s) | {
+            "run_id": run_id,
+            "mlflow_run_id": None,
+            "run_dir": None,
+            "error": None,
+        }
+        try:
+            summary = stream.with_options(flow_run_name=run_id)(
+                preset=spec.base_preset,
+                overrides=common + s.overrides(),
+                run_id=run_id,
+                parent_mlflow_run_id=parent_id,
+            )
+        except Exception as e:  # one broken cell must not lose the night's other results
+            log.error("run %s failed: %s: %s", run_id, type(e).__name__, e)
+            child["error"] = f"{type(e).__name__}: {e}"
+            rows.append(summary_row(asdict(s), {"run_id": run_id}, error=child["error"]))
+        else:
+            child["mlflow_run_id"] = summary.get("mlflow_run_id")
+            child["run_dir"] = summary.get("run_dir")
+            rows.append(summary_row(asdict(s), summary))
+            _report_child(summary, tracking_uri, log)
+            tracker.log_metrics(
+                {
+                    _metric_key(s, m): summary[m]
+                    for m in ("accuracy", "annotation_rate")
+                    if summary.get(m) is not None
+                },
+                step=s.seed,
+            )
+        children.append(child)
+        runs_table(rows).write_parquet(folder / RUNS_FILE)
+    return children
+
+
+def _report_child(summary: dict[str, Any], tracking_uri: str, log: Any) -> None:
+    """Write a child run's plots and HTML, and attach them to its MLflow run."""
+    from mlflow import MlflowClient
+
+    report = build_run_report(Path(summary["run_dir"]))
+    if summary.get("mlflow_run_id"):
+        client = MlflowClient(tracking_uri)
+        for path in (report.html, *report.plots.values()):
+            client.log_artifact(summary["mlflow_run_id"], str(path), "report")
+    log.info("run %s report: %s", summary.get("run_id"), report.html)

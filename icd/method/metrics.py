@@ -1,0 +1,205 @@
+"""Evaluation (DESIGN §2.9): per-sample scores, demonstration accuracy, per-chunk summaries.
+
+- Classification: 1.0 iff the normalised prediction equals the normalised class name or one
+  of its synonyms (:func:`icd.method.voting.normalize_answer`), else 0.0.
+- VQA: the standard VQA accuracy. With the usual ten human answers, the official
+  evaluation averages ``min(#matches among the other 9 / 3, 1)`` over the ten
+  leave-one-annotator-out subsets; for n >= 2 answers we average over the n
+  leave-one-out subsets the same way. For a single reference answer it is exact match.
+  Both sides are normalised with :func:`normalize_answer` (the standard processing:
+  case, punctuation, articles, number words).
+
+Chunk metrics are sums and counts (so chunks merge exactly with :func:`merge_metrics`)
+plus the derived rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from icd.method.voting import normalize_answer
+
+_SOURCES = ("teacher", "student_icl", "student_zs", "teacher_zs", "student_fallback")
+
+
+def _accepted_names(
+    answers: Iterable[str], synonyms: Mapping[str, Sequence[str]] | None
+) -> set[str]:
+    names: set[str] = set()
+    for a in answers:
+        names.add(normalize_answer(a))
+        for s in (synonyms or {}).get(a, ()):
+            names.add(normalize_answer(s))
+    names.discard("")
+    return names
+
+
+def vqa_accuracy(pred: str | None, answers: Sequence[str]) -> float:
+    """Standard VQA accuracy of ``pred`` against the human ``answers`` (see module docs)."""
+    if pred is None or not answers:
+        return 0.0
+    p = normalize_answer(pred)
+    if not p:
+        return 0.0
+    matches = [normalize_answer(a) == p for a in answers]
+    if len(answers) == 1:
+        return float(matches[0])
+    total = sum(matches)
+    return sum(min((total - m) / 3.0, 1.0) for m in matches) / len(matches)
+
+
+def score(
+    pred: str | None,
+    answers: Sequence[str],
+    task: str,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> float:
+    """Score one prediction: classification 1.0/0.0, VQA the standard VQA accuracy.
+
+    For classification ``answers`` holds the true class name (any entry counts), and
+    ``synonyms`` maps class names to accepted alternatives. ``pred=None`` scores 0.
+    """
+    if task == "vqa":
+        return vqa_accuracy(pred, answers)
+    if task != "classification":
+        raise ValueError(f"unknown task {task!r}")
+    if pred is None:
+        return 0.0
+    return float(normalize_answer(pred) in _accepted_names(answers, synonyms))
+
+
+def demo_accuracy(
+    demo_labels: Sequence[str],
+    true_labels: str | Sequence[str],
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> float | None:
+    """Share of the chosen demos whose label is the query's true class (None: no demos).
+
+    ``true_labels`` is the class name (or the list of accepted answers); labels compare by
+    normalised match, synonyms included.
+    """
+    if not demo_labels:
+        return None
+    truth = [true_labels] if isinstance(true_labels, str) else list(true_labels)
+    names = _accepted_names(truth, synonyms)
+    return sum(normalize_answer(d) in names for d in demo_labels) / len(demo_labels)
+
+
+def _mean(total: float, n: int) -> float | None:
+    return total / n if n else None
+
+
+def chunk_metrics(
+    rows: Sequence[Mapping[str, Any]],
+    task: str,
+    n_votes: int,
+    pool_size: int,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Summary numbers for one chunk's prediction rows (the predictions-table fields).
+
+    Reads per row: ``skip_reason``, ``answers``, ``score`` (None: unscored), ``zs_answer``,
+    ``icl_answer``, ``queried``, ``accepted``, ``agreement``, ``teacher_error``,
+    ``demo_accuracy``, ``final_source``. Teacher calls count every one of the ``n_votes``
+    answers of each queried sample (failed ones too) plus one per teacher zero-shot answer.
+    Returns counts and sums (mergeable) and the derived rates (None when undefined).
+    """
+    m: dict[str, Any] = {
+        "samples": len(rows),
+        "skipped": 0,
+        "scored": 0,
+        "score_sum": 0.0,
+        "zs_scored": 0,
+        "zs_score_sum": 0.0,
+        "icl_scored": 0,
+        "icl_score_sum": 0.0,
+        "queried": 0,
+        "accepted": 0,
+        "teacher_calls": 0,
+        "teacher_errors": 0,
+        "agreement_n": 0,
+        "agreement_sum": 0.0,
+        "agreement_min": None,
+        "demo_n": 0,
+        "demo_sum": 0.0,
+        "pool_size": pool_size,
+    }
+    m.update({f"source_{s}": 0 for s in _SOURCES})
+    for r in rows:
+        if r.get("skip_reason"):
+            m["skipped"] += 1
+            continue
+        answers = r.get("answers") or []
+        if r.get("score") is not None:
+            m["scored"] += 1
+            m["score_sum"] += float(r["score"])
+        if r.get("zs_answer") is not None:
+            m["zs_scored"] += 1
+            m["zs_score_sum"] += score(r["zs_answer"], answers, task, synonyms)
+        if r.get("icl_answer") is not None:
+            m["icl_scored"] += 1
+            m["icl_score_sum"] += score(r["icl_answer"], answers, task, synonyms)
+        if r.get("queried"):
+            m["queried"] += 1
+            m["teacher_calls"] += n_votes
+            m["accepted"] += bool(r.get("accepted"))
+            m["teacher_errors"] += r.get("teacher_error") is not None
+            if r.get("agreement") is not None:
+                a = float(r["agreement"])
+                m["agreement_n"] += 1
+                m["agreement_sum"] += a
+                m["agreement_min"] = a if m["agreement_min"] is None else min(m["agreement_min"], a)
+        source = r.get("final_source")
+        if source == "teacher_zs":
+            m["teacher_calls"] += 1
+        if source in _SOURCES:
+            m[f"source_{source}"] += 1
+        if r.get("demo_accuracy") is not None:
+            m["demo_n"] += 1
+            m["demo_sum"] += float(r["demo_accuracy"])
+    return _derive(m)
+
+
+def _derive(m: dict[str, Any]) -> dict[str, Any]:
+    valid = m["samples"] - m["skipped"]
+    m["accuracy"] = _mean(m["score_sum"], m["scored"])
+    m["zs_accuracy"] = _mean(m["zs_score_sum"], m["zs_scored"])
+    m["icl_accuracy"] = _mean(m["icl_score_sum"], m["icl_scored"])
+    m["annotation_rate"] = _mean(m["queried"], valid)
+    m["acceptance_rate"] = _mean(m["accepted"], m["queried"])
+    m["mean_agreement"] = _mean(m["agreement_sum"], m["agreement_n"])
+    m["demo_accuracy"] = _mean(m["demo_sum"], m["demo_n"])
+    return m
+
+
+_ADDITIVE = [
+    "samples",
+    "skipped",
+    "scored",
+    "score_sum",
+    "zs_scored",
+    "zs_score_sum",
+    "icl_scored",
+    "icl_score_sum",
+    "queried",
+    "accepted",
+    "teacher_calls",
+    "teacher_errors",
+    "agreement_n",
+    "agreement_sum",
+    "demo_n",
+    "demo_sum",
+] + [f"source_{s}" for s in _SOURCES]
+
+
+def merge_metrics(running: Mapping[str, Any] | None, chunk: Mapping[str, Any]) -> dict[str, Any]:
+    """The running summary after ``chunk``: sums add up, ``pool_size`` is the latest,
+    ``agreement_min`` the minimum, rates recomputed. ``running=None`` starts a run."""
+    if running is None:
+        return _derive(dict(chunk))
+    m = {key: running[key] + chunk[key] for key in _ADDITIVE}
+    m["pool_size"] = chunk["pool_size"]
+    mins = [x for x in (running.get("agreement_min"), chunk.get("agreement_min")) if x is not None]
+    m["agreement_min"] = min(mins) if mins else None
+    return _derive(m)

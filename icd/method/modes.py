@@ -1,0 +1,79 @@
+"""What each run mode runs (DESIGN §2.10): the baselines and full ICD share one flow.
+
+The oracle upper bound is not a mode: it is mode ``icd`` with the oracle teacher backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icd.config import MethodConfig, SelectionConfig
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """The stages a mode runs.
+
+    - ``student_zero_shot``: the student answers each sample without demos (its answer and
+      uncertainty feed the policy and are the fallback answer).
+    - ``query_teacher``: the budgeted query policy picks samples and the teacher votes on them.
+    - ``use_pool``: accepted annotations are added to the demonstration pool.
+    - ``use_icl``: the student answers again with demos selected from the pool.
+    - ``selection``: strategy that overrides ``method.selection.strategy`` (None: keep it).
+    - ``teacher_on_all``: the teacher answers every sample zero-shot (one greedy answer),
+      outside any budget; that answer is final.
+    - ``final_from_teacher``: a sample with a teacher label takes it as its final answer
+      regardless of ``method.final_from_teacher`` (True for forwarding baselines).
+    """
+
+    name: str
+    student_zero_shot: bool = True
+    query_teacher: bool = True
+    use_pool: bool = True
+    use_icl: bool = True
+    selection: str | None = None
+    teacher_on_all: bool = False
+    final_from_teacher: bool = False
+
+
+MODES: dict[str, ModeSpec] = {
+    "icd": ModeSpec("icd"),
+    "student_zero_shot": ModeSpec(
+        "student_zero_shot", query_teacher=False, use_pool=False, use_icl=False
+    ),
+    "teacher_zero_shot": ModeSpec(
+        "teacher_zero_shot",
+        student_zero_shot=False,
+        query_teacher=False,
+        use_pool=False,
+        use_icl=False,
+        teacher_on_all=True,
+    ),
+    "teacher_forward": ModeSpec(
+        "teacher_forward", use_pool=False, use_icl=False, final_from_teacher=True
+    ),
+    "random_demos": ModeSpec("random_demos", selection="random"),
+    "rices": ModeSpec("rices", selection="rices"),
+}
+
+
+def mode_spec(name: str) -> ModeSpec:
+    """The spec of a mode name; ``ValueError`` naming the known modes otherwise."""
+    try:
+        return MODES[name]
+    except KeyError:
+        raise ValueError(f"unknown mode {name!r} (known: {', '.join(MODES)})") from None
+
+
+def selection_config(cfg: MethodConfig) -> SelectionConfig:
+    """``cfg.selection`` with the mode's strategy override applied."""
+    spec = mode_spec(cfg.mode)
+    if spec.selection is None or spec.selection == cfg.selection.strategy:
+        return cfg.selection
+    return cfg.selection.model_copy(update={"strategy": spec.selection})
+
+
+def uses_teacher_label(cfg: MethodConfig) -> bool:
+    """Whether a queried sample's teacher label becomes its final answer in this config."""
+    spec = mode_spec(cfg.mode)
+    return spec.query_teacher and (spec.final_from_teacher or cfg.final_from_teacher)

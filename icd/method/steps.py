@@ -1,0 +1,173 @@
+"""Chunk-level steps of ICD as pure functions; the pipeline's tasks wire them and do the I/O.
+
+Per chunk (DESIGN §4): :func:`student_outputs` (zero-shot answers → uncertainty) →
+:func:`select_queries` (policy) → the teacher annotates → :func:`vote_annotations` →
+:func:`pool_mask` (which annotations enter the pool) → :func:`choose_demos` against the pool's
+vectors → the student answers with demos (:func:`icl_mask` says for which samples) →
+:func:`final_answers`. Each respects the run's mode (:mod:`icd.method.modes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from icd.config import MethodConfig, VotingConfig
+from icd.method.modes import mode_spec, selection_config, uses_teacher_label
+from icd.method.policy import PolicyState, decide_queries
+from icd.method.selection import select_demos
+from icd.method.types import Generation
+from icd.method.uncertainty import uncertainty
+from icd.method.voting import VoteResult, aggregate
+
+
+class AnnotationLike(Protocol):
+    """What a teacher returns per sample (``icd.models.base.Annotation`` has this shape)."""
+
+    generations: list[Generation]
+    error: str | None
+
+
+def student_outputs(gens: Sequence[Generation], measure: str) -> tuple[list[str], np.ndarray]:
+    """The student's answers (stripped) and their uncertainty under ``measure``."""
+    return [g.text.strip() for g in gens], uncertainty(gens, measure)
+
+
+def select_queries(
+    uncertainties: np.ndarray,
+    state: PolicyState,
+    cfg: MethodConfig,
+    stream_length: int | None,
+    valid: np.ndarray | None = None,
+) -> tuple[np.ndarray, PolicyState]:
+    """Which samples of the chunk the teacher labels, and the policy state after the chunk.
+
+    Only ``valid`` samples (all when None) are seen by the policy; the values of the others
+    are ignored (they may be NaN) and they are never queried. Modes that do not query the
+    teacher return all False and the state unchanged.
+    """
+    u = np.asarray(uncertainties, dtype=np.float64).ravel()
+    ok = np.ones(len(u), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if ok.shape != u.shape:
+        raise ValueError("valid must align with uncertainties")
+    out = np.zeros(len(u), dtype=bool)
+    if not mode_spec(cfg.mode).query_teacher:
+        return out, state
+    decided, new_state = decide_queries(u[ok], state, cfg.policy, stream_length)
+    out[ok] = decided
+    return out, new_state
+
+
+def vote_annotations(
+    annotations: Sequence[AnnotationLike],
+    cfg: VotingConfig,
+    class_names: Sequence[str] | None = None,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> list[VoteResult]:
+    """One vote per teacher annotation; a failed annotation gives a label-less result with
+    ``error`` set (the sample falls back to the student)."""
+    out = []
+    for a in annotations:
+        if a.error is not None:
+            out.append(VoteResult(None, [], 0.0, False, error=a.error))
+        else:
+            out.append(aggregate(a.generations, cfg, class_names, synonyms))
+    return out
+
+
+def pool_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarray:
+    """Which voted samples enter the demonstration pool: accepted, and the mode keeps a pool."""
+    if not mode_spec(cfg.mode).use_pool:
+        return np.zeros(len(votes), dtype=bool)
+    return np.array([v is not None and v.accepted for v in votes], dtype=bool)
+
+
+def icl_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarray:
+    """Which samples need a student ICL answer for their final answer: the mode uses ICL,
+    and the sample does not already take its teacher's label as final."""
+    if not mode_spec(cfg.mode).use_icl:
+        return np.zeros(len(votes), dtype=bool)
+    forward = uses_teacher_label(cfg)
+    return np.array(
+        [not (forward and v is not None and v.label is not None) for v in votes], dtype=bool
+    )
+
+
+def choose_demos(
+    query_img: np.ndarray,
+    query_txt: np.ndarray | None,
+    pool_img: np.ndarray,
+    pool_txt: np.ndarray,
+    pool_labels: Sequence[str] | np.ndarray,
+    cfg: MethodConfig,
+    seed: int,
+    query_ids: Sequence[str] | None = None,
+) -> list[np.ndarray]:
+    """Demo pool rows for each query row (ordered for the prompt), with the mode's strategy.
+
+    Modes without ICL get no demos. See :func:`icd.method.selection.select_demos`.
+    """
+    n = np.asarray(query_img).shape[0]
+    if not mode_spec(cfg.mode).use_icl:
+        return [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    return select_demos(
+        query_img,
+        query_txt,
+        pool_img,
+        pool_txt,
+        pool_labels,
+        selection_config(cfg),
+        seed,
+        query_ids,
+    )
+
+
+def final_answers(
+    cfg: MethodConfig,
+    zs_answers: Sequence[str | None],
+    icl_answers: Sequence[str | None] | None = None,
+    votes: Sequence[VoteResult | None] | None = None,
+    teacher_zs: Sequence[VoteResult | None] | None = None,
+) -> list[tuple[str | None, str | None]]:
+    """Each sample's final answer and its source, aligned with ``zs_answers``.
+
+    Sources: ``teacher`` (the voted label, when the mode/config forwards it), ``student_icl``,
+    ``student_zs``, ``teacher_zs`` (teacher zero-shot mode), ``student_fallback`` (the
+    teacher was to provide the answer but failed: the student's answer instead). Missing
+    answers are None; a sample with no answer at all gets ``(None, None)``.
+    """
+    spec = mode_spec(cfg.mode)
+    n = len(zs_answers)
+    icl = list(icl_answers) if icl_answers is not None else [None] * n
+    vs = list(votes) if votes is not None else [None] * n
+    tzs = list(teacher_zs) if teacher_zs is not None else [None] * n
+    if not (len(icl) == len(vs) == len(tzs) == n):
+        raise ValueError("final_answers inputs must align")
+    forward = uses_teacher_label(cfg)
+
+    out: list[tuple[str | None, str | None]] = []
+    for zs, ic, v, t in zip(zs_answers, icl, vs, tzs, strict=True):
+        if spec.teacher_on_all:
+            if t is not None and t.label is not None:
+                out.append((t.label, "teacher_zs"))
+            elif zs is not None:
+                out.append((zs, "student_fallback"))
+            else:
+                out.append((None, None))
+            continue
+        if forward and v is not None and v.label is not None:
+            out.append((v.label, "teacher"))
+            continue
+        if spec.use_icl and ic is not None:
+            answer, source = ic, "student_icl"
+        elif zs is not None:
+            answer, source = zs, "student_zs"
+        else:
+            out.append((None, None))
+            continue
+        if forward and v is not None and v.error is not None:
+            source = "student_fallback"
+        out.append((answer, source))
+    return out

@@ -1,0 +1,399 @@
+"""Hugging Face backends: a VLM (student or teacher) and a dual-encoder embedder.
+
+``HFVLM`` wraps any ``AutoModelForImageTextToText`` + ``AutoProcessor`` checkpoint: prompts
+are rendered with the processor's chat template, batched with left padding (prompts may
+carry different numbers of images), and answered greedily or by temperature sampling.
+Token statistics come from the model's unwarped logits. ``HFEmbedder`` wraps a CLIP/SigLIP
+style ``AutoModel`` with ``get_image_features`` / ``get_text_features``.
+
+Model ids starting with ``fixtures/`` load the locally built tiny models (see
+:mod:`icd.models.fixtures`); anything else goes to ``from_pretrained(id, revision=...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from icd.data.types import Sample
+from icd.method.types import Generation, Prompt
+from icd.models import ModelLoadError
+from icd.models.base import Annotation
+from icd.models.fixtures import resolve_model_path
+from icd.models.images import to_rgb
+
+# torch's sampling RNG is global: sampling calls hold this lock while they seed it.
+_RNG_LOCK = threading.Lock()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint (``HF_ENDPOINT``), so that a machine without
+    network fails in seconds instead of after minutes of retries. Skipped behind a proxy."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def from_pretrained(loader: Callable[..., Any], model_id: str, revision: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` for a model id, a local folder or a ``fixtures/`` id.
+
+    Tries the local cache first, then the hub. Any failure becomes a one-line
+    :class:`ModelLoadError` naming the id and revision.
+    """
+    from huggingface_hub.constants import is_offline_mode
+
+    where = f"{model_id!r}" + ("" if revision == "main" else f" (revision {revision!r})")
+    try:
+        path = resolve_model_path(model_id)
+        if path is not None:
+            return loader.from_pretrained(str(path), **kwargs)
+        try:
+            return loader.from_pretrained(
+                model_id, revision=revision, local_files_only=True, **kwargs
+            )
+        except OSError:
+            if is_offline_mode():
+                raise
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"cannot load model {where}: not a local folder, not in the Hugging Face "
+                "cache, and the hub is unreachable"
+            )
+        return loader.from_pretrained(model_id, revision=revision, **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load model {where}: {_one_line(e)}") from None
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)") from None
+
+
+def _batch_seed(seed: int, keys: Sequence[str]) -> int:
+    digest = hashlib.sha256(f"{seed}|{'|'.join(keys)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class HFVLM:
+    """A Hugging Face image-text-to-text model used as student (``generate``) or teacher
+    (``annotate``). Not thread-safe for concurrent calls on one instance."""
+
+    def __init__(
+        self,
+        model_id: str,
+        revision: str = "main",
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int = 8,
+        max_new_tokens: int = 16,
+    ) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.model_id = model_id
+        self.revision = revision
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.dtype = _torch_dtype(dtype)
+        self.processor = from_pretrained(AutoProcessor, model_id, revision)
+        model = from_pretrained(AutoModelForImageTextToText, model_id, revision, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if getattr(self.processor, "chat_template", None) is None:
+            raise ModelLoadError(
+                f"cannot load model {model_id!r}: its processor has no chat template"
+            )
+
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        if not eos:
+            raise ModelLoadError(f"cannot load model {model_id!r}: no end-of-sequence token")
+        self.eos_ids = eos
+        pad = gc.pad_token_id if gc.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else eos[0]
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token_id = self.pad_id
+
+    def with_settings(self, batch_size: int, max_new_tokens: int) -> HFVLM:
+        """A view of this model (same weights) with other call settings."""
+        view = copy.copy(self)
+        view.batch_size, view.max_new_tokens = batch_size, max_new_tokens
+        return view
+
+    # ----------------------------------------------------------------- student
+    def generate(
+        self, prompts: Sequence[Prompt], max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """One greedy answer per prompt, batched by ``batch_size``; order preserved."""
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = list(prompts[start : start + self.batch_size])
+            out += self._generate(batch, max_new_tokens or self.max_new_tokens)
+        return out
+
+    # ----------------------------------------------------------------- teacher
+    def annotate(
+        self,
+        samples: Sequence[Sample],
+        prompts: Sequence[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> list[Annotation]:
+        """``n`` answers per sample: the greedy one first when ``include_greedy``, then
+        answers sampled at ``temperature`` (pure temperature sampling, no top-k/top-p).
+
+        Sampling is seeded from ``seed`` and the batch's sample ids, so the same call gives
+        the same answers. A batch that fails is retried one sample at a time; a sample that
+        still fails gets ``Annotation(error=...)``.
+        """
+        if len(samples) != len(prompts):
+            raise ValueError(f"annotate: {len(samples)} samples but {len(prompts)} prompts")
+        out: list[Annotation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            idx = range(start, min(start + self.batch_size, len(prompts)))
+            batch_s = [samples[i] for i in idx]
+            batch_p = [prompts[i] for i in idx]
+            try:
+                gens = self._annotate(batch_s, batch_p, n, temperature, include_greedy, seed)
+                out += [Annotation(generations=g) for g in gens]
+                continue
+            except Exception:
+                pass  # retried one by one below, which records each sample's own error
+            for s, p in zip(batch_s, batch_p, strict=True):
+                try:
+                    gens = self._annotate([s], [p], n, temperature, include_greedy, seed)
+                    out.append(Annotation(generations=gens[0], retries=1))
+                except Exception as e:
+                    out.append(Annotation(generations=[], error=_one_line(e), retries=1))
+        return out
+
+    def _annotate(
+        self,
+        samples: list[Sample],
+        prompts: list[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> list[list[Generation]]:
+        greedy = [[] for _ in prompts]
+        n_sampled = n - 1 if include_greedy else n
+        if include_greedy or temperature <= 0:
+            greedy = [[g] for g in self._generate(prompts, self.max_new_tokens)]
+        if n_sampled <= 0:
+            return [g[:n] for g in greedy]
+        if temperature <= 0:  # sampling at T=0 is greedy decoding
+            return [g * n for g in greedy]
+        sampled = self._generate(
+            prompts,
+            self.max_new_tokens,
+            temperature=temperature,
+            num_return_sequences=n_sampled,
+            seed=_batch_seed(seed, [s.sample_id for s in samples]),
+        )
+        head = greedy if include_greedy else [[] for _ in prompts]
+        return [head[i] + sampled[i * n_sampled : (i + 1) * n_sampled] for i in range(len(prompts))]
+
+    # ---------------------------------------------------------------- decoding
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompts: list[Prompt],
+        max_new_tokens: int,
+        temperature: float | None = None,
+        num_return_sequences: int = 1,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Run one batch; returns ``len(prompts) * num_return_sequences`` generations,
+        the sequences of prompt i at ``[i * nrs, (i + 1) * nrs)``."""
+        inputs = self._encode(prompts)
+        prompt_len = inputs["input_ids"].shape[1]
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+        )
+        if temperature is None:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+            out = self.model.generate(**inputs, **kwargs)
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=num_return_sequences,
+            )
+            with _RNG_LOCK, torch.random.fork_rng(devices=self._cuda_devices()):
+                torch.manual_seed(seed or 0)
+                out = self.model.generate(**inputs, **kwargs)
+        return self._to_generations(out.sequences[:, prompt_len:], out.logits)
+
+    def _cuda_devices(self) -> list[int]:
+        return [self.device.index or 0] if self.device.type == "cuda" else []
+
+    def _encode(self, prompts: list[Prompt]) -> Any:
+        texts = [
+            self.processor.apply_chat_template(
+                p.messages, add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+        images = [[to_rgb(im) for im in p.images] for p in prompts]
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = images
+        inputs = self.processor(**kwargs)
+        return {
+            k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    def _to_generations(
+        self, tokens: torch.Tensor, logits: Sequence[torch.Tensor]
+    ) -> list[Generation]:
+        """Answer text and per-token statistics of each row, up to (excluding) the first
+        end-of-sequence or padding token."""
+        if len(logits) == 0:
+            return [Generation("", np.zeros(0, np.float32), np.zeros(0, np.float32))] * len(tokens)
+        logp = torch.log_softmax(torch.stack(list(logits), dim=1).float(), dim=-1)  # [B, T, V]
+        chosen = logp.gather(-1, tokens[:, : logp.shape[1], None]).squeeze(-1)  # [B, T]
+        entropy = -(logp.exp() * logp).nan_to_num().sum(-1)  # 0·log 0 = 0
+        top2 = logp[:, 0].exp().topk(2, dim=-1).values
+        stop = torch.isin(tokens, torch.tensor([*self.eos_ids, self.pad_id], device=tokens.device))
+        lengths = torch.where(stop.any(1), stop.int().argmax(1), tokens.shape[1]).tolist()
+        gens = []
+        for i, length in enumerate(lengths):
+            ids = tokens[i, :length]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            first = (float(top2[i, 0]), float(top2[i, 1])) if length else (1.0, 0.0)
+            gens.append(
+                Generation(
+                    text=text,
+                    token_logprobs=chosen[i, :length].cpu().numpy().astype(np.float32),
+                    token_entropy=entropy[i, :length].cpu().numpy().astype(np.float32),
+                    first_top2=first,
+                )
+            )
+        return gens
+
+
+class HFEmbedder:
+    """A dual encoder (CLIP, SigLIP, ...) mapping images and texts into one space.
+
+    Rows are float32 and L2-normalised. Texts are padded the way the model was trained
+    (``max_length`` for SigLIP-style models, longest-in-batch otherwise), so a row does not
+    depend on what else is in its batch.
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        revision: str = "main",
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        from transformers import AutoModel, AutoProcessor
+
+        self.model_id = model_id
+        self.revision = revision
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.dtype = _torch_dtype(dtype)
+        self.processor = from_pretrained(AutoProcessor, model_id, revision)
+        model = from_pretrained(AutoModel, model_id, revision, dtype=self.dtype)
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise ModelLoadError(
+                f"cannot load embedder {model_id!r}: {type(model).__name__} is not a dual "
+                "encoder (no get_image_features/get_text_features)"
+            )
+        self.model = model.to(self.device).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "right"
+        model_type = getattr(self.model.config, "model_type", "")
+        self._text_kwargs: dict[str, Any] = {"padding": True, "truncation": True}
+        text_cfg = getattr(self.model.config, "text_config", None)
+        max_len = getattr(text_cfg, "max_position_embeddings", None)
+        if max_len:
+            self._text_kwargs["max_length"] = max_len
+        if "siglip" in model_type:
+            self._text_kwargs["padding"] = "max_length"
+        self.dim = int(self.embed_texts(["a"]).shape[1])
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """[len(images), dim] float32, unit rows."""
+        return self._embed(
+            list(images),
+            lambda batch: self.model.get_image_features(
+                **self._to_device(
+                    self.processor(images=[to_rgb(im) for im in batch], return_tensors="pt")
+                )
+            ),
+        )
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim] float32, unit rows."""
+        return self._embed(
+            list(texts),
+            lambda batch: self.model.get_text_features(
+                **self._to_device(self.tokenizer(batch, return_tensors="pt", **self._text_kwargs))
+            ),
+        )
+
+    def _embed(self, items: list[Any], encode: Callable[[list[Any]], Any]) -> np.ndarray:
+        if not items:
+            return np.zeros((0, getattr(self, "dim", 0)), np.float32)
+        rows = []
+        for start in range(0, len(items), self.batch_size):
+            feats = encode(items[start : start + self.batch_size])
+            if not isinstance(feats, torch.Tensor):  # transformers 5 returns an output object
+                feats = feats.pooler_output
+            feats = feats.float()
+            rows.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    def _to_device(self, inputs: Any) -> dict[str, torch.Tensor]:
+        return {
+            k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor)
+        }

@@ -1,0 +1,195 @@
+"""Per-sample prediction tables (one parquet file per chunk) and the run summary.
+
+A run's predictions live in ``RUN_DIR/predictions/chunk-NNNNN.parquet``. Each file is
+written to a temporary name and renamed into place, so a killed run never leaves a half
+file: a chunk's file either exists complete or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+PREDICTION_SCHEMA = pl.Schema(
+    {
+        "run_id": pl.String,
+        "mode": pl.String,
+        "dataset": pl.String,
+        "sample_id": pl.String,
+        "chunk": pl.Int64,
+        "stream_pos": pl.Int64,
+        "question": pl.String,
+        "answers": pl.List(pl.String),
+        "skip_reason": pl.String,
+        "zs_answer": pl.String,
+        "zs_uncertainty": pl.Float64,
+        "queried": pl.Boolean,
+        "teacher_votes": pl.List(pl.String),
+        "teacher_label": pl.String,
+        "agreement": pl.Float64,
+        "accepted": pl.Boolean,
+        "teacher_error": pl.String,
+        "demo_ids": pl.List(pl.String),
+        "demo_labels": pl.List(pl.String),
+        "demo_accuracy": pl.Float64,
+        "icl_answer": pl.String,
+        "icl_uncertainty": pl.Float64,
+        "final_answer": pl.String,
+        "final_source": pl.String,
+        "score": pl.Float64,
+    }
+)
+# Columns that may be null ("str?" / "float?" in the contract); all others are required.
+NULLABLE = frozenset(
+    {
+        "skip_reason",
+        "zs_answer",
+        "zs_uncertainty",
+        "teacher_label",
+        "agreement",
+        "teacher_error",
+        "demo_accuracy",
+        "icl_answer",
+        "icl_uncertainty",
+        "final_answer",
+        "final_source",
+        "score",
+    }
+)
+FINAL_SOURCES = frozenset(
+    {"teacher", "student_icl", "student_zs", "teacher_zs", "student_fallback"}
+)
+_PREDICTIONS = "predictions"
+
+
+def chunk_path(run_dir: Path, chunk_index: int) -> Path:
+    """Where chunk ``chunk_index``'s predictions are stored."""
+    return Path(run_dir) / _PREDICTIONS / f"chunk-{chunk_index:05d}.parquet"
+
+
+def predictions_frame(records: list[dict[str, Any]]) -> pl.DataFrame:
+    """Records -> a DataFrame with exactly :data:`PREDICTION_SCHEMA`.
+
+    Raises ``ValueError`` (one line) on an unknown column, a missing required value or an
+    unknown ``final_source``.
+    """
+    columns = set(PREDICTION_SCHEMA.names())
+    for i, rec in enumerate(records):
+        unknown = sorted(set(rec) - columns)
+        if unknown:
+            raise ValueError(f"prediction record {i}: unknown column {unknown[0]!r}")
+        for name in PREDICTION_SCHEMA.names():
+            if name not in NULLABLE and rec.get(name) is None:
+                raise ValueError(
+                    f"prediction record {i} (sample_id={rec.get('sample_id')!r}): "
+                    f"missing value for {name!r}"
+                )
+        source = rec.get("final_source")
+        if source is not None and source not in FINAL_SOURCES:
+            raise ValueError(f"prediction record {i}: unknown final_source {source!r}")
+    data = {name: [rec.get(name) for rec in records] for name in PREDICTION_SCHEMA.names()}
+    return pl.DataFrame(data, schema=PREDICTION_SCHEMA)
+
+
+def write_chunk_predictions(run_dir: Path, chunk_index: int, records: list[dict[str, Any]]) -> Path:
+    """Write one chunk's prediction records to its parquet file, atomically (temporary
+    file + rename); an existing file for the chunk is replaced. Returns the path."""
+    path = chunk_path(run_dir, chunk_index)
+    df = predictions_frame(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.write_parquet(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def completed_chunks(run_dir: Path) -> set[int]:
+    """Indices of the chunks whose predictions file exists."""
+    folder = Path(run_dir) / _PREDICTIONS
+    if not folder.is_dir():
+        return set()
+    return {int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.parquet")}
+
+
+def read_predictions(run_dir: Path) -> pl.DataFrame:
+    """All of a run's predictions, sorted by ``stream_pos`` (an empty frame with the schema
+    when there are none)."""
+    folder = Path(run_dir) / _PREDICTIONS
+    files = sorted(folder.glob("chunk-*.parquet")) if folder.is_dir() else []
+    if not files:
+        return pl.DataFrame(schema=PREDICTION_SCHEMA)
+    df = pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    return df.select(PREDICTION_SCHEMA.names()).sort("stream_pos")
+
+
+def _mean(series: pl.Series) -> float | None:
+    values = series.drop_nulls()
+    values = values.filter(values.is_not_nan()) if values.dtype.is_float() else values
+    return float(values.mean()) if len(values) else None
+
+
+def summarize(
+    df: pl.DataFrame,
+    extra: dict[str, Any] | None = None,
+    score_fn: Callable[[str, list[str]], float] | None = None,
+) -> dict[str, Any]:
+    """The run summary of a predictions table.
+
+    ``accuracy`` is the mean ``score`` over scored (non-skipped) samples; ``annotation_rate``
+    is ``queried / (samples - skipped)``; ``mean_agreement`` averages the queried samples'
+    vote agreement; ``demo_accuracy`` averages the per-sample demo accuracy where known.
+    ``zs_accuracy`` comes from ``extra["zs_accuracy"]`` if given, else from ``score_fn(
+    zs_answer, answers)`` over the non-skipped samples, else None. ``teacher_calls``,
+    ``pool_size`` and ``seconds`` (and run_id/mode/dataset for an empty table) come from
+    ``extra``.
+    """
+    extra = dict(extra or {})
+
+    def first(col: str) -> Any:
+        return extra[col] if col in extra else (df[col][0] if len(df) else None)
+
+    valid = df.filter(pl.col("skip_reason").is_null())
+    zs_accuracy = extra.get("zs_accuracy")
+    if zs_accuracy is None and score_fn is not None and len(valid):
+        scored = [
+            score_fn(a, ans) if a is not None else 0.0
+            for a, ans in zip(valid["zs_answer"].to_list(), valid["answers"].to_list(), strict=True)
+        ]
+        zs_accuracy = float(sum(scored) / len(scored))
+    queried = int(df["queried"].sum()) if len(df) else 0
+    accuracy = _mean(valid["score"])
+    summary = {
+        "run_id": first("run_id"),
+        "mode": first("mode"),
+        "dataset": first("dataset"),
+        "samples": len(df),
+        "skipped": len(df) - len(valid),
+        "accuracy": accuracy,
+        "zs_accuracy": zs_accuracy,
+        "annotation_rate": queried / len(valid) if len(valid) else 0.0,
+        "queried": queried,
+        "accepted": int(df["accepted"].sum()) if len(df) else 0,
+        "teacher_calls": int(extra.get("teacher_calls", 0)),
+        "teacher_errors": int(df["teacher_error"].is_not_null().sum()),
+        "pool_size": int(extra.get("pool_size", 0)),
+        "mean_agreement": _mean(df.filter(pl.col("queried"))["agreement"]),
+        "demo_accuracy": _mean(df["demo_accuracy"]),
+        "seconds": dict(extra.get("seconds", {})),
+    }
+    for key, value in summary.items():
+        if isinstance(value, float) and math.isnan(value):
+            summary[key] = None
+    return summary

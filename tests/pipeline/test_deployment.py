@@ -1,0 +1,142 @@
+"""The deployment loop users run: a real Prefect server (SQLite) + process worker on loopback,
+`prefect deploy --all`, `prefect deployment run icd/stream`, results in MLflow, and the
+nightly cron schedule producing scheduled runs.
+
+Marked `deployment` (skip locally with `-m "not deployment"`); it runs in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    # Own process group, so the whole tree (worker + flow-run subprocess) stops together.
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def test_deploy_run_and_schedule(tmp_path: Path) -> None:
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    root = tmp_path / "icd"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    server = _start(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
+         "--analytics-off"],
+        env, tmp_path / "server.log",
+    )
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "Prefect server did not become healthy"
+            time.sleep(0.5)
+
+        _run([PREFECT, "work-pool", "create", "icd", "--type", "process", "--overwrite"], env)
+        _run([PREFECT, "--no-prompt", "deploy", "--all"], env)
+        worker = _start(
+            [PREFECT, "worker", "start", "--pool", "icd", "--install-policy", "never"],
+            env, tmp_path / "worker.log",
+        )
+        params = {
+            "preset": "smoke",
+            "overrides": ["data.limit=48", "pipeline.chunk_size=16", f"storage.root={root}"],
+            "run_id": "deployed-run",
+        }
+        out = subprocess.run(
+            [PREFECT, "deployment", "run", "icd/stream", "--params", json.dumps(params),
+             "--watch", "--watch-timeout", "300"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+        )
+        logs = (tmp_path / "worker.log").read_text()[-4000:]
+        assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\nworker:\n{logs}"
+        assert "Completed" in out.stdout + out.stderr
+
+        # Results and lineage landed in MLflow, tagged with the Prefect flow-run id.
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        runs = mlflow.search_runs(
+            experiment_names=["icd"], filter_string="tags.`icd.run_id` = 'deployed-run'"
+        )
+        assert len(runs) == 1
+        assert runs.iloc[0]["tags.prefect.flow_run_id"] not in ("", "none")
+        assert runs.iloc[0]["status"] == "FINISHED"
+        assert (root / "runs" / "deployed-run" / "predictions.parquet").exists()
+
+        # The nightly deployment's cron schedule produced Scheduled flow runs (the scheduler
+        # ticks every 60 s).
+        deadline = time.time() + 150
+        scheduled: list = []
+        while time.time() < deadline:
+            deps = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+            nightly = [d for d in deps if d["name"] == "nightly"]
+            assert nightly and nightly[0]["schedules"], "nightly deployment has no schedule"
+            scheduled = httpx.post(
+                f"{api}/flow_runs/filter",
+                json={
+                    "deployments": {"id": {"any_": [nightly[0]["id"]]}},
+                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                },
+                timeout=10,
+            ).json()
+            if scheduled:
+                break
+            time.sleep(5)
+        assert scheduled, "the scheduler created no run for the nightly cron schedule"
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(server)

@@ -1,0 +1,276 @@
+"""The LanceDB demonstration pool: idempotent upserts, chunk views, checkouts, concurrency."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icd.config import SelectionConfig
+from icd.method.selection import select_demos
+from icd.storage.pool import DemoPool, PoolError, _RunCache
+from tests.storage.rows import CHUNK, DIM, chunk_rows, ids_of, unit, write_chunks
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> DemoPool:
+    return DemoPool(tmp_path / "pool")
+
+
+def test_upsert_twice_never_duplicates(pool: DemoPool) -> None:
+    rows = chunk_rows("r", 0)
+    v1 = pool.upsert(rows)
+    v2 = pool.upsert(rows)
+    assert v2 > v1
+    assert pool.count() == CHUNK and pool.count("r") == CHUNK
+    assert len(pool.view("r")) == CHUNK
+    assert len(DemoPool(pool.uri).view("r")) == CHUNK
+    # a changed row replaces the old one, still no duplicate
+    changed = [dict(rows[0], label="new")]
+    pool.upsert(changed)
+    assert pool.count() == CHUNK
+    assert pool.fetch([rows[0]["sample_id"]], "r")[0]["label"] == "new"
+    assert list(pool.view("r").labels).count("new") == 1
+
+
+def test_same_sample_id_in_two_runs_is_two_rows(pool: DemoPool) -> None:
+    pool.upsert(chunk_rows("a", 0))
+    pool.upsert(chunk_rows("b", 0))
+    assert pool.count() == 2 * CHUNK
+    assert pool.count("a") == CHUNK
+    assert list(pool.view("a").ids) == list(pool.view("b").ids)
+
+
+def test_view_before_chunk_is_independent_of_write_order(tmp_path: Path) -> None:
+    order = [3, 0, 4, 2, 1]
+    pool = DemoPool(tmp_path / "pool")
+    for c in order:
+        pool.upsert(chunk_rows("r", c))
+    reopened = DemoPool(tmp_path / "pool")
+    for c in range(6):
+        expected = [sid for k in range(c) for sid in ids_of(chunk_rows("r", k))]
+        for p in (pool, reopened):
+            view = p.view("r", before_chunk=c)
+            assert list(view.ids) == expected
+            assert (view.chunk < c).all()
+            want = (
+                np.stack([r["image_vec"] for k in range(c) for r in chunk_rows("r", k)])
+                if c
+                else None
+            )
+            if c:
+                np.testing.assert_array_equal(view.image_vecs, want)
+    assert list(pool.view("r").ids) == list(reopened.view("r").ids)
+
+
+def test_view_is_a_readonly_contiguous_snapshot(pool: DemoPool) -> None:
+    pool.upsert(chunk_rows("r", 0))
+    snap = pool.view("r")
+    before = snap.image_vecs.copy()
+    pool.upsert(chunk_rows("r", 1))
+    pool.upsert([dict(chunk_rows("r", 0)[0], image_vec=np.ones(DIM, np.float32))])  # replace
+    assert len(snap) == CHUNK
+    np.testing.assert_array_equal(snap.image_vecs, before)
+    assert snap.image_vecs.flags.c_contiguous and snap.image_vecs.dtype == np.float32
+    assert not snap.image_vecs.flags.writeable
+    now = pool.view("r")
+    assert len(now) == 2 * CHUNK
+    np.testing.assert_array_equal(now.image_vecs[0], np.ones(DIM, np.float32))
+
+
+def test_cache_sees_another_handles_writes(tmp_path: Path) -> None:
+    a = DemoPool(tmp_path / "pool")
+    a.upsert(chunk_rows("r", 0))
+    assert len(a.view("r")) == CHUNK
+    b = DemoPool(tmp_path / "pool")
+    b.upsert(chunk_rows("r", 1))
+    b.upsert(chunk_rows("other", 0))
+    assert list(a.view("r").ids) == ids_of(chunk_rows("r", 0)) + ids_of(chunk_rows("r", 1))
+
+
+def test_checkout_returns_the_rows_of_that_version(pool: DemoPool) -> None:
+    versions = {}
+    for c in range(4):
+        versions[c] = pool.upsert(chunk_rows("r", c))
+    pool.upsert(chunk_rows("r", 1))  # a re-upsert: new version, same content
+    pool.compact()
+    pool.tag("after-chunk-1", versions[1])
+    for c, v in versions.items():
+        view = pool.checkout(v)
+        assert view.version == v
+        assert list(view.ids) == [sid for k in range(c + 1) for sid in ids_of(chunk_rows("r", k))]
+        assert set(view.run_ids) == {"r"}
+    assert len(pool.checkout("after-chunk-1")) == 2 * CHUNK
+    # the live handle still writes to the latest version
+    pool.upsert(chunk_rows("r", 9))
+    assert pool.count() == 5 * CHUNK
+    assert len(pool.checkout(versions[0])) == CHUNK
+
+
+def test_fetch_returns_rows_in_requested_order(pool: DemoPool) -> None:
+    rows = chunk_rows("r", 0)
+    rows[1]["sample_id"] = "it's quoted"
+    pool.upsert(rows)
+    want = [rows[5]["sample_id"], rows[1]["sample_id"], rows[0]["sample_id"]]
+    got = pool.fetch(want, "r")
+    assert [g["sample_id"] for g in got] == want
+    assert got[0]["image"] == rows[5]["image"] and got[0]["question"] == rows[5]["question"]
+    assert got[1]["votes"] == ["a", "a", "b"]
+    assert "image_vec" not in got[0]
+    with pytest.raises(KeyError, match="not in pool"):
+        pool.fetch(["nope"], "r")
+    with pytest.raises(KeyError):
+        pool.fetch([rows[0]["sample_id"]], "other-run")
+
+
+def _bad_rows() -> list[tuple[str, list[dict]]]:
+    good = chunk_rows("r", 5)
+    nan_vec = good[2]["image_vec"].copy()
+    nan_vec[3] = np.nan
+    missing = dict(good[1])
+    del missing["label_vec"]
+    return [
+        ("wrong dimension", [*good[:3], dict(good[3], image_vec=np.ones(DIM + 1))]),
+        ("NaN", [good[0], dict(good[2], image_vec=nan_vec)]),
+        ("inf", [dict(good[0], label_vec=np.full(DIM, np.inf))]),
+        ("missing field", [good[0], missing]),
+        ("unknown field", [dict(good[0], colour="red")]),
+        ("twice", [good[0], good[0]]),
+        ("chunk", [dict(good[0], chunk=-1)]),
+    ]
+
+
+@pytest.mark.parametrize("case", [name for name, _ in _bad_rows()])
+def test_bad_rows_are_rejected_and_the_pool_is_unchanged(pool: DemoPool, case: str) -> None:
+    pool.upsert(chunk_rows("r", 0))
+    view = pool.view("r")
+    count, version, versions = pool.count(), pool.version(), len(pool.versions())
+    rows = dict(_bad_rows())[case]
+    with pytest.raises(ValueError) as err:
+        pool.upsert(rows)
+    msg = str(err.value)
+    assert "\n" not in msg and "pool upsert rejected" in msg
+    assert (pool.count(), pool.version(), len(pool.versions())) == (count, version, versions)
+    assert list(pool.view("r").ids) == list(view.ids)
+
+
+def test_wrong_dimension_message_names_both_dimensions(pool: DemoPool) -> None:
+    pool.upsert(chunk_rows("r", 0))
+    with pytest.raises(PoolError, match=rf"shape \({DIM + 1},\).*dimension {DIM}"):
+        pool.upsert([dict(chunk_rows("r", 1)[0], image_vec=np.ones(DIM + 1))])
+
+
+def test_missing_or_unreachable_pool_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(PoolError, match="no pool at .*does not exist"):
+        DemoPool(tmp_path / "nope", must_exist=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PoolError, match="no pool table 'demos'"):
+        DemoPool(tmp_path / "empty", must_exist=True)
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(PoolError, match="cannot open pool") as err:
+        DemoPool("nosuchscheme://host/pool")
+    assert "\n" not in str(err.value)
+    DemoPool(tmp_path / "p", dim=DIM)
+    with pytest.raises(PoolError, match=f"holds {DIM}-d vectors"):
+        DemoPool(tmp_path / "p", dim=DIM * 2)
+
+
+def test_empty_pool_view_and_version(pool: DemoPool) -> None:
+    assert len(pool.view("r")) == 0
+    assert pool.version() == 0 and pool.count() == 0 and pool.versions() == []
+    assert pool.upsert([]) == 0
+
+
+def test_compaction_bounds_fragments_and_keeps_versions(pool: DemoPool) -> None:
+    first = pool.upsert(chunk_rows("r", 0))
+    compacted = 0
+    for c in range(1, 13):
+        pool.upsert(chunk_rows("r", c))
+        compacted += pool.maybe_compact(4)
+    assert compacted == 3
+    assert pool.fragment_count() <= 2
+    assert pool.count() == 13 * CHUNK
+    assert len(pool.checkout(first)) == CHUNK
+    summary = pool.describe()
+    assert summary["rows"] == 13 * CHUNK and summary["runs"] == {"r": 13 * CHUNK}
+    assert sum(summary["labels"].values()) == 13 * CHUNK
+    assert summary["agreement"]["mean"] == pytest.approx(0.66)
+
+
+def test_selection_through_view_equals_brute_force(pool: DemoPool) -> None:
+    for c in range(6):
+        pool.upsert(chunk_rows("r", c, n=20))
+    rng = np.random.default_rng(7)
+    queries = unit(rng, 10)
+    view = pool.view("r", before_chunk=4)
+    assert len(view) == 80
+    cfg = SelectionConfig(strategy="rices", k=5)
+    picked = select_demos(
+        queries, None, view.image_vecs, view.label_vecs, view.labels, cfg, 0, None
+    )
+    all_rows = [r for c in range(4) for r in chunk_rows("r", c, n=20)]
+    matrix = np.stack([r["image_vec"] for r in all_rows]).astype(np.float32)
+    brute = np.argsort(-(queries @ matrix.T), axis=1)[:, :5]
+    for got, want in zip(picked, brute, strict=True):
+        assert [view.ids[i] for i in got[::-1]] == [all_rows[j]["sample_id"] for j in want]
+
+
+def test_two_processes_writing_one_pool(tmp_path: Path) -> None:
+    uri = str(tmp_path / "pool")
+    DemoPool(uri, dim=DIM)
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=write_chunks, args=(uri, "r", [0, 2, 4, 6], 99)),
+        ctx.Process(target=write_chunks, args=(uri, "r", [1, 3, 5, 7], 99)),
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    pool = DemoPool(uri)
+    assert pool.count() == 9 * CHUNK
+    view = pool.view("r")
+    assert len(set(view.ids)) == len(view) == 9 * CHUNK
+    want = [sid for c in [*range(8), 99] for sid in ids_of(chunk_rows("r", c))]
+    assert list(view.ids) == want
+    assert len(pool.checkout(pool.version())) == 9 * CHUNK
+
+
+# -- the cache on its own (pure) ------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 5), min_size=1, max_size=12),
+    st.integers(0, 6),
+)
+def test_cache_order_and_prefix_whatever_the_write_order(writes: list[int], before: int) -> None:
+    """Chunks written in any order, some written again with new vectors: the cache holds
+    the latest rows sorted by (chunk, stream_pos) and a prefix view is exactly chunk < c."""
+    cache = _RunCache(DIM, capacity=16)
+    latest: dict[str, tuple[int, int, np.ndarray]] = {}
+    for n_write, c in enumerate(writes):
+        rows = chunk_rows("r", c, n=3, seed=1000 * c + n_write)
+        cache.add(
+            {
+                "ids": np.array(ids_of(rows), dtype=object),
+                "labels": np.array([r["label"] for r in rows], dtype=object),
+                "chunk": np.array([r["chunk"] for r in rows], dtype=np.int64),
+                "stream_pos": np.array([r["stream_pos"] for r in rows], dtype=np.int64),
+                "image_vecs": np.stack([r["image_vec"] for r in rows]),
+                "label_vecs": np.stack([r["label_vec"] for r in rows]),
+            }
+        )
+        for r in rows:
+            latest[r["sample_id"]] = (r["chunk"], r["stream_pos"], r["image_vec"])
+    expected = sorted((v[0], v[1], k) for k, v in latest.items() if v[0] < before)
+    view = cache.view(before)
+    assert list(view.ids) == [k for _, _, k in expected]
+    assert len(cache.index) == len(latest)
+    for i, sid in enumerate(view.ids):
+        np.testing.assert_array_equal(view.image_vecs[i], latest[sid][2])
