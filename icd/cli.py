@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -70,6 +71,8 @@ def _resolve(preset: str | None, config: Path | None, sets: list[str] | None) ->
 
 
 def _quiet_prefect() -> None:
+    """Keep the flow's own log lines; drop per-task state lines and server chatter."""
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     for name in ("prefect.task_runs", "prefect._internal", "prefect.server", "uvicorn"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -307,3 +310,7 @@ def main() -> None:  # pragma: no cover - console entry point
     except KeyboardInterrupt:
         err.print("interrupted; committed chunks are kept — rerun with the same --run-id to resume")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

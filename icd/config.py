@@ -150,7 +150,11 @@ class PipelineConfig(_Strict):
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = Field(None, description="Existing Dask scheduler (default: local)")
     dask_workers: int = Field(2, ge=1)
-    cache: bool = Field(True, description="Reuse task results across runs")
+    cache: bool = Field(
+        True,
+        description="Share cached task results across runs (within a run they are always "
+        "reused: that is what makes resume call no model twice)",
+    )
 
 
 class Config(_Strict):

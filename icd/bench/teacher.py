@@ -74,7 +74,7 @@ def run_teacher_bench(
     samples: int = 64,
     n: int = 3,
     concurrency: int = 8,
-    latency_ms: float = 50.0,
+    latency_ms: float = 200.0,
     max_new_tokens: int = 6,
 ) -> pl.DataFrame:
     """Samples/s of the ``openai`` teacher at concurrency 1 and ``concurrency`` against the

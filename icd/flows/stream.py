@@ -159,6 +159,7 @@ def run_stream(
     pool_uri = cfg.storage.resolved_pool_uri()
     ledger = str(run_dir / "teacher_calls.jsonl")
     chunk_size = cfg.pipeline.chunk_size
+    scope = "" if cfg.pipeline.cache else run_id  # share task results across runs or not
 
     tracker = Tracker(
         cfg.storage.resolved_tracking_uri(),
@@ -211,11 +212,11 @@ def run_stream(
         )
 
     def submit_ahead(chunk: Chunk) -> tuple[Chunk, Any, Any]:
-        emb = extract_embeddings.submit(chunk, chunk.key, cfg.models.embedder)
+        emb = extract_embeddings.submit(chunk, chunk.key, cfg.models.embedder, scope)
         zs = None
         if mode.student_zero_shot:
             zs = score_student.submit(
-                chunk, chunk.key, cfg.models.student, task_type, prompt_classes
+                chunk, chunk.key, cfg.models.student, task_type, prompt_classes, scope
             )
         return chunk, emb, zs
 
@@ -270,6 +271,7 @@ def run_stream(
                 synonyms,
                 cfg.seed,
                 ledger,
+                scope,
             )
             (teacher_zs if mode.teacher_on_all else votes).update(ann["votes"])
             counters["teacher_requests"] += ann["requests"]
@@ -314,6 +316,7 @@ def run_stream(
                 task_type,
                 prompt_classes,
                 cfg.seed,
+                scope,
             )
             seconds["icl"] += icl["seconds"]
 

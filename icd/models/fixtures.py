@@ -5,15 +5,19 @@ the same ``from_pretrained`` path as hub checkpoints:
 
 - ``tiny-idefics3``: the student, ``Idefics3ForConditionalGeneration`` (SmolVLM architecture)
   with an ``Idefics3Processor`` (no image splitting, 32 px images, 4 image tokens each).
-- ``tiny-qwen2vl``: the teacher, ``Qwen2VLForConditionalGeneration`` with a
-  ``Qwen2VLProcessor`` (32 px images, 4 image tokens each).
-- ``tiny-clip``: the embedder, ``CLIPModel`` with a ``CLIPProcessor``.
+- ``tiny-llava``: the teacher, ``LlavaForConditionalGeneration`` (CLIP vision tower, Qwen2
+  language model, ChatML template as in LLaVA-OneVision-Qwen2) with a ``LlavaProcessor``
+  (32 px images, 4 image tokens each). Qwen2-VL is not used: its processor requires a video
+  processor, which needs torchvision.
+- ``tiny-clip``: the embedder, ``CLIPModel`` with a ``CLIPProcessor`` (32 px, 32-d space).
+  SigLIP is not used: its tokenizer is SentencePiece, which ``tokenizers`` cannot train.
 
-Each tokenizer is a byte-level BPE trained locally with ``tokenizers`` on a corpus built
-from the coloured-shapes vocabulary, wrapped in the architecture's own tokenizer class
+Each tokenizer is a byte-level BPE trained locally on a corpus built from the
+coloured-shapes vocabulary, inside the architecture's own tokenizer class
 (``GPT2Tokenizer``, ``Qwen2Tokenizer``, ``CLIPTokenizer``) with the special tokens the
 processor needs and the architecture's chat template. Weights are random but fully
-determined by ``seed``. Accuracy of these models is meaningless; every code path is real.
+determined by ``seed`` (files are byte-identical across builds). Accuracy of these models is
+meaningless; every code path is real.
 """
 
 from __future__ import annotations
@@ -42,7 +46,13 @@ MARKER = "fixture.json"
 
 IMAGE_SIZE = 32  # pixels fed to every vision tower
 PATCH_SIZE = 8
-BPE_VOCAB_SIZE = 640
+# Std of the random output head. With the usual 0.02 every next-token distribution is
+# near uniform (entropy ~ log V for any input); a wide head makes them peaked and
+# input-dependent, so uncertainty varies between samples and a teacher's sampled answers
+# agree often enough (~60% at T=0.7) for the vote filter to accept some of them.
+OUTPUT_HEAD_STD = 1.6
+BPE_VOCAB_SIZE = 640  # byte-level BPE: 256 bytes + specials + ~370 merges
+BPE_MERGES = 360  # end-of-word BPE (CLIP): 512 byte symbols + these merges
 
 COLOURS = [
     "red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan", "brown", "gray",
@@ -106,26 +116,79 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _train_bpe(
-    tokenizer_cls: type, special_tokens: list[str], seed: int, suffix: str = "", **kwargs: Any
-) -> Any:
-    """Train a byte-level BPE with ``tokenizer_cls``'s own pre-tokenizer pipeline, then
-    rebuild ``tokenizer_cls`` from the learned vocab and merges."""
+def _train_bpe(tokenizer_cls: type, special_tokens: list[str], seed: int, **kwargs: Any) -> Any:
+    """Train a byte-level BPE with ``tokenizers``' trainer inside ``tokenizer_cls``'s own
+    normaliser/pre-tokeniser pipeline, then rebuild ``tokenizer_cls`` from the learned
+    vocab and merges. Deterministic: the whole byte alphabet is registered up front, so
+    symbol ids, and hence tie-breaks between equally frequent pairs, never vary."""
     from tokenizers import pre_tokenizers, trainers
 
-    empty = tokenizer_cls(**kwargs)
-    backend = empty.backend_tokenizer
+    backend = tokenizer_cls(**kwargs).backend_tokenizer
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-        **({"end_of_word_suffix": suffix} if suffix else {}),
     )
     backend.train_from_iterator(_corpus(seed), trainer=trainer)
     model = json.loads(backend.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return tokenizer_cls(vocab=model["vocab"], merges=merges, **kwargs)
+
+
+def _train_bpe_end_of_word(
+    tokenizer_cls: type, special_tokens: list[str], seed: int, suffix: str = "</w>", **kwargs: Any
+) -> Any:
+    """Train a CLIP-style BPE whose word-final symbols carry ``suffix``.
+
+    Words come from ``tokenizer_cls``'s ``tokenizers`` normaliser and pre-tokeniser. The
+    merges are learned here rather than by ``tokenizers.trainers.BpeTrainer``: that trainer
+    numbers the suffixed symbols in hash-map order, so ties between equally frequent pairs
+    break differently from one process to the next. This learner breaks ties by the pair
+    itself, so the same corpus always gives the same tokenizer.
+    """
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer_cls(**kwargs).backend_tokenizer
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in _corpus(seed):
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(
+            backend.normalizer.normalize_str(line)
+        ):
+            if piece not in special_tokens:
+                words[(*piece[:-1], piece[-1] + suffix)] += 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {
+        t: i for i, t in enumerate([*special_tokens, *alphabet, *(a + suffix for a in alphabet)])
+    }
+    merges: list[tuple[str, str]] = []
+    while len(merges) < BPE_MERGES:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merged = best[0] + best[1]
+        merges.append(best)
+        vocab.setdefault(merged, len(vocab))
+        words = Counter({_merge(word, best, merged): c for word, c in words.items()})
+    return tokenizer_cls(vocab=vocab, merges=merges, **kwargs)
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str], merged: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
 
 
 def _build_student(out: Path, seed: int) -> None:
@@ -191,6 +254,7 @@ def _build_student(out: Path, seed: int) -> None:
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
+    _widen_output_head(model, seed)
     _set_generation_ids(model, tok)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -254,6 +318,7 @@ def _build_teacher(out: Path, seed: int) -> None:
     )
     torch.manual_seed(seed + 1)
     model = LlavaForConditionalGeneration(config).eval()
+    _widen_output_head(model, seed + 1)
     _set_generation_ids(model, tok)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -268,7 +333,7 @@ def _build_embedder(out: Path, seed: int) -> None:
         CLIPTokenizer,
     )
 
-    tok = _train_bpe(CLIPTokenizer, ["<|startoftext|>", "<|endoftext|>"], seed, suffix="</w>")
+    tok = _train_bpe_end_of_word(CLIPTokenizer, ["<|startoftext|>", "<|endoftext|>"], seed)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -299,6 +364,13 @@ def _build_embedder(out: Path, seed: int) -> None:
     model = CLIPModel(config).eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
+
+
+def _widen_output_head(model: Any, seed: int) -> None:
+    head = model.get_output_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.copy_(torch.randn(head.shape, generator=gen) * OUTPUT_HEAD_STD)
 
 
 def _set_generation_ids(model: Any, tok: Any) -> None:

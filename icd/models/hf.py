@@ -16,7 +16,6 @@ import copy
 import hashlib
 import os
 import socket
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
@@ -31,9 +31,6 @@ from icd.models import ModelLoadError
 from icd.models.base import Annotation
 from icd.models.fixtures import resolve_model_path
 from icd.models.images import to_rgb
-
-# torch's sampling RNG is global: sampling calls hold this lock while they seed it.
-_RNG_LOCK = threading.Lock()
 
 
 def _one_line(e: BaseException) -> str:
@@ -95,9 +92,35 @@ def _torch_dtype(dtype: str) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)") from None
 
 
-def _batch_seed(seed: int, keys: Sequence[str]) -> int:
-    digest = hashlib.sha256(f"{seed}|{'|'.join(keys)}".encode()).digest()
+def _draw_seed(seed: int, sample_id: str, draw: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{sample_id}|{draw}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _RowSampler(LogitsProcessor):
+    """A logits processor that samples each row's next token at ``temperature`` from that
+    row's own seeded generator, and returns scores on which any further processing (and
+    ``generate``'s own draw) can only pick that token.
+
+    Each answer thus depends on its (seed, sample id, draw index) alone, not on the batch it
+    was decoded in or on torch's global RNG; ``generate`` still reports the raw logits.
+    """
+
+    def __init__(self, temperature: float, seeds: Sequence[int]) -> None:
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        picks = torch.cat(
+            [
+                torch.multinomial(p, 1, generator=g)
+                for p, g in zip(probs, self.generators, strict=True)
+            ]
+        )
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks)), picks.to(scores.device)] = 0.0
+        return out
 
 
 class HFVLM:
@@ -174,9 +197,10 @@ class HFVLM:
         """``n`` answers per sample: the greedy one first when ``include_greedy``, then
         answers sampled at ``temperature`` (pure temperature sampling, no top-k/top-p).
 
-        Sampling is seeded from ``seed`` and the batch's sample ids, so the same call gives
-        the same answers. A batch that fails is retried one sample at a time; a sample that
-        still fails gets ``Annotation(error=...)``.
+        The k-th sampled answer of a sample is drawn with a generator seeded from
+        (``seed``, sample id, k), so it does not depend on batching, call order or retries.
+        A batch that fails is retried one sample at a time; a sample that still fails gets
+        ``Annotation(error=...)``.
         """
         if len(samples) != len(prompts):
             raise ValueError(f"annotate: {len(samples)} samples but {len(prompts)} prompts")
@@ -216,12 +240,9 @@ class HFVLM:
             return [g[:n] for g in greedy]
         if temperature <= 0:  # sampling at T=0 is greedy decoding
             return [g * n for g in greedy]
+        seeds = [_draw_seed(seed, s.sample_id, k) for s in samples for k in range(n_sampled)]
         sampled = self._generate(
-            prompts,
-            self.max_new_tokens,
-            temperature=temperature,
-            num_return_sequences=n_sampled,
-            seed=_batch_seed(seed, [s.sample_id for s in samples]),
+            prompts, self.max_new_tokens, sampler=_RowSampler(temperature, seeds), copies=n_sampled
         )
         head = greedy if include_greedy else [[] for _ in prompts]
         return [head[i] + sampled[i * n_sampled : (i + 1) * n_sampled] for i in range(len(prompts))]
@@ -232,12 +253,12 @@ class HFVLM:
         self,
         prompts: list[Prompt],
         max_new_tokens: int,
-        temperature: float | None = None,
-        num_return_sequences: int = 1,
-        seed: int | None = None,
+        sampler: _RowSampler | None = None,
+        copies: int = 1,
     ) -> list[Generation]:
-        """Run one batch; returns ``len(prompts) * num_return_sequences`` generations,
-        the sequences of prompt i at ``[i * nrs, (i + 1) * nrs)``."""
+        """Decode one batch greedily, or with ``sampler`` drawing ``copies`` answers per
+        prompt; returns ``len(prompts) * copies`` generations, prompt i's at
+        ``[i * copies, (i + 1) * copies)``."""
         inputs = self._encode(prompts)
         prompt_len = inputs["input_ids"].shape[1]
         kwargs: dict[str, Any] = dict(
@@ -248,24 +269,21 @@ class HFVLM:
             pad_token_id=self.pad_id,
             repetition_penalty=1.0,
         )
-        if temperature is None:
+        if sampler is None:
             kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-            out = self.model.generate(**inputs, **kwargs)
         else:
+            # The sampler has already drawn each token; with neutral warpers generate's own
+            # draw (needed for num_return_sequences) can only return it.
             kwargs.update(
                 do_sample=True,
-                temperature=temperature,
+                temperature=1.0,
                 top_k=0,
                 top_p=1.0,
-                num_return_sequences=num_return_sequences,
+                num_return_sequences=copies,
+                logits_processor=LogitsProcessorList([sampler]),
             )
-            with _RNG_LOCK, torch.random.fork_rng(devices=self._cuda_devices()):
-                torch.manual_seed(seed or 0)
-                out = self.model.generate(**inputs, **kwargs)
+        out = self.model.generate(**inputs, **kwargs)
         return self._to_generations(out.sequences[:, prompt_len:], out.logits)
-
-    def _cuda_devices(self) -> list[int]:
-        return [self.device.index or 0] if self.device.type == "cuda" else []
 
     def _encode(self, prompts: list[Prompt]) -> Any:
         texts = [

@@ -640,13 +640,18 @@ class OpenAITeacher:
         self._count(call, requests=1, retries=int(retry))
         ok = False
         try:
+            payload = self._payload(messages, k, temperature, seed)
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout_s):
                     resp = await call.client.post(
-                        f"{self.base_url}/chat/completions",
-                        content=json.dumps(self._payload(messages, k, temperature, seed)),
+                        f"{self.base_url}/chat/completions", content=json.dumps(payload)
                     )
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL):
+                call.failed = TeacherConfigError(
+                    f"teacher at {self.base_url}: not a valid http(s) URL — check base_url"
+                )
+                raise call.failed from None
             except (TimeoutError, httpx.TimeoutException):
                 raise _Failed("timeout") from None
             except httpx.ConnectError:
@@ -671,7 +676,7 @@ class OpenAITeacher:
                 )
             if status >= 400:
                 detail = self._server_message(resp)
-                if self._logprobs and "logprob" in detail.lower():
+                if "logprobs" in payload and "logprob" in detail.lower():
                     self._logprobs = False
                     log.info(
                         "teacher: server rejects logprobs; continuing without token statistics"

@@ -2,9 +2,12 @@
 
 One LanceDB table (default ``demos``) at the pool URI (a local folder by default, any
 LanceDB URI works) holds the pool rows of every run that shares it. A row is identified
-by ``(run_id, sample_id)``: writes are idempotent ``merge_insert`` upserts on that
-composite key, so re-adding a chunk never duplicates a row, and each upsert is one
-LanceDB version that can be checked out later ("the pool as it was after chunk c").
+by ``(run_id, sample_id)``, stored as the single column ``key = "run_id/sample_id"``,
+which is the table's (unenforced) primary key: writes are ``merge_insert`` upserts on it,
+so re-adding a chunk never duplicates a row — also when two processes insert the same
+rows at once (LanceDB detects that conflict only for a primary-key merge; a merge on a
+composite or non-key column lets both inserts through). Each upsert is one LanceDB
+version that can be checked out later ("the pool as it was after chunk c").
 
 Selection never scans the table: each run's vectors live in an in-memory cache ordered by
 ``(chunk, stream_pos, sample_id)``, loaded once from LanceDB and appended on every upsert,
@@ -30,7 +33,10 @@ import numpy as np
 import pyarrow as pa
 
 DEFAULT_TABLE = "demos"
-MERGE_KEY = ["run_id", "sample_id"]
+MERGE_KEY = "key"
+# Field metadata that makes a column the table's unenforced primary key, set at creation
+# so the key is in place before the first write (same as set_unenforced_primary_key).
+_PRIMARY_KEY_META = {"lance-schema:unenforced-primary-key:position": "1"}
 REQUIRED_FIELDS = ("sample_id", "run_id", "chunk", "stream_pos", "image_vec", "label", "label_vec")
 OPTIONAL_FIELDS = (
     "question",
@@ -58,6 +64,7 @@ def pool_schema(dim: int) -> pa.Schema:
     vec = pa.list_(pa.float32(), dim)
     return pa.schema(
         [
+            pa.field(MERGE_KEY, pa.string(), nullable=False, metadata=_PRIMARY_KEY_META),
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("run_id", pa.string(), nullable=False),
             pa.field("chunk", pa.int64(), nullable=False),
@@ -96,6 +103,11 @@ class PoolView:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def row_key(run_id: str, sample_id: str) -> str:
+    """The pool's primary key of a row."""
+    return f"{run_id}/{sample_id}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -305,6 +317,7 @@ class DemoPool:
                 self._create(dim)
         else:
             self.dim = self._table_dim()
+            self._ensure_primary_key()
             if dim is not None and dim != self.dim:
                 raise PoolError(
                     f"pool {table!r} at {self.uri!r} holds {self.dim}-d vectors, not {dim}-d"
@@ -321,6 +334,11 @@ class DemoPool:
                 return None
             raise
 
+    def _ensure_primary_key(self) -> None:
+        meta = self._tbl.schema.field(MERGE_KEY).metadata or {}
+        if not any(b"primary-key" in k for k in meta):
+            self._tbl.set_unenforced_primary_key(MERGE_KEY)
+
     def _table_dim(self) -> int:
         field = self._tbl.schema.field("image_vec")
         return int(field.type.list_size)
@@ -335,6 +353,7 @@ class DemoPool:
         except Exception as e:
             raise PoolError(f"cannot create pool table at {self.uri!r}: {_one_line(e)}") from None
         self.dim = self._table_dim()
+        self._ensure_primary_key()
         if self.dim != dim:
             raise PoolError(
                 f"pool {self.table_name!r} at {self.uri!r} holds {self.dim}-d vectors, not {dim}-d"
@@ -453,14 +472,17 @@ class DemoPool:
         if not ids:
             return []
         tbl = self._require_table()
-        columns = [f.name for f in tbl.schema if with_vectors or f.name not in VECTOR_FIELDS]
+        columns = [
+            f.name
+            for f in tbl.schema
+            if f.name != MERGE_KEY and (with_vectors or f.name not in VECTOR_FIELDS)
+        ]
         wanted = list(dict.fromkeys(str(i) for i in ids))
         found: dict[str, dict[str, Any]] = {}
         for lo in range(0, len(wanted), _IN_LIST_BATCH):
             part = wanted[lo : lo + _IN_LIST_BATCH]
-            where = (
-                f"run_id = {_sql_str(run_id)} AND sample_id IN ({', '.join(map(_sql_str, part))})"
-            )
+            keys = ", ".join(_sql_str(row_key(run_id, sid)) for sid in part)
+            where = f"{MERGE_KEY} IN ({keys})"
             for row in tbl.search().where(where).select(columns).limit(None).to_arrow().to_pylist():
                 found[row["sample_id"]] = row
         missing = [i for i in wanted if i not in found]
@@ -621,6 +643,8 @@ def _to_arrow(rows: Sequence[dict[str, Any]], dim: int) -> tuple[pa.Table, dict[
         for name in ("sample_id", "run_id", "label"):
             if not isinstance(row[name], str) or (name != "label" and not row[name]):
                 raise PoolError(f"pool upsert rejected: {where}: {name!r} must be a non-empty str")
+        if "/" in row["run_id"]:
+            raise PoolError(f"pool upsert rejected: {where}: run_id {row['run_id']!r} contains '/'")
         for name in ("chunk", "stream_pos"):
             v = row[name]
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
@@ -676,7 +700,10 @@ def _to_arrow(rows: Sequence[dict[str, Any]], dim: int) -> tuple[pa.Table, dict[
     schema = pool_schema(dim)
     arrays = {}
     for f in schema:
-        if f.name in VECTOR_FIELDS:
+        if f.name == MERGE_KEY:
+            keys = [row_key(r, i) for r, i in zip(cols["run_id"], cols["sample_id"], strict=True)]
+            arrays[f.name] = pa.array(keys, type=f.type)
+        elif f.name in VECTOR_FIELDS:
             arrays[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(vecs[f.name].ravel()), dim)
         else:
             arrays[f.name] = pa.array(cols[f.name], type=f.type)

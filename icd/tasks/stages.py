@@ -36,7 +36,9 @@ from icd.storage.pool import DemoPool
 
 # Cache keys: every input except the live chunk object (its identity is `chunk_key`), and
 # except where results go (`ledger`) and which run asks (`run_id`; a pool's content is
-# keyed by `pool_key`), so another run over the same chunks reuses the results.
+# keyed by `pool_key`), so another run over the same chunks reuses the results. `scope`
+# is "" when runs share results (pipeline.cache) and the run id when they must not; within
+# a run results are always reused, which is what makes a resumed run call no model twice.
 CHUNK_CACHE = (INPUTS + TASK_SOURCE) - "chunk" - "ledger" - "run_id"
 MODEL_RETRIES: dict[str, Any] = {
     "retries": 2,
@@ -66,7 +68,9 @@ def load_chunk(stream: Stream, index: int, chunk_size: int) -> Chunk:
 
 
 @task(name="extract_embeddings", cache_policy=CHUNK_CACHE, persist_result=True, **MODEL_RETRIES)
-def extract_embeddings(chunk: Chunk, chunk_key: str, embedder: ModelConfig) -> dict[str, Any]:
+def extract_embeddings(
+    chunk: Chunk, chunk_key: str, embedder: ModelConfig, scope: str = ""
+) -> dict[str, Any]:
     """Image embeddings of the chunk's valid samples, rows in ``chunk.valid`` order."""
     t0 = time.perf_counter()
     model = load_embedder(embedder)
@@ -82,6 +86,7 @@ def score_student(
     student: ModelConfig,
     task_type: str,
     class_names: list[str] | None,
+    scope: str = "",
 ) -> dict[str, Any]:
     """The student's zero-shot answer (with token statistics) for each valid sample."""
     t0 = time.perf_counter()
@@ -116,6 +121,7 @@ def annotate_with_teacher(
     synonyms: dict[str, list[str]] | None,
     seed: int,
     ledger: str,
+    scope: str = "",
 ) -> dict[str, Any]:
     """Label the queried samples: N teacher answers each, aggregated into one vote each.
 
@@ -217,6 +223,7 @@ def predict_icl(
     task_type: str,
     class_names: list[str] | None,
     seed: int,
+    scope: str = "",
 ) -> dict[str, Any]:
     """For the valid samples at ``rows``: choose demonstrations from the pool as it was
     before this chunk (``pool_key`` fingerprints that view), then answer with them."""

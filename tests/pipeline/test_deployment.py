@@ -35,7 +35,11 @@ def _free_port() -> int:
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     # Own process group, so the whole tree (worker + flow-run subprocess) stops together.
     return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
@@ -69,9 +73,19 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
     server = _start(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui",
-         "--analytics-off"],
-        env, tmp_path / "server.log",
+        [
+            PREFECT,
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--analytics-off",
+        ],
+        env,
+        tmp_path / "server.log",
     )
     worker = None
     try:
@@ -90,7 +104,8 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
         _run([PREFECT, "--no-prompt", "deploy", "--all"], env)
         worker = _start(
             [PREFECT, "worker", "start", "--pool", "icd", "--install-policy", "never"],
-            env, tmp_path / "worker.log",
+            env,
+            tmp_path / "worker.log",
         )
         params = {
             "preset": "smoke",
@@ -98,9 +113,22 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
             "run_id": "deployed-run",
         }
         out = subprocess.run(
-            [PREFECT, "deployment", "run", "icd/stream", "--params", json.dumps(params),
-             "--watch", "--watch-timeout", "300"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+            [
+                PREFECT,
+                "deployment",
+                "run",
+                "icd/stream",
+                "--params",
+                json.dumps(params),
+                "--watch",
+                "--watch-timeout",
+                "300",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         logs = (tmp_path / "worker.log").read_text()[-4000:]
         assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\nworker:\n{logs}"

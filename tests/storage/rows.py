@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from icd.storage.pool import DemoPool
@@ -43,9 +45,14 @@ def ids_of(rows: list[dict]) -> list[str]:
     return [r["sample_id"] for r in rows]
 
 
-def write_chunks(uri: str, run_id: str, chunks: list[int], shared: int) -> None:
-    """Upsert ``chunks`` one commit each, re-upserting chunk ``shared`` after every one."""
+def write_chunks(
+    uri: str, run_id: str, chunks: list[int], shared: int, barrier: Any = None
+) -> None:
+    """Upsert ``chunks`` one commit each, re-upserting chunk ``shared`` after every one
+    (after waiting at ``barrier`` so concurrent writers really overlap)."""
     pool = DemoPool(uri)
+    if barrier is not None:
+        barrier.wait(60)
     for c in chunks:
         pool.upsert(chunk_rows(run_id, c))
         pool.upsert(chunk_rows(run_id, shared))

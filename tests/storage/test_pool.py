@@ -223,9 +223,10 @@ def test_two_processes_writing_one_pool(tmp_path: Path) -> None:
     uri = str(tmp_path / "pool")
     DemoPool(uri, dim=DIM)
     ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
     procs = [
-        ctx.Process(target=write_chunks, args=(uri, "r", [0, 2, 4, 6], 99)),
-        ctx.Process(target=write_chunks, args=(uri, "r", [1, 3, 5, 7], 99)),
+        ctx.Process(target=write_chunks, args=(uri, "r", [0, 2, 4, 6], 99, barrier)),
+        ctx.Process(target=write_chunks, args=(uri, "r", [1, 3, 5, 7], 99, barrier)),
     ]
     for p in procs:
         p.start()
