@@ -201,8 +201,9 @@ def fixtures(
     samples: Annotated[int, typer.Option(help="Samples in the shapes dataset.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed for models and data.")] = 0,
 ) -> None:
-    """Build the offline fixtures: tiny Idefics3 student, Qwen2-VL teacher, SigLIP embedder
-    (each with a locally trained tokenizer and real processor) and the shapes dataset."""
+    """Build the offline fixtures: tiny Idefics3 (SmolVLM) student, LLaVA teacher, CLIP
+    embedder (each with a locally trained tokenizer and real processor) and the shapes
+    dataset."""
     import time
 
     from icd.data.shapes import build_shapes_dataset

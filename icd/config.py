@@ -150,6 +150,9 @@ class PipelineConfig(_Strict):
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = Field(None, description="Existing Dask scheduler (default: local)")
     dask_workers: int = Field(2, ge=1)
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (1 is fastest for tiny models on CPU)"
+    )
     cache: bool = Field(
         True,
         description="Share cached task results across runs (within a run they are always "

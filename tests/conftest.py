@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -10,7 +11,8 @@ STATE = REPO / ".icd" / "test-state"
 
 # Set before anything imports prefect or transformers.
 os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect-home"))
-os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(STATE / "prefect-results"))
+# Task results (the cross-run cache) start empty in every test session.
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="icd-prefect-results-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

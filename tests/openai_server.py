@@ -205,6 +205,7 @@ class OpenAIServer:
     def set_faults(self, **fields: Any) -> Faults:
         """Replace the fault settings (unnamed fields reset to defaults); reseeds the RNG."""
         self.faults = Faults(**fields)
+        self.faults.script = list(self.faults.script)  # consumed as requests arrive
         self._rng = random.Random(self.faults.seed)
         return self.faults
 

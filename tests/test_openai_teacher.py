@@ -412,6 +412,21 @@ def test_requests_per_minute_limit_spaces_requests(srv):
         assert times[j] - times[0] >= (j - 3) * 0.25 - 0.05  # (slack: connection set-up)
 
 
+def test_server_control_routes(srv):
+    import httpx
+
+    models = httpx.get(f"{srv.url}/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert models.json()["data"][0]["id"] == MODEL
+    assert httpx.get(f"{srv.url}/models").status_code == 401
+    base = srv.url.removesuffix("/v1")
+    set_to = httpx.post(f"{base}/_faults", json={"rate_500": 1.0, "seed": 2}).json()
+    assert set_to["rate_500"] == 1.0 and srv.faults.rate_500 == 1.0
+    samples, prompts = bench_samples(1)
+    (ann,) = make_teacher(srv, max_retries=2).annotate(samples, prompts, 1, 0.0, True, 0)
+    assert ann.error == "teacher_error: 500 after 2 retries"
+    assert httpx.get(f"{base}/_stats").json() == {"requests": 3, "500": 3}
+
+
 def test_images_in_the_wild_are_sent_as_rgb_png(srv):
     rgba = Image.new("RGBA", (40, 20), (10, 200, 30, 128))
     prompt = Prompt(
@@ -421,3 +436,52 @@ def test_images_in_the_wild_are_sent_as_rgb_png(srv):
     teacher = make_teacher(srv)
     (ann,) = teacher.annotate([Sample("rgba", 0, QUESTION, ["x"])], [prompt], 1, 0.0, True, 0)
     assert ann.error is None and len(ann.generations) == 1
+
+
+# -- the stream flow with `teacher.backend: openai` ---------------------------------------
+
+
+@pytest.mark.slow
+def test_stream_flow_end_to_end_with_the_openai_teacher(srv, tmp_path):
+    import mlflow
+    import polars as pl
+
+    from icd.config import load_config
+    from icd.flows.stream import stream
+
+    srv.set_faults(rate_429=0.15, rate_500=0.15, retry_after_s=0.02, seed=5)
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            f"storage.root={tmp_path}",
+            "data.limit=32",
+            "pipeline.chunk_size=16",
+            "pipeline.cache=false",
+            "method.policy.budget=0.25",
+            "models.teacher.backend=openai",
+            f"models.teacher.model_id={MODEL}",
+            f"models.teacher.base_url={srv.url}",
+            f"models.teacher.api_key_env={KEY_ENV}",
+            "models.teacher.concurrency=4",
+            "models.teacher.max_retries=8",
+        ],
+    )
+    summary = stream(config_json=cfg.model_dump_json(), run_id="openai-e2e")
+    print(
+        f"\nflow with 30% faults: server {dict(srv.counts)}; summary queried={summary['queried']} teacher_requests={summary['teacher_requests']} teacher_calls={summary['teacher_calls']}"
+    )
+    assert summary["queried"] > 0 and summary["teacher_errors"] == 0
+    # Every request the server saw is accounted for, and every returned answer voted.
+    assert summary["teacher_requests"] == srv.counts["requests"] > srv.counts["ok"]
+    assert summary["teacher_calls"] == srv.counts["choices"] == 5 * summary["queried"]
+    df = pl.read_parquet(tmp_path / "runs" / "openai-e2e" / "predictions.parquet")
+    queried = df.filter(pl.col("queried"))
+    assert queried.height == summary["queried"]
+    assert all(len(v) == 5 for v in queried["teacher_votes"])
+    # The key is in no artifact of the run and in no MLflow param.
+    client = mlflow.MlflowClient(cfg.storage.resolved_tracking_uri())
+    params = client.get_run(summary["mlflow_run_id"]).data.params
+    assert params and not any(KEY in v for v in params.values())
+    for path in (tmp_path / "runs" / "openai-e2e").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes()

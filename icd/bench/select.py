@@ -123,7 +123,7 @@ def _bench_size(
     rices = SelectionConfig(strategy="rices", k=k)
     combined = SelectionConfig(strategy="combined", k=k)
     w_ii, w_it, w_tt = combined.w_ii, combined.w_it, combined.w_tt
-    tbl = pool._tbl
+    tbl = pool.table
 
     def production(cfg: SelectionConfig) -> Callable[[], list[np.ndarray]]:
         def run() -> list[np.ndarray]:

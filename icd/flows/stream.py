@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -143,6 +144,8 @@ def run_stream(
 ) -> dict[str, Any]:
     """The body of the stream flow for an already resolved config."""
     log = get_run_logger()
+    if cfg.pipeline.torch_threads:
+        torch.set_num_threads(cfg.pipeline.torch_threads)
     run_id = run_id or cfg.run_id or new_run_id(cfg)
     cfg = cfg.model_copy(update={"run_id": run_id})
     run_dir = cfg.storage.results_dir(run_id)

@@ -75,8 +75,8 @@ def load_teacher(cfg: ModelConfig, class_names: list[str] | None = None) -> Teac
     if cfg.backend == "openai":
         from icd.models.openai import OpenAITeacher
 
-        key = _key(cfg, cfg.base_url)
-        return _cached(key, lambda: OpenAITeacher.from_config(cfg))
+        # endpoint, limits and retries all shape the client: key on the whole config
+        return _cached(_key(cfg, cfg.model_dump_json()), lambda: OpenAITeacher.from_config(cfg))
     raise ModelLoadError(f"teacher {cfg.model_id!r}: unknown backend {cfg.backend!r}")
 
 

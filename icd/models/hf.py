@@ -16,6 +16,7 @@ import copy
 import hashlib
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -125,7 +126,8 @@ class _RowSampler(LogitsProcessor):
 
 class HFVLM:
     """A Hugging Face image-text-to-text model used as student (``generate``) or teacher
-    (``annotate``). Not thread-safe for concurrent calls on one instance."""
+    (``annotate``). Thread-safe: batches on one model (and its views) run one at a time,
+    since its tokenizer is not safe to share and concurrent batches gain nothing."""
 
     def __init__(
         self,
@@ -144,6 +146,7 @@ class HFVLM:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.dtype = _torch_dtype(dtype)
+        self._lock = threading.Lock()  # shared with the views made by with_settings
         self.processor = from_pretrained(AutoProcessor, model_id, revision)
         model = from_pretrained(AutoModelForImageTextToText, model_id, revision, dtype=self.dtype)
         self.model = model.to(self.device).eval()
@@ -259,8 +262,16 @@ class HFVLM:
         """Decode one batch greedily, or with ``sampler`` drawing ``copies`` answers per
         prompt; returns ``len(prompts) * copies`` generations, prompt i's at
         ``[i * copies, (i + 1) * copies)``."""
-        inputs = self._encode(prompts)
-        prompt_len = inputs["input_ids"].shape[1]
+        with self._lock:
+            inputs = self._encode(prompts)
+            kwargs = self._generate_kwargs(max_new_tokens, sampler, copies)
+            out = self.model.generate(**inputs, **kwargs)
+            answer = out.sequences[:, inputs["input_ids"].shape[1] :]
+            return self._to_generations(answer, out.logits)
+
+    def _generate_kwargs(
+        self, max_new_tokens: int, sampler: _RowSampler | None, copies: int
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens,
             return_dict_in_generate=True,
@@ -282,8 +293,7 @@ class HFVLM:
                 num_return_sequences=copies,
                 logits_processor=LogitsProcessorList([sampler]),
             )
-        out = self.model.generate(**inputs, **kwargs)
-        return self._to_generations(out.sequences[:, prompt_len:], out.logits)
+        return kwargs
 
     def _encode(self, prompts: list[Prompt]) -> Any:
         texts = [
@@ -337,7 +347,7 @@ class HFEmbedder:
 
     Rows are float32 and L2-normalised. Texts are padded the way the model was trained
     (``max_length`` for SigLIP-style models, longest-in-batch otherwise), so a row does not
-    depend on what else is in its batch.
+    depend on what else is in its batch. Thread-safe (calls run one at a time).
     """
 
     def __init__(
@@ -355,6 +365,7 @@ class HFEmbedder:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.dtype = _torch_dtype(dtype)
+        self._lock = threading.Lock()
         self.processor = from_pretrained(AutoProcessor, model_id, revision)
         model = from_pretrained(AutoModel, model_id, revision, dtype=self.dtype)
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
@@ -402,7 +413,8 @@ class HFEmbedder:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
         rows = []
         for start in range(0, len(items), self.batch_size):
-            feats = encode(items[start : start + self.batch_size])
+            with self._lock:
+                feats = encode(items[start : start + self.batch_size])
             if not isinstance(feats, torch.Tensor):  # transformers 5 returns an output object
                 feats = feats.pooler_output
             feats = feats.float()

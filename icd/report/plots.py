@@ -35,6 +35,25 @@ def _empty(ax, message: str) -> None:
     ax.set_yticks([])
 
 
+def _percent_axis(ax, *values: np.ndarray) -> None:
+    """Y limits for a percentage axis: the data range padded, inside [0, 100], at least
+    10 points tall (so a flat line at 0 % does not get a negative axis)."""
+    data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values])
+    data = data[np.isfinite(data)]
+    if data.size == 0:
+        return
+    pad = max(2.0, 0.08 * float(data.max() - data.min()))
+    lo, hi = float(data.min()) - pad, float(data.max()) + pad
+    if hi - lo < 10.0:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 5.0, mid + 5.0
+    if lo < 0.0:
+        lo, hi = 0.0, hi - lo
+    if hi > 100.0:
+        lo, hi = max(0.0, lo - (hi - 100.0)), 100.0
+    ax.set_ylim(lo, hi)
+
+
 def _floats(frame: pl.DataFrame, column: str) -> np.ndarray:
     """A column as float64 with nulls as NaN (empty array if the column is absent)."""
     if column not in frame.columns:
@@ -69,6 +88,7 @@ def plot_accuracy_vs_annotation(
     for ax, dataset in zip(axes, datasets, strict=False):
         sub = table.filter(pl.col("dataset") == dataset)
         drawn = False
+        ys: list[np.ndarray] = []  # every y drawn, for the axis limits
         budgeted = sub.filter(pl.col("budget").is_not_null()).sort("budget")
         for variant in dict.fromkeys(budgeted.get_column("variant").to_list()):
             rows = budgeted.filter(pl.col("variant") == variant)
@@ -79,6 +99,7 @@ def plot_accuracy_vs_annotation(
                 continue
             xerr = np.nan_to_num(_floats(rows, "annotation_rate_std") * 100)[ok]
             yerr = np.nan_to_num(_floats(rows, "accuracy_std") * 100)[ok]
+            ys += [y[ok] - yerr, y[ok] + yerr]
             ax.errorbar(
                 x[ok], y[ok], xerr=xerr, yerr=yerr, marker="o", capsize=3,
                 color=color[variant], label=variant,
@@ -98,10 +119,11 @@ def plot_accuracy_vs_annotation(
             ax.axhline(
                 r["accuracy_mean"] * 100, ls="--", lw=1.2, color=color[r["variant"]], label=label
             )
-            if r["accuracy_std"] is not None:
-                lo = (r["accuracy_mean"] - r["accuracy_std"]) * 100
-                hi = (r["accuracy_mean"] + r["accuracy_std"]) * 100
+            std = r["accuracy_std"] or 0.0
+            lo, hi = (r["accuracy_mean"] - std) * 100, (r["accuracy_mean"] + std) * 100
+            if std:
                 ax.axhspan(lo, hi, color=color[r["variant"]], alpha=0.12)
+            ys.append(np.array([lo, hi]))
             drawn = True
         if not drawn:
             _empty(ax, f"{dataset}: no accuracy values")
@@ -109,6 +131,7 @@ def plot_accuracy_vs_annotation(
         ax.set_title(dataset)
         ax.set_xlabel("annotation rate (% of stream labelled by the teacher)")
         ax.set_ylabel("accuracy (%)")
+        _percent_axis(ax, *ys)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     for ax in axes[len(datasets) :]:
@@ -145,12 +168,13 @@ def plot_running_curves(
             ax_acc.plot(x, _floats(curves, "chunk_accuracy") * 100, ls=":", marker=marker, alpha=0.6,
                         label="accuracy of the chunk")  # fmt: skip
             ax_acc.set_ylabel("accuracy (%)")
+            _percent_axis(ax_acc, acc, _floats(curves, "chunk_accuracy") * 100)
             ax_acc.legend(fontsize=8)
-        ax_pool.step(
-            x, curves.get_column("pool_size").to_numpy(), where="post", label="pool size (accepted)"
-        )
-        ax_pool.step(x, curves.get_column("queried").cum_sum().to_numpy(), where="post", ls="--",
-                     label="queried so far")  # fmt: skip
+        x0 = np.concatenate([[0], x])  # counts start from an empty pool at sample 0
+        ax_pool.plot(x0, np.concatenate([[0], curves.get_column("pool_size").to_numpy()]),
+                     marker=marker, label="pool size (accepted)")  # fmt: skip
+        ax_pool.plot(x0, np.concatenate([[0], curves.get_column("queried").cum_sum().to_numpy()]),
+                     marker=marker, ls="--", label="queried so far")  # fmt: skip
         ax_pool.set_ylabel("annotations")
         ax_pool.legend(fontsize=8)
         rate = _floats(curves, "annotation_rate") * 100
@@ -158,6 +182,7 @@ def plot_running_curves(
         if budget is not None:
             ax_rate.axhline(budget * 100, ls="--", color="0.3", label=f"budget ρ={budget:g}")
         ax_rate.set_ylabel("annotation rate (%)")
+        _percent_axis(ax_rate, rate, np.array([budget * 100 if budget is not None else np.nan]))
         ax_rate.legend(fontsize=8)
         for ax in (ax_acc, ax_pool, ax_rate):
             ax.grid(alpha=0.3)
@@ -182,6 +207,7 @@ def plot_running_comparison(
     ax = fig.subplots()
     run_ids = [] if preds.height == 0 else list(dict.fromkeys(preds.get_column("run_id").to_list()))
     drawn = False
+    ys: list[np.ndarray] = []
     for i, run_id in enumerate(run_ids):
         curves = running_curves(preds.filter(pl.col("run_id") == run_id))
         acc = _floats(curves, "running_accuracy") * 100
@@ -191,10 +217,12 @@ def plot_running_comparison(
         marker = "o" if curves.height <= 40 else None
         ax.plot(curves.get_column("samples_seen").to_numpy(), acc, marker=marker, label=label,
                 color=_COLORS[i % len(_COLORS)], ls="-" if i < len(_COLORS) else "--")  # fmt: skip
+        ys.append(acc)
         drawn = True
     if drawn:
         ax.set_xlabel("samples seen")
         ax.set_ylabel("running accuracy (%)")
+        _percent_axis(ax, *ys)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     else:

@@ -316,8 +316,8 @@ class DemoPool:
             if dim is not None:
                 self._create(dim)
         else:
-            self.dim = self._table_dim()
             self._ensure_primary_key()
+            self.dim = self._table_dim()
             if dim is not None and dim != self.dim:
                 raise PoolError(
                     f"pool {table!r} at {self.uri!r} holds {self.dim}-d vectors, not {dim}-d"
@@ -335,6 +335,13 @@ class DemoPool:
             raise
 
     def _ensure_primary_key(self) -> None:
+        names = self._tbl.schema.names
+        missing = [c for c in (MERGE_KEY, "run_id", "sample_id", "image_vec") if c not in names]
+        if missing:
+            raise PoolError(
+                f"table {self.table_name!r} at {self.uri!r} is not an ICD pool "
+                f"(no column {missing[0]!r})"
+            )
         meta = self._tbl.schema.field(MERGE_KEY).metadata or {}
         if not any(b"primary-key" in k for k in meta):
             self._tbl.set_unenforced_primary_key(MERGE_KEY)
@@ -522,6 +529,11 @@ class DemoPool:
             run_ids=np.array(t.column("run_id").to_pylist(), dtype=object),
             version=int(old.version),
         )
+
+    @property
+    def table(self) -> Any:
+        """The LanceDB table handle, for read-only queries (write through :meth:`upsert`)."""
+        return self._require_table()
 
     def version(self) -> int:
         """The latest LanceDB version of the pool table (0 before it exists)."""

@@ -12,6 +12,7 @@ from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.method.types import Prompt
 from icd.models import ModelLoadError, clear_cache, load_embedder, load_student, load_teacher
+from icd.models.base import Embedder, Student, Teacher
 from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER
 from icd.models.hf import HFVLM, HFEmbedder
 
@@ -72,6 +73,18 @@ def test_batched_and_one_by_one_generation_agree(vlm):
         assert len(x.token_logprobs) == len(y.token_logprobs)
         np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
     assert vlm.tokenizer.padding_side == "left"
+
+
+def test_concurrent_calls_from_threads_match_sequential(vlm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [icl_prompt(80 + s, k=s % 3) for s in range(4)]
+    expected = [g.text for g in vlm.generate(prompts)]
+    other_view = vlm.with_settings(batch_size=2, max_new_tokens=8)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(m.generate, prompts) for m in (vlm, other_view) * 3]
+        results = [[g.text for g in f.result()] for f in futures]
+    assert all(r == expected for r in results)
 
 
 def test_max_new_tokens_bounds_the_answer(vlm):
@@ -199,10 +212,11 @@ def test_loaders_cache_per_process_and_share_weights(fixture_paths):
     b = load_student(cfg)
     t = load_teacher(cfg.model_copy(update={"batch_size": 7}), class_names=None)
     assert a.model is b.model is t.model
+    assert isinstance(a, Student) and isinstance(t, Teacher)
     assert (a.batch_size, a.max_new_tokens, t.batch_size) == (3, 5, 7)
     e1 = load_embedder(ModelConfig(model_id=f"fixtures/{EMBEDDER}"))
     assert e1 is load_embedder(ModelConfig(model_id=f"fixtures/{EMBEDDER}"))
-    assert isinstance(e1, HFEmbedder)
+    assert isinstance(e1, HFEmbedder) and isinstance(e1, Embedder)
     assert isinstance(load_teacher(ModelConfig(model_id=f"fixtures/{TEACHER}")), HFVLM)
 
 
