@@ -15,7 +15,10 @@ Faults are drawn per request from a seeded RNG (reproducible sequence): 429 with
 ``Retry-After``, 500, a response slower than the client's timeout, a connection closed
 without any response, a 200 with a truncated JSON body; a ``script`` forces the outcomes
 of the next requests in order. ``latency_ms`` adds a fixed service delay to every request
-(simulating network and a busy server). A wrong or missing API key gets a 401.
+(simulating network and a busy server); ``memoize`` answers a repeated identical request
+from memory, so that with ``latency_ms`` the server behaves like a remote teacher with
+spare capacity (a GPU server batching concurrent requests) rather than one CPU model.
+A wrong or missing API key gets a 401.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -68,7 +72,8 @@ class ServedModel(Protocol):
 
 @dataclass
 class Faults:
-    """Per-request fault rates (drawn in arrival order from ``random.Random(seed)``)."""
+    """Per-request faults (drawn in arrival order from ``random.Random(seed)``) and service
+    behaviour (added latency, ignored ``n``, memoised answers)."""
 
     rate_429: float = 0.0
     rate_500: float = 0.0
@@ -80,6 +85,7 @@ class Faults:
     latency_ms: float = 0.0  # added to every request
     ignore_n: bool = False  # answer one choice whatever ``n`` asks for
     reject_logprobs: bool = False  # 400 on requests asking for logprobs
+    memoize: bool = False  # a repeated identical request is answered without the model
     seed: int = 0
     script: list[str] = field(default_factory=list)  # outcomes of the next requests
 
@@ -182,6 +188,7 @@ class OpenAIServer:
         # CPU thread pool is not re-created (and left spinning) by ever-new callers.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="openai-server-model")
         self.counts: Counter[str] = Counter()
+        self._memo: dict[str, list[Generation]] = {}  # request body hash -> answers
         self.log: list[tuple[float, str]] = []  # (monotonic time, outcome) per request
         self.transports: dict[tuple[str, int], asyncio.Transport] = {}
         self.app = Starlette(
@@ -357,9 +364,14 @@ class OpenAIServer:
         if self.faults.ignore_n:
             n = 1
         seed = int(seed) if seed is not None else random.getrandbits(31)
-        gens = await asyncio.get_running_loop().run_in_executor(
-            self._model_thread, self._generate, prompt, n, temperature, seed, max_tokens
-        )
+        key = hashlib.sha256(raw).hexdigest()
+        gens = self._memo.get(key) if self.faults.memoize else None
+        if gens is None:
+            gens = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, self._generate, prompt, n, temperature, seed, max_tokens
+            )
+            if self.faults.memoize:
+                self._memo[key] = gens
         self.counts["choices"] += len(gens)
         choices = [
             {

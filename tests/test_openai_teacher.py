@@ -485,3 +485,13 @@ def test_stream_flow_end_to_end_with_the_openai_teacher(srv, tmp_path):
     for path in (tmp_path / "runs" / "openai-e2e").rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes()
+
+
+def test_teacher_bench_table():
+    from icd.bench.teacher import print_teacher_bench, run_teacher_bench
+
+    df = run_teacher_bench(samples=4, n=2, concurrency=2, latency_ms=10, max_new_tokens=MAX_TOKENS)
+    assert df.height == 6 and df["concurrency"].to_list() == [1, 2] * 3
+    assert df["errors"].sum() == 0 and df["requests"].to_list() == [8] * 6
+    assert df.filter(df["concurrency"] == 1)["speedup"].to_list() == [1.0] * 3
+    print_teacher_bench(df)

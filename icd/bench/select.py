@@ -70,28 +70,31 @@ def _brute_topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _time_rounds(
-    paths: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int = 5
-) -> dict[str, float]:
-    """Seconds per call of each path: the paths are called in turn, round after round, each
-    sample averaging enough calls to last ~20 ms; the minimum sample is kept (the least
-    disturbed by other load on the machine)."""
+    paths: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int = 7
+) -> dict[str, np.ndarray]:
+    """Seconds per call of each path, one sample per round: the paths are called in turn,
+    round after round, each sample averaging enough calls to last ~20 ms, so the paths of
+    one round ran under the same machine load."""
     inner: dict[str, int] = {}
     for name, fn in paths.items():  # warm-up and calibration
         fn()
         t0 = time.perf_counter()
         fn()
         inner[name] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
-    best = {name: float("inf") for name in paths}
+    samples: dict[str, list[float]] = {name: [] for name in paths}
     start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() - start < budget_s:
+    while len(samples["brute"]) < min_rounds or time.perf_counter() - start < budget_s:
         for name, fn in paths.items():
             t0 = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / inner[name])
-        rounds += 1
-    return best
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: np.array(ts) for name, ts in samples.items()}
+
+
+def _paired_ratio(a: np.ndarray, b: np.ndarray) -> float:
+    """Median over rounds of a/b: each round's pair ran back to back under the same load."""
+    return float(np.median(a / b))
 
 
 def _bench_size(
@@ -164,7 +167,7 @@ def _bench_size(
         },
         budget_s,
     )
-    per_query = {name: s * 1e3 / batch for name, s in secs.items()}
+    per_query = {name: float(np.median(ts)) * 1e3 / batch for name, ts in secs.items()}
 
     # Pool writes: 64-row chunk commits after the existing rows.
     next_pos = size
@@ -192,13 +195,14 @@ def _bench_size(
         "pool_size": size,
         "brute_ms": per_query["brute"],
         "rices_ms": per_query["rices"],
-        "rices_ratio": per_query["rices"] / per_query["brute"],
+        "rices_ratio": _paired_ratio(secs["rices"], secs["brute"]),
         "combined_ms": per_query["combined"],
-        "combined_ratio": per_query["combined"] / per_query["brute"],
+        "combined_ratio": _paired_ratio(secs["combined"], secs["brute"]),
         "combined_brute_ms": per_query["combined_brute"],
-        "combined_vs_matched": per_query["combined"] / per_query["combined_brute"],
+        "combined_vs_matched": _paired_ratio(secs["combined"], secs["combined_brute"]),
         "lancedb_ms": per_query["lancedb"],
-        "lancedb_ratio": per_query["lancedb"] / per_query["brute"],
+        "lancedb_ratio": _paired_ratio(secs["lancedb"], secs["brute"]),
+        "rounds": len(secs["brute"]),
         "topk_agreement": agree,
         "cold_load_ms": load_ms,
         "upsert_ms_per_row": sum(commit_s) * 1e3 / (commits * chunk_size),
@@ -277,7 +281,8 @@ def print_select_bench(df: pl.DataFrame) -> None:
     console.print(sel)
     console.print(
         "rices/combined = DemoPool.view + select_demos; combined brute = the same weighted "
-        "score in plain numpy; load = first view of a fresh handle (reads LanceDB). "
+        "score in plain numpy; ms = median over rounds, × = median of per-round paired "
+        "ratios; load = first view of a fresh handle (reads LanceDB). "
         f"Top-k equal to brute force: {df['topk_agreement'].min():.0%} of queries."
     )
     writes = Table(title="Pool writes (64-row chunk commits)")

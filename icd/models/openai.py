@@ -6,9 +6,13 @@ from the API's ``n`` (with single requests where a server ignores it), the greed
 from one extra request at temperature 0. Requests run concurrently under a bound, a
 requests-per-minute limit and a per-request timeout; 429/5xx/timeouts/dropped
 connections/malformed bodies are retried with exponential backoff and jitter, honouring
-``Retry-After``. A misconfigured teacher (401/403/404, or a server never reached) raises
-:class:`TeacherConfigError` at once; a sample whose retries run out gets an
-:class:`~icd.models.base.Annotation` with ``error`` set and the others carry on.
+``Retry-After``. A misconfigured teacher (401/403/404, a URL without http(s), a server
+never reached) raises :class:`TeacherConfigError` at once; a sample whose retries run out,
+or that the server rejects (other 4xx, e.g. a 400 for an oversized prompt; not retried),
+gets an :class:`~icd.models.base.Annotation` with ``error`` set and the others carry on.
+
+Accounting: every HTTP attempt and every returned answer is counted, per call
+(:meth:`OpenAITeacher.annotate_with_stats`) and per teacher (:meth:`OpenAITeacher.stats`).
 
 The API key is read from the environment variable named by ``api_key_env`` at call time
 and sent as a Bearer token; it is never stored on the object, logged, or put in messages.
@@ -300,7 +304,16 @@ class _Tally:
 
 
 class OpenAITeacher:
-    """Teacher backed by an OpenAI-compatible ``/chat/completions`` endpoint."""
+    """Teacher backed by an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    ``base_url`` ends in ``/v1`` (e.g. ``http://localhost:8000/v1``); ``model`` is the served
+    model name; ``concurrency`` bounds requests in flight per :meth:`annotate` call;
+    ``requests_per_minute`` (token bucket, bursts of one second's worth) is shared by all
+    calls on this object; ``timeout_s`` bounds each attempt; ``max_retries`` counts retries
+    after the first attempt, waiting ``backoff_base * 2**i`` s (capped at ``backoff_max``,
+    jittered down by up to half, never less than ``Retry-After``). ``top_logprobs`` token
+    alternatives are asked per step (0: chosen token only, negative: no logprobs).
+    """
 
     def __init__(
         self,

@@ -36,9 +36,9 @@ def _empty(ax, message: str) -> None:
 
 
 def _percent_axis(ax, *values: np.ndarray) -> None:
-    """Y limits for a percentage axis: the data range padded, inside [0, 100], at least
-    10 points tall (so a flat line at 0 % does not get a negative axis)."""
-    data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values])
+    """Y limits for a percentage axis: the data range padded, at least 10 points tall,
+    kept within [-2, 102] (a little room so markers at 0 % or 100 % stay whole)."""
+    data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values] or [np.zeros(0)])
     data = data[np.isfinite(data)]
     if data.size == 0:
         return
@@ -47,10 +47,10 @@ def _percent_axis(ax, *values: np.ndarray) -> None:
     if hi - lo < 10.0:
         mid = (lo + hi) / 2
         lo, hi = mid - 5.0, mid + 5.0
-    if lo < 0.0:
-        lo, hi = 0.0, hi - lo
-    if hi > 100.0:
-        lo, hi = max(0.0, lo - (hi - 100.0)), 100.0
+    if lo < -2.0:
+        lo, hi = -2.0, hi + (-2.0 - lo)
+    if hi > 102.0:
+        lo, hi = max(-2.0, lo - (hi - 102.0)), 102.0
     ax.set_ylim(lo, hi)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
+import lancedb
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -177,6 +178,9 @@ def test_missing_or_unreachable_pool_is_a_clear_error(tmp_path: Path) -> None:
     DemoPool(tmp_path / "p", dim=DIM)
     with pytest.raises(PoolError, match=f"holds {DIM}-d vectors"):
         DemoPool(tmp_path / "p", dim=DIM * 2)
+    lancedb.connect(tmp_path / "other").create_table("demos", [{"x": 1}])
+    with pytest.raises(PoolError, match="not an ICD pool"):
+        DemoPool(tmp_path / "other")
 
 
 def test_empty_pool_view_and_version(pool: DemoPool) -> None:

@@ -28,7 +28,9 @@ def test_bench_measures_every_path_and_compaction(
     assert row["topk_agreement"] == 1.0  # the production path returns brute force's top-k
     for key in ("brute_ms", "rices_ms", "combined_ms", "combined_brute_ms", "lancedb_ms"):
         assert math.isfinite(row[key]) and row[key] > 0
-    assert row["rices_ratio"] == pytest.approx(row["rices_ms"] / row["brute_ms"])
+    for key in ("rices_ratio", "combined_ratio", "combined_vs_matched", "lancedb_ratio"):
+        assert math.isfinite(row[key]) and row[key] > 0
+    assert row["rounds"] >= 7
     assert row["fragments_no_compaction"] >= 6
     assert row["fragments_compacted"] < row["fragments_no_compaction"]
     assert row["upsert_ms_per_row"] > 0
