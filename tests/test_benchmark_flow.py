@@ -249,3 +249,19 @@ def test_benchmark_numbers_match_the_predictions(smoke_benchmark):
         ).row(0, named=True)
         for key in ("accuracy", "annotation_rate", "queried", "accepted", "pool_size"):
             assert row[f"{key}_mean"] == pytest.approx(expect[key]), (run["run_id"], key)
+
+
+@pytest.mark.skipif(STREAM_MISSING is not None, reason=STREAM_MISSING or "")
+def test_benchmark_rejects_a_bad_cell_before_running_anything(tmp_path):
+    """A variant override that no config accepts fails the flow at once: no run, no folder."""
+    from icd.flows.benchmark import benchmark
+
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(
+        "name: bad\ndatasets: [shapes]\nbudgets: [0.1]\nlimit: 8\n"
+        "modes: [student_zero_shot, {name: broken, mode: icd, overrides: [method.voting.n=0]}]\n"
+    )
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError, match="method.voting.n"):
+        benchmark(suite=str(suite), overrides=[f"storage.root={root}"])
+    assert not (root / "runs").exists() and not (root / "benchmarks").exists()

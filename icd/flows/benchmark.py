@@ -244,8 +244,10 @@ def benchmark(
     if spec.limit is not None:
         common.append(f"data.limit={spec.limit}")
     common += run_overrides
-    base = load_config(spec.base_preset, overrides=common)  # validates the shared overrides early
+    base = load_config(spec.base_preset, overrides=common)
     settings = expand(spec)
+    for s in settings:  # every cell's config is valid before the first run starts
+        load_config(spec.base_preset, overrides=common + s.overrides())
 
     benchmark_id = benchmark_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = benchmarks_dir(Path(base.storage.root)) / benchmark_id

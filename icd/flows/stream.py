@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from icd.config import Config, load_config
@@ -117,14 +120,16 @@ def stream(
         cfg = Config.model_validate_json(config_json)
     else:
         cfg = load_config(preset, config_file, overrides)
-    if cfg.pipeline.task_runner == "dask" and not _on_dask():
+    on_dask = _on_dask()
+    if cfg.pipeline.task_runner == "dask" and not on_dask:
         # The task runner is part of the flow's options: rerun as a subflow on Dask.
         return stream_flow_for(cfg)(
             config_json=cfg.model_dump_json(),
             run_id=run_id,
             parent_mlflow_run_id=parent_mlflow_run_id,
         )
-    return run_stream(cfg, run_id=run_id, parent_mlflow_run_id=parent_mlflow_run_id)
+    with _api_for_workers() if on_dask else nullcontext():
+        return run_stream(cfg, run_id=run_id, parent_mlflow_run_id=parent_mlflow_run_id)
 
 
 def _on_dask() -> bool:
@@ -132,6 +137,20 @@ def _on_dask() -> bool:
         return type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
     except Exception:
         return False
+
+
+def _api_for_workers() -> AbstractContextManager[Any]:
+    """Point the task runs on Dask workers at this flow's Prefect API.
+
+    prefect-dask ships the flow's settings with every task; a worker reports its task runs
+    to the API URL in them. In ephemeral mode that URL is empty, and each worker process
+    would start a temporary server of its own (tens of seconds, and a second writer on the
+    same database): name the flow's server instead. (Ephemeral servers listen on loopback,
+    so workers on other machines need a real server: set PREFECT_API_URL.)
+    """
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    return temporary_settings({PREFECT_API_URL: str(get_run_context().client.api_url)})
 
 
 def stream_flow_for(cfg: Config) -> Any:
@@ -417,18 +436,37 @@ def _loggable(running: dict[str, Any]) -> dict[str, float]:
 
 
 def task_runner_for(cfg: Config) -> Any:
-    """The Prefect task runner the config asks for."""
+    """The Prefect task runner the config asks for: a thread pool of ``max_workers``, or
+    Dask — the scheduler at ``dask_address``, else a local cluster the flow starts and
+    closes (see :func:`dask_cluster_kwargs`)."""
     if cfg.pipeline.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         if cfg.pipeline.dask_address:
             return DaskTaskRunner(address=cfg.pipeline.dask_address)
-        return DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": cfg.pipeline.dask_workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            }
-        )
+        return DaskTaskRunner(cluster_kwargs=dask_cluster_kwargs(cfg))
     return ThreadPoolTaskRunner(max_workers=cfg.pipeline.max_workers)
+
+
+# Environment a worker process needs to find and load the same models and data.
+WORKER_ENV = ("ICD_FIXTURES", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def dask_cluster_kwargs(cfg: Config) -> dict[str, Any]:
+    """Keyword arguments of ``distributed.LocalCluster`` for a local Dask cluster:
+    ``dask_workers`` worker processes with one thread each on loopback, no dashboard.
+    Workers get this process's fixture and Hugging Face variables and ``torch_threads``
+    as their OpenMP/MKL thread count (torch reads it when it starts). Workers of a cluster
+    at ``dask_address`` take all of this from their own environment."""
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    if cfg.pipeline.torch_threads:
+        threads = str(cfg.pipeline.torch_threads)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return {
+        "n_workers": cfg.pipeline.dask_workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+        "env": env,
+    }
