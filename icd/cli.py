@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -92,35 +91,6 @@ def _preflight(cfg: Config) -> None:
         load_teacher(cfg.models.teacher, src.class_names)
 
 
-def print_summary(summary: dict) -> None:
-    """The run summary as a rich table."""
-    table = Table(title=f"ICD run {summary.get('run_id', '')}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in (
-        "mode",
-        "dataset",
-        "samples",
-        "skipped",
-        "accuracy",
-        "zs_accuracy",
-        "annotation_rate",
-        "queried",
-        "accepted",
-        "teacher_calls",
-        "teacher_errors",
-        "pool_size",
-        "mean_agreement",
-        "demo_accuracy",
-    ):
-        if key in summary:
-            v = summary[key]
-            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
-    for stage, s in (summary.get("seconds") or {}).items():
-        table.add_row(f"seconds.{stage}", f"{s:.2f}")
-    console.print(table)
-
-
 @app.command()
 def run(
     preset: PresetOpt = None,
@@ -169,7 +139,9 @@ def run(
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     finally:
         stream_mod.CHUNK_HOOKS.remove(hook)
-    print_summary(summary)
+    from icd.report import print_summary
+
+    print_summary(summary, console=console)
     console.print(f"results: [bold]{summary['run_dir']}[/]")
     console.print(
         f"MLflow:  {cfg.storage.resolved_tracking_uri()} (run {summary['mlflow_run_id']})"
@@ -220,23 +192,57 @@ def fixtures(
 
 @app.command()
 def report(
-    target: Annotated[str, typer.Argument(help="A run id, or a benchmark name.")],
+    target: Annotated[
+        str,
+        typer.Argument(help="A run id, a benchmark id, a suite name (its latest run) or a folder."),
+    ],
     root: Annotated[Path, typer.Option(help="Storage root the run wrote to.")] = Path(".icd"),
 ) -> None:
     """Print a finished run's (or benchmark's) summary; write its plots and HTML report."""
-    from icd.report import build_report
+    from icd.report import build_report, print_summary
 
     try:
         paths = build_report(target, root)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
         return
-    summary_file = root.absolute() / "runs" / target / "summary.json"
-    if summary_file.exists():
-        print_summary(json.loads(summary_file.read_text()))
+    if paths.summary is not None:
+        print_summary(paths.summary, console=console)
     console.print(f"report: [bold]{paths.html}[/]")
-    for p in paths.plots:
-        console.print(f"plot:   {p}")
+    for name, p in paths.plots.items():
+        console.print(f"plot:   {name}: {p}")
+
+
+@app.command()
+def benchmark(
+    suite: Annotated[
+        str,
+        typer.Argument(help="Benchmark suite: a name in icd/presets/benchmarks or a YAML path."),
+    ] = "smoke",
+    set_: SetOpt = None,
+    bench_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Benchmark id; reuse an existing one to resume the suite."),
+    ] = None,
+) -> None:
+    """Run a benchmark suite (dataset x mode x budget x stream order) locally: every setting
+    is a `stream` subflow and an MLflow child run under one parent; prints the comparison
+    table (mean ± std over stream orders). `--set benchmark.FIELD=v` changes the suite,
+    any other `--set` goes to every run."""
+    import polars as pl
+
+    from icd.flows.benchmark import benchmark as benchmark_flow
+    from icd.report import print_summary
+
+    _quiet_prefect()
+    try:
+        result = benchmark_flow(suite, set_ or [], benchmark_id=bench_id)
+    except _user_errors() as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return
+    print_summary(pl.read_parquet(result["table"]), console=console)
+    console.print(f"table:  {result['markdown_path']}")
+    console.print(f"report: [bold]{result['report']}[/]")
 
 
 @pool_app.command("inspect")

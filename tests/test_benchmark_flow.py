@@ -251,6 +251,7 @@ def test_benchmark_numbers_match_the_predictions(smoke_benchmark):
             assert row[f"{key}_mean"] == pytest.approx(expect[key]), (run["run_id"], key)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(STREAM_MISSING is not None, reason=STREAM_MISSING or "")
 def test_benchmark_rejects_a_bad_cell_before_running_anything(tmp_path):
     """A variant override that no config accepts fails the flow at once: no run, no folder."""

@@ -1,20 +1,26 @@
 """Storage: the LanceDB demonstration pool, MLflow lineage and prediction tables.
 
-``Tracker`` is imported lazily (MLflow takes seconds to import).
+Everything is imported lazily: LanceDB and MLflow take seconds to import, and a reader
+of prediction tables (``icd report``) needs neither.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from icd.storage.pool import DemoPool, PoolError, PoolView
-from icd.storage.results import (
-    PREDICTION_SCHEMA,
-    completed_chunks,
-    read_predictions,
-    summarize,
-    write_chunk_predictions,
-)
+_WHERE = {
+    "DemoPool": "pool",
+    "PoolError": "pool",
+    "PoolView": "pool",
+    "Tracker": "tracking",
+    "TrackingError": "tracking",
+    "PREDICTION_SCHEMA": "results",
+    "completed_chunks": "results",
+    "read_predictions": "results",
+    "summarize": "results",
+    "write_chunk_predictions": "results",
+}
 
 __all__ = [
     "PREDICTION_SCHEMA",
@@ -31,8 +37,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Tracker", "TrackingError"):
-        from icd.storage import tracking
-
-        return getattr(tracking, name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"icd.storage.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'icd.storage' has no attribute {name!r}")

@@ -19,6 +19,7 @@ are detected and reloaded.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter
@@ -31,6 +32,8 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "demos"
 MERGE_KEY = "key"
@@ -281,8 +284,9 @@ class DemoPool:
     pool raises :class:`PoolError` instead of being created. A URI that cannot be reached
     raises :class:`PoolError` with a one-line message.
 
-    Safe to share between threads of one process; several processes may write the same
-    table concurrently (LanceDB retries conflicting commits).
+    Safe to share between threads of one process. Several processes may write the same
+    table at once: LanceDB retries conflicting commits, and because the merge key is the
+    table's primary key, two processes inserting the same row leave one row.
     """
 
     def __init__(
@@ -432,10 +436,16 @@ class DemoPool:
 
     def maybe_compact(self, every: int) -> bool:
         """Compact when ``every`` upserts have been committed through this handle since the
-        last compaction. Returns True if it compacted."""
+        last compaction. Returns True if it compacted. Compaction is maintenance: if it
+        fails (e.g. it lost a commit race with another writer) a warning is logged and the
+        next call tries again; the data is unaffected."""
         if every < 1 or self._commits - self._commits_at_compact < every:
             return False
-        self.compact()
+        try:
+            self.compact()
+        except PoolError as e:
+            log.warning("pool compaction skipped: %s", e)
+            return False
         return True
 
     def tag(self, name: str, version: int) -> None:

@@ -178,12 +178,15 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         folder = _sqlite_parent(tracking_uri)
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            if artifact_root is None:
-                artifact_root = folder / "mlartifacts"
+        if folder is not None and artifact_root is None:
+            artifact_root = folder / "mlartifacts"
         self.artifact_root = Path(artifact_root).absolute() if artifact_root is not None else None
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+        except Exception as e:
+            raise TrackingError(f"tracking store {tracking_uri!r}: {_one_line(e)}") from None
         self.experiment_id = self._experiment_id()
         self.mlflow_run_id: str | None = None
         self.run_id: str | None = None
@@ -208,7 +211,7 @@ class Tracker:
                 if found is None:
                     raise
                 return found.experiment_id
-        except MlflowException as e:
+        except Exception as e:  # any store failure is reported as one line
             raise TrackingError(f"tracking store {self.tracking_uri!r}: {_one_line(e)}") from None
 
     # -- run lifecycle -------------------------------------------------------------------
@@ -217,7 +220,7 @@ class Tracker:
         """The MLflow run id of ICD run ``run_id`` in this experiment, if it exists."""
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id.replace(chr(39), '')}'",
+            filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'",
             max_results=1,
             order_by=["attributes.start_time ASC"],
         )
@@ -236,6 +239,8 @@ class Tracker:
         params, ``tags`` (e.g. Prefect flow-run id, git commit), and the models (default:
         the ``models`` section of ``config``) as external logged models. Returns the MLflow
         run id."""
+        if not run_id or "'" in run_id or '"' in run_id:
+            raise TrackingError(f"run id {run_id!r}: must be non-empty and contain no quotes")
         tags = {k: v for k, v in (tags or {}).items() if not is_secret(k, v)}
         existing = self.find(run_id)
         self.run_id = run_id

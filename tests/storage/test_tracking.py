@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from icd.config import Config
-from icd.storage.tracking import Tracker, flatten, is_secret
+from icd.storage.tracking import Tracker, TrackingError, flatten, is_secret
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,13 @@ def test_flatten_and_secret_rules() -> None:
     assert is_secret("models.teacher.api_key")
     assert is_secret("auth_token") and is_secret("x", "sk-abcdefghijklmn")
     assert not is_secret("models.student.max_new_tokens") and not is_secret("api_key_env")
+
+
+def test_unusable_store_is_a_one_line_error(store: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(TrackingError, match="tracking store") as err:
+        Tracker(f"sqlite:///{blocker / 'sub' / 'mlflow.db'}", "icd")
+    assert "\n" not in str(err.value)
+    with pytest.raises(TrackingError, match="no quotes"):
+        Tracker(store, "icd").start("it's", {})
