@@ -72,7 +72,7 @@ def _resolve(preset: str | None, config: Path | None, sets: list[str] | None) ->
 def _quiet_prefect() -> None:
     """Keep the flow's own log lines; drop per-task state lines and server chatter."""
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
-    for name in ("prefect.task_runs", "prefect._internal", "prefect.server", "uvicorn"):
+    for name in ("prefect.task_runs", "prefect._internal", "prefect.server", "uvicorn", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

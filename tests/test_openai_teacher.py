@@ -474,6 +474,9 @@ def test_stream_flow_end_to_end_with_the_openai_teacher(srv, tmp_path):
     # Every request the server saw is accounted for, and every returned answer voted.
     assert summary["teacher_requests"] == srv.counts["requests"] > srv.counts["ok"]
     assert summary["teacher_calls"] == srv.counts["choices"] == 5 * summary["queried"]
+    # The service's accounting reaches the summary (and MLflow's summary metrics).
+    assert summary["teacher_retries"] == srv.counts["requests"] - srv.counts["ok"]
+    assert summary["teacher_latency_p95_ms"] >= summary["teacher_latency_p50_ms"] > 0
     df = pl.read_parquet(tmp_path / "runs" / "openai-e2e" / "predictions.parquet")
     queried = df.filter(pl.col("queried"))
     assert queried.height == summary["queried"]

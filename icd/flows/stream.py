@@ -271,6 +271,7 @@ def run_stream(
         votes: dict[str, VoteResult] = {}
         teacher_zs: dict[str, VoteResult] = {}
         queried_ids: list[str] = []
+        service: dict[str, Any] = {}  # a remote teacher's request accounting for this chunk
         if mode.teacher_on_all:
             queried_ids = [s.sample_id for s in valid]
         elif mode.query_teacher and valid:
@@ -298,6 +299,7 @@ def run_stream(
             (teacher_zs if mode.teacher_on_all else votes).update(ann["votes"])
             counters["teacher_requests"] += ann["requests"]
             counters["teacher_samples"] += ann["samples"]
+            service = ann.get("service") or {}
             seconds["annotate"] += ann["seconds"]
 
         # Pool: this chunk's accepted annotations, one LanceDB commit.
@@ -375,6 +377,7 @@ def run_stream(
                 "running": running,
                 "manifest": manifest,
                 "seconds": seconds,
+                "service": service,
             },
         )
         tracker.log_metrics(_loggable(running), step=counters["samples_seen"])
@@ -405,6 +408,11 @@ def run_stream(
             "seconds": seconds,
         },
     )
+    calls = [st["service"] for st in store.all() if st.get("service")]
+    if calls:  # remote teacher: retries, failures and latency percentiles of the run
+        from icd.models.openai import summarize_stats
+
+        summary.update({f"teacher_{k}": v for k, v in summarize_stats(calls).items()})
     summary.update(
         teacher_requests=counters["teacher_requests"],
         run_dir=str(run_dir),
@@ -412,7 +420,6 @@ def run_stream(
     )
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     tracker.log_artifact(pred_path)
-    tracker.log_artifact(run_dir / "summary.json")
     tracker.log_pool_manifest({int(k): v for k, v in manifest.items()})
     tracker.finish(summary)
     log.info(

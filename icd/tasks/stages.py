@@ -40,10 +40,28 @@ from icd.storage.pool import DemoPool
 # is "" when runs share results (pipeline.cache) and the run id when they must not; within
 # a run results are always reused, which is what makes a resumed run call no model twice.
 CHUNK_CACHE = (INPUTS + TASK_SOURCE) - "chunk" - "ledger" - "run_id"
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed model stage unless the failure is a configuration mistake (bad model
+    id, wrong API key or URL), which no retry can fix."""
+    from icd.models import ModelLoadError
+    from icd.models.openai import TeacherConfigError
+
+    try:
+        state.result()
+    except (ModelLoadError, TeacherConfigError, ValueError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
 MODEL_RETRIES: dict[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": exponential_backoff(backoff_factor=0.5),
     "retry_jitter_factor": 0.5,
+    "retry_condition_fn": _transient,
 }
 
 _POOLS: dict[str, DemoPool] = {}
@@ -132,12 +150,15 @@ def annotate_with_teacher(
     wanted = set(queried_ids)
     samples = [s for s in chunk.valid if s.sample_id in wanted]
     if not samples:
-        return {"votes": {}, "requests": 0, "samples": 0, "seconds": 0.0}
+        return {"votes": {}, "service": {}, "requests": 0, "samples": 0, "seconds": 0.0}
     model = load_teacher(teacher, class_names)
     prompts = [build_prompt(s.question, s.image, [], task_type, None) for s in samples]
-    anns = model.annotate(
-        samples, prompts, voting.n, voting.temperature, voting.include_greedy, seed
-    )
+    args = (samples, prompts, voting.n, voting.temperature, voting.include_greedy, seed)
+    service: dict[str, Any] = {}
+    if hasattr(model, "annotate_with_stats"):  # a remote teacher reports retries and latency
+        anns, service = model.annotate_with_stats(*args)
+    else:
+        anns = model.annotate(*args)
     votes = steps.vote_annotations(anns, voting, class_names, synonyms)
     requests = sum(a.requests for a in anns)
     returned = sum(len(a.generations) for a in anns)
@@ -152,6 +173,7 @@ def annotate_with_teacher(
         f.write(json.dumps(record) + "\n")
     return {
         "votes": {s.sample_id: v for s, v in zip(samples, votes, strict=True)},
+        "service": service,
         "requests": requests,
         "samples": returned,
         "seconds": time.perf_counter() - t0,
