@@ -72,9 +72,10 @@ def _brute_topk(scores: np.ndarray, k: int) -> np.ndarray:
 def _time_rounds(
     paths: dict[str, Callable[[], Any]], budget_s: float, min_rounds: int = 7
 ) -> dict[str, np.ndarray]:
-    """Seconds per call of each path, one sample per round: the paths are called in turn,
-    round after round, each sample averaging enough calls to last ~20 ms, so the paths of
-    one round ran under the same machine load."""
+    """Seconds per call of each path, one sample per round: the paths are called in turn
+    (in a shuffled order each round, so no path always follows the same one), round after
+    round, each sample averaging enough calls to last ~20 ms, so the paths of one round ran
+    under the same machine load."""
     inner: dict[str, int] = {}
     for name, fn in paths.items():  # warm-up and calibration
         fn()
@@ -82,9 +83,12 @@ def _time_rounds(
         fn()
         inner[name] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    shuffle = np.random.default_rng(0)
     start = time.perf_counter()
     while len(samples["brute"]) < min_rounds or time.perf_counter() - start < budget_s:
-        for name, fn in paths.items():
+        for name in shuffle.permutation(names):
+            fn = paths[name]
             t0 = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
@@ -119,7 +123,8 @@ def _bench_size(
     t0 = time.perf_counter()
     view = pool.view(RUN_ID)
     load_ms = (time.perf_counter() - t0) * 1e3
-    assert len(view) == size
+    if len(view) != size:
+        raise RuntimeError(f"pool view has {len(view)} rows, expected {size}")
 
     q_img, q_txt = _unit(rng, batch, dim), _unit(rng, batch, dim)
     ids = [f"q{i}" for i in range(batch)]

@@ -579,12 +579,15 @@ class DemoPool:
             return 0
         return int(self._tbl.stats()["fragment_stats"]["num_fragments"])
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, run_id: str | None = None) -> dict[str, Any]:
         """A summary for inspection: size, per-run counts, label histogram, agreement
-        statistics, versions and fragments."""
+        statistics, versions and fragments (rows of ``run_id`` only, if given)."""
         if self._tbl is None:
             return {"uri": self.uri, "table": self.table_name, "rows": 0, "dim": self.dim}
-        t = self._tbl.search().select(["run_id", "label", "agreement"]).limit(None).to_arrow()
+        query = self._tbl.search().select(["run_id", "label", "agreement"]).limit(None)
+        if run_id is not None:
+            query = query.where(f"run_id = {_sql_str(run_id)}")
+        t = query.to_arrow()
         agreement = np.array(
             [a for a in t.column("agreement").to_pylist() if a is not None], dtype=float
         )
@@ -599,7 +602,7 @@ class DemoPool:
             "runs": dict(Counter(t.column("run_id").to_pylist()).most_common()),
             "labels": dict(Counter(t.column("label").to_pylist()).most_common()),
             "agreement": {
-                "mean": float(agreement.mean()) if agreement.size else None,
+                "mean": round(float(agreement.mean()), 4) if agreement.size else None,
                 "min": float(agreement.min()) if agreement.size else None,
                 "max": float(agreement.max()) if agreement.size else None,
             },
@@ -643,6 +646,12 @@ class DemoPool:
         for run_id in list(self._caches):
             if self.count(run_id) != self._caches[run_id].n:
                 del self._caches[run_id]
+
+
+def inspect_pool(uri: str, run_id: str | None = None, table: str = DEFAULT_TABLE) -> dict[str, Any]:
+    """:meth:`DemoPool.describe` of an existing pool (read-only; a missing pool raises
+    :class:`PoolError` with a one-line message instead of creating one)."""
+    return DemoPool(uri, table=table, must_exist=True).describe(run_id)
 
 
 def _to_arrow(rows: Sequence[dict[str, Any]], dim: int) -> tuple[pa.Table, dict[str, dict]]:

@@ -301,7 +301,8 @@ class Tracker:
             }
             step = int(summary.get("samples") or 0)
             self.log_metrics(numbers, step)
-            self.client.log_dict(rid, summary, "summary.json")
+            plain = json.loads(json.dumps(summary, default=_plain))
+            self.client.log_dict(rid, plain, "summary.json")
         self.client.set_terminated(rid, status=status)
 
     # -- logging -------------------------------------------------------------------------
@@ -450,3 +451,10 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return text not in ("True", "False")
+
+
+def _plain(value: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays, paths and other objects."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

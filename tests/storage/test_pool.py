@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from icd.config import SelectionConfig
 from icd.method.selection import select_demos
-from icd.storage.pool import DemoPool, PoolError, _RunCache
+from icd.storage.pool import DemoPool, PoolError, _RunCache, inspect_pool
 from tests.storage.rows import CHUNK, DIM, chunk_rows, ids_of, unit, write_chunks
 
 
@@ -168,6 +168,8 @@ def test_wrong_dimension_message_names_both_dimensions(pool: DemoPool) -> None:
 def test_missing_or_unreachable_pool_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PoolError, match="no pool at .*does not exist"):
         DemoPool(tmp_path / "nope", must_exist=True)
+    with pytest.raises(ValueError, match="no pool at"):
+        inspect_pool(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(PoolError, match="no pool table 'demos'"):
         DemoPool(tmp_path / "empty", must_exist=True)
@@ -199,10 +201,13 @@ def test_compaction_bounds_fragments_and_keeps_versions(pool: DemoPool) -> None:
     assert pool.fragment_count() <= 2
     assert pool.count() == 13 * CHUNK
     assert len(pool.checkout(first)) == CHUNK
-    summary = pool.describe()
-    assert summary["rows"] == 13 * CHUNK and summary["runs"] == {"r": 13 * CHUNK}
-    assert sum(summary["labels"].values()) == 13 * CHUNK
+    pool.upsert(chunk_rows("other", 0))
+    summary = inspect_pool(pool.uri)
+    assert summary["rows"] == 14 * CHUNK and summary["runs"] == {"r": 13 * CHUNK, "other": CHUNK}
+    assert sum(summary["labels"].values()) == 14 * CHUNK
     assert summary["agreement"]["mean"] == pytest.approx(0.66)
+    assert summary["versions"] == len(pool.versions()) and summary["fragments"] >= 1
+    assert inspect_pool(pool.uri, run_id="other")["rows"] == CHUNK
 
 
 def test_selection_through_view_equals_brute_force(pool: DemoPool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -43,7 +44,15 @@ def test_run_has_params_metrics_dataset_models_and_artifacts(store: str, tmp_pat
     pl.DataFrame({"x": [1, 2]}).write_parquet(preds)
     tracker.log_artifact(preds, "predictions")
     tracker.log_pool_manifest({0: 2, 1: 3, 2: 5}, pool_uri="/pool", table="demos")
-    tracker.finish({"samples": 192, "accuracy": 0.75, "seconds": {"embed": 1.5}, "mode": "icd"})
+    tracker.finish(
+        {
+            "samples": 192,
+            "accuracy": np.float64(0.75),
+            "seconds": {"embed": 1.5},
+            "mode": "icd",
+            "run_dir": tmp_path,
+        }
+    )
 
     client = tracker.client
     run = client.get_run(mlflow_id)
@@ -79,6 +88,8 @@ def test_run_has_params_metrics_dataset_models_and_artifacts(store: str, tmp_pat
     ]
     manifest = client.download_artifacts(mlflow_id, "pool/manifest.json", str(tmp_path))
     assert json.loads(Path(manifest).read_text())["versions"] == {"0": 2, "1": 3, "2": 5}
+    summary = client.download_artifacts(mlflow_id, "summary.json", str(tmp_path))
+    assert json.loads(Path(summary).read_text())["accuracy"] == 0.75
     assert "/mlartifacts/icd/" in run.info.artifact_uri  # beside the store, not ./mlruns
 
 
