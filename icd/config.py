@@ -195,7 +195,8 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; ConfigError (one line) for bad YAML or no mapping."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -239,12 +240,12 @@ def load_config(
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(presets())})")
-        data = _merge(data, _read_yaml(path))
+        data = _merge(data, read_yaml(path))
     if file is not None:
         path = Path(file)
         if not path.exists():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = _merge(data, _read_yaml(path))
+        data = _merge(data, read_yaml(path))
     if values:
         data = _merge(data, values)
     for item in overrides or []:

@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import polars as pl
-import yaml
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from icd.config import ConfigError, load_config, parse_override
+from icd.config import ConfigError, load_config, parse_override, read_yaml
 from icd.data.registry import UnknownDataset, get_dataset
 from icd.report import (
     BENCHMARK_FILE,
@@ -129,12 +128,7 @@ def load_benchmark(suite: str | Path, overrides: list[str] | None = None) -> Ben
             raise ConfigError(
                 f"unknown benchmark suite {str(suite)!r} (known: {', '.join(suites())})"
             )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml(path)
     for item in overrides or []:
         keys, value = parse_override(item)
         if len(keys) != 1:
