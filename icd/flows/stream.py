@@ -260,8 +260,8 @@ def run_stream(
         IN_FLIGHT_PEAK[0] = max(IN_FLIGHT_PEAK[0], len(in_flight) + 1)
         emb = emb_f.result()
         zs = zs_f.result() if zs_f is not None else None
-        seconds["embed"] += emb["seconds"]
-        seconds["score"] += zs["seconds"] if zs else 0.0
+        seconds["embed"] += _fresh_seconds(emb_f, emb)
+        seconds["score"] += _fresh_seconds(zs_f, zs) if zs else 0.0
         valid = chunk.valid
         zs_gens = zs["generations"] if zs else []
         zs_answers = [g.text.strip() for g in zs_gens]
@@ -278,6 +278,7 @@ def run_stream(
             mask, policy_state = select_for_annotation(zs_unc, policy_state, cfg.method, src.length)
             queried_ids = [s.sample_id for s, q in zip(valid, mask, strict=True) if q]
         if queried_ids:
+            t0 = time.perf_counter()
             voting = cfg.method.voting
             if mode.teacher_on_all:  # one greedy zero-shot answer per sample
                 voting = voting.model_copy(
@@ -300,7 +301,7 @@ def run_stream(
             counters["teacher_requests"] += ann["requests"]
             counters["teacher_samples"] += ann["samples"]
             service = ann.get("service") or {}
-            seconds["annotate"] += ann["seconds"]
+            seconds["annotate"] += time.perf_counter() - t0
 
         # Pool: this chunk's accepted annotations, one LanceDB commit.
         t0 = time.perf_counter()
@@ -322,6 +323,7 @@ def run_stream(
         icl = None
         icl_rows: list[int] = []
         if mode.use_icl and valid:
+            t0 = time.perf_counter()
             need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
             icl_rows = [i for i, n in enumerate(need) if n]
             view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
@@ -342,7 +344,7 @@ def run_stream(
                 cfg.seed,
                 scope,
             )
-            seconds["icl"] += icl["seconds"]
+            seconds["icl"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         pool_size = open_pool(pool_uri).count(run_id) if mode.use_pool else 0
@@ -431,6 +433,12 @@ def run_stream(
         summary.get("pool_size", 0),
     )
     return summary
+
+
+def _fresh_seconds(future: Any, result: dict[str, Any]) -> float:
+    """Seconds a submitted stage really spent: 0 when its result came from the task cache
+    (the persisted result carries the seconds of the run that computed it)."""
+    return 0.0 if future.state.name == "Cached" else float(result["seconds"])
 
 
 def _loggable(running: dict[str, Any]) -> dict[str, float]:
