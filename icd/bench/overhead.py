@@ -7,13 +7,16 @@ The same smoke samples go, in one run, through
   numpy arrays in memory — no Prefect, no LanceDB, no MLflow, no files;
 - ``flow L0``: the ``stream`` flow as ``icd run`` runs it (Prefect tasks with cache keys and
   persisted results, LanceDB pool commits, MLflow metrics per chunk, predictions parquet per
-  chunk, a run-state commit per chunk), every stage of a chunk one after another like the loop;
-- ``flow L2``: the flow with embedding and scoring of the next two chunks running ahead.
+  chunk, a run-state commit per chunk), no lookahead: a chunk's embedding and scoring (two
+  tasks, run side by side), then its sequential stages, then the next chunk;
+- ``flow L2``: the flow with embedding and scoring of the next two chunks running ahead;
+- the loop and ``flow L0`` again at each larger chunk size asked for.
 
 Models are loaded and the Prefect server is started by a warm-up run first, so the times are
-the per-sample work. ``ratio`` is samples/s relative to the loop (target: ≥ 0.8 at chunk size
-≥ 64); ``same`` says whether the run's final answers equal the loop's. CPU seconds of the
-process tree are given too: they are steadier than wall time on a busy machine.
+the per-sample work; a flow's time is its whole call. ``ratio`` is samples/s relative to the
+loop at the same chunk size (target: ≥ 0.8 at chunk size ≥ 64); ``same`` says whether the
+run's final answers equal the loop's. CPU seconds of the process tree (with the Prefect server)
+are given too: they are steadier than wall time on a busy machine.
 
 The peak RSS of ``icd run`` at two stream lengths (each in its own child process, read from
 the child's resource usage) shows memory does not grow with the stream: it is chunked.
@@ -239,43 +242,61 @@ def run_overhead_bench(
     samples: int = 2000,
     chunk_size: int = 64,
     rss_samples: tuple[int, ...] = (2000, 10000),
+    larger_chunks: tuple[int, ...] = (256,),
+    rounds: int = 2,
 ) -> pl.DataFrame:
     """Samples/s of the stream flow (lookahead 0 and 2) vs the plain loop on the same
-    ``samples`` smoke samples with ``chunk_size`` samples per chunk, in this run (``ratio``:
-    samples/s over the loop's; ``cpu_ratio``: the loop's CPU seconds over the row's); then one
-    row per entry of ``rss_samples``: the peak RSS of ``icd run`` over that many samples."""
+    ``samples`` smoke samples with ``chunk_size`` samples per chunk, in this run; each of
+    ``larger_chunks`` adds a loop and a lookahead-0 flow row at that chunk size. ``ratio`` is
+    samples/s over the loop's at the same chunk size, ``cpu_ratio`` the loop's CPU seconds over
+    the row's; the best of ``rounds`` interleaved rounds counts. Then one row per entry of
+    ``rss_samples``: the peak RSS of ``icd run`` over that many samples at ``chunk_size``."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     quiet_logs()
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="icd-bench-over-")))
         stack.enter_context(temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "results"}))
 
-        def cfg(n: int, *sets: str) -> Config:
-            return bench_config(root, n, f"pipeline.chunk_size={chunk_size}", *sets)
+        def cfg(n: int, size: int, *sets: str) -> Config:
+            return bench_config(root, n, f"pipeline.chunk_size={size}", *sets)
 
-        timed_flow(cfg(min(samples, 2 * chunk_size)), "warmup")  # server, store, models
-        loop, records = _loop_row(cfg(samples))
-        rows = [loop]
-        for name, lookahead in (("flow L0", 0), ("flow L2", 2)):
-            run = timed_flow(cfg(samples, f"pipeline.lookahead={lookahead}"), name)
-            run["same"] = _same_answers(Path(run.pop("run_dir")), records)
-            rows.append(run)
+        timed_flow(cfg(min(samples, 2 * chunk_size), chunk_size), "warmup")  # server, models
+        plan = [(chunk_size, (0, 2)), *((size, (0,)) for size in larger_chunks)]
+        for _ in range(rounds):
+            for size, lookaheads in plan:
+                loop, records = _loop_row(cfg(samples, size))
+                runs.setdefault(("loop", size), []).append(loop)
+                for lookahead in lookaheads:
+                    name = f"flow L{lookahead}"
+                    run = timed_flow(cfg(samples, size, f"pipeline.lookahead={lookahead}"), name)
+                    run["same"] = _same_answers(Path(run.pop("run_dir")), records)
+                    runs.setdefault((name, size), []).append(run)
 
-    keep = ("config", "samples", "seconds", "samples_per_s", "cpu_s", "load_avg", "same")
+    keep = ("config", "samples", "seconds", "samples_per_s", "cpu_s", "load_avg")
     stages = [f"s_{k}" for k in STAGES]
-    df = pl.DataFrame([{k: r.get(k) for k in (*keep, *stages)} for r in rows])
-    df = df.with_columns(
-        chunk_size=pl.lit(chunk_size),
-        ratio=pl.col("samples_per_s") / loop["samples_per_s"],
-        cpu_ratio=loop["cpu_s"] / pl.col("cpu_s"),
+    rows = []
+    for (name, size), rs in runs.items():
+        fastest = max(rs, key=lambda r: r["samples_per_s"])
+        row = {k: fastest.get(k) for k in (*keep, *stages)}
+        # every round's run gave the loop's answers, not just the fastest one
+        row.update(chunk_size=size, same=None if name == "loop" else all(r["same"] for r in rs))
+        rows.append(row)
+    loop = pl.col("config") == "loop"
+    df = pl.DataFrame(rows).with_columns(
+        ratio=pl.col("samples_per_s")
+        / pl.col("samples_per_s").filter(loop).first().over("chunk_size"),
+        cpu_ratio=pl.col("cpu_s").filter(loop).first().over("chunk_size") / pl.col("cpu_s"),
     )
     rss = []
     for n in rss_samples:
         with tempfile.TemporaryDirectory(prefix="icd-bench-rss-") as tmp:
             mb = peak_rss_mb(n, chunk_size, Path(tmp))
-        rss.append({"config": f"icd run {n}", "samples": n, "peak_rss_mb": mb})
-    return pl.concat([df, pl.DataFrame(rss)], how="diagonal_relaxed")
+        rss.append({"config": "icd run", "samples": n, "chunk_size": chunk_size, "peak_rss_mb": mb})
+    schema = {"config": pl.String, "samples": pl.Int64, "chunk_size": pl.Int64}
+    mem = pl.DataFrame(rss, schema={**schema, "peak_rss_mb": pl.Float64})
+    return pl.concat([df, mem], how="diagonal_relaxed")
 
 
 def print_overhead_bench(df: pl.DataFrame, console: Console | None = None) -> None:
@@ -310,11 +331,11 @@ def print_overhead_bench(df: pl.DataFrame, console: Console | None = None) -> No
             f"{r['load_avg']:.1f}",
         )
     console.print(table)
-    stages = Table(title="stage seconds (the flow's from its run summary)")
-    for col in ("config", *STAGES):
+    stages = Table(title="seconds per stage (the flow's from its run summary)")
+    for col in ("config", "chunk", *STAGES):
         stages.add_column(col, justify="left" if col == "config" else "right")
     for r in runs.iter_rows(named=True):
-        stages.add_row(r["config"], *(f"{r[f's_{k}']:.1f}" for k in STAGES))
+        stages.add_row(r["config"], str(r["chunk_size"]), *(f"{r[f's_{k}']:.1f}" for k in STAGES))
     console.print(stages)
     mem = df.filter(pl.col("peak_rss_mb").is_not_null())
     if mem.height:

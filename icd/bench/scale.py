@@ -14,10 +14,12 @@ root, one torch thread per process as the smoke preset says):
   closes its own local cluster, so worker start-up and model loading are inside the time.
 
 Warm configurations run ``rounds`` times, interleaved so machine noise hits them alike, and the
-fastest round counts. Each row also gives the stage seconds from the run summary
-(``embed``+``score`` is the part that can run ahead; ``annotate``, ``pool``, ``icl`` and
-``evaluate`` are sequential), the CPU seconds of the whole process tree (this process, the
-Prefect server, Dask workers) and ``cores_busy`` = CPU seconds / wall seconds.
+fastest round counts (a flow run's end waits for Prefect's heartbeat thread, which sleeps in
+1 s steps, so single wall times are coarse). Each row also gives the stage seconds from the run
+summary (``embed`` and ``score``: time inside those tasks, the part that can run ahead;
+``annotate``, ``pool``, ``icl``, ``evaluate``: time of the sequential stages in the flow), the
+CPU seconds of the whole process tree (this process, the Prefect server, Dask workers) and
+``cores_busy`` = CPU seconds / wall seconds.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from rich.table import Table
 from icd.config import Config, load_config
 
 STAGES = ("embed", "score", "annotate", "pool", "icl", "evaluate")
-AHEAD = ("embed", "score")  # stages that do not depend on the pool
 
 
 def quiet_logs() -> None:
@@ -81,15 +82,29 @@ def bench_config(root: Path, samples: int, *sets: str) -> Config:
 
 
 def timed_flow(cfg: Config, name: str) -> dict[str, Any]:
-    """Run the stream flow in this process under a fresh run id; its wall and CPU seconds,
-    samples/s and stage seconds, as one table row."""
-    from icd.flows.stream import stream
+    """Run the stream flow in this process under a fresh run id; as one table row: its wall
+    seconds (``seconds``, the whole call; ``stream_seconds``, until the last chunk was
+    committed, without the run's closing summary and artifacts), samples/s of each, CPU
+    seconds and the stage seconds of the summary."""
+    from icd.flows import stream as stream_mod
 
+    commits: list[float] = []
+
+    def hook(chunks: int, samples: int, total: int | None) -> None:
+        commits.append(time.perf_counter())
+
+    stream_mod.CHUNK_HOOKS.append(hook)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     load = os.getloadavg()[0]
-    summary = stream(config_json=cfg.model_dump_json(), run_id=f"{name}-{uuid.uuid4().hex[:8]}")
+    try:
+        summary = stream_mod.stream(
+            config_json=cfg.model_dump_json(), run_id=f"{name}-{uuid.uuid4().hex[:8]}"
+        )
+    finally:
+        stream_mod.CHUNK_HOOKS.remove(hook)
     wall = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
+    to_last = (commits[-1] if commits else time.perf_counter()) - t0
     stages = summary["seconds"]
     return {
         "config": name,
@@ -98,6 +113,8 @@ def timed_flow(cfg: Config, name: str) -> dict[str, Any]:
         "samples": summary["samples"],
         "seconds": wall,
         "samples_per_s": summary["samples"] / wall,
+        "stream_seconds": to_last,
+        "stream_per_s": summary["samples"] / to_last,
         "cpu_s": cpu,
         "cores_busy": cpu / wall,
         "load_avg": load,
@@ -108,14 +125,11 @@ def timed_flow(cfg: Config, name: str) -> dict[str, Any]:
     }
 
 
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return max(rows, key=lambda r: r["samples_per_s"])
-
-
-def run_scale_bench(samples: int = 512, rounds: int = 2, cold: bool = True) -> pl.DataFrame:
+def run_scale_bench(samples: int = 512, rounds: int = 3, cold: bool = True) -> pl.DataFrame:
     """Samples/s of the stream flow on ``samples`` smoke samples: lookahead 0 vs 2 on the
     thread runner, and the thread runner vs a 2-worker local Dask cluster (lookahead 2), all
-    in this run; ``ratio`` is samples/s relative to ``thread L0``. With ``cold`` a last row
+    in this run; ``ratio`` is ``stream_per_s`` (samples/s until the last chunk commit, which
+    leaves out the run's fixed closing work) relative to ``thread L0``. With ``cold`` a last row
     times a flow that starts its own cluster. Every run must report the same teacher calls
     and pool size (the scheduling may not change results); ``ValueError`` otherwise."""
     import distributed
@@ -134,73 +148,71 @@ def run_scale_bench(samples: int = 512, rounds: int = 2, cold: bool = True) -> p
         warm = min(samples, 64)
         # Warm-up: Prefect server, MLflow store and this process's models.
         timed_flow(cfg(warm), "warmup")
-        cluster = stack.enter_context(distributed.LocalCluster(**dask_cluster_kwargs(cfg(warm))))
-        dask = (
-            "pipeline.task_runner=dask",
-            f"pipeline.dask_address={cluster.scheduler_address}",
-        )
-        timed_flow(cfg(warm, *dask, "pipeline.lookahead=2"), "warmup-dask")
-
-        configs = {
-            "thread L0": ("pipeline.lookahead=0",),
-            "thread L2": ("pipeline.lookahead=2",),
-            "dask L2": (*dask, "pipeline.lookahead=2"),
-        }
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-        for _ in range(rounds):
-            for name, sets in configs.items():
-                runs[name].append(timed_flow(cfg(samples, *sets), name))
-        rows = [_best(r) for r in runs.values()]
-        cluster.close()
-
-    if cold:
-        with ExitStack() as stack:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="icd-bench-scale-")))
-            stack.enter_context(temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "results"}))
+        runs: dict[str, list[dict[str, Any]]] = {}
+        with distributed.LocalCluster(**dask_cluster_kwargs(cfg(warm))) as cluster:
+            dask = (
+                "pipeline.task_runner=dask",
+                f"pipeline.dask_address={cluster.scheduler_address}",
+            )
+            timed_flow(cfg(warm, *dask, "pipeline.lookahead=2"), "warmup-dask")
+            configs = {
+                "thread L0": ("pipeline.lookahead=0",),
+                "thread L2": ("pipeline.lookahead=2",),
+                "dask L2": (*dask, "pipeline.lookahead=2"),
+            }
+            for _ in range(rounds):
+                for name, sets in configs.items():
+                    runs.setdefault(name, []).append(timed_flow(cfg(samples, *sets), name))
+        if cold:
             sets = ("pipeline.task_runner=dask", "pipeline.lookahead=2")
-            rows.append(timed_flow(bench_config(root, samples, *sets), "dask L2 (cold)"))
+            runs["dask L2 (cold)"] = [timed_flow(cfg(samples, *sets), "dask L2 (cold)")]
 
-    outcomes = {(r["teacher_calls"], r["pool_size"]) for r in rows}
+    outcomes = {(r["teacher_calls"], r["pool_size"]) for rs in runs.values() for r in rs}
     if len(outcomes) != 1:
         raise ValueError(f"runs disagree on (teacher calls, pool size): {sorted(outcomes)}")
+    rows = [max(rs, key=lambda r: r["stream_per_s"]) for rs in runs.values()]
     df = pl.DataFrame(rows).drop("run_dir")
-    base = df.filter(pl.col("config") == "thread L0")["samples_per_s"][0]
-    return df.with_columns(ratio=pl.col("samples_per_s") / base)
+    base = df.filter(pl.col("config") == "thread L0")["stream_per_s"][0]
+    return df.with_columns(ratio=pl.col("stream_per_s") / base)
 
 
 def _ratio(df: pl.DataFrame, a: str, b: str) -> float:
-    rate = dict(zip(df["config"], df["samples_per_s"], strict=True))
+    rate = dict(zip(df["config"], df["stream_per_s"], strict=True))
     return rate[a] / rate[b]
 
 
 def print_scale_bench(df: pl.DataFrame, console: Console | None = None) -> None:
-    """Print the bench table (rich) and its two headline ratios."""
+    """Print the bench tables (rich) and the two headline ratios."""
     console = console or Console()
-    table = Table(
-        title="stream flow: samples/s by task runner and lookahead (same samples, same run)"
-    )
-    cols = ("config", "samples", "seconds", "samples/s", "ratio", "cpu s", "cores busy")
-    for col in (*cols, *(f"{s} s" for s in STAGES), "load avg"):
+    table = Table(title="stream flow: samples/s by task runner and lookahead (same run)")
+    cols = ("config", "samples", "stream s", "samples/s", "ratio", "total s", "cpu s", "cores")
+    for col in (*cols, "load"):
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in df.iter_rows(named=True):
         table.add_row(
             r["config"],
             str(r["samples"]),
-            f"{r['seconds']:.1f}",
-            f"{r['samples_per_s']:.1f}",
+            f"{r['stream_seconds']:.1f}",
+            f"{r['stream_per_s']:.1f}",
             f"{r['ratio']:.2f}x",
+            f"{r['seconds']:.1f}",
             f"{r['cpu_s']:.1f}",
             f"{r['cores_busy']:.2f}",
-            *(f"{r[f's_{s}']:.1f}" for s in STAGES),
             f"{r['load_avg']:.1f}",
         )
     console.print(table)
+    stages = Table(title="seconds per stage (run summary; embed and score can run ahead)")
+    for col in ("config", *STAGES):
+        stages.add_column(col, justify="left" if col == "config" else "right")
+    for r in df.iter_rows(named=True):
+        stages.add_row(r["config"], *(f"{r[f's_{k}']:.1f}" for k in STAGES))
+    console.print(stages)
     console.print(
-        f"lookahead 2 vs 0 (thread runner): {_ratio(df, 'thread L2', 'thread L0'):.2f}x; "
-        f"Dask (2 workers) vs threads, lookahead 2: {_ratio(df, 'dask L2', 'thread L2'):.2f}x "
-        f"on {os.cpu_count()} cores"
+        "stream s: until the last chunk commit; total s: the whole flow call; cores: CPU "
+        "seconds of this process, the Prefect server and Dask workers per wall second."
     )
     console.print(
-        "stage seconds: embed+score can run ahead (on other threads or workers); annotate, "
-        "pool, icl and evaluate run one chunk after another in the flow."
+        f"lookahead 2 vs 0 (thread runner): {_ratio(df, 'thread L2', 'thread L0'):.2f}x; "
+        f"Dask (2 workers) vs threads at lookahead 2: {_ratio(df, 'dask L2', 'thread L2'):.2f}x; "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     )

@@ -34,6 +34,7 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from icd.config import Config, load_config
 from icd.data.stream import open_stream
@@ -233,12 +234,18 @@ def run_stream(
             src.length if src.length is not None else "unknown",
         )
 
+    # Bulky task arguments (the chunk with its images, generations, votes) are passed as
+    # quote(...): Prefect then hands them over as they are instead of walking every nested
+    # object for futures on each call (cache keys are computed on the unquoted values).
+    # Not to Dask, which turns tuple subclasses such as quote into plain tuples.
+    ahead = quote if not _on_dask() else lambda x: x
+
     def submit_ahead(chunk: Chunk) -> tuple[Chunk, Any, Any]:
-        emb = extract_embeddings.submit(chunk, chunk.key, cfg.models.embedder, scope)
+        emb = extract_embeddings.submit(ahead(chunk), chunk.key, cfg.models.embedder, scope)
         zs = None
         if mode.student_zero_shot:
             zs = score_student.submit(
-                chunk, chunk.key, cfg.models.student, task_type, prompt_classes, scope
+                ahead(chunk), chunk.key, cfg.models.student, task_type, prompt_classes, scope
             )
         return chunk, emb, zs
 
@@ -285,7 +292,7 @@ def run_stream(
                     update={"n": 1, "temperature": 0.0, "include_greedy": True, "a_min": 0.0}
                 )
             ann = annotate_with_teacher(
-                chunk,
+                quote(chunk),
                 chunk.key,
                 queried_ids,
                 cfg.models.teacher,
@@ -309,8 +316,8 @@ def run_stream(
             manifest[str(chunk.index)] = update_pool(
                 pool_uri,
                 run_id,
-                chunk,
-                votes,
+                quote(chunk),
+                quote(votes),
                 emb["image_vecs"],
                 zs_unc,
                 cfg.models.teacher.model_id,
@@ -328,7 +335,7 @@ def run_stream(
             icl_rows = [i for i, n in enumerate(need) if n]
             view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
             icl = predict_icl(
-                chunk,
+                quote(chunk),
                 chunk.key,
                 icl_rows,
                 emb["image_vecs"],
@@ -352,14 +359,14 @@ def run_stream(
             run_dir,
             run_id,
             cfg.data.dataset,
-            chunk,
+            quote(chunk),
             cfg.method,
             task_type,
             synonyms,
-            zs,
-            votes,
-            teacher_zs,
-            icl,
+            quote(zs),
+            quote(votes),
+            quote(teacher_zs),
+            quote(icl),
             icl_rows,
             pool_size,
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from icd.config import MethodConfig, ModelConfig, SelectionConfig, VotingConfig
@@ -40,6 +40,8 @@ from icd.storage.pool import DemoPool
 # is "" when runs share results (pipeline.cache) and the run id when they must not; within
 # a run results are always reused, which is what makes a resumed run call no model twice.
 CHUNK_CACHE = (INPUTS + TASK_SOURCE) - "chunk" - "ledger" - "run_id"
+# The other stages never reuse results (they are cheap, or they write): NO_CACHE, so Prefect
+# does not hash their inputs (a whole chunk, the stream) on every call.
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -79,7 +81,7 @@ def zero_shot_prompts(chunk: Chunk, task_type: str, class_names: list[str] | Non
     return [build_prompt(s.question, s.image, [], task_type, class_names) for s in chunk.valid]
 
 
-@task(name="load_chunk", retries=2, retry_delay_seconds=1)
+@task(name="load_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def load_chunk(stream: Stream, index: int, chunk_size: int) -> Chunk:
     """Read and decode chunk ``index``; undecodable samples are kept with a skip reason."""
     return stream.chunk(index, chunk_size)
@@ -113,7 +115,7 @@ def score_student(
     return {"generations": gens, "seconds": time.perf_counter() - t0}
 
 
-@task(name="select_for_annotation")
+@task(name="select_for_annotation", cache_policy=NO_CACHE)
 def select_for_annotation(
     uncertainties: np.ndarray,
     policy_state: dict[str, Any],
@@ -180,7 +182,12 @@ def annotate_with_teacher(
     }
 
 
-@task(name="update_pool", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=0.5))
+@task(
+    name="update_pool",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=0.5),
+    cache_policy=NO_CACHE,
+)
 def update_pool(
     pool_uri: str,
     run_id: str,
@@ -291,7 +298,7 @@ def predict_icl(
     }
 
 
-@task(name="evaluate_chunk")
+@task(name="evaluate_chunk", cache_policy=NO_CACHE)
 def evaluate_chunk(
     run_dir: Path,
     run_id: str,

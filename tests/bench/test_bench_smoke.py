@@ -1,0 +1,42 @@
+"""The overhead bench at a tiny size: its plain loop is the flow's algorithm (same answers),
+and its table has the columns the printer reads."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from rich.console import Console
+
+from icd.bench.overhead import print_overhead_bench, run_overhead_bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_overhead_bench_loop_matches_flow_and_prints() -> None:
+    df = run_overhead_bench(
+        samples=64, chunk_size=32, rss_samples=(), larger_chunks=(64,), rounds=1
+    )
+    assert set(df.columns) >= {
+        "config",
+        "samples",
+        "chunk_size",
+        "seconds",
+        "samples_per_s",
+        "ratio",
+        "cpu_s",
+        "cpu_ratio",
+        "same",
+        "s_icl",
+    }
+    got = {(r["config"], r["chunk_size"]) for r in df.iter_rows(named=True)}
+    assert got == {("loop", 32), ("flow L0", 32), ("flow L2", 32), ("loop", 64), ("flow L0", 64)}
+    flows = df.filter(pl.col("config") != "loop")
+    # The loop reproduces every flow run's final answers, sample by sample.
+    assert flows["same"].to_list() == [True, True, True]
+    assert (df["samples"] == 64).all() and (
+        df.filter(pl.col("config") == "loop")["ratio"] == 1
+    ).all()
+    console = Console(record=True, width=160)
+    print_overhead_bench(df, console)
+    text = console.export_text()
+    assert "flow L2" in text and "ratio" in text
