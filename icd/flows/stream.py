@@ -28,7 +28,6 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -41,7 +40,6 @@ from icd.data.stream import open_stream
 from icd.data.types import Chunk
 from icd.method import metrics, modes, steps
 from icd.method.policy import PolicyState
-from icd.method.uncertainty import uncertainty
 from icd.method.voting import VoteResult
 from icd.storage import results
 from icd.storage.runstate import RunState, atomic_write_text
@@ -271,8 +269,10 @@ def run_stream(
         seconds["score"] += _fresh_seconds(zs_f, zs) if zs else 0.0
         valid = chunk.valid
         zs_gens = zs["generations"] if zs else []
-        zs_answers = [g.text.strip() for g in zs_gens]
-        zs_unc = uncertainty(zs_gens, cfg.method.uncertainty) if zs_gens else np.zeros(len(valid))
+        if zs_gens:
+            zs_answers, zs_unc = steps.student_outputs(zs_gens, cfg.method.uncertainty)
+        else:  # teacher zero-shot mode: the student does not answer (nor query, nor pool)
+            zs_answers, zs_unc = [None] * len(valid), None
 
         # Teacher: the budgeted policy picks samples; N answers each are voted.
         votes: dict[str, VoteResult] = {}
@@ -363,7 +363,8 @@ def run_stream(
             cfg.method,
             task_type,
             synonyms,
-            quote(zs),
+            zs_answers,
+            zs_unc,
             quote(votes),
             quote(teacher_zs),
             quote(icl),

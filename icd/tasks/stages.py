@@ -307,7 +307,8 @@ def evaluate_chunk(
     method: MethodConfig,
     task_type: str,
     synonyms: dict[str, list[str]] | None,
-    zs: dict[str, Any] | None,
+    zs_answers: list[str | None],
+    zs_unc: np.ndarray | None,
     votes: dict[str, VoteResult],
     teacher_zs: dict[str, VoteResult],
     icl: dict[str, Any] | None,
@@ -318,10 +319,6 @@ def evaluate_chunk(
     chunk's parquet file, and return the chunk's metrics."""
     valid = chunk.valid
     n = len(valid)
-    zs_gens = zs["generations"] if zs else []
-    zs_answers, zs_unc = (
-        steps.student_outputs(zs_gens, method.uncertainty) if zs_gens else ([None] * n, None)
-    )
     icl_answers: list[str | None] = [None] * n
     icl_unc: list[float | None] = [None] * n
     demo_ids: list[list[str]] = [[] for _ in range(n)]
