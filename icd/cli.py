@@ -131,7 +131,7 @@ def run(
 
     stream_mod.CHUNK_HOOKS.append(hook)
     try:
-        with bar:
+        with bar, stream_mod.in_process_settings():
             summary = stream_mod.stream_flow_for(cfg)(
                 preset=None, overrides=None, config_json=cfg.model_dump_json(), run_id=run_id
             )
@@ -232,11 +232,13 @@ def benchmark(
     import polars as pl
 
     from icd.flows.benchmark import benchmark as benchmark_flow
+    from icd.flows.stream import in_process_settings
     from icd.report import print_summary
 
     _quiet_prefect()
     try:
-        result = benchmark_flow(suite, set_ or [], benchmark_id=bench_id)
+        with in_process_settings():
+            result = benchmark_flow(suite, set_ or [], benchmark_id=bench_id)
     except _user_errors() as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return

@@ -7,8 +7,8 @@ The same smoke samples go, in one run, through
   numpy arrays in memory — no Prefect, no LanceDB, no MLflow, no files;
 - ``flow L0``: the ``stream`` flow as ``icd run`` runs it (Prefect tasks with cache keys and
   persisted results, LanceDB pool commits, MLflow metrics per chunk, predictions parquet per
-  chunk, a run-state commit per chunk), no lookahead: a chunk's embedding and scoring (two
-  tasks, run side by side), then its sequential stages, then the next chunk;
+  chunk, a run-state commit per chunk), no lookahead: a chunk's stages in order (the pool
+  commit in the background during ICL), then the next chunk;
 - ``flow L2``: the flow with embedding and scoring of the next two chunks running ahead;
 - the loop and ``flow L0`` again at each larger chunk size asked for.
 

@@ -97,9 +97,10 @@ def timed_flow(cfg: Config, name: str) -> dict[str, Any]:
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     load = os.getloadavg()[0]
     try:
-        summary = stream_mod.stream(
-            config_json=cfg.model_dump_json(), run_id=f"{name}-{uuid.uuid4().hex[:8]}"
-        )
+        with stream_mod.in_process_settings():  # as `icd run` runs it
+            summary = stream_mod.stream(
+                config_json=cfg.model_dump_json(), run_id=f"{name}-{uuid.uuid4().hex[:8]}"
+            )
     finally:
         stream_mod.CHUNK_HOOKS.remove(hook)
     wall = time.perf_counter() - t0

@@ -3,15 +3,17 @@ benchmark stream.
 
 Per chunk (DESIGN §4)::
 
-    embed ─┐
-           ├─> select for annotation ─> teacher annotate (vote) ─> pool update
-    score ─┘                                                          │
-                      select demos (pool before this chunk) ─> student ICL ─> evaluate ─> log
+    embed ─> score ─> select for annotation ─> teacher annotate (vote) ─┬─> pool update ──┬─> evaluate ─> log
+                                                                        └─> student ICL ──┘
+                                       (demos selected from the pool as it was before this chunk)
 
 Embedding and zero-shot scoring do not depend on the pool, so with ``pipeline.lookahead``
-> 0 they are submitted for the next chunks while the current chunk's sequential stages run.
-A chunk is committed (predictions parquet, pool version, policy state) before the next
-one starts its sequential stages; a killed run restarts after its last committed chunk.
+> 0 they are submitted for the next chunks while the current chunk's sequential stages run
+(with 0 they run in order, in the flow's thread). The pool update runs in the background
+while the student answers with demonstrations, which come from the pool as it was before
+the chunk. A chunk is committed (predictions parquet, pool version, policy state) before
+the next one starts its sequential stages; a killed run restarts after its last committed
+chunk.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -48,11 +50,9 @@ from icd.tasks.stages import (
     annotate_with_teacher,
     evaluate_chunk,
     extract_embeddings,
-    load_chunk,
     open_pool,
     predict_icl,
     score_student,
-    select_for_annotation,
     update_pool,
 )
 
@@ -152,6 +152,17 @@ def _api_for_workers() -> AbstractContextManager[Any]:
     return temporary_settings({PREFECT_API_URL: str(get_run_context().client.api_url)})
 
 
+def in_process_settings() -> AbstractContextManager[Any]:
+    """Prefect settings for flows run in this process on Prefect's ephemeral server (no
+    ``PREFECT_API_URL``): no flow-run heartbeats. That server lives only as long as this
+    process, so a missed heartbeat could never be acted on, and stopping the heartbeat
+    thread costs every flow run up to a second at its end. With a real server (deployments,
+    a configured API URL) nothing changes."""
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def stream_flow_for(cfg: Config) -> Any:
     """The ``stream`` flow with the task runner ``cfg.pipeline`` asks for."""
     return stream.with_options(task_runner=task_runner_for(cfg))
@@ -236,15 +247,20 @@ def run_stream(
     # quote(...): Prefect then hands them over as they are instead of walking every nested
     # object for futures on each call (cache keys are computed on the unquoted values).
     # Not to Dask, which turns tuple subclasses such as quote into plain tuples.
-    ahead = quote if not _on_dask() else lambda x: x
+    on_dask = _on_dask()
+    ahead = quote if not on_dask else lambda x: x
 
     def submit_ahead(chunk: Chunk) -> tuple[Chunk, Any, Any]:
-        emb = extract_embeddings.submit(ahead(chunk), chunk.key, cfg.models.embedder, scope)
+        """The chunk's embedding and zero-shot scoring: futures when they run ahead, final
+        states when they run here and now (lookahead 0: in order, nothing to overlap)."""
+        if cfg.pipeline.lookahead:
+            run = lambda t, *args: t.submit(ahead(chunk), *args)  # noqa: E731
+        else:
+            run = lambda t, *args: t(quote(chunk), *args, return_state=True)  # noqa: E731
+        emb = run(extract_embeddings, chunk.key, cfg.models.embedder, scope)
         zs = None
         if mode.student_zero_shot:
-            zs = score_student.submit(
-                ahead(chunk), chunk.key, cfg.models.student, task_type, prompt_classes, scope
-            )
+            zs = run(score_student, chunk.key, cfg.models.student, task_type, prompt_classes, scope)
         return chunk, emb, zs
 
     # The pool-independent stages of up to `lookahead` chunks run ahead of the current one.
@@ -253,7 +269,9 @@ def run_stream(
     n_chunks = src.num_chunks(chunk_size)
     while True:
         while len(in_flight) <= cfg.pipeline.lookahead and (n_chunks is None or index < n_chunks):
-            chunk = load_chunk(src, index, chunk_size)
+            # A plain read, not a task: `datasets` retries streamed reads itself (up to 20
+            # times), and a task run would cost more than reading a local chunk.
+            chunk = src.chunk(index, chunk_size)
             if not chunk.samples:
                 n_chunks = index
                 break
@@ -282,7 +300,11 @@ def run_stream(
         if mode.teacher_on_all:
             queried_ids = [s.sample_id for s in valid]
         elif mode.query_teacher and valid:
-            mask, policy_state = select_for_annotation(zs_unc, policy_state, cfg.method, src.length)
+            # The policy runs sample by sample over the chunk (a plain call: microseconds).
+            mask, state = steps.select_queries(
+                zs_unc, PolicyState.from_dict(policy_state), cfg.method, src.length
+            )
+            policy_state = state.to_dict()
             queried_ids = [s.sample_id for s, q in zip(valid, mask, strict=True) if q]
         if queried_ids:
             t0 = time.perf_counter()
@@ -310,30 +332,31 @@ def run_stream(
             service = ann.get("service") or {}
             seconds["annotate"] += time.perf_counter() - t0
 
-        # Pool: this chunk's accepted annotations, one LanceDB commit.
-        t0 = time.perf_counter()
+        # Student ICL with demos from the pool as it was before this chunk, while this
+        # chunk's accepted annotations go into the pool (one LanceDB commit) in the
+        # background (in order on Dask, whose workers would each commit through a handle
+        # of their own).
+        view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
+        pool_f = None
         if mode.use_pool and votes:
-            manifest[str(chunk.index)] = update_pool(
+            pool_args = (
                 pool_uri,
                 run_id,
-                quote(chunk),
-                quote(votes),
+                ahead(chunk),
+                ahead(votes),
                 emb["image_vecs"],
                 zs_unc,
                 cfg.models.teacher.model_id,
                 cfg.models.embedder,
                 cfg.storage.compact_every,
             )
-        seconds["pool"] += time.perf_counter() - t0
-
-        # Student ICL with demos from the pool as it was before this chunk.
+            pool_f = update_pool.submit(*pool_args) if not on_dask else update_pool(*pool_args)
         icl = None
         icl_rows: list[int] = []
         if mode.use_icl and valid:
             t0 = time.perf_counter()
             need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
             icl_rows = [i for i, n in enumerate(need) if n]
-            view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
             icl = predict_icl(
                 quote(chunk),
                 chunk.key,
@@ -342,6 +365,7 @@ def run_stream(
                 zs_answers,
                 pool_uri,
                 run_id,
+                quote(view),
                 _pool_key(view.ids, list(view.labels)),
                 cfg.models.student,
                 cfg.models.embedder,
@@ -352,6 +376,10 @@ def run_stream(
                 scope,
             )
             seconds["icl"] += time.perf_counter() - t0
+        if pool_f is not None:
+            pooled = pool_f if on_dask else pool_f.result()
+            manifest[str(chunk.index)] = pooled["version"]
+            seconds["pool"] += pooled["seconds"]
 
         t0 = time.perf_counter()
         pool_size = open_pool(pool_uri).count(run_id) if mode.use_pool else 0
@@ -359,15 +387,15 @@ def run_stream(
             run_dir,
             run_id,
             cfg.data.dataset,
-            quote(chunk),
+            chunk,
             cfg.method,
             task_type,
             synonyms,
             zs_answers,
             zs_unc,
-            quote(votes),
-            quote(teacher_zs),
-            quote(icl),
+            votes,
+            teacher_zs,
+            icl,
             icl_rows,
             pool_size,
         )
@@ -390,7 +418,7 @@ def run_stream(
                 "service": service,
             },
         )
-        tracker.log_metrics(_loggable(running), step=counters["samples_seen"])
+        tracker.log_metrics(_loggable(running), step=counters["samples_seen"], background=True)
         log.info(
             "chunk %d: %d samples, %d queried, accuracy so far %s, pool %d",
             chunk.index,
@@ -443,10 +471,12 @@ def run_stream(
     return summary
 
 
-def _fresh_seconds(future: Any, result: dict[str, Any]) -> float:
-    """Seconds a submitted stage really spent: 0 when its result came from the task cache
-    (the persisted result carries the seconds of the run that computed it)."""
-    return 0.0 if future.state.name == "Cached" else float(result["seconds"])
+def _fresh_seconds(run: Any, result: dict[str, Any]) -> float:
+    """Seconds a stage (its future, or its final state) really spent: 0 when its result came
+    from the task cache (the persisted result carries the seconds of the run that computed
+    it)."""
+    state = getattr(run, "state", run)
+    return 0.0 if state.name == "Cached" else float(result["seconds"])
 
 
 def _loggable(running: dict[str, Any]) -> dict[str, float]:

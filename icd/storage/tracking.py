@@ -19,6 +19,7 @@ import re
 import time
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,8 @@ class Tracker:
         self._params: dict[str, str] = {}
         self._steps: dict[str, set[int]] = {}
         self._known_keys: set[str] = set()
+        self._writer: ThreadPoolExecutor | None = None  # background metric writes, in order
+        self._pending: list[Future[None]] = []  # background writes not waited on yet
 
     def _experiment_id(self) -> str:
         try:
@@ -295,6 +298,7 @@ class Tracker:
         """Record the run summary (numbers as ``summary.*`` metrics, the whole dict as
         ``summary.json``) and mark the run ``status`` (FINISHED | FAILED | KILLED)."""
         rid = self._require_run()
+        self.flush()
         if summary:
             numbers = {
                 f"summary.{k}": float(v) for k, v in flatten(summary).items() if _is_number(v)
@@ -331,10 +335,18 @@ class Tracker:
             self._set_tags({f"icd.param_changed.{k}": params_value(params, k) for k in changed})
         return changed
 
-    def log_metrics(self, metrics: dict[str, float | None], step: int) -> int:
+    def log_metrics(
+        self, metrics: dict[str, float | None], step: int, background: bool = False
+    ) -> int:
         """Log ``metrics`` at ``step`` (samples seen) in batched calls; None values and
         steps already recorded for a key (a resumed run) are skipped. Returns how many
-        metric values were written."""
+        metric values were written (or queued).
+
+        With ``background`` the values are written by one background thread, in order, and
+        this returns at once; :meth:`flush` (called by :meth:`finish`) waits for them and
+        raises if a write failed. (Not MLflow's own asynchronous logging: ending a run then
+        waits up to a second for its queue to poll.) A process killed before then loses the queued values: callers re-log
+        them on resume (steps already recorded are skipped, so nothing is logged twice)."""
         rid = self._require_run()
         now = int(time.time() * 1000)
         out: list[Metric] = []
@@ -347,8 +359,22 @@ class Tracker:
             out.append(Metric(key, float(value), now, int(step)))
             steps.add(int(step))
         for part in _batches(out, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(rid, metrics=part)
+            if background:
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="icd-mlflow")
+                self._pending.append(self._writer.submit(self.client.log_batch, rid, part))
+            else:
+                self.client.log_batch(rid, metrics=part)
         return len(out)
+
+    def flush(self) -> None:
+        """Wait until every metric logged in the background is stored."""
+        pending, self._pending = self._pending, []
+        for write in pending:
+            write.result()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
 
     def log_dataset(self, info: dict[str, Any], df: pl.DataFrame | None = None) -> None:
         """Record the stream dataset as a run input (context ``stream``): ``info`` holds

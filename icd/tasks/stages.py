@@ -1,4 +1,6 @@
-"""Prefect tasks: one per pipeline stage, each working on a whole chunk.
+"""Prefect tasks: one per pipeline stage that calls a model or writes the pool, each working
+on a whole chunk. Reading a chunk, the annotation policy and the evaluation are plain calls
+in the flow: a task run would cost more than their work, and a retry would fix nothing.
 
 Tasks are thin: they load models through the process-level cache in :mod:`icd.models`
 (so a worker loads a model once), call the pure method code in :mod:`icd.method`, and do
@@ -21,10 +23,8 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from icd.config import MethodConfig, ModelConfig, SelectionConfig, VotingConfig
-from icd.data.stream import Stream
 from icd.data.types import Chunk
 from icd.method import metrics, steps
-from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
 from icd.method.selection import select_demos
 from icd.method.types import Prompt
@@ -32,7 +32,7 @@ from icd.method.voting import VoteResult
 from icd.models import load_embedder, load_student, load_teacher
 from icd.models.images import load_image
 from icd.storage import results
-from icd.storage.pool import DemoPool
+from icd.storage.pool import DemoPool, PoolView
 
 # Cache keys: every input except the live chunk object (its identity is `chunk_key`), and
 # except where results go (`ledger`) and which run asks (`run_id`; a pool's content is
@@ -81,12 +81,6 @@ def zero_shot_prompts(chunk: Chunk, task_type: str, class_names: list[str] | Non
     return [build_prompt(s.question, s.image, [], task_type, class_names) for s in chunk.valid]
 
 
-@task(name="load_chunk", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def load_chunk(stream: Stream, index: int, chunk_size: int) -> Chunk:
-    """Read and decode chunk ``index``; undecodable samples are kept with a skip reason."""
-    return stream.chunk(index, chunk_size)
-
-
 @task(name="extract_embeddings", cache_policy=CHUNK_CACHE, persist_result=True, **MODEL_RETRIES)
 def extract_embeddings(
     chunk: Chunk, chunk_key: str, embedder: ModelConfig, scope: str = ""
@@ -113,20 +107,6 @@ def score_student(
     prompts = zero_shot_prompts(chunk, task_type, class_names)
     gens = load_student(student).generate(prompts) if prompts else []
     return {"generations": gens, "seconds": time.perf_counter() - t0}
-
-
-@task(name="select_for_annotation", cache_policy=NO_CACHE)
-def select_for_annotation(
-    uncertainties: np.ndarray,
-    policy_state: dict[str, Any],
-    method: MethodConfig,
-    stream_length: int | None,
-) -> tuple[list[bool], dict[str, Any]]:
-    """Which samples the teacher labels (the policy runs sample by sample) and its new state."""
-    mask, state = steps.select_queries(
-        uncertainties, PolicyState.from_dict(policy_state), method, stream_length
-    )
-    return [bool(m) for m in mask], state.to_dict()
 
 
 @task(name="annotate_with_teacher", cache_policy=CHUNK_CACHE, persist_result=True, **MODEL_RETRIES)
@@ -198,9 +178,11 @@ def update_pool(
     teacher_id: str,
     embedder: ModelConfig,
     compact_every: int,
-) -> int:
+) -> dict[str, Any]:
     """Upsert the chunk's accepted annotations as one pool commit (idempotent on the sample
-    id), embedding each label with the embedder's text tower; returns the pool version."""
+    id), embedding each label with the embedder's text tower; returns the pool ``version``
+    and the ``seconds`` it took."""
+    t0 = time.perf_counter()
     pool = open_pool(pool_uri)
     valid = chunk.valid
     accepted = [
@@ -209,7 +191,7 @@ def update_pool(
         if s.sample_id in votes and votes[s.sample_id].accepted and votes[s.sample_id].label
     ]
     if not accepted:
-        return pool.version()
+        return {"version": pool.version(), "seconds": time.perf_counter() - t0}
     label_vecs = load_embedder(embedder).embed_texts([v.label for _, v in accepted])
     now = datetime.now(UTC)
     rows = [
@@ -233,10 +215,10 @@ def update_pool(
     ]
     version = pool.upsert(rows)
     pool.maybe_compact(compact_every)
-    return version
+    return {"version": version, "seconds": time.perf_counter() - t0}
 
 
-@task(name="predict_icl", cache_policy=CHUNK_CACHE, persist_result=True, **MODEL_RETRIES)
+@task(name="predict_icl", cache_policy=CHUNK_CACHE - "view", persist_result=True, **MODEL_RETRIES)
 def predict_icl(
     chunk: Chunk,
     chunk_key: str,
@@ -245,6 +227,7 @@ def predict_icl(
     zs_answers: list[str],
     pool_uri: str,
     run_id: str,
+    view: PoolView,
     pool_key: str,
     student: ModelConfig,
     embedder: ModelConfig,
@@ -254,14 +237,14 @@ def predict_icl(
     seed: int,
     scope: str = "",
 ) -> dict[str, Any]:
-    """For the valid samples at ``rows``: choose demonstrations from the pool as it was
-    before this chunk (``pool_key`` fingerprints that view), then answer with them."""
+    """For the valid samples at ``rows``: choose demonstrations from ``view``, the pool as it
+    was before this chunk (``pool_key`` fingerprints its content and stands for it in the
+    cache key), then answer with them."""
     t0 = time.perf_counter()
     valid = [chunk.valid[i] for i in rows]
     if not valid:
         return {"generations": [], "demo_ids": [], "demo_labels": [], "seconds": 0.0}
     pool = open_pool(pool_uri)
-    view = pool.view(run_id, before_chunk=chunk.index)
     query_txt = None
     if sel.w_tt != 0 and sel.strategy in ("combined", "cascade") and len(view):
         query_txt = load_embedder(embedder).embed_texts([zs_answers[i] for i in rows])
@@ -298,7 +281,6 @@ def predict_icl(
     }
 
 
-@task(name="evaluate_chunk", cache_policy=NO_CACHE)
 def evaluate_chunk(
     run_dir: Path,
     run_id: str,
@@ -316,7 +298,11 @@ def evaluate_chunk(
     pool_size: int,
 ) -> dict[str, Any]:
     """Build the chunk's prediction rows (every sample, skipped ones too), write them as the
-    chunk's parquet file, and return the chunk's metrics."""
+    chunk's parquet file, and return the chunk's metrics.
+
+    A plain function the flow calls, not a task: no model, nothing worth caching, and a
+    failed write is not something a retry fixes (a task run would cost more than the work).
+    """
     valid = chunk.valid
     n = len(valid)
     icl_answers: list[str | None] = [None] * n

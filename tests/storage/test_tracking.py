@@ -170,3 +170,21 @@ def test_unusable_store_is_a_one_line_error(store: str, tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(TrackingError, match="no quotes"):
         Tracker(store, "icd").start("it's", {})
+
+
+def test_background_metrics_are_all_stored_by_finish_and_failures_surface(store: str) -> None:
+    tracker = Tracker(store, "icd")
+    mlflow_id = tracker.start("run-background", config(), {})
+    for step in range(64, 64 * 21, 64):
+        assert tracker.log_metrics({"accuracy": step / 2000}, step, background=True) == 1
+    tracker.finish({"samples": 64 * 20})  # waits for the queued writes
+    history = tracker.client.get_metric_history(mlflow_id, "accuracy")
+    assert sorted((m.step, m.value) for m in history) == [
+        (step, step / 2000) for step in range(64, 64 * 21, 64)
+    ]
+
+    broken = Tracker(store, "icd")
+    broken.start("run-background-broken", config(), {})
+    broken.log_metrics({"bad\x00key": 1.0}, 64, background=True)  # MLflow rejects the name
+    with pytest.raises(Exception, match="bad"):
+        broken.flush()
