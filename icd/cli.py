@@ -283,12 +283,15 @@ def bench_select(
 def bench_overhead(
     samples: Annotated[int, typer.Option(help="Smoke samples to stream.")] = 2000,
     chunk_size: Annotated[int, typer.Option(help="Chunk size of the flow.")] = 64,
+    rounds: Annotated[
+        int, typer.Option(help="Interleaved rounds of every row; each row keeps its fastest.")
+    ] = 3,
 ) -> None:
     """Samples/s of the full flow vs a plain Python loop over the same method and model
     functions (no Prefect/LanceDB/MLflow), same samples, same run; peak RSS."""
     from icd.bench.overhead import print_overhead_bench, run_overhead_bench
 
-    print_overhead_bench(run_overhead_bench(samples=samples, chunk_size=chunk_size))
+    print_overhead_bench(run_overhead_bench(samples=samples, chunk_size=chunk_size, rounds=rounds))
 
 
 @bench_app.command("teacher")

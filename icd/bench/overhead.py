@@ -243,7 +243,7 @@ def run_overhead_bench(
     chunk_size: int = 64,
     rss_samples: tuple[int, ...] = (2000, 10000),
     larger_chunks: tuple[int, ...] = (256,),
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> pl.DataFrame:
     """Samples/s of the stream flow (lookahead 0 and 2) vs the plain loop on the same
     ``samples`` smoke samples with ``chunk_size`` samples per chunk, in this run; each of

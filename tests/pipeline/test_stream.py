@@ -286,3 +286,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "accuracy")]
     assert steps == sorted(set(steps)) and steps[-1] == 320
+
+
+def test_in_process_runs_skip_heartbeats_and_server_runs_keep_them() -> None:
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    from icd.flows.stream import in_process_settings
+
+    default = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    assert default is not None
+    with in_process_settings():  # ephemeral server: nothing outlives a crash to act on one
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+    server = temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"})
+    with server, in_process_settings():  # entered in order: the API URL is set first
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default
