@@ -3,9 +3,9 @@ benchmark stream.
 
 Per chunk (DESIGN §4)::
 
-    embed ─> score ─> select for annotation ─> teacher annotate (vote) ─┬─> pool update ──┬─> evaluate ─> log
-                                                                        └─> student ICL ──┘
-                                       (demos selected from the pool as it was before this chunk)
+    embed ─> score ─> select for annotation ─> teacher annotate (vote) ─┬─> pool update ─┐
+                                                                        └─> student ICL ─┴─> evaluate ─> log
+    (the student's demos come from the pool as it was before this chunk)
 
 Embedding and zero-shot scoring do not depend on the pool, so with ``pipeline.lookahead``
 > 0 they are submitted for the next chunks while the current chunk's sequential stages run
@@ -335,8 +335,13 @@ def run_stream(
         # Student ICL with demos from the pool as it was before this chunk, while this
         # chunk's accepted annotations go into the pool (one LanceDB commit) in the
         # background (in order on Dask, whose workers would each commit through a handle
-        # of their own).
-        view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
+        # of their own). The view is taken first: the commit holds the pool's lock.
+        icl_rows: list[int] = []
+        view = None
+        if mode.use_icl and valid:
+            need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
+            icl_rows = [i for i, n in enumerate(need) if n]
+            view = open_pool(pool_uri).view(run_id, before_chunk=chunk.index)
         pool_f = None
         if mode.use_pool and votes:
             pool_args = (
@@ -352,11 +357,8 @@ def run_stream(
             )
             pool_f = update_pool.submit(*pool_args) if not on_dask else update_pool(*pool_args)
         icl = None
-        icl_rows: list[int] = []
-        if mode.use_icl and valid:
+        if view is not None:
             t0 = time.perf_counter()
-            need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
-            icl_rows = [i for i, n in enumerate(need) if n]
             icl = predict_icl(
                 quote(chunk),
                 chunk.key,
