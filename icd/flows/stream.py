@@ -3,8 +3,8 @@ benchmark stream.
 
 Per chunk (DESIGN §4)::
 
-    embed ─> score ─> select for annotation ─> teacher annotate (vote) ─┬─> pool update ─┐
-                                                                        └─> student ICL ─┴─> evaluate ─> log
+    embed ─> score ─> select for annotation ─> teacher (vote) ─┬─> pool update ─┐
+                                                               └─> student ICL ─┴─> evaluate, log
     (the student's demos come from the pool as it was before this chunk)
 
 Embedding and zero-shot scoring do not depend on the pool, so with ``pipeline.lookahead``

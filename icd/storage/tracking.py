@@ -345,8 +345,9 @@ class Tracker:
         With ``background`` the values are written by one background thread, in order, and
         this returns at once; :meth:`flush` (called by :meth:`finish`) waits for them and
         raises if a write failed. (Not MLflow's own asynchronous logging: ending a run then
-        waits up to a second for its queue to poll.) A process killed before then loses the queued values: callers re-log
-        them on resume (steps already recorded are skipped, so nothing is logged twice)."""
+        waits up to a second for its queue to poll.) A process killed before then loses the
+        queued values: callers re-log them on resume (steps already recorded are skipped, so
+        nothing is logged twice)."""
         rid = self._require_run()
         now = int(time.time() * 1000)
         out: list[Metric] = []
