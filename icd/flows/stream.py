@@ -355,7 +355,10 @@ def run_stream(
                 cfg.models.embedder,
                 cfg.storage.compact_every,
             )
-            pool_f = update_pool.submit(*pool_args) if not on_dask else update_pool(*pool_args)
+            if on_dask:
+                pool_f = update_pool(*pool_args, return_state=True)
+            else:
+                pool_f = update_pool.submit(*pool_args)
         icl = None
         if view is not None:
             t0 = time.perf_counter()
@@ -379,7 +382,7 @@ def run_stream(
             )
             seconds["icl"] += time.perf_counter() - t0
         if pool_f is not None:
-            pooled = pool_f if on_dask else pool_f.result()
+            pooled = pool_f.result()  # a future, or the final state on Dask
             manifest[str(chunk.index)] = pooled["version"]
             seconds["pool"] += pooled["seconds"]
 
