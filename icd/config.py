@@ -54,6 +54,18 @@ class ModelConfig(_Strict):
     device: str = "cpu"
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(16, ge=1)
+    # hf backends: how the weights load and the inputs are prepared
+    processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Processor options, at load and at every call (e.g. do_image_splitting, "
+        "size, min_pixels, max_pixels)",
+    )
+    device_map: str | None = Field(
+        None, description="Place the weights with accelerate ('auto': over all GPUs); not device"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        "sdpa", description="Attention kernel (flash_attention_2 needs flash-attn)"
+    )
     # oracle teacher
     noise: float = Field(0.0, ge=0.0, le=1.0, description="Oracle: rate of wrong labels")
     # openai teacher
@@ -63,6 +75,11 @@ class ModelConfig(_Strict):
     requests_per_minute: int | None = Field(None, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
+    sampling_extensions: bool | None = Field(
+        None,
+        description="Send top_k and repetition_penalty (vLLM/SGLang extensions; None: unless "
+        "the endpoint is api.openai.com)",
+    )
 
 
 class PolicyConfig(_Strict):

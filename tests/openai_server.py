@@ -19,6 +19,12 @@ of the next requests in order. ``latency_ms`` adds a fixed service delay to ever
 from memory, so that with ``latency_ms`` the server behaves like a remote teacher with
 spare capacity (a GPU server batching concurrent requests) rather than one CPU model.
 A wrong or missing API key gets a 401.
+
+Generation defaults, as vLLM applies them: a request that omits ``top_k`` gets the served
+checkpoint's (``Faults.default_top_k``; Qwen-VL checkpoints ship ``top_k=1``, so every
+"sampled" answer is the greedy one); ``top_k=-1`` (or 0) samples from the full distribution.
+``reject_extensions`` answers a request carrying ``top_k`` or ``repetition_penalty`` with a
+400, as the hosted OpenAI API does.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class Faults:
     ignore_n: bool = False  # answer one choice whatever ``n`` asks for
     reject_logprobs: bool = False  # 400 on requests asking for logprobs
     memoize: bool = False  # a repeated identical request is answered without the model
+    default_top_k: int | None = None  # the checkpoint's top_k, for requests that omit it
+    reject_extensions: bool = False  # 400 on top_k / repetition_penalty (the hosted API)
     seed: int = 0
     script: list[str] = field(default_factory=list)  # outcomes of the next requests
 
@@ -357,8 +365,15 @@ class OpenAIServer:
             want_logprobs = bool(body.get("logprobs"))
             top_k = int(body.get("top_logprobs") or 0)
             seed = body.get("seed")
+            sampling_top_k = body.get("top_k", self.faults.default_top_k)
         except (ValueError, KeyError, TypeError) as e:
             return _error(400, f"Invalid request: {e}", "invalid_request_error")
+        if self.faults.reject_extensions and ({"top_k", "repetition_penalty"} & set(body)):
+            return _error(
+                400, "Unrecognized request argument supplied: top_k", "invalid_request_error"
+            )
+        if sampling_top_k == 1:  # top-k of one: whatever the temperature, the greedy answer
+            temperature = 0.0
         if want_logprobs and self.faults.reject_logprobs:
             return _error(400, "logprobs are not supported by this model", "invalid_request_error")
         if self.faults.ignore_n:

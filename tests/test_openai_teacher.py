@@ -254,6 +254,41 @@ def test_n_answers_greedy_first_seeded_and_reproducible(srv, hf_teacher):
     assert srv.counts["choices"] == 2 * 4 * len(samples)
 
 
+def test_server_generation_defaults_cannot_collapse_the_votes(srv):
+    # The served checkpoint ships top_k=1 (as Qwen-VL's generation_config.json does): a
+    # request that left top_k to the server would get the greedy answer n times.
+    srv.set_faults(default_top_k=1)
+    samples, prompts = bench_samples(6)
+    teacher = make_teacher(srv)
+    anns = teacher.annotate(samples, prompts, n=4, temperature=1.5, include_greedy=True, seed=3)
+    texts = [[g.text for g in a.generations] for a in anns]
+    assert all(len(t) == 4 for t in texts)
+    assert any(len(set(t)) > 1 for t in texts)  # sampled votes differ from the greedy one
+    # what the server's default alone gives: every vote the greedy answer
+    collapsed = make_teacher(srv, sampling_extensions=False)
+    flat = collapsed.annotate(samples, prompts, n=4, temperature=1.5, include_greedy=True, seed=3)
+    assert all(len({g.text for g in a.generations}) == 1 for a in flat)
+
+
+def test_server_rejecting_sampling_extensions_gets_them_no_more(srv):
+    srv.set_faults(reject_extensions=True)
+    samples, prompts = bench_samples(3)
+    teacher = make_teacher(srv, concurrency=1)
+    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=False, seed=0)
+    assert all(a.error is None and len(a.generations) == 3 for a in anns)
+    assert sum(a.retries for a in anns) == 1  # one 400, then never sent again
+    assert not teacher._extensions
+    assert_counts_add_up(teacher, anns, srv)
+
+
+def test_payload_pins_every_sampling_parameter():
+    local = OpenAITeacher("http://127.0.0.1:1/v1", "m")._payload([], 3, 0.7, 11)
+    assert (local["top_p"], local["top_k"], local["repetition_penalty"]) == (1.0, -1, 1.0)
+    assert (local["frequency_penalty"], local["presence_penalty"], local["seed"]) == (0, 0, 11)
+    hosted = OpenAITeacher("https://api.openai.com/v1", "gpt-4o")._payload([], 3, 0.7, 11)
+    assert hosted["top_p"] == 1.0 and "top_k" not in hosted and "repetition_penalty" not in hosted
+
+
 def test_server_ignoring_n_is_topped_up_with_single_requests(srv):
     srv.set_faults(ignore_n=True)
     samples, prompts = bench_samples(4)

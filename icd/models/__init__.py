@@ -9,6 +9,7 @@ the tiny locally built models (:mod:`icd.models.fixtures`).
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,54 @@ if TYPE_CHECKING:
 
 
 class ModelLoadError(RuntimeError):
-    """A model that cannot be loaded (unknown id, missing folder, no network); the
-    message is one line naming the model."""
+    """A model that cannot be loaded (unknown id, missing folder, no network, a missing
+    optional package, an unavailable device); the message is one line naming the model."""
+
+
+class ModelOOMError(RuntimeError):
+    """A model ran out of device memory even at batch size 1; the message is one line."""
+
+
+def pick_device(device: str, n_gpus: int, worker: str | int | None) -> str:
+    """The device a model loads on: a bare ``cuda`` in a Dask worker on a host with several
+    GPUs becomes ``cuda:<i>``, one GPU per worker (integer worker names, as a local cluster
+    gives them, round-robin; other names by a stable hash); anything else is unchanged."""
+    if device != "cuda" or n_gpus <= 1 or worker is None:
+        return device
+    try:
+        index = int(worker)
+    except (TypeError, ValueError):
+        index = int.from_bytes(hashlib.sha256(str(worker).encode()).digest()[:4], "little")
+    return f"cuda:{index % n_gpus}"
+
+
+def _dask_worker_name() -> str | int | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
+def resolve_device(device: str, model_id: str = "") -> str:
+    """``device`` checked against this machine (one-line :class:`ModelLoadError` when CUDA is
+    asked for but unavailable), with Dask workers spread over the GPUs (:func:`pick_device`)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"model {model_id!r}: device {device!r} is configured but CUDA is not available "
+                f"here (torch {torch.__version__}) — set device: cpu or install a CUDA build of torch"
+            )
+        return pick_device(device, torch.cuda.device_count(), _dask_worker_name())
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(f"model {model_id!r}: device 'mps' is not available here")
+    return device
 
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
@@ -34,7 +81,10 @@ def _cached(key: tuple[Any, ...], make: Any) -> Any:
 
 
 def _key(cfg: ModelConfig, *extra: Any) -> tuple[Any, ...]:
-    return (cfg.backend, cfg.model_id, cfg.revision, cfg.dtype, cfg.device, *extra)
+    load = json.dumps(
+        [cfg.processor_kwargs, cfg.device_map, cfg.attn_implementation], sort_keys=True
+    )
+    return (cfg.backend, cfg.model_id, cfg.revision, cfg.dtype, cfg.device, load, *extra)
 
 
 def clear_cache() -> None:
@@ -90,7 +140,12 @@ def load_embedder(cfg: ModelConfig) -> Embedder:
     return _cached(
         _key(cfg),
         lambda: HFEmbedder(
-            cfg.model_id, cfg.revision, cfg.dtype, cfg.device, batch_size=cfg.batch_size
+            cfg.model_id,
+            cfg.revision,
+            cfg.dtype,
+            cfg.device,
+            batch_size=cfg.batch_size,
+            attn_implementation=cfg.attn_implementation,
         ),
     )
 
@@ -108,6 +163,9 @@ def _load_vlm(cfg: ModelConfig) -> Any:
             cfg.device,
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
+            processor_kwargs=cfg.processor_kwargs,
+            device_map=cfg.device_map,
+            attn_implementation=cfg.attn_implementation,
         ),
     )
     # batch size and answer length are call settings, not part of the model's identity:

@@ -8,13 +8,24 @@ style ``AutoModel`` with ``get_image_features`` / ``get_text_features``.
 
 Model ids starting with ``fixtures/`` load the locally built tiny models (see
 :mod:`icd.models.fixtures`); anything else goes to ``from_pretrained(id, revision=...)``.
+
+Real checkpoints: ``processor_kwargs`` go to the processor at load and at every call (e.g.
+SmolVLM's ``do_image_splitting``, Qwen2.5-VL's ``min_pixels`` / ``max_pixels``);
+``device_map`` places the weights with accelerate (``auto`` shards a large model over the
+GPUs); ``attn_implementation`` picks the attention kernel. A CUDA out-of-memory error halves
+the batch and retries, down to one sample, then fails with one line
+(:class:`~icd.models.ModelOOMError`). A missing optional dependency (torchvision,
+sentencepiece, accelerate, flash-attn) is a one-line :class:`~icd.models.ModelLoadError`
+naming the model and the install command.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +39,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
-from icd.models import ModelLoadError
+from icd.models import ModelLoadError, ModelOOMError, resolve_device
 from icd.models.base import Annotation
 from icd.models.fixtures import resolve_model_path
 from icd.models.images import to_rgb
@@ -50,6 +61,54 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+# Optional packages real checkpoints need: (import name, pattern in transformers' errors, fix)
+OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
+    "torchvision": (
+        r"torchvision",
+        "install torchvision built for your torch: pip install 'icd[gpu]' (see README, GPU)",
+    ),
+    "sentencepiece": (r"sentencepiece", "pip install sentencepiece"),
+    "accelerate": (r"\baccelerate\b", "pip install 'icd[gpu]' (accelerate)"),
+    "flash_attn": (
+        r"flash[_ -]?attn|flash ?attention ?2?",
+        "pip install 'icd[flash]', or set attn_implementation: sdpa",
+    ),
+}
+
+
+def missing_dependency(text: str) -> str | None:
+    """The optional package an error message says is missing (None: not such an error)."""
+    low = text.lower()
+    if not any(
+        w in low for w in ("requires", "install", "no module", "not found", "not available")
+    ):
+        return None
+    for name, (pattern, _) in OPTIONAL_DEPENDENCIES.items():
+        if re.search(pattern, text, re.IGNORECASE):
+            return name
+    return None
+
+
+def dependency_error(where: str, package: str) -> ModelLoadError:
+    """One line naming the model, the missing package and how to install it."""
+    return ModelLoadError(
+        f"cannot load model {where}: it needs {package}, which is not installed — "
+        f"{OPTIONAL_DEPENDENCIES[package][1]}"
+    )
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_load_options(where: str, device_map: str | None, attn_implementation: str | None) -> None:
+    """Fail in one line, before any download, when a load option needs a missing package."""
+    if device_map is not None and not has_module("accelerate"):
+        raise dependency_error(where, "accelerate")
+    if attn_implementation == "flash_attention_2" and not has_module("flash_attn"):
+        raise dependency_error(where, "flash_attn")
 
 
 def from_pretrained(loader: Callable[..., Any], model_id: str, revision: str, **kwargs: Any) -> Any:
@@ -81,6 +140,9 @@ def from_pretrained(loader: Callable[..., Any], model_id: str, revision: str, **
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
+        package = missing_dependency(str(e))
+        if package is not None:
+            raise dependency_error(where, package) from None
         raise ModelLoadError(f"cannot load model {where}: {_one_line(e)}") from None
 
 
@@ -105,23 +167,96 @@ class _RowSampler(LogitsProcessor):
 
     Each answer thus depends on its (seed, sample id, draw index) alone, not on the batch it
     was decoded in or on torch's global RNG; ``generate`` still reports the raw logits.
+
+    Everything stays on the scores' device: the generators live there (created at the first
+    step), each row draws exponential noise into its own row of one buffer, and one argmax
+    over ``probs / noise`` picks every row's token (the exponential race, which is how
+    ``torch.multinomial`` draws one sample: on CPU the picks equal
+    ``torch.multinomial(probs[i], 1, generator=g_i)`` exactly). Nothing of vocabulary size
+    goes to the host.
     """
 
     def __init__(self, temperature: float, seeds: Sequence[int]) -> None:
         self.temperature = temperature
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None
+        self._noise: torch.Tensor | None = None
+
+    def _generators(self, device: torch.device) -> list[torch.Generator]:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        return self.generators
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
-        picks = torch.cat(
-            [
-                torch.multinomial(p, 1, generator=g)
-                for p, g in zip(probs, self.generators, strict=True)
-            ]
-        )
+        if scores.shape[0] != len(self.seeds):
+            raise ValueError(f"sampler has {len(self.seeds)} seeds for {scores.shape[0]} rows")
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        noise = self._noise
+        if noise is None or noise.shape != probs.shape or noise.device != probs.device:
+            noise = self._noise = torch.empty_like(probs)
+        for row, g in zip(noise, self._generators(probs.device), strict=True):
+            row.exponential_(1.0, generator=g)
+        picks = torch.div(probs, noise).argmax(dim=-1)
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(picks)), picks.to(scores.device)] = 0.0
+        out.scatter_(1, picks[:, None], 0.0)
         return out
+
+
+def is_oom(e: BaseException) -> bool:
+    """A device out-of-memory error (CUDA, or another backend's "out of memory")."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _BatchCap:
+    """The largest batch that has fit on the device, shared by a model and its views."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+        self.lock = threading.Lock()
+
+
+def run_halving(
+    items: Sequence[Any],
+    batch_size: int,
+    run: Callable[[list[Any]], list[Any]],
+    cap: _BatchCap,
+    what: str,
+) -> list[Any]:
+    """``run`` over ``items`` in batches of ``batch_size``; order preserved.
+
+    A batch that runs out of device memory is split in halves and retried, down to one item;
+    the smaller size is remembered in ``cap`` for later calls. One item that still does not
+    fit raises :class:`ModelOOMError` (one line, naming ``what``).
+    """
+    out: list[Any] = []
+    start = 0
+    while start < len(items):
+        size = min(batch_size, cap.value or batch_size)
+        batch = list(items[start : start + size])
+        try:
+            out += run(batch)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            _free_device_memory()
+            if len(batch) == 1:
+                raise ModelOOMError(
+                    f"{what}: out of device memory at batch size 1 — lower max_new_tokens or "
+                    "the image size (processor_kwargs), use a smaller dtype, or spread the "
+                    "model over more GPUs (device_map: auto)"
+                ) from None
+            with cap.lock:
+                cap.value = max(1, len(batch) // 2)
+            continue
+        start += len(batch)
+    return out
 
 
 class HFVLM:
@@ -137,19 +272,35 @@ class HFVLM:
         device: str = "cpu",
         batch_size: int = 8,
         max_new_tokens: int = 16,
+        processor_kwargs: dict[str, Any] | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = "sdpa",
     ) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.model_id = model_id
         self.revision = revision
-        self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.dtype = _torch_dtype(dtype)
+        self.processor_kwargs = dict(processor_kwargs or {})
         self._lock = threading.Lock()  # shared with the views made by with_settings
-        self.processor = from_pretrained(AutoProcessor, model_id, revision)
-        model = from_pretrained(AutoModelForImageTextToText, model_id, revision, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        self._cap = _BatchCap()  # likewise: the batch size that fits on the device
+        check_load_options(repr(model_id), device_map, attn_implementation)
+        if device_map is None:
+            self.device = torch.device(resolve_device(device, model_id))
+        self.processor = from_pretrained(AutoProcessor, model_id, revision, **self.processor_kwargs)
+        load: dict[str, Any] = {"dtype": self.dtype}
+        if attn_implementation is not None:
+            load["attn_implementation"] = attn_implementation
+        if device_map is not None:
+            load["device_map"] = device_map
+        model = from_pretrained(AutoModelForImageTextToText, model_id, revision, **load)
+        if device_map is None:
+            model = model.to(self.device)
+        else:  # inputs go where the embeddings are
+            self.device = model.get_input_embeddings().weight.device
+        self.model = model.eval()
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         if getattr(self.processor, "chat_template", None) is None:
@@ -180,12 +331,16 @@ class HFVLM:
     def generate(
         self, prompts: Sequence[Prompt], max_new_tokens: int | None = None
     ) -> list[Generation]:
-        """One greedy answer per prompt, batched by ``batch_size``; order preserved."""
-        out: list[Generation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            batch = list(prompts[start : start + self.batch_size])
-            out += self._generate(batch, max_new_tokens or self.max_new_tokens)
-        return out
+        """One greedy answer per prompt, batched by ``batch_size`` (halved on out-of-memory);
+        order preserved."""
+        limit = max_new_tokens or self.max_new_tokens
+        return run_halving(
+            list(prompts),
+            self.batch_size,
+            lambda batch: self._generate(batch, limit),
+            self._cap,
+            f"model {self.model_id!r}",
+        )
 
     # ----------------------------------------------------------------- teacher
     def annotate(
@@ -207,23 +362,43 @@ class HFVLM:
         """
         if len(samples) != len(prompts):
             raise ValueError(f"annotate: {len(samples)} samples but {len(prompts)} prompts")
+        args = (n, temperature, include_greedy, seed)
+        return run_halving(
+            list(range(len(prompts))),
+            self.batch_size,
+            lambda idx: self._annotate_batch(
+                [samples[i] for i in idx], [prompts[i] for i in idx], *args
+            ),
+            self._cap,
+            f"model {self.model_id!r}",
+        )
+
+    def _annotate_batch(
+        self,
+        batch_s: list[Sample],
+        batch_p: list[Prompt],
+        n: int,
+        temperature: float,
+        include_greedy: bool,
+        seed: int,
+    ) -> list[Annotation]:
+        """One batch; out-of-memory propagates (the caller halves the batch), any other
+        failure is retried one sample at a time and recorded per sample."""
+        try:
+            gens = self._annotate(batch_s, batch_p, n, temperature, include_greedy, seed)
+            return [Annotation(generations=g) for g in gens]
+        except Exception as e:
+            if is_oom(e):
+                raise
         out: list[Annotation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            idx = range(start, min(start + self.batch_size, len(prompts)))
-            batch_s = [samples[i] for i in idx]
-            batch_p = [prompts[i] for i in idx]
+        for s, p in zip(batch_s, batch_p, strict=True):
             try:
-                gens = self._annotate(batch_s, batch_p, n, temperature, include_greedy, seed)
-                out += [Annotation(generations=g) for g in gens]
-                continue
-            except Exception:
-                pass  # retried one by one below, which records each sample's own error
-            for s, p in zip(batch_s, batch_p, strict=True):
-                try:
-                    gens = self._annotate([s], [p], n, temperature, include_greedy, seed)
-                    out.append(Annotation(generations=gens[0], retries=1))
-                except Exception as e:
-                    out.append(Annotation(generations=[], error=_one_line(e), retries=1))
+                gens = self._annotate([s], [p], n, temperature, include_greedy, seed)
+                out.append(Annotation(generations=gens[0], retries=1))
+            except Exception as e:
+                if is_oom(e):
+                    raise
+                out.append(Annotation(generations=[], error=_one_line(e), retries=1))
         return out
 
     def _annotate(
@@ -306,6 +481,7 @@ class HFVLM:
         kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
         if any(images):
             kwargs["images"] = images
+            kwargs.update(self.processor_kwargs)
         inputs = self.processor(**kwargs)
         return {
             k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
@@ -357,17 +533,23 @@ class HFEmbedder:
         dtype: str = "float32",
         device: str = "cpu",
         batch_size: int = 32,
+        attn_implementation: str | None = None,
     ) -> None:
         from transformers import AutoModel, AutoProcessor
 
         self.model_id = model_id
         self.revision = revision
-        self.device = torch.device(device)
         self.batch_size = batch_size
         self.dtype = _torch_dtype(dtype)
         self._lock = threading.Lock()
+        self._cap = _BatchCap()
+        check_load_options(repr(model_id), None, attn_implementation)
+        self.device = torch.device(resolve_device(device, model_id))
         self.processor = from_pretrained(AutoProcessor, model_id, revision)
-        model = from_pretrained(AutoModel, model_id, revision, dtype=self.dtype)
+        load: dict[str, Any] = {"dtype": self.dtype}
+        if attn_implementation is not None:
+            load["attn_implementation"] = attn_implementation
+        model = from_pretrained(AutoModel, model_id, revision, **load)
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise ModelLoadError(
                 f"cannot load embedder {model_id!r}: {type(model).__name__} is not a dual "
@@ -411,15 +593,17 @@ class HFEmbedder:
     def _embed(self, items: list[Any], encode: Callable[[list[Any]], Any]) -> np.ndarray:
         if not items:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
-        rows = []
-        for start in range(0, len(items), self.batch_size):
+
+        def run(batch: list[Any]) -> list[np.ndarray]:
             with self._lock:
-                feats = encode(items[start : start + self.batch_size])
+                feats = encode(batch)
             if not isinstance(feats, torch.Tensor):  # transformers 5 returns an output object
                 feats = feats.pooler_output
-            feats = feats.float()
-            rows.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
-        return np.concatenate(rows).astype(np.float32, copy=False)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+            return list(feats.cpu().numpy())
+
+        rows = run_halving(items, self.batch_size, run, self._cap, f"embedder {self.model_id!r}")
+        return np.stack(rows).astype(np.float32, copy=False)
 
     def _to_device(self, inputs: Any) -> dict[str, torch.Tensor]:
         return {

@@ -14,6 +14,14 @@ gets an :class:`~icd.models.base.Annotation` with ``error`` set and the others c
 Accounting: every HTTP attempt and every returned answer is counted, per call
 (:meth:`OpenAITeacher.annotate_with_stats`) and per teacher (:meth:`OpenAITeacher.stats`).
 
+Sampling is fully specified by the request: besides ``temperature`` and a seed per request,
+every request sends ``top_p=1`` and ``frequency_penalty=presence_penalty=0``, and (where the
+server accepts them: vLLM, SGLang; not api.openai.com) ``top_k=-1`` and
+``repetition_penalty=1``. vLLM fills any omitted field from the checkpoint's
+``generation_config.json`` (Qwen-VL: ``top_k=1, top_p=0.001``), which would turn the sampled
+votes into copies of the greedy answer. A server that rejects the extension fields (a 400
+naming them) gets them no more.
+
 The API key is read from the environment variable named by ``api_key_env`` at call time
 and sent as a Bearer token; it is never stored on the object, logged, or put in messages.
 """
@@ -51,6 +59,8 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
 CONFIG_STATUS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
 MAX_RETRY_AFTER_S = 300.0
+# Sampling fields outside the OpenAI API that vLLM/SGLang accept (neutral values).
+EXTENSION_FIELDS: dict[str, Any] = {"top_k": -1, "repetition_penalty": 1.0}
 
 
 class TeacherConfigError(RuntimeError):
@@ -329,6 +339,7 @@ class OpenAITeacher:
         backoff_max: float = 20.0,
         revision: str = "main",
         top_logprobs: int = 5,
+        sampling_extensions: bool | None = None,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -346,6 +357,9 @@ class OpenAITeacher:
         self.top_logprobs = top_logprobs
         self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._logprobs = top_logprobs >= 0  # turned off if the server rejects them
+        if sampling_extensions is None:  # the hosted OpenAI API rejects unknown fields
+            sampling_extensions = "api.openai.com" not in self.base_url
+        self._extensions = sampling_extensions  # turned off if the server rejects them
         self._n_supported = True  # turned off once the server returns fewer choices than n
         self._reached = False  # set once any request got an HTTP response
         self._counts = _Counts()
@@ -369,6 +383,7 @@ class OpenAITeacher:
             max_retries=cfg.max_retries,
             max_tokens=cfg.max_new_tokens,
             revision=cfg.revision,
+            sampling_extensions=cfg.sampling_extensions,
         )
 
     def __repr__(self) -> str:
@@ -595,8 +610,8 @@ class OpenAITeacher:
                     return await self._attempt(call, messages, k, temperature, seed, tally, retry)
             except _Failed as e:
                 retry = True
-                if e.reason == "logprobs rejected":
-                    continue  # resent at once without logprobs
+                if e.reason in ("logprobs rejected", "extensions rejected"):
+                    continue  # resent at once without them
                 if attempt >= self.max_retries:
                     if e.connect and not self._reached:
                         call.failed = TeacherConfigError(
@@ -628,7 +643,13 @@ class OpenAITeacher:
             "temperature": temperature,
             "max_tokens": self.max_tokens,
             "seed": seed,
+            # Explicit neutral sampling: no server-side generation defaults may apply.
+            "top_p": 1.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
         }
+        if self._extensions:
+            body.update(EXTENSION_FIELDS)
         if self._logprobs:
             body["logprobs"] = True
             if self.top_logprobs > 0:
@@ -689,6 +710,13 @@ class OpenAITeacher:
                 )
             if status >= 400:
                 detail = self._server_message(resp)
+                if "top_k" in payload and any(k in detail for k in EXTENSION_FIELDS):
+                    self._extensions = False
+                    log.info(
+                        "teacher: server rejects %s; continuing without them",
+                        "/".join(EXTENSION_FIELDS),
+                    )
+                    raise _Failed("extensions rejected")
                 if "logprobs" in payload and "logprob" in detail.lower():
                     self._logprobs = False
                     log.info(
