@@ -148,13 +148,23 @@ class StorageConfig(_Strict):
         None, description="MLflow URI (default: sqlite:///ROOT/mlflow.db)"
     )
     experiment: str = "icd"
-    compact_every: int = Field(16, ge=1, description="Compact the pool every N chunk commits")
+    compact_every: int = Field(
+        16, ge=1, description="Compact the pool every N chunk commits (and at the end of a run)"
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Persisted task results, the cache that makes re-runs and resumes call "
+        "no model twice (default: ROOT/cache; point several machines at a shared folder)",
+    )
 
     def resolved_pool_uri(self) -> str:
         return self.pool_uri or str(Path(self.root).absolute() / "pool")
 
     def resolved_tracking_uri(self) -> str:
         return self.tracking_uri or f"sqlite:///{Path(self.root).absolute() / 'mlflow.db'}"
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir or Path(self.root) / "cache").absolute()
 
     def results_dir(self, run_id: str) -> Path:
         return Path(self.root).absolute() / "runs" / run_id

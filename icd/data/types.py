@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from PIL import Image
 
@@ -31,14 +34,33 @@ class Chunk:
     index: int
     samples: list[Sample] = field(default_factory=list)
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """Stable identity: chunk index plus its sample ids."""
-        import hashlib
-
-        h = hashlib.sha256("|".join(s.sample_id for s in self.samples).encode()).hexdigest()
-        return f"{self.index}-{h[:16]}"
+        """Content identity, the chunk's cache key: a digest of every sample's id, image
+        bytes, question, ground-truth answers and skip reason, in stream order. It never
+        depends on row positions or object identity, so any change to the data, however
+        small, gives a new key, and the same samples give the same key in any run."""
+        return content_digest(self.samples)
 
     @property
     def valid(self) -> list[Sample]:
         return [s for s in self.samples if s.skip_reason is None]
+
+
+def content_digest(samples: Sequence[Sample]) -> str:
+    """sha256 (32 hex digits) over each sample's id, image bytes, question, answers and
+    skip reason; every field is length-prefixed, so no two different chunks collide by
+    moving bytes between fields."""
+    h = hashlib.sha256()
+
+    def put(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    for s in samples:
+        put(s.sample_id.encode())
+        put(s.image_bytes)
+        put(s.question.encode())
+        put("\x1f".join(s.answers).encode())
+        put((s.skip_reason or "").encode())
+    return h.hexdigest()[:32]

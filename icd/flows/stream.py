@@ -93,10 +93,17 @@ def new_run_id(cfg: Config) -> str:
     return f"{cfg.data.dataset}-{cfg.method.mode}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def _pool_key(ids: Any, labels: list[str]) -> str:
-    """Fingerprint of a pool view's content (which rows, with which labels)."""
+def _pool_key(ids: Any, labels: list[str], lineage: str) -> str:
+    """Fingerprint of a pool view's content: which rows, with which labels, and the content
+    of the chunks they came from (``lineage``, see :func:`_chain`), which fixes their
+    images and questions."""
     text = "\n".join(f"{i}\t{label}" for i, label in zip(ids, labels, strict=True))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{lineage}\n{text}".encode()).hexdigest()[:16]
+
+
+def _chain(lineage: str, chunk_key: str) -> str:
+    """The content lineage after one more chunk: a hash chain of the run's chunk keys."""
+    return hashlib.sha256(f"{lineage}|{chunk_key}".encode()).hexdigest()[:32]
 
 
 @flow(name="icd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -192,6 +199,12 @@ def run_stream(
     ledger = str(run_dir / "teacher_calls.jsonl")
     chunk_size = cfg.pipeline.chunk_size
     scope = "" if cfg.pipeline.cache else run_id  # share task results across runs or not
+    # Persisted task results (the cache) live under the storage root unless configured.
+    cache_dir = cfg.storage.resolved_cache_dir()
+    embed_task, score_task, annotate_task, icl_task = (
+        t.with_options(result_storage=cache_dir)
+        for t in (extract_embeddings, score_student, annotate_with_teacher, predict_icl)
+    )
 
     tracker = Tracker(
         cfg.storage.resolved_tracking_uri(),
@@ -227,6 +240,7 @@ def run_stream(
     running: dict[str, Any] | None = last["running"] if last else None
     manifest: dict[str, int] = dict(last["manifest"]) if last else {}
     seconds: dict[str, float] = dict(last["seconds"]) if last else dict.fromkeys(STAGES, 0.0)
+    lineage: str = last.get("lineage", "") if last else ""
     if last:
         log.info(
             "run %s: resuming after chunk %d (%d samples done)",
@@ -257,26 +271,26 @@ def run_stream(
             run = lambda t, *args: t.submit(ahead(chunk), *args)  # noqa: E731
         else:
             run = lambda t, *args: t(quote(chunk), *args, return_state=True)  # noqa: E731
-        emb = run(extract_embeddings, chunk.key, cfg.models.embedder, scope)
+        emb = run(embed_task, chunk.key, cfg.models.embedder, scope)
         zs = None
         if mode.student_zero_shot:
-            zs = run(score_student, chunk.key, cfg.models.student, task_type, prompt_classes, scope)
+            zs = run(score_task, chunk.key, cfg.models.student, task_type, prompt_classes, scope)
         return chunk, emb, zs
 
     # The pool-independent stages of up to `lookahead` chunks run ahead of the current one.
+    # The stream is read once, in one pass: one iterator (a resumed run skips the committed
+    # chunks once, without decoding them). Reading is a plain call, not a task: `datasets`
+    # retries streamed reads itself, and a task run would cost more than reading a chunk.
     in_flight: deque[tuple[Chunk, Any, Any]] = deque()
-    index = start_chunk
-    n_chunks = src.num_chunks(chunk_size)
+    reader = src.chunks(chunk_size, start_chunk=start_chunk)
+    exhausted = False
     while True:
-        while len(in_flight) <= cfg.pipeline.lookahead and (n_chunks is None or index < n_chunks):
-            # A plain read, not a task: `datasets` retries streamed reads itself (up to 20
-            # times), and a task run would cost more than reading a local chunk.
-            chunk = src.chunk(index, chunk_size)
-            if not chunk.samples:
-                n_chunks = index
+        while len(in_flight) <= cfg.pipeline.lookahead and not exhausted:
+            chunk = next(reader, None)
+            if chunk is None or not chunk.samples:
+                exhausted = True
                 break
             in_flight.append(submit_ahead(chunk))
-            index += 1
         if not in_flight:
             break
         chunk, emb_f, zs_f = in_flight.popleft()
@@ -313,7 +327,7 @@ def run_stream(
                 voting = voting.model_copy(
                     update={"n": 1, "temperature": 0.0, "include_greedy": True, "a_min": 0.0}
                 )
-            ann = annotate_with_teacher(
+            ann = annotate_task(
                 quote(chunk),
                 chunk.key,
                 queried_ids,
@@ -362,7 +376,7 @@ def run_stream(
         icl = None
         if view is not None:
             t0 = time.perf_counter()
-            icl = predict_icl(
+            icl = icl_task(
                 quote(chunk),
                 chunk.key,
                 icl_rows,
@@ -371,7 +385,7 @@ def run_stream(
                 pool_uri,
                 run_id,
                 quote(view),
-                _pool_key(view.ids, list(view.labels)),
+                _pool_key(view.ids, list(view.labels), lineage),
                 cfg.models.student,
                 cfg.models.embedder,
                 sel_cfg,
@@ -411,6 +425,7 @@ def run_stream(
             teacher_requests=counters["teacher_requests"],
             teacher_samples=counters["teacher_samples"],
         )
+        lineage = _chain(lineage, chunk.key)
         store.commit(
             chunk.index,
             {
@@ -421,6 +436,7 @@ def run_stream(
                 "manifest": manifest,
                 "seconds": seconds,
                 "service": service,
+                "lineage": lineage,
             },
         )
         tracker.log_metrics(_loggable(running), step=counters["samples_seen"], background=True)

@@ -4,14 +4,20 @@ in the flow: a task run would cost more than their work, and a retry would fix n
 
 Tasks are thin: they load models through the process-level cache in :mod:`icd.models`
 (so a worker loads a model once), call the pure method code in :mod:`icd.method`, and do
-the I/O. Caching is keyed on what a stage really depends on: the chunk's identity
-(``chunk_key``, never the decoded images), the model configs and the config fields it
-reads. Results are persisted, so a new process (a resumed run, a re-run) reuses them.
+the I/O. Caching is keyed on what a stage really depends on: the chunk's content
+(``chunk_key``, a digest of every sample's image bytes, question, answers and skip reason;
+never the decoded images, row positions or object identity), the model configs plus the
+identity of locally stored weights, and the config fields it reads. Results are persisted
+(under ``storage.cache_dir``, by default ``ROOT/cache``), so a new process (a resumed run,
+a re-run) reuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy
 from prefect.tasks import exponential_backoff
 
 from icd.config import MethodConfig, ModelConfig, SelectionConfig, VotingConfig
@@ -39,9 +45,60 @@ from icd.storage.pool import DemoPool, PoolView
 # keyed by `pool_key`), so another run over the same chunks reuses the results. `scope`
 # is "" when runs share results (pipeline.cache) and the run id when they must not; within
 # a run results are always reused, which is what makes a resumed run call no model twice.
-CHUNK_CACHE = (INPUTS + TASK_SOURCE) - "chunk" - "ledger" - "run_id"
+#
+# A model config names a model (backend, id, revision); where the id is a local folder
+# (a ``fixtures/`` model, a path) the weights can change under the same name, so the key
+# also covers a digest of the folder's files (`weights_identity`).
+
+
+def _weights_key(ctx: Any, inputs: dict[str, Any]) -> str:
+    return "|".join(weights_identity(v) for v in inputs.values() if isinstance(v, ModelConfig))
+
+
+CHUNK_CACHE = (INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_weights_key)) - "chunk"
+CHUNK_CACHE = CHUNK_CACHE - "ledger" - "run_id"
 # The other stages never reuse results (they are cheap, or they write): NO_CACHE, so Prefect
 # does not hash their inputs (a whole chunk, the stream) on every call.
+
+
+_WEIGHTS: dict[tuple[Any, ...], str] = {}
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def weights_identity(cfg: ModelConfig) -> str:
+    """A digest of the files of a model stored in a local folder (``fixtures/...`` ids and
+    paths): names, sizes, and the first and last MiB of each file. "" for a hub id (its
+    revision names the weights) and for backends without weights. Memoised per process on
+    the files' sizes and modification times."""
+    if cfg.backend != "hf":
+        return ""
+    try:
+        from icd.models.fixtures import resolve_model_path
+
+        folder = resolve_model_path(cfg.model_id)
+    except Exception:  # an unknown id fails where the model is loaded, with its own message
+        return ""
+    if folder is None:
+        return ""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    stats = tuple((str(p), *_stat(p)) for p in files)
+    with _WEIGHTS_LOCK:
+        if stats not in _WEIGHTS:
+            h = hashlib.sha256()
+            for p, size, _ in stats:
+                h.update(f"{os.path.relpath(p, folder)}|{size}|".encode())
+                with open(p, "rb") as f:
+                    h.update(f.read(1 << 20))
+                    if size > 2 << 20:
+                        f.seek(-(1 << 20), os.SEEK_END)
+                        h.update(f.read())
+            _WEIGHTS[stats] = h.hexdigest()[:32]
+        return _WEIGHTS[stats]
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
