@@ -164,30 +164,117 @@ def show_config(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-@app.command()
+fixtures_app = typer.Typer(
+    help="The offline mini-world: the shapes dataset and the tiny trained models (DESIGN §7).",
+    invoke_without_command=True,
+)
+app.add_typer(fixtures_app, name="fixtures")
+
+
+@fixtures_app.callback()
 def fixtures(
+    ctx: typer.Context,
     root: Annotated[
         Path | None,
         typer.Option(help="Where to build (default: $ICD_FIXTURES or ./.icd/fixtures)."),
     ] = None,
     samples: Annotated[int, typer.Option(help="Samples in the shapes dataset.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed for models and data.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the shapes dataset.")] = 0,
 ) -> None:
-    """Build the offline fixtures: tiny Idefics3 (SmolVLM) student, LLaVA teacher, CLIP
-    embedder (each with a locally trained tokenizer and real processor) and the shapes
-    dataset."""
+    """Build the shapes dataset and list the shipped mini-world models (a tiny Idefics3
+    (SmolVLM) student, LLaVA teacher and CLIP embedder, trained by `icd fixtures train`)."""
+    if ctx.invoked_subcommand is not None:
+        return
     import time
 
     from icd.data.shapes import build_shapes_dataset
-    from icd.models.fixtures import build_model_fixtures, fixtures_dir
+    from icd.models.fixtures import NAMES, fixtures_dir, resolve_model_path
 
     root = root or fixtures_dir()
     t0 = time.perf_counter()
-    paths = build_model_fixtures(root, seed=seed)
+    try:
+        paths = {name: str(resolve_model_path(f"fixtures/{name}")) for name in NAMES}
+    except ValueError as e:
+        _fail(str(e))
     data = build_shapes_dataset(root, n=samples, seed=seed)
-    for name, path in {**{k: str(v) for k, v in paths.items()}, "shapes": str(data)}.items():
+    for name, path in {**paths, "shapes": str(data)}.items():
         console.print(f"{name:>14}: {path}")
     console.print(f"fixtures ready in {time.perf_counter() - t0:.1f}s")
+
+
+@fixtures_app.command("train")
+def fixtures_train(
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the models (default: the shipped icd/miniworld/weights)."
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Train only this model (repeatable): tiny-clip, tiny-llava, tiny-idefics3."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of weights, training images and episodes.")] = 0,
+    scale: Annotated[
+        float, typer.Option(help="Schedule length factor (1 = the shipped recipe; 0.02 = a test).")
+    ] = 1.0,
+    threads: Annotated[int, typer.Option(help="torch threads (1 is fastest at this size).")] = 1,
+) -> None:
+    """Train the mini-world models from their untrained architectures (tens of minutes on
+    2 CPU cores): embedder, then teacher (starting from the embedder's vision tower), then
+    student. The teacher needs a trained embedder in --out."""
+
+    from icd.miniworld.train import Recipe, train_all
+    from icd.models.fixtures import NAMES, trained_dir
+
+    names = model or list(NAMES)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        _fail(f"no mini-world model {unknown[0]!r} (known: {', '.join(NAMES)})")
+    recipe = Recipe(seed=seed, threads=threads)
+    recipe = recipe.scaled(scale) if scale != 1 else recipe
+    out = out or trained_dir()
+    report = train_all(out, recipe=recipe, names=names, log=console.print)
+    for name, info in report.items():
+        first, last = info["loss_curve"][0][1], info["loss_curve"][-1][1]
+        console.print(f"{name:>14}: {info['seconds']:.0f}s, loss {first:.3f} → {last:.3f}")
+    console.print(f"models in {out}")
+
+
+@fixtures_app.command("eval")
+def fixtures_eval(
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate the models in this folder (default: the shipped ones)."),
+    ] = None,
+    per_class: Annotated[int, typer.Option(help="Held-out query images per class.")] = 20,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the numbers as JSON here.")
+    ] = None,
+) -> None:
+    """Measure the mini-world targets on held-out images through ICD's own backends (embedder
+    retrieval, teacher greedy and voted accuracy, student zero-shot, uncertainty AUROC and
+    in-context learning); exit 1 if a target is missed."""
+    import json
+
+    from icd.miniworld.evaluate import evaluate
+
+    found = evaluate(root=root, per_class=per_class)
+    table = Table("metric", "value", "target", "met")
+    for key, check in found["targets"].items():
+        met = "[green]yes[/]" if check["met"] else "[red]no[/]"
+        table.add_row(key, f"{check['value']:.3f}", check["target"], met)
+    for key, value in found.items():
+        if key not in found["targets"] and isinstance(value, float):
+            table.add_row(key, f"{value:.3f}", "", "")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(found, indent=2))
+        console.print(f"written to {json_out}")
+    if not found["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

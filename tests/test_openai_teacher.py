@@ -42,10 +42,10 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def hf_teacher():
-    from icd.models.fixtures import TEACHER, build_model_fixtures, fixtures_dir
+    from icd.models.fixtures import TEACHER, resolve_model_path
     from icd.models.hf import HFVLM
 
-    path = build_model_fixtures(fixtures_dir())[TEACHER]
+    path = resolve_model_path(f"fixtures/{TEACHER}")
     return HFVLM(str(path), max_new_tokens=MAX_TOKENS)
 
 

@@ -99,11 +99,11 @@ def run_teacher_bench(
     One row per (setting, concurrency): seconds, samples/s, requests, p50/p95 latency, and
     ``speedup`` = samples/s over the same setting's concurrency-1 row.
     """
-    from icd.models.fixtures import TEACHER, build_model_fixtures, fixtures_dir
+    from icd.models.fixtures import TEACHER, resolve_model_path
     from icd.models.hf import HFVLM
 
     server_mod = _server_module()
-    path = build_model_fixtures(fixtures_dir())[TEACHER]
+    path = resolve_model_path(f"fixtures/{TEACHER}")
     model = HFVLM(str(path), max_new_tokens=max_new_tokens)
     data, prompts = bench_samples(samples)
     rows = []

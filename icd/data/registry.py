@@ -128,7 +128,7 @@ DATASETS: dict[str, DatasetSpec] = {
             id_column="id",
             synonyms={k: tuple(v) for k, v in shapes.SYNONYMS.items()},
             verified=True,
-            note="Procedural offline fixture (icd.data.shapes): 30 classes, 2000 samples, "
+            note="Procedural offline fixture (icd.data.shapes): 24 classes (8 base, 16 novel), 2000 samples, "
             "4 deliberately corrupt images.",
         ),
         DatasetSpec(

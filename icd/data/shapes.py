@@ -1,7 +1,7 @@
 """Procedural coloured-shapes image classification: the offline benchmark stream.
 
-``build_shapes_dataset`` draws ``n`` small PNGs (10 shapes x 3 colours = 30 classes, with
-varied position, size, rotation, background tint and light noise), writes them as one
+``build_shapes_dataset`` draws ``n`` small PNGs (6 shapes x 4 colours = 24 classes, with
+varied position, size, a slight rotation, background tint and light noise), writes them as one
 parquet file in the Hugging Face ``datasets`` layout (``image`` is the ``Image`` feature's
 ``{bytes, path}`` struct, ``label`` a ``ClassLabel``) next to a dataset card and a
 ``shapes.json`` listing class names and synonyms. Every ``corrupt_every``-th sample
@@ -10,6 +10,11 @@ carries undecodable image bytes so that the pipeline's skip path is exercised.
 Everything is a pure function of the arguments: the same seed gives the same bytes, and
 sample ``i`` does not depend on ``n`` (a 500-sample build is a prefix of a 2000 one, up to
 which samples are corrupted).
+
+The world is split the way ICD's setting is (the mini-world, :mod:`icd.miniworld`): the
+**base** classes (:data:`BASE_SHAPES` in every colour, a third of the classes) are the ones
+the offline student knows by name; the **novel** ones it can only learn from
+demonstrations. The teacher and the embedder know all of them.
 """
 
 from __future__ import annotations
@@ -25,30 +30,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = (
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "pentagon",
-    "hexagon",
-    "diamond",
-    "cross",
-    "ring",
-    "arrow",
-)
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
+BASE_SHAPES = ("circle", "square")  # the offline student knows these by name
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (35, 160, 60),
     "blue": (40, 80, 215),
+    "yellow": (225, 190, 20),
 }
 CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+BASE_CLASSES: list[str] = [c for c in CLASS_NAMES if c.split(" ", 1)[1] in BASE_SHAPES]
+NOVEL_CLASSES: list[str] = [c for c in CLASS_NAMES if c not in BASE_CLASSES]
 QUESTION = "What is shown in the image?"
 
 _SHAPE_SYNONYMS: dict[str, list[str]] = {
     "circle": ["disk", "disc", "dot"],
     "square": ["box"],
-    "diamond": ["rhombus", "lozenge"],
     "cross": ["plus", "plus sign"],
     "ring": ["donut", "annulus", "hollow circle"],
     "star": ["five-pointed star"],
@@ -59,20 +56,20 @@ SYNONYMS: dict[str, list[str]] = {
     for s, alts in _SHAPE_SYNONYMS.items()
 }
 
-_FORMAT_VERSION = 1  # bump when the drawing changes, so cached builds are redone
+_FORMAT_VERSION = 2  # bump when the drawing changes, so cached builds are redone
 _DATA_FILE = "data/train-00000-of-00001.parquet"
 _META_FILE = "shapes.json"
 
 
 def dataset_dir(
-    root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 64
+    root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 32
 ) -> Path:
     """Folder a build with these arguments lives in: ``root/shapes-<n>-<seed>`` for the
     default corruption and size, with a suffix naming any non-default ones."""
     name = f"shapes-{n}-{seed}"
     if corrupt_every != 500:
         name += f"-c{corrupt_every}"
-    if size != 64:
+    if size != 32:
         name += f"-s{size}"
     return Path(root) / name
 
@@ -88,7 +85,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def build_shapes_dataset(
-    root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 64
+    root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 32
 ) -> Path:
     """Build (or find cached) the shapes dataset and return its folder.
 
@@ -128,7 +125,7 @@ def build_shapes_dataset(
         rows["id"].append(sample_id)
         rows["image"].append({"bytes": data, "path": f"{sample_id}.png"})
         rows["question"].append(QUESTION)
-        rows["label"].append(_label_of(i, seed))
+        rows["label"].append(label_of(i, seed))
 
     features = _features()
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -144,6 +141,8 @@ def build_shapes_dataset(
         "question": QUESTION,
         "class_names": CLASS_NAMES,
         "synonyms": SYNONYMS,
+        "base_classes": BASE_CLASSES,
+        "novel_classes": NOVEL_CLASSES,
         "corrupt_ids": corrupt_ids,
         "data_files": [_DATA_FILE],
     }
@@ -173,35 +172,35 @@ def _is_built(target: Path, params: dict[str, Any]) -> bool:
     return all(meta.get(k) == v for k, v in params.items())
 
 
-def _label_of(i: int, seed: int) -> int:
-    """Class of sample ``i``: each block of 30 consecutive samples holds every class once,
+def label_of(i: int, seed: int = 0) -> int:
+    """Class of sample ``i``: each block of 24 (one per class) consecutive samples holds every class once,
     in an order drawn from (seed, block) — balanced and independent of ``n``."""
     block, offset = divmod(i, len(CLASS_NAMES))
     order = np.random.default_rng([seed, 7919, block]).permutation(len(CLASS_NAMES))
     return int(order[offset])
 
 
-def render_shape(i: int, seed: int = 0, size: int = 64) -> bytes:
+def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
     """PNG bytes of sample ``i`` of the stream with this seed (never corrupted)."""
     rng = np.random.default_rng([seed, i])
-    label = _label_of(i, seed)
+    label = label_of(i, seed)
     colour_name, shape = CLASS_NAMES[label].split(" ", 1)
 
     scale = 2  # draw at twice the size, then downsample: cheap anti-aliasing
     s = size * scale
     background = tuple(int(v) for v in rng.integers(200, 250, size=3))
     fill = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[colour_name])
-    radius = rng.uniform(0.18, 0.32) * s
-    cx = rng.uniform(radius + 2, s - radius - 2)
-    cy = rng.uniform(radius + 2, s - radius - 2)
-    angle = rng.uniform(0.0, 2 * math.pi)
+    radius = rng.uniform(0.26, 0.38) * s
+    cx = rng.uniform(radius + 1, s - radius - 1)
+    cy = rng.uniform(radius + 1, s - radius - 1)
+    angle = rng.uniform(-0.3, 0.3)  # a slight tilt: shapes stay recognisable at 32 px
 
     img = Image.new("RGB", (s, s), background)
     draw = ImageDraw.Draw(img)
     if shape in ("circle", "ring"):
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
         if shape == "ring":
-            r = radius * 0.55
+            r = radius * 0.5
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=background)
     else:
         points = [(cx + radius * x, cy + radius * y) for x, y in _rotate(_OUTLINES[shape], angle)]
@@ -234,12 +233,9 @@ def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
 
 _W = 0.33  # half-width of the cross's arms
 _OUTLINES: dict[str, list[tuple[float, float]]] = {
-    "square": _regular(4),
+    "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
     "triangle": _regular(3),
-    "pentagon": _regular(5),
-    "hexagon": _regular(6),
-    "star": _star(),
-    "diamond": [(0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0)],
+    "star": _star(inner=0.4),
     "cross": [
         (-_W, -1),
         (_W, -1),
@@ -254,7 +250,6 @@ _OUTLINES: dict[str, list[tuple[float, float]]] = {
         (-1, -_W),
         (-_W, -_W),
     ],  # fmt: skip
-    "arrow": [(-1, -0.25), (0.2, -0.25), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.25), (-1, 0.25)],
 }
 
 

@@ -1,23 +1,25 @@
-"""Tiny randomly initialised models of the real architectures, built offline in seconds.
+"""The mini-world's tiny models of the real architectures: how they are built and found.
 
-``build_model_fixtures(root, seed)`` writes three folders under ``root`` that load through
-the same ``from_pretrained`` path as hub checkpoints:
+Three models load through the same ``from_pretrained`` path as hub checkpoints:
 
 - ``tiny-idefics3``: the student, ``Idefics3ForConditionalGeneration`` (SmolVLM architecture)
-  with an ``Idefics3Processor`` (no image splitting, 32 px images, 4 image tokens each).
+  with an ``Idefics3Processor`` (no image splitting, 32 px images, one image token each).
 - ``tiny-llava``: the teacher, ``LlavaForConditionalGeneration`` (CLIP vision tower, Qwen2
   language model, ChatML template as in LLaVA-OneVision-Qwen2) with a ``LlavaProcessor``
-  (32 px images, 4 image tokens each). Qwen2-VL is not used: its processor requires a video
+  (32 px images, 16 image tokens each). Qwen2-VL is not used: its processor requires a video
   processor, which needs torchvision.
-- ``tiny-clip``: the embedder, ``CLIPModel`` with a ``CLIPProcessor`` (32 px, 32-d space).
+- ``tiny-clip``: the embedder, ``CLIPModel`` with a ``CLIPProcessor`` (32 px, 64-d space).
   SigLIP is not used: its tokenizer is SentencePiece, which ``tokenizers`` cannot train.
 
 Each tokenizer is a byte-level BPE trained locally on a corpus built from the
 coloured-shapes vocabulary, inside the architecture's own tokenizer class
 (``GPT2Tokenizer``, ``Qwen2Tokenizer``, ``CLIPTokenizer``) with the special tokens the
-processor needs and the architecture's chat template. Weights are random but fully
-determined by ``seed`` (files are byte-identical across builds). Accuracy of these models is
-meaningless; every code path is real.
+processor needs and the architecture's chat template.
+
+``build_model_fixtures`` writes these architectures *untrained* (weights fully determined
+by the seed): the starting point of ``icd fixtures train`` (:mod:`icd.miniworld.train`).
+The trained weights ship with the package (``icd/miniworld/weights``); ``fixtures/<name>``
+model ids resolve there (:func:`resolve_model_path`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ from typing import Any
 
 import torch
 
-FIXTURE_VERSION = 1
+from icd.data import shapes
+from icd.method.prompts import TASKS, format_question
+
+FIXTURE_VERSION = 2
 STUDENT = "tiny-idefics3"
 TEACHER = "tiny-llava"
 EMBEDDER = "tiny-clip"
@@ -46,22 +51,21 @@ MARKER = "fixture.json"
 
 IMAGE_SIZE = 32  # pixels fed to every vision tower
 PATCH_SIZE = 8
-# Std of the random output head. With the usual 0.02 every next-token distribution is
-# near uniform (entropy ~ log V for any input); a wide head makes them peaked and
-# input-dependent, so uncertainty varies between samples and a teacher's sampled answers
-# agree often enough (~60% at T=0.7) for the vote filter to accept some of them.
-OUTPUT_HEAD_STD = 1.6
+# One vision-tower shape for the embedder and the teacher, so the teacher's tower can start
+# from the trained embedder's.
+VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
+)
 BPE_VOCAB_SIZE = 640  # byte-level BPE: 256 bytes + specials + ~370 merges
 BPE_MERGES = 360  # end-of-word BPE (CLIP): 512 byte symbols + these merges
 
-COLOURS = [
-    "red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan", "brown", "gray",
-    "black", "white",
-]  # fmt: skip
-SHAPES = [
-    "circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "ring", "pentagon",
-    "heart",
-]  # fmt: skip
+COLOURS = [*shapes.COLOURS, "purple", "orange", "pink", "cyan", "brown", "gray"]
+SHAPES = [*shapes.SHAPES, "hexagon", "diamond", "pentagon", "heart"]
 _WORDS = [
     "what", "shape", "is", "shown", "in", "the", "image", "answer", "with", "a", "short",
     "phrase", "options", "which", "one", "of", "following", "best", "describes", "picture",
@@ -102,8 +106,9 @@ def _corpus(seed: int) -> list[str]:
     rng = random.Random(seed)
     lines = []
     classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    for _ in range(600):
-        c = rng.choice(classes)
+    world = [*shapes.CLASS_NAMES, *(a for alts in shapes.SYNONYMS.values() for a in alts)]
+    for k in range(900):
+        c = world[k % len(world)] if k % 3 else rng.choice(classes)
         opts = ", ".join(rng.sample(classes, 4))
         lines += [
             f"What shape is shown in the image? Answer with a short phrase. {c.capitalize()}.",
@@ -111,6 +116,8 @@ def _corpus(seed: int) -> list[str]:
             f'Q{rng.randint(0, 999)}: is it a {c}? yes; no! ({rng.randint(0, 9)}) - "{c}"',
             f"User: What is shown here?\nAssistant: {c}\nuser\nassistant\nsystem",
         ]
+    for task in TASKS:  # the prompts' own instructions, so they tokenise into few pieces
+        lines += [format_question("", task)] * 50
     lines.append(" ".join(_WORDS + COLOURS + SHAPES))
     lines.append("0 1 2 3 4 5 6 7 8 9 . , ; : ! ? ' \" ( ) [ ] - _ / + = * & % $ # @")
     return lines
@@ -213,7 +220,7 @@ def _build_student(out: Path, seed: int) -> None:
         pad_token="<|im_end|>",
     )
     tok.add_special_tokens({"additional_special_tokens": extras})
-    scale = 2
+    scale = IMAGE_SIZE // PATCH_SIZE  # pixel shuffle of the whole 4x4 grid: one image token
     image_seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // scale**2
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False,
@@ -227,20 +234,13 @@ def _build_student(out: Path, seed: int) -> None:
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
     config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-        ),
+        vision_config=dict(VISION),
         text_config=dict(
             model_type="llama",
             vocab_size=len(tok),
             hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
+            intermediate_size=192,
+            num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=2048,
@@ -254,7 +254,6 @@ def _build_student(out: Path, seed: int) -> None:
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
-    _widen_output_head(model, seed)
     _set_generation_ids(model, tok)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -274,7 +273,7 @@ def _build_teacher(out: Path, seed: int) -> None:
         Qwen2Tokenizer, specials, seed, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     tok.add_special_tokens({"additional_special_tokens": specials[1:]})
-    patch = 2 * PATCH_SIZE
+    patch = PATCH_SIZE
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -287,21 +286,12 @@ def _build_teacher(out: Path, seed: int) -> None:
         chat_template=LLAVA_QWEN2_CHAT_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=IMAGE_SIZE,
-            patch_size=patch,
-            projection_dim=32,
-        ),
+        vision_config=dict(model_type="clip_vision_model", **VISION, projection_dim=64),
         text_config=dict(
             model_type="qwen2",
             vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
+            hidden_size=96,
+            intermediate_size=192,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -314,11 +304,10 @@ def _build_teacher(out: Path, seed: int) -> None:
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=(IMAGE_SIZE // patch) ** 2,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=-1,
     )
     torch.manual_seed(seed + 1)
     model = LlavaForConditionalGeneration(config).eval()
-    _widen_output_head(model, seed + 1)
     _set_generation_ids(model, tok)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -341,36 +330,22 @@ def _build_embedder(out: Path, seed: int) -> None:
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=64,
+            intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=2,
+            num_attention_heads=4,
             max_position_embeddings=64,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-        ),
-        projection_dim=32,
+        vision_config=dict(VISION),
+        projection_dim=64,
     )
     torch.manual_seed(seed + 2)
     model = CLIPModel(config).eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-
-
-def _widen_output_head(model: Any, seed: int) -> None:
-    head = model.get_output_embeddings().weight
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.copy_(torch.randn(head.shape, generator=gen) * OUTPUT_HEAD_STD)
 
 
 def _set_generation_ids(model: Any, tok: Any) -> None:
@@ -384,17 +359,30 @@ def _set_generation_ids(model: Any, tok: Any) -> None:
 _BUILDERS = {STUDENT: _build_student, TEACHER: _build_teacher, EMBEDDER: _build_embedder}
 
 
-def resolve_model_path(model_id: str) -> Path | None:
-    """The local folder a model id loads from: ``fixtures/<name>`` is built on demand under
-    :func:`fixtures_dir`; an existing directory is itself; anything else (a hub id) is None.
+def trained_dir() -> Path:
+    """Where the trained mini-world models ship: ``icd/miniworld/weights``."""
+    return Path(__file__).resolve().parents[1] / "miniworld" / "weights"
 
-    Raises ``ValueError`` for a ``fixtures/`` id that names no fixture.
+
+def resolve_model_path(model_id: str) -> Path | None:
+    """The local folder a model id loads from: ``fixtures/<name>`` is the trained mini-world
+    model shipped in :func:`trained_dir`; an existing directory is itself; anything else (a
+    hub id) is None.
+
+    Raises ``ValueError`` for a ``fixtures/`` id that names no fixture, or one whose
+    weights are missing (rebuilt by ``icd fixtures train``).
     """
     if model_id.startswith("fixtures/"):
         name = model_id.removeprefix("fixtures/")
         if name not in NAMES:
             raise ValueError(f"no fixture model {name!r} (known: {', '.join(NAMES)})")
-        return build_model_fixtures(fixtures_dir(), names=[name])[name]
+        path = trained_dir() / name
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"the mini-world model {name!r} is not in {trained_dir()}: "
+                "run `icd fixtures train` to rebuild it"
+            )
+        return path
     path = Path(model_id).expanduser()
     return path if path.is_dir() else None
 
@@ -402,7 +390,7 @@ def resolve_model_path(model_id: str) -> Path | None:
 def build_model_fixtures(
     root: Path, seed: int = 0, names: Sequence[str] | None = None
 ) -> dict[str, Path]:
-    """Build (or reuse) the tiny models under ``root``; return name -> folder.
+    """Build (or reuse) the *untrained* tiny models under ``root``; return name -> folder.
 
     ``names`` picks a subset of :data:`NAMES` (default: all three). A folder whose
     ``fixture.json`` records the same seed and fixture version is reused as is, so a second

@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from icd.method.types import Prompt
-from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER, build_model_fixtures, fixtures_dir
+from icd.models.fixtures import (
+    EMBEDDER,
+    NAMES,
+    STUDENT,
+    TEACHER,
+    build_model_fixtures,
+    fixtures_dir,
+)
 
 QUESTION = "What shape is shown in the image? Answer with a short phrase."
 
@@ -26,8 +33,17 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def fixture_paths():
-    """name -> folder of the tiny models (built once into the session's fixture cache)."""
-    return build_model_fixtures(fixtures_dir())
+    """name -> folder of the shipped, trained mini-world models."""
+    from icd.models.fixtures import resolve_model_path
+
+    return {name: resolve_model_path(f"fixtures/{name}") for name in NAMES}
+
+
+@pytest.fixture(scope="session")
+def untrained_paths():
+    """name -> folder of the untrained architectures (training's starting point), built
+    once into the session's fixture cache."""
+    return build_model_fixtures(fixtures_dir() / "untrained")
 
 
 @pytest.fixture(scope="session")

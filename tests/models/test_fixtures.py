@@ -18,6 +18,7 @@ from icd.models.fixtures import (
     build_model_fixtures,
     fixtures_dir,
     resolve_model_path,
+    trained_dir,
 )
 
 
@@ -74,19 +75,19 @@ def test_special_tokens_are_single_tokens(fixture_paths):
         assert len(teacher(t, add_special_tokens=False)["input_ids"]) == 1
 
 
-def test_second_call_reuses_the_folders(fixture_paths):
-    before = {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in fixture_paths.items()}
-    again = build_model_fixtures(fixtures_dir())
-    assert again == fixture_paths
+def test_second_call_reuses_the_folders(untrained_paths):
+    before = {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in untrained_paths.items()}
+    again = build_model_fixtures(fixtures_dir() / "untrained")
+    assert again == untrained_paths
     assert {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in again.items()} == before
     marker = json.loads((again[STUDENT] / MARKER).read_text())
     assert marker["seed"] == 0 and marker["version"] >= 1
 
 
-def test_build_is_deterministic_from_the_seed(fixture_paths, tmp_path):
+def test_build_is_deterministic_from_the_seed(untrained_paths, tmp_path):
     rebuilt = build_model_fixtures(tmp_path / "a", seed=0)
     for name in NAMES:
-        assert _digest(rebuilt[name]) == _digest(fixture_paths[name]), name
+        assert _digest(rebuilt[name]) == _digest(untrained_paths[name]), name
     other = build_model_fixtures(tmp_path / "b", seed=1, names=[EMBEDDER])
     assert (
         _digest(other[EMBEDDER])["model.safetensors"]
@@ -103,9 +104,10 @@ def test_a_stale_marker_triggers_a_rebuild(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_model_ids_resolve(fixture_paths, tmp_path, monkeypatch):
-    monkeypatch.setenv("ICD_FIXTURES", str(fixture_paths[STUDENT].parent))
-    assert resolve_model_path(f"fixtures/{STUDENT}") == fixture_paths[STUDENT]
+def test_model_ids_resolve_to_the_shipped_trained_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICD_FIXTURES", str(tmp_path))  # only datasets live there
+    path = resolve_model_path(f"fixtures/{STUDENT}")
+    assert path == trained_dir() / STUDENT and (path / "model.safetensors").is_file()
     assert resolve_model_path(str(tmp_path)) == tmp_path
     assert resolve_model_path("HuggingFaceTB/SmolVLM-256M-Instruct") is None
     with pytest.raises(ValueError, match="no fixture model 'nope'"):

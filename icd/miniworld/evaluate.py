@@ -1,0 +1,222 @@
+"""The mini-world's targets, measured on held-out images through the project's own code
+(``icd fixtures eval``): ``HFEmbedder``, ``HFVLM.generate`` / ``annotate``,
+:func:`build_prompt`, :func:`icd.method.voting.aggregate`, :func:`icd.method.metrics.score`
+and :func:`icd.method.uncertainty.uncertainty`.
+
+Queries are drawn from the shapes world with image seed 0 (the default stream's images),
+demonstrations with image seed 1 — neither is ever a training image (those use seeds from
+:data:`icd.miniworld.train.TRAIN_SEED`).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from icd.config import VotingConfig
+from icd.data import shapes
+from icd.data.types import Sample
+from icd.method.metrics import score
+from icd.method.prompts import build_prompt
+from icd.method.uncertainty import uncertainty
+from icd.method.voting import aggregate
+from icd.models import fixtures
+
+QUERY_SEED, DEMO_SEED = 0, 1
+TASK = "classification"
+
+# (metric, comparison, bound): what "trained" means for each model.
+TARGETS: dict[str, tuple[str, float]] = {
+    "embedder.image_image_top1": (">=", 0.90),
+    "embedder.image_text_zero_shot": (">=", 0.80),
+    "teacher.greedy_accuracy": (">=", 0.90),
+    "teacher.vote5_t0.7_accuracy": (">=", 0.90),
+    "student.zero_shot_base": (">=", 0.90),
+    "student.zero_shot_novel": ("<=", 0.10),
+    "student.entropy_auroc_novel_vs_base": (">=", 0.80),
+    "student.icl_novel_k3_one_match": (">=", 0.80),
+    "student.icl_novel_k3_hard_distractors": (">=", 0.70),
+    "student.icl_base_k3_no_match": (">=", 0.80),
+}
+
+
+@dataclass
+class _Images:
+    images: list[Image.Image]
+    labels: list[int]
+
+    @classmethod
+    def render(cls, per_class: int, seed: int) -> _Images:
+        n = per_class * len(shapes.CLASS_NAMES)
+        ims = [
+            Image.open(io.BytesIO(shapes.render_shape(i, seed))).convert("RGB") for i in range(n)
+        ]
+        return cls(ims, [shapes.label_of(i, seed) for i in range(n)])
+
+    def of_class(self, c: int) -> list[int]:
+        return [i for i, y in enumerate(self.labels) if y == c]
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(a positive scores above a negative), ties counting half (Mann–Whitney U)."""
+    pos, neg = np.asarray(positive, float), np.asarray(negative, float)
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def _accuracy(answers: Sequence[str], truth: Sequence[int]) -> float:
+    names = shapes.CLASS_NAMES
+    hits = [
+        score(a, [names[y]], TASK, shapes.SYNONYMS) for a, y in zip(answers, truth, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def evaluate_embedder(model_id: str, queries: _Images) -> dict[str, float]:
+    from icd.models.hf import HFEmbedder
+
+    emb = HFEmbedder(model_id, batch_size=128)
+    img = emb.embed_images(queries.images)
+    txt = emb.embed_texts(shapes.CLASS_NAMES)
+    y = np.asarray(queries.labels)
+    sim = img @ img.T
+    np.fill_diagonal(sim, -np.inf)
+    return {
+        "image_image_top1": float((y[sim.argmax(1)] == y).mean()),
+        "image_text_zero_shot": float(((img @ txt.T).argmax(1) == y).mean()),
+    }
+
+
+def evaluate_teacher(model_id: str, queries: _Images) -> dict[str, float]:
+    from icd.models.hf import HFVLM
+
+    vlm = HFVLM(model_id, batch_size=64, max_new_tokens=6)
+    prompts = [build_prompt(shapes.QUESTION, im, [], TASK) for im in queries.images]
+    greedy = [g.text for g in vlm.generate(prompts)]
+    samples = [
+        Sample(f"q{i}", i, shapes.QUESTION, [shapes.CLASS_NAMES[y]], im)
+        for i, (im, y) in enumerate(zip(queries.images, queries.labels, strict=True))
+    ]
+    voting = VotingConfig(n=5, temperature=0.7, include_greedy=False)
+    notes = vlm.annotate(samples, prompts, voting.n, voting.temperature, False, seed=0)
+    voted = [
+        aggregate(a.generations, voting, shapes.CLASS_NAMES, shapes.SYNONYMS).label or ""
+        for a in notes
+    ]
+    return {
+        "greedy_accuracy": _accuracy(greedy, queries.labels),
+        "vote5_t0.7_accuracy": _accuracy(voted, queries.labels),
+    }
+
+
+def _icl_prompts(
+    queries: _Images,
+    demos: _Images,
+    picks: Sequence[int],
+    demo_classes: Callable[[random.Random, int], list[int]],
+    seed: int,
+) -> list[Any]:
+    rng = random.Random(seed)
+    out = []
+    for q in picks:
+        classes = demo_classes(rng, queries.labels[q])
+        rng.shuffle(classes)
+        chosen = [
+            (demos.images[rng.choice(demos.of_class(c))], shapes.CLASS_NAMES[c]) for c in classes
+        ]
+        turns = [(im, shapes.QUESTION, label) for im, label in chosen]
+        out.append(build_prompt(shapes.QUESTION, queries.images[q], turns, TASK))
+    return out
+
+
+def evaluate_student(model_id: str, queries: _Images, demos: _Images) -> dict[str, Any]:
+    from icd.models.hf import HFVLM
+
+    vlm = HFVLM(model_id, batch_size=64, max_new_tokens=6)
+    names = shapes.CLASS_NAMES
+    base = {names.index(c) for c in shapes.BASE_CLASSES}
+    split = lambda c: names[c].split(" ", 1)  # noqa: E731
+    others = lambda c: [o for o in range(len(names)) if o != c]  # noqa: E731
+
+    zs_prompts = [build_prompt(shapes.QUESTION, im, [], TASK) for im in queries.images]
+    zs = vlm.generate(zs_prompts)
+    ent = uncertainty(zs, "entropy_mean")
+    is_base = np.array([y in base for y in queries.labels])
+    answers = [g.text for g in zs]
+    labels = np.asarray(queries.labels)
+    out: dict[str, Any] = {
+        "zero_shot_base": _accuracy(
+            [a for a, b in zip(answers, is_base, strict=True) if b], labels[is_base]
+        ),
+        "zero_shot_novel": _accuracy(
+            [a for a, b in zip(answers, is_base, strict=True) if not b], labels[~is_base]
+        ),
+        "entropy_auroc_novel_vs_base": auroc(ent[~is_base], ent[is_base]),
+        "entropy_mean_base": float(ent[is_base].mean()),
+        "entropy_mean_novel": float(ent[~is_base].mean()),
+    }
+    novel_q = [i for i, b in enumerate(is_base) if not b]
+    base_q = [i for i, b in enumerate(is_base) if b]
+
+    def one_match(k: int) -> Callable[[random.Random, int], list[int]]:
+        return lambda rng, c: [c, *rng.sample(others(c), k - 1)]
+
+    def hard(rng: random.Random, c: int) -> list[int]:
+        colour, shape = split(c)
+        same_colour = [o for o in others(c) if split(o)[0] == colour]
+        same_shape = [o for o in others(c) if split(o)[1] == shape]
+        return [c, rng.choice(same_colour), rng.choice(same_shape)]
+
+    def icl(picks: list[int], rule: Callable[[random.Random, int], list[int]], seed: int) -> float:
+        gens = vlm.generate(_icl_prompts(queries, demos, picks, rule, seed))
+        return _accuracy([g.text for g in gens], [queries.labels[q] for q in picks])
+
+    out["icl_novel_k3_one_match"] = icl(novel_q, one_match(3), 1)
+    out["icl_novel_k3_hard_distractors"] = icl(novel_q, hard, 2)
+    out["icl_base_k3_no_match"] = icl(base_q, lambda rng, c: rng.sample(others(c), 3), 3)
+    for k in (1, 2, 4):
+        out[f"icl_novel_k{k}_one_match"] = icl(novel_q, one_match(k), 10 + k)
+    return out
+
+
+def evaluate(
+    *, root: Path | None = None, per_class: int = 20, names: Sequence[str] = fixtures.NAMES
+) -> dict[str, Any]:
+    """Every target metric of the mini-world models named in ``names`` — the shipped ones
+    (``fixtures/<name>``), or those under ``root`` — as ``{"embedder.image_image_top1":
+    0.97, ..., "targets": {metric: {target, value, met}}, "passed": bool}``."""
+
+    def model_id(name: str) -> str:
+        return str(Path(root) / name) if root else f"fixtures/{name}"
+
+    queries = _Images.render(per_class, QUERY_SEED)
+    demos = _Images.render(max(4, per_class // 2), DEMO_SEED)
+    found: dict[str, float] = {}
+    if fixtures.EMBEDDER in names:
+        for k, v in evaluate_embedder(model_id(fixtures.EMBEDDER), queries).items():
+            found[f"embedder.{k}"] = v
+    if fixtures.TEACHER in names:
+        for k, v in evaluate_teacher(model_id(fixtures.TEACHER), queries).items():
+            found[f"teacher.{k}"] = v
+    if fixtures.STUDENT in names:
+        for k, v in evaluate_student(model_id(fixtures.STUDENT), queries, demos).items():
+            found[f"student.{k}"] = v
+    checks = {}
+    for key, (op, bound) in TARGETS.items():
+        if key in found:
+            value = found[key]
+            checks[key] = {
+                "target": f"{op} {bound}",
+                "value": value,
+                "met": value >= bound if op == ">=" else value <= bound,
+            }
+    return {**found, "targets": checks, "passed": all(c["met"] for c in checks.values())}
