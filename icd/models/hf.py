@@ -253,7 +253,7 @@ def run_halving(
                     "model over more GPUs (device_map: auto)"
                 ) from None
             with cap.lock:
-                cap.value = max(1, len(batch) // 2)
+                cap.value = (len(batch) + 1) // 2
             continue
         start += len(batch)
     return out
