@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -462,8 +463,8 @@ class _TableSource:
 
 
 class _IterSource:
-    """A streamed (iterable) dataset: seeded buffer shuffle, ``take`` for the limit,
-    ``skip`` to resume."""
+    """A streamed (iterable) dataset: seeded buffer shuffle, ``skip`` to resume. The limit
+    is applied while reading (``islice``): ``IterableDataset.take`` pulls one row past it."""
 
     def __init__(
         self, ds: Any, total: int | None, limit: int | None, order_seed: int | None, buffer: int
@@ -475,9 +476,8 @@ class _IterSource:
             with contextlib.suppress(NotImplementedError):
                 ds = ds.reshard()
             ds = ds.shuffle(seed=order_seed, buffer_size=buffer, max_buffer_input_shards=1)
-        if limit is not None:
-            ds = ds.take(limit)
         self.ds = ds
+        self.limit = limit
         self.total_rows = total
         if limit is None:
             self.length = total
@@ -496,10 +496,12 @@ class _IterSource:
         return self.ds.features
 
     def rows(self, start: int) -> Iterator[tuple[int, None, dict[str, Any]]]:
-        """(stream position, None, row) from ``start`` on. The row index is not reported:
-        a buffer-shuffled stream does not know it, and ids must not depend on the order."""
+        """(stream position, None, row) from ``start`` on, in one pass over the source: the
+        first ``start`` rows are skipped once, undecoded. The row index is not reported: a
+        buffer-shuffled stream does not know it, and ids must not depend on the order."""
         ds = self.ds.skip(start) if start else self.ds
-        for pos, row in enumerate(ds, start=start):
+        stop = None if self.limit is None else max(0, self.limit - start)
+        for pos, row in enumerate(itertools.islice(ds, stop), start=start):
             yield pos, None, row
 
 
