@@ -140,6 +140,7 @@ class _Meter:
     """Running loss and progress lines every ``every`` steps."""
 
     def __init__(self, name: str, steps: int, log: Log, every: int = 100) -> None:
+        every = max(1, min(every, steps // 5))  # short schedules still log a curve
         self.name, self.steps, self.log, self.every = name, steps, log, every
         self.t0 = time.perf_counter()
         self.total, self.count, self.curve = 0.0, 0, []
