@@ -417,6 +417,7 @@ def run_stream(
             icl,
             icl_rows,
             pool_size,
+            class_names=class_names,
         )
         running = metrics.merge_metrics(running, chunk_m)
         counters["samples_seen"] += len(chunk.samples)

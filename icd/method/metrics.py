@@ -1,7 +1,11 @@
 """Evaluation (DESIGN §2.9): per-sample scores, demonstration accuracy, per-chunk summaries.
 
-- Classification: 1.0 iff the normalised prediction equals the normalised class name or one
-  of its synonyms (:func:`icd.method.voting.normalize_answer`), else 0.0.
+- Classification: the prediction is mapped onto the class list exactly as teacher votes are
+  (:func:`icd.method.voting.map_to_class`: normalisation, synonyms, fuzzy and containment
+  matching, ``fuzzy_threshold``), then scores 1.0 iff it is the true class (or, without a
+  class list, iff its normalised form equals the class name or a synonym), else 0.0. So a
+  student answer counts right exactly when the same teacher answer would have voted for the
+  true class.
 - VQA: the standard VQA accuracy. With the usual ten human answers, the official
   evaluation averages ``min(#matches among the other 9 / 3, 1)`` over the ten
   leave-one-annotator-out subsets; for n >= 2 answers we average over the n
@@ -18,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from icd.method.voting import normalize_answer
+from icd.method.voting import map_to_class, normalize_answer
 
 _SOURCES = ("teacher", "student_icl", "student_zs", "teacher_zs", "student_fallback")
 
@@ -54,11 +58,15 @@ def score(
     answers: Sequence[str],
     task: str,
     synonyms: Mapping[str, Sequence[str]] | None = None,
+    class_names: Sequence[str] | None = None,
+    fuzzy_threshold: float = 0.85,
 ) -> float:
     """Score one prediction: classification 1.0/0.0, VQA the standard VQA accuracy.
 
     For classification ``answers`` holds the true class name (any entry counts), and
-    ``synonyms`` maps class names to accepted alternatives. ``pred=None`` scores 0.
+    ``synonyms`` maps class names to accepted alternatives; with ``class_names`` the
+    prediction is first mapped onto the classes as teacher votes are (``fuzzy_threshold``
+    as in voting). ``pred=None`` scores 0.
     """
     if task == "vqa":
         return vqa_accuracy(pred, answers)
@@ -66,7 +74,8 @@ def score(
         raise ValueError(f"unknown task {task!r}")
     if pred is None:
         return 0.0
-    return float(normalize_answer(pred) in _accepted_names(answers, synonyms))
+    mapped = map_to_class(pred, class_names, synonyms, fuzzy_threshold)
+    return float(normalize_answer(mapped) in _accepted_names(answers, synonyms))
 
 
 def demo_accuracy(
@@ -96,8 +105,13 @@ def chunk_metrics(
     n_votes: int,
     pool_size: int,
     synonyms: Mapping[str, Sequence[str]] | None = None,
+    class_names: Sequence[str] | None = None,
+    fuzzy_threshold: float = 0.85,
 ) -> dict[str, Any]:
     """Summary numbers for one chunk's prediction rows (the predictions-table fields).
+
+    Zero-shot and ICL answers are scored by :func:`score` (mapped onto ``class_names`` as
+    teacher votes are).
 
     Reads per row: ``skip_reason``, ``answers``, ``score`` (None: unscored), ``zs_answer``,
     ``icl_answer``, ``queried``, ``accepted``, ``agreement``, ``teacher_error``,
@@ -136,10 +150,14 @@ def chunk_metrics(
             m["score_sum"] += float(r["score"])
         if r.get("zs_answer") is not None:
             m["zs_scored"] += 1
-            m["zs_score_sum"] += score(r["zs_answer"], answers, task, synonyms)
+            m["zs_score_sum"] += score(
+                r["zs_answer"], answers, task, synonyms, class_names, fuzzy_threshold
+            )
         if r.get("icl_answer") is not None:
             m["icl_scored"] += 1
-            m["icl_score_sum"] += score(r["icl_answer"], answers, task, synonyms)
+            m["icl_score_sum"] += score(
+                r["icl_answer"], answers, task, synonyms, class_names, fuzzy_threshold
+            )
         if r.get("queried"):
             m["queried"] += 1
             m["teacher_calls"] += n_votes

@@ -14,8 +14,12 @@ Measures:
 - ``margin``: ``1 - (p1 - p2)`` from the first step's two largest probabilities; 0 when the
   top token has all the mass, 1 when the two best tokens tie.
 
-An empty answer carries no token statistics (empty arrays, ``first_top2 == (1.0, 0.0)``),
-so every measure reports 0.0 for it. Non-finite token statistics (a ``-inf`` log-prob from
+An empty answer (no text: the model ended at once, or wrote only whitespace) is maximally
+uncertain under every measure: :data:`EMPTY_UNCERTAINTY` (``MAX_STAT``, the bound of any
+answer's value; 1.0 for ``margin``), so the query policy sends it to the teacher rather
+than trusting a model that said nothing. (Its token statistics would say otherwise: an
+immediate end-of-sequence has no answer tokens, a confident one a near-zero entropy.)
+Non-finite token statistics (a ``-inf`` log-prob from
 an underflowed probability, a NaN) are clipped to ``±MAX_STAT`` / set to 0 so the result is
 always finite.
 """
@@ -30,6 +34,8 @@ from icd.method.types import Generation
 
 MEASURES = ("entropy_mean", "nll_mean", "entropy_first", "margin")
 MAX_STAT = 1e4  # bound for a single token's entropy or negative log-prob
+EMPTY_UNCERTAINTY = {"entropy_mean": MAX_STAT, "nll_mean": MAX_STAT, "entropy_first": MAX_STAT}
+EMPTY_UNCERTAINTY["margin"] = 1.0
 
 
 def pad(arrays: Sequence[np.ndarray], fill: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +75,11 @@ def uncertainty(gens: Sequence[Generation], measure: str = "entropy_mean") -> np
         raise ValueError(f"unknown uncertainty measure {measure!r} (known: {', '.join(MEASURES)})")
     if len(gens) == 0:
         return np.zeros(0, dtype=np.float64)
+    empty = np.fromiter((not g.text.strip() for g in gens), dtype=bool, count=len(gens))
+    return np.where(empty, EMPTY_UNCERTAINTY[measure], _measure(gens, measure))
 
+
+def _measure(gens: Sequence[Generation], measure: str) -> np.ndarray:
     if measure == "margin":
         top2 = np.array([g.first_top2 for g in gens], dtype=np.float64).reshape(len(gens), 2)
         top2 = np.clip(np.nan_to_num(top2, nan=0.0), 0.0, 1.0)

@@ -353,6 +353,7 @@ def evaluate_chunk(
     icl: dict[str, Any] | None,
     icl_rows: list[int],
     pool_size: int,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build the chunk's prediction rows (every sample, skipped ones too), write them as the
     chunk's parquet file, and return the chunk's metrics.
@@ -374,6 +375,7 @@ def evaluate_chunk(
     v_list = [votes.get(s.sample_id) for s in valid]
     t_list = [teacher_zs.get(s.sample_id) for s in valid]
     finals = steps.final_answers(method, zs_answers, icl_answers, v_list, t_list)
+    fuzzy = method.voting.fuzzy_threshold  # answers map onto classes as teacher votes do
 
     records: list[dict[str, Any]] = []
     i = 0
@@ -418,10 +420,16 @@ def evaluate_chunk(
                 icl_uncertainty=icl_unc[i],
                 final_answer=final,
                 final_source=source,
-                score=metrics.score(final, s.answers, task_type, synonyms) if s.answers else None,
+                score=(
+                    metrics.score(final, s.answers, task_type, synonyms, class_names, fuzzy)
+                    if s.answers
+                    else None
+                ),
             )
             i += 1
         records.append(rec)
     results.write_chunk_predictions(run_dir, chunk.index, records)
     n_votes = method.voting.n
-    return metrics.chunk_metrics(records, task_type, n_votes, pool_size, synonyms)
+    return metrics.chunk_metrics(
+        records, task_type, n_votes, pool_size, synonyms, class_names, fuzzy
+    )

@@ -52,6 +52,42 @@ def test_classification_match_with_synonyms():
         score("x", ["x"], "captioning")
 
 
+def test_student_answers_map_onto_classes_like_teacher_votes():
+    from icd.config import VotingConfig
+    from icd.method.types import Generation
+    from icd.method.voting import aggregate
+
+    classes = ["red circle", "blue star", "green square"]
+    syn = {"blue star": ["azure star"]}
+    for answer, truth in [
+        ("a red circle shape", "red circle"),  # containment
+        ("red circel", "red circle"),  # fuzzy
+        ("Azure star!", "blue star"),  # synonym
+    ]:
+        vote = aggregate([Generation(answer, [], [])], VotingConfig(a_min=0), classes, syn)
+        assert vote.label == truth  # the teacher's vote counts for the true class ...
+        # ... and the same answer from the student scores right
+        assert score(answer, [truth], "classification", syn, classes) == 1.0
+    # ambiguous or wrong answers stay wrong
+    assert score("red circle or blue star", ["red circle"], "classification", syn, classes) == 0
+    assert score("green square", ["red circle"], "classification", syn, classes) == 0.0
+    # fuzzy matching off: exact and synonyms only, as in voting
+    assert score("red circel", ["red circle"], "classification", None, classes, 1.0) == 0.0
+
+
+def test_chunk_metrics_score_student_answers_with_the_class_mapping():
+    row = {
+        "answers": ["red circle"],
+        "zs_answer": "a red circle shape",
+        "icl_answer": "red circel",
+        "score": 1.0,
+    }
+    m = chunk_metrics([row], "classification", 5, 0, None, ["red circle", "blue star"])
+    assert (m["zs_accuracy"], m["icl_accuracy"]) == (1.0, 1.0)
+    unmapped = chunk_metrics([row], "classification", 5, 0)
+    assert (unmapped["zs_accuracy"], unmapped["icl_accuracy"]) == (0.0, 0.0)
+
+
 def test_demo_accuracy():
     assert demo_accuracy(["cat", "Cat", "dog", "tabby"], "cat") == 0.5
     assert demo_accuracy(["cat", "tabby"], "cat", {"cat": ["tabby"]}) == 1.0

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icd.method.types import Generation
-from icd.method.uncertainty import MEASURES, pad, uncertainty
+from icd.method.uncertainty import EMPTY_UNCERTAINTY, MAX_STAT, MEASURES, pad, uncertainty
 
 
 def gen(logprobs, entropies, top2=(1.0, 0.0), text="x") -> Generation:
@@ -53,11 +53,15 @@ def test_padding_does_not_leak_between_rows():
     assert got == pytest.approx([1.0, 0.25])
 
 
-def test_empty_answers_and_empty_batch():
-    empty = gen([], [])
+def test_empty_answers_are_maximally_uncertain():
+    ended_at_once = gen([], [], text="")  # end-of-sequence first: no answer tokens
+    blank = gen([math.log(0.99), -0.01], [0.05, 0.01], top2=(0.99, 0.01), text=" \n")
+    sure = gen([math.log(0.99)], [entropy([0.99, 0.01])], top2=(0.99, 0.01))
+    assert {**dict.fromkeys(MEASURES, MAX_STAT), "margin": 1.0} == EMPTY_UNCERTAINTY
     for m in MEASURES:
-        assert uncertainty([empty], m).tolist() == [0.0]
-        assert uncertainty([empty, TWO_TOKENS], m)[0] == 0.0
+        got = uncertainty([ended_at_once, sure, blank, TWO_TOKENS], m)
+        assert got[0] == got[2] == EMPTY_UNCERTAINTY[m], m
+        assert got[0] > max(got[1], got[3]), m  # above any real answer: the teacher is asked
         assert uncertainty([], m).shape == (0,)
 
 
