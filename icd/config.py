@@ -42,6 +42,11 @@ class DataConfig(_Strict):
     order_seed: int | None = Field(
         None, description="Shuffle the stream order with this seed (None keeps source order)"
     )
+    question_column: str | None = Field(
+        None,
+        description="Column holding each sample's question (default: the registry's; for an "
+        "unregistered source, 'question' when the source has one, else a fixed question)",
+    )
 
 
 class ModelConfig(_Strict):

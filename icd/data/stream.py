@@ -59,13 +59,19 @@ def open_stream(
     """Open the stream ``cfg`` describes.
 
     The dataset is ``spec`` if given, else the registry entry ``cfg.dataset``; ``cfg.source``
-    and ``cfg.split`` override the entry's source and split. An unregistered name with a
-    ``cfg.source`` is read as a plain classification set (columns ``image`` and ``label``,
-    the question "What is shown in the image?"). ``root`` is the fixture folder (default
-    :func:`fixtures_root`). Raises ``UnknownDataset`` for an unknown name without a source,
-    :class:`DatasetUnavailable` when the source cannot be opened and ``ValueError`` naming
-    the column when a column the spec needs is missing.
+    and ``cfg.split`` override the entry's source and split, ``cfg.question_column`` its
+    question column. An unregistered name with a ``cfg.source`` is read as a plain
+    classification set: columns ``image`` and ``label``, and the question from a ``question``
+    column when the source has one (else "What is shown in the image?"). A registered
+    dataset read from another source does not demand the columns that source may lack: its
+    id and question columns are used when present (else ids are row positions and the
+    question is the entry's fixed one), and an ``imagefolder`` source's label is its folder
+    name. ``root`` is the fixture folder (default :func:`fixtures_root`). Raises
+    ``UnknownDataset`` for an unknown name without a source, :class:`DatasetUnavailable`
+    when the source cannot be opened and ``ValueError`` naming the column when a column
+    the spec needs is missing.
     """
+    optional: set[str] = set()
     if spec is None:
         if cfg.source is not None and cfg.dataset not in _registered():
             spec = DatasetSpec(
@@ -73,17 +79,27 @@ def open_stream(
                 source=cfg.source,
                 split=cfg.split or "train",
                 label_column="label",
+                question_column="question",
             )
+            optional.add("question_column")
         else:
             spec = get_dataset(cfg.dataset)
     overrides: dict[str, Any] = {}
     if cfg.source is not None and cfg.source != spec.source:
         overrides["source"] = cfg.source
+        optional.update(("id_column", "question_column"))
+        if cfg.source.startswith("imagefolder:") and spec.task == "classification":
+            overrides["label_column"] = "label"  # the folder names
     if cfg.split is not None and cfg.split != spec.split:
         overrides["split"] = cfg.split
+    if cfg.question_column is not None:
+        overrides["question_column"] = cfg.question_column
+        optional.discard("question_column")  # named explicitly: it must be there
     if overrides:
         spec = dataclasses.replace(spec, **overrides)
-    return Stream(spec, limit=cfg.limit, order_seed=cfg.order_seed, root=root)
+    return Stream(
+        spec, limit=cfg.limit, order_seed=cfg.order_seed, root=root, optional=frozenset(optional)
+    )
 
 
 def _registered() -> set[str]:
@@ -96,7 +112,8 @@ class Stream:
     """One pass over a dataset split, in a fixed (optionally shuffled) order.
 
     ``length`` is the number of samples the stream yields (``limit`` applied), or None when
-    the source does not say. ``class_names`` and ``synonyms`` are the closed label set and
+    the source does not say. ``optional`` names column roles of ``spec`` (``id_column``,
+    ``question_column``) that are dropped, instead of failing, when the source lacks them. ``class_names`` and ``synonyms`` are the closed label set and
     its accepted alternatives (None / empty for VQA). ``chunks`` yields consecutive
     :class:`Chunk` objects; stream position ``p`` always lands in chunk ``p // chunk_size``.
     """
@@ -107,8 +124,10 @@ class Stream:
         limit: int | None = None,
         order_seed: int | None = None,
         root: Path | None = None,
+        optional: frozenset[str] = frozenset(),
     ) -> None:
         self.spec = spec
+        self._optional = optional
         self.limit = limit
         self.order_seed = order_seed
         self._root = Path(root) if root is not None else fixtures_root()
@@ -315,6 +334,15 @@ class Stream:
         if present is None:  # a stream without declared features: checked on the first row
             return
         spec = self.spec
+        dropped = {
+            role: None
+            for role in self._optional
+            if getattr(spec, role) is not None and getattr(spec, role) not in present
+        }
+        if dropped:
+            if "question_column" in dropped and not spec.question.strip():
+                del dropped["question_column"]  # no fixed question to fall back on
+            spec = self.spec = dataclasses.replace(spec, **dropped)
         wanted = {
             "image_column": spec.image_column,
             "question_column": spec.question_column,
@@ -379,10 +407,10 @@ class Stream:
         return f"{spec.name}:{spec.split}:h{h.hexdigest()[:16]}"
 
     def _sample(self, pos: int, row_index: int | None, row: dict[str, Any]) -> Sample:
-        spec = self.spec
         if not self._checked_row:
             self._check_columns(list(row))
             self._checked_row = True
+        spec = self.spec
         sample_id = self._sample_id(row_index, row)
 
         raw_question = row.get(spec.question_column) if spec.question_column else spec.question

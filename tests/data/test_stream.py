@@ -347,3 +347,75 @@ def test_default_fixture_root_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ICD_FIXTURES", str(tmp_path))
     stream = open_stream(DataConfig(source="fixture:shapes?n=31&corrupt_every=0"))
     assert (tmp_path / "shapes-31-0-c0").is_dir() and stream.length == 31
+
+
+def _plain_parquet(path, questions, column="question"):
+    png = shapes.render_shape(2)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            column: datasets.Value("string"),
+            "label": datasets.Value("string"),
+        }
+    )
+    rows = {
+        "image": [{"bytes": png, "path": None}] * len(questions),
+        column: questions,
+        "label": ["circle"] * len(questions),
+    }
+    return _write_parquet(path, rows, features)
+
+
+def test_plain_parquet_questions_are_honoured_and_empty_ones_skipped(tmp_path):
+    path = _plain_parquet(tmp_path / "mine.parquet", ["What colour is it?", "", None, "  "])
+    samples = flat(open_stream(DataConfig(dataset="mine", source=f"parquet:{path}")).chunks(8))
+    assert samples[0].question == "What colour is it?" and samples[0].image is not None
+    assert [s.skip_reason for s in samples] == [None, "empty_question", "empty_question"] + [
+        "empty_question"
+    ]
+    # A source without a question column gets the fixed question.
+    png = shapes.render_shape(3)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    bare = _write_parquet(
+        tmp_path / "bare.parquet",
+        {"image": [{"bytes": png, "path": None}], "label": ["star"]},
+        features,
+    )
+    (only,) = flat(open_stream(DataConfig(dataset="bare", source=f"parquet:{bare}")).chunks(8))
+    assert only.question == "What is shown in the image?" and only.skip_reason is None
+
+
+def test_question_column_from_the_config(tmp_path):
+    path = _plain_parquet(tmp_path / "p.parquet", ["Which shape?", ""], column="prompt_text")
+    cfg = DataConfig(dataset="mine", source=f"parquet:{path}", question_column="prompt_text")
+    samples = flat(open_stream(cfg).chunks(8))
+    assert [s.question for s in samples] == ["Which shape?", ""]
+    assert [s.skip_reason for s in samples] == [None, "empty_question"]
+    # Named explicitly, the column must exist: a one-line error naming it.
+    with pytest.raises(ValueError) as e:
+        open_stream(cfg.model_copy(update={"question_column": "nope"}))
+    assert "\n" not in str(e.value) and "'nope'" in str(e.value)
+
+
+def test_registered_dataset_from_another_source_needs_only_what_it_can_have(tmp_path):
+    png = shapes.render_shape(4)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    rows = {"image": [{"bytes": png, "path": None}] * 3, "label": ["red circle"] * 3}
+    path = _write_parquet(tmp_path / "noid.parquet", rows, features)
+    spec = get_dataset("shapes")
+    samples = flat(open_stream(DataConfig(dataset="shapes", source=f"parquet:{path}")).chunks(8))
+    assert [s.sample_id for s in samples] == [f"shapes:{spec.split}:{i}" for i in range(3)]
+    assert all(s.skip_reason is None for s in samples)
+    assert samples[0].question == spec.prompt.format(question=spec.question)
+    # An image folder has no label column but its folder names (the entry names another).
+    folder = tmp_path / "planes"
+    for name in ("a320", "b737"):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / name / "x.png")
+    assert get_dataset("aircraft").label_column != "label"
+    stream = open_stream(
+        DataConfig(dataset="aircraft", source=f"imagefolder:{folder}", split="train")
+    )
+    planes = flat(stream.chunks(4))
+    assert sorted(p.answers[0] for p in planes) == ["a320", "b737"]
+    assert all(p.skip_reason is None for p in planes)
