@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint clean mlflow-ui
+.PHONY: run test install lint clean mlflow-ui smoke-report
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,15 @@ test: $(STAMP)
 	$(BIN)/ruff format --check icd tests
 	$(BIN)/ruff check icd tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The README's "What the smoke run shows": the smoke benchmark (every mode, two budgets) on
+# the mini-world, its comparison table and accuracy-vs-annotation plot copied to docs/smoke.
+smoke-report: $(STAMP)
+	rm -rf .icd/smoke-report
+	$(BIN)/icd benchmark smoke --id smoke-report --set storage.root=$(CURDIR)/.icd/smoke-report
+	mkdir -p docs/smoke
+	cp .icd/smoke-report/benchmarks/smoke-report/comparison.md docs/smoke/comparison.md
+	cp .icd/smoke-report/benchmarks/smoke-report/report/accuracy_vs_annotation.png docs/smoke/
 
 lint: $(STAMP)
 	$(BIN)/ruff format icd tests

@@ -10,15 +10,12 @@ demonstrations with image seed 1 — neither is ever a training image (those use
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from icd.config import VotingConfig
 from icd.data import shapes
@@ -27,6 +24,7 @@ from icd.method.metrics import score
 from icd.method.prompts import build_prompt
 from icd.method.uncertainty import uncertainty
 from icd.method.voting import aggregate
+from icd.miniworld.train import Bank, render_bank
 from icd.models import fixtures
 
 QUERY_SEED, DEMO_SEED = 0, 1
@@ -47,23 +45,6 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 
 
-@dataclass
-class _Images:
-    images: list[Image.Image]
-    labels: list[int]
-
-    @classmethod
-    def render(cls, per_class: int, seed: int) -> _Images:
-        n = per_class * len(shapes.CLASS_NAMES)
-        ims = [
-            Image.open(io.BytesIO(shapes.render_shape(i, seed))).convert("RGB") for i in range(n)
-        ]
-        return cls(ims, [shapes.label_of(i, seed) for i in range(n)])
-
-    def of_class(self, c: int) -> list[int]:
-        return [i for i, y in enumerate(self.labels) if y == c]
-
-
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
     """P(a positive scores above a negative), ties counting half (Mann–Whitney U)."""
     pos, neg = np.asarray(positive, float), np.asarray(negative, float)
@@ -81,7 +62,7 @@ def _accuracy(answers: Sequence[str], truth: Sequence[int]) -> float:
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def evaluate_embedder(model_id: str, queries: _Images) -> dict[str, float]:
+def evaluate_embedder(model_id: str, queries: Bank) -> dict[str, float]:
     from icd.models.hf import HFEmbedder
 
     emb = HFEmbedder(model_id, batch_size=128)
@@ -96,7 +77,7 @@ def evaluate_embedder(model_id: str, queries: _Images) -> dict[str, float]:
     }
 
 
-def evaluate_teacher(model_id: str, queries: _Images) -> dict[str, float]:
+def evaluate_teacher(model_id: str, queries: Bank) -> dict[str, float]:
     from icd.models.hf import HFVLM
 
     vlm = HFVLM(model_id, batch_size=64, max_new_tokens=6)
@@ -119,8 +100,8 @@ def evaluate_teacher(model_id: str, queries: _Images) -> dict[str, float]:
 
 
 def _icl_prompts(
-    queries: _Images,
-    demos: _Images,
+    queries: Bank,
+    demos: Bank,
     picks: Sequence[int],
     demo_classes: Callable[[random.Random, int], list[int]],
     seed: int,
@@ -131,14 +112,14 @@ def _icl_prompts(
         classes = demo_classes(rng, queries.labels[q])
         rng.shuffle(classes)
         chosen = [
-            (demos.images[rng.choice(demos.of_class(c))], shapes.CLASS_NAMES[c]) for c in classes
+            (demos.images[rng.choice(demos.by_class[c])], shapes.CLASS_NAMES[c]) for c in classes
         ]
         turns = [(im, shapes.QUESTION, label) for im, label in chosen]
         out.append(build_prompt(shapes.QUESTION, queries.images[q], turns, TASK))
     return out
 
 
-def evaluate_student(model_id: str, queries: _Images, demos: _Images) -> dict[str, Any]:
+def evaluate_student(model_id: str, queries: Bank, demos: Bank) -> dict[str, Any]:
     from icd.models.hf import HFVLM
 
     vlm = HFVLM(model_id, batch_size=64, max_new_tokens=6)
@@ -198,8 +179,8 @@ def evaluate(
     def model_id(name: str) -> str:
         return str(Path(root) / name) if root else f"fixtures/{name}"
 
-    queries = _Images.render(per_class, QUERY_SEED)
-    demos = _Images.render(max(4, per_class // 2), DEMO_SEED)
+    queries = render_bank(per_class, QUERY_SEED)
+    demos = render_bank(max(4, per_class // 2), DEMO_SEED)
     found: dict[str, float] = {}
     if fixtures.EMBEDDER in names:
         for k, v in evaluate_embedder(model_id(fixtures.EMBEDDER), queries).items():
