@@ -164,6 +164,28 @@ def show_config(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command("check")
+def check(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Before a long run: one line per check (packages, model ids, devices, teacher
+    endpoint and key, storage, dataset), loading no weights. Exits 0 only if all pass."""
+    from icd.check import run_checks
+
+    cfg = _resolve(preset, config, set_)
+    results = run_checks(cfg)
+    for c in results:
+        console.print(
+            c.line(),
+            style=None if c.ok else "bold red",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    failed = sum(not c.ok for c in results)
+    if failed:
+        err.print(f"{failed} of {len(results)} checks failed", highlight=False)
+        raise typer.Exit(1)
+
+
 fixtures_app = typer.Typer(
     help="The offline mini-world: the shapes dataset and the tiny trained models (DESIGN §7).",
     invoke_without_command=True,

@@ -1,0 +1,139 @@
+"""``icd check``: one line per check, exit code 0 only when every check passes."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from icd.check import run_checks
+from icd.cli import app
+from icd.config import load_config
+from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER
+from tests.openai_server import OpenAIServer
+
+runner = CliRunner()
+KEY_ENV = "ICD_CHECK_KEY"
+
+
+@pytest.fixture(scope="module")
+def paths():
+    from icd.models.fixtures import build_model_fixtures, fixtures_dir
+
+    return build_model_fixtures(fixtures_dir())
+
+
+def _invoke(args: list[str]):
+    return runner.invoke(app, ["check", *args], terminal_width=400)
+
+
+def _lines(output: str) -> dict[str, str]:
+    """check name -> the line's status and detail"""
+    out = {}
+    for line in output.strip().splitlines():
+        status, rest = line.split(None, 1)
+        name = rest[:16].strip()
+        out[name] = f"{status} {rest[16:].strip()}"
+    return out
+
+
+def test_real_preset_offline_fails_with_one_clear_line_per_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    res = _invoke(["--preset", "smolvlm", "--set", f"storage.root={tmp_path / 'root'}"])
+    assert res.exit_code == 1
+    lines = _lines(res.stdout)
+    for role, model in [
+        ("student", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+        ("teacher", "Qwen/Qwen2.5-VL-7B-Instruct"),
+        ("embedder", "google/siglip-base-patch16-224"),
+    ]:
+        assert lines[f"model {role}"].startswith(f"FAIL '{model}': ")
+        assert "not in the Hugging Face cache, and the hub is unreachable" in lines[f"model {role}"]
+        assert lines[f"device {role}"].startswith("FAIL 'cuda': CUDA is not available")
+    assert lines["storage"].startswith("ok ")
+    assert lines["dataset"].startswith("FAIL 'pets'")
+    assert lines["deps"].startswith("FAIL missing torchvision (for teacher")
+    assert "pip install 'icd[gpu]'" in lines["deps"]
+    assert "checks failed" in res.stderr
+
+
+def test_a_local_cpu_config_passes(paths, tmp_path):
+    sets = [
+        f"models.student.model_id={paths[STUDENT]}",
+        f"models.teacher.model_id={paths[TEACHER]}",
+        f"models.embedder.model_id={paths[EMBEDDER]}",
+        f"storage.root={tmp_path}",
+    ]
+    res = _invoke(["--preset", "smoke", *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == 0, res.stdout
+    lines = _lines(res.stdout)
+    assert all(v.startswith("ok ") for v in lines.values())
+    assert {"deps", "model student", "device teacher", "storage", "dataset"} <= set(lines)
+
+
+def test_storage_dataset_and_missing_packages_fail(paths, tmp_path, monkeypatch):
+    import icd.models.hf as hf
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = load_config(
+        "smoke",
+        overrides=[
+            f"models.student.model_id={paths[STUDENT]}",
+            "models.student.device_map=auto",
+            "data.source=parquet:/no/such/dir/*.parquet",
+            "data.dataset=mine",
+            f"storage.root={blocker / 'sub'}",
+        ],
+    )
+    monkeypatch.setattr(hf, "has_module", lambda name: False)
+    checks = {c.name: c for c in run_checks(cfg)}
+    assert not checks["storage"].ok and "not writable" in checks["storage"].detail
+    assert not checks["dataset"].ok and "does not exist" in checks["dataset"].detail
+    assert not checks["deps"].ok and "accelerate (for student" in checks["deps"].detail
+
+
+@pytest.fixture(scope="module")
+def server():
+    with OpenAIServer(model=None, model_name="served-teacher", api_key="sk-right") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "ok", "needle"),
+    [
+        ("sk-right", "served-teacher", True, "answers; serves 'served-teacher'"),
+        ("sk-wrong", "served-teacher", False, f"HTTP 401 — check {KEY_ENV}"),
+        ("sk-right", "other-model", False, "model 'other-model' not served (served-teacher)"),
+    ],
+)
+def test_teacher_endpoint(server, monkeypatch, tmp_path, key, model, ok, needle):
+    monkeypatch.setenv(KEY_ENV, key)
+    cfg = load_config(
+        "smoke",
+        values={
+            "models": {
+                "teacher": {
+                    "backend": "openai",
+                    "model_id": model,
+                    "base_url": server.url,
+                    "api_key_env": KEY_ENV,
+                }
+            }
+        },
+        overrides=[f"storage.root={tmp_path}"],
+    )
+    checks = {c.name: c for c in run_checks(cfg)}
+    assert checks["teacher key"].ok
+    assert checks["teacher api"].ok is ok and needle in checks["teacher api"].detail
+
+
+def test_hosted_teacher_without_key_fails(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = load_config("paper", overrides=[f"storage.root={tmp_path}"])
+    checks = {c.name: c for c in run_checks(cfg)}
+    assert (
+        not checks["teacher key"].ok and "OPENAI_API_KEY is not set" in checks["teacher key"].detail
+    )
