@@ -56,9 +56,16 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from icd.data.registry import UnknownDataset
-    from icd.models import ModelLoadError
+    from icd.models import ModelLoadError, ModelOOMError
 
-    return (ConfigError, UnknownDataset, ModelLoadError, ValueError, FileNotFoundError)
+    return (
+        ConfigError,
+        UnknownDataset,
+        ModelLoadError,
+        ModelOOMError,
+        ValueError,
+        FileNotFoundError,
+    )
 
 
 def _resolve(preset: str | None, config: Path | None, sets: list[str] | None) -> Config:
