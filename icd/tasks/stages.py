@@ -104,12 +104,12 @@ def _stat(path: Path) -> tuple[int, int]:
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a failed model stage unless the failure is a configuration mistake (bad model
     id, wrong API key or URL), which no retry can fix."""
-    from icd.models import ModelLoadError
+    from icd.models import ModelLoadError, ModelOOMError
     from icd.models.openai import TeacherConfigError
 
     try:
         state.result()
-    except (ModelLoadError, TeacherConfigError, ValueError):
+    except (ModelLoadError, ModelOOMError, TeacherConfigError, ValueError):
         return False
     except Exception:
         return True
