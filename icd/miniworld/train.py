@@ -36,6 +36,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -395,31 +396,16 @@ def train_all(
     t0 = time.perf_counter()
     bank = render_bank(recipe.per_class, TRAIN_SEED + recipe.seed)
     log(f"rendered {len(bank.labels)} training images in {time.perf_counter() - t0:.1f}s")
+    recipes = {  # in dependency order: the teacher starts from the embedder's vision tower
+        fixtures.EMBEDDER: train_embedder,
+        fixtures.TEACHER: partial(train_teacher, embedder=out / fixtures.EMBEDDER),
+        fixtures.STUDENT: train_student,
+    }
     report: dict[str, Any] = {}
-    if fixtures.EMBEDDER in names:
-        report[fixtures.EMBEDDER] = train_embedder(
-            start=untrained[fixtures.EMBEDDER],
-            out=out / fixtures.EMBEDDER,
-            bank=bank,
-            recipe=recipe,
-            log=log,
-        )
-    if fixtures.TEACHER in names:
-        report[fixtures.TEACHER] = train_teacher(
-            start=untrained[fixtures.TEACHER],
-            out=out / fixtures.TEACHER,
-            embedder=out / fixtures.EMBEDDER,
-            bank=bank,
-            recipe=recipe,
-            log=log,
-        )
-    if fixtures.STUDENT in names:
-        report[fixtures.STUDENT] = train_student(
-            start=untrained[fixtures.STUDENT],
-            out=out / fixtures.STUDENT,
-            bank=bank,
-            recipe=recipe,
-            log=log,
-        )
+    for name, train in recipes.items():
+        if name in names:
+            report[name] = train(
+                start=untrained[name], out=out / name, bank=bank, recipe=recipe, log=log
+            )
     shutil.rmtree(out / ".untrained", ignore_errors=True)
     return report
