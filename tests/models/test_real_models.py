@@ -263,3 +263,66 @@ def test_dependency_messages_are_recognised():
     )
     assert hf_mod.missing_dependency("No module named 'torchvision'") == "torchvision"
     assert hf_mod.missing_dependency("Unrecognized image processor in /x") is None
+
+
+def test_siglip_embedder_with_a_sentencepiece_tokenizer_loads(tmp_path):
+    """Every real preset's embedder is SigLIP, whose tokenizer is SentencePiece: a tiny
+    SigLIP (SentencePiece model trained here) loads and embeds through HFEmbedder."""
+    import sentencepiece as spm
+    from transformers import (
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipProcessor,
+        SiglipTokenizer,
+    )
+
+    words = [
+        "red",
+        "green",
+        "blue",
+        "circle",
+        "square",
+        "star",
+        "triangle",
+        "a",
+        "photo",
+        "of",
+        "the",
+        "shape",
+        "is",
+    ]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(300))
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=30,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
+    tok = SiglipTokenizer(vocab_file=str(tmp_path / "sp.model"), model_max_length=16)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    text.update(num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, eos_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision.update(image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-siglip"
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    SiglipProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+
+    emb = HFEmbedder(str(folder), batch_size=2)
+    assert type(emb.tokenizer).__name__ == "SiglipTokenizer"
+    texts = emb.embed_texts(["a red circle", "blue star", "a red circle"])
+    assert texts.shape == (3, emb.dim) and np.allclose(texts[0], texts[2], atol=1e-6)
+    assert np.allclose(np.linalg.norm(emb.embed_images([random_image(1)]), axis=1), 1.0)
