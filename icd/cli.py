@@ -312,11 +312,22 @@ def report(
         str,
         typer.Argument(help="A run id, a benchmark id, a suite name (its latest run) or a folder."),
     ],
-    root: Annotated[Path, typer.Option(help="Storage root the run wrote to.")] = Path(".icd"),
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Storage root the run wrote to (default: the config's storage.root)."),
+    ] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Print a finished run's (or benchmark's) summary; write its plots and HTML report."""
+    """Print a finished run's (or benchmark's) summary; write its plots and HTML report.
+
+    The run is looked up under the storage root of the config given as for `icd run`
+    (--preset/--config/--set; the `smoke` preset by default), or under --root."""
     from icd.report import build_report, print_summary
 
+    if root is None:
+        root = Path(_resolve(preset, config, set_).storage.root)
     try:
         paths = build_report(target, root)
     except (FileNotFoundError, ValueError) as e:

@@ -42,6 +42,11 @@ class OracleTeacher:
         self.model_id = model_id
         self.calls = 0
 
+    @property
+    def provenance(self) -> str:
+        """What produced its labels, as recorded with each pool row: ``oracle(noise=0.1)``."""
+        return provenance(self.noise)
+
     def annotate(
         self,
         samples: Sequence[Sample],
@@ -72,6 +77,11 @@ class OracleTeacher:
             return truth
         others = [c for c in self.class_names if c != truth]
         return rng.choice(others)
+
+
+def provenance(noise: float) -> str:
+    """The provenance string of an oracle teacher with this noise rate."""
+    return f"oracle(noise={noise:g})"
 
 
 def _truth(sample: Sample) -> str:

@@ -19,6 +19,7 @@ METRICS: tuple[str, ...] = (
     "queried",
     "accepted",
     "teacher_calls",
+    "teacher_calls_reused",
     "teacher_errors",
     "pool_size",
     "mean_agreement",
@@ -52,7 +53,8 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
     including the chunk); ``valid_seen`` (non-skipped rows so far); ``chunk_accuracy``
     (mean score in the chunk); ``running_accuracy`` (mean score of all scored rows so far);
     ``queried``/``accepted`` per chunk; ``pool_size`` (accepted annotations so far — the
-    run's own pool rows); ``annotation_rate`` (queried so far / non-skipped rows so far).
+    run's own pool rows); ``annotation_rate`` (queried so far / rows so far, skipped ones
+    included: the denominator the budget uses).
     Accuracies are null where no row is scored yet. An empty frame gives an empty result.
     """
     if preds.height == 0:
@@ -93,7 +95,7 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
         accepted="accepted",
         pool_size=pl.col("accepted").cum_sum(),
         annotation_rate=_ratio(
-            pl.col("queried").cum_sum().cast(pl.Float64), pl.col("valid").cum_sum()
+            pl.col("queried").cum_sum().cast(pl.Float64), pl.col("samples").cum_sum()
         ),
     )
 

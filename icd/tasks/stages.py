@@ -133,6 +133,19 @@ def open_pool(uri: str) -> DemoPool:
     return _POOLS[uri]
 
 
+def teacher_provenance(cfg: ModelConfig) -> str:
+    """Who labels a pool row: ``oracle(noise=0.1)`` for the ground-truth oracle,
+    ``MODEL_ID@REVISION`` for a Hugging Face teacher, ``openai:MODEL_ID@BASE_URL`` for an
+    OpenAI-compatible endpoint."""
+    if cfg.backend == "oracle":
+        from icd.models.oracle import provenance
+
+        return provenance(cfg.noise)
+    if cfg.backend == "openai":
+        return f"openai:{cfg.model_id}@{cfg.base_url or 'https://api.openai.com/v1'}"
+    return f"{cfg.model_id}@{cfg.revision}"
+
+
 def zero_shot_prompts(chunk: Chunk, task_type: str, class_names: list[str] | None) -> list[Prompt]:
     """The query-only prompt of each valid sample."""
     return [build_prompt(s.question, s.image, [], task_type, class_names) for s in chunk.valid]
@@ -237,8 +250,9 @@ def update_pool(
     compact_every: int,
 ) -> dict[str, Any]:
     """Upsert the chunk's accepted annotations as one pool commit (idempotent on the sample
-    id), embedding each label with the embedder's text tower; returns the pool ``version``
-    and the ``seconds`` it took."""
+    id), embedding each label with the embedder's text tower; ``teacher_id`` is recorded as
+    each row's provenance (:func:`teacher_provenance`). Returns the pool ``version`` and the
+    ``seconds`` it took."""
     t0 = time.perf_counter()
     pool = open_pool(pool_uri)
     valid = chunk.valid

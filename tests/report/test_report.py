@@ -45,7 +45,8 @@ def test_running_curves_hand_computed():
     assert c.get_column("chunk_accuracy").to_list() == [0.5, 1.0, 0.0]
     assert c.get_column("running_accuracy").to_list() == pytest.approx([0.5, 0.75, 0.6])
     assert c.get_column("pool_size").to_list() == [1, 1, 1]
-    assert c.get_column("annotation_rate").to_list() == pytest.approx([0.5, 0.5, 0.4])
+    # queried / all rows so far (skipped ones too), as the budget counts them
+    assert c.get_column("annotation_rate").to_list() == pytest.approx([1 / 3, 2 / 5, 2 / 6])
 
 
 def test_running_curves_unsorted_chunks_and_empty():
@@ -86,11 +87,9 @@ def test_running_curves_properties(rows):
     assert last["pool_size"] == preds.get_column("accepted").sum()
     if scores:
         assert last["running_accuracy"] == pytest.approx(float(np.mean(scores)))
-        assert last["annotation_rate"] == pytest.approx(
-            preds.get_column("queried").sum() / len(scores)
-        )
-    else:
-        assert last["running_accuracy"] is None and last["annotation_rate"] is None
+    assert last["annotation_rate"] == pytest.approx(preds.get_column("queried").sum() / len(rows))
+    if not scores:
+        assert last["running_accuracy"] is None
     assert all(np.diff(c.get_column("pool_size").to_numpy()) >= 0)
     assert all(0.0 <= r <= 1.0 for r in c.get_column("annotation_rate").drop_nulls())
     assert sorted(c.get_column("chunk").to_list()) == c.get_column("chunk").to_list()
@@ -307,3 +306,22 @@ def test_print_summary():
 def test_prediction_columns_match_contract():
     """The synthetic frames carry exactly the CONTRACTS.md predictions columns."""
     assert list(make_predictions(n=3).columns) == list(PREDICTION_COLUMNS)
+
+
+def test_cli_report_finds_runs_under_the_configured_root(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from icd.cli import app
+
+    root = tmp_path / "elsewhere"
+    write_run(root, make_predictions(run_id="run-9", n=32), SUMMARY, CONFIG)
+    monkeypatch.chdir(tmp_path)  # ./.icd holds no such run
+    runner = CliRunner()
+    missing = runner.invoke(app, ["report", "run-9"])
+    assert missing.exit_code == 2 and "no run or benchmark 'run-9'" in missing.output
+    found = runner.invoke(app, ["report", "run-9", "--set", f"storage.root={root}"])
+    assert found.exit_code == 0, found.output
+    assert (root / "runs" / "run-9" / "report" / "report.html").exists()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"storage: {{root: {root}}}\n")
+    assert runner.invoke(app, ["report", "run-9", "--config", str(cfg)]).exit_code == 0
