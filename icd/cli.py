@@ -83,11 +83,17 @@ def _quiet_prefect() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _preflight(cfg: Config) -> None:
-    """Fail fast, in one line, on a bad dataset or model id before the flow starts.
+def _preflight(cfg: Config, run_id: str | None = None) -> None:
+    """Fail fast, in one line, on unusable storage, a resume under another config, or a bad
+    dataset or model id before the flow starts (storage first: it takes milliseconds).
 
     Models are loaded into the process cache, so the flow then reuses them.
     """
+    from icd.storage.preflight import check_storage
+    from icd.storage.runstate import check_resume
+
+    check_storage(cfg.storage)
+    check_resume(cfg, run_id)
     from icd.data.stream import open_stream
     from icd.models import load_embedder, load_student, load_teacher
 
@@ -96,6 +102,14 @@ def _preflight(cfg: Config) -> None:
     load_student(cfg.models.student)
     if cfg.method.mode != "student_zero_shot" and cfg.models.teacher.backend != "openai":
         load_teacher(cfg.models.teacher, src.class_names)
+
+
+def _local_server() -> None:
+    """Start Prefect's temporary server from the main thread, tied to this process (a
+    SIGKILL then leaves no server behind); nothing when PREFECT_API_URL names one."""
+    from icd.flows.server import start_local_server
+
+    start_local_server()
 
 
 @app.command()
@@ -117,7 +131,7 @@ def run(
     cfg = _resolve(preset, config, set_)
     _quiet_prefect()
     try:
-        _preflight(cfg)
+        _preflight(cfg, run_id)
     except _user_errors() as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     from icd.flows import stream as stream_mod
@@ -139,6 +153,7 @@ def run(
     stream_mod.CHUNK_HOOKS.append(hook)
     try:
         with bar, stream_mod.in_process_settings():
+            _local_server()
             summary = stream_mod.stream_flow_for(cfg)(
                 preset=None, overrides=None, config_json=cfg.model_dump_json(), run_id=run_id
             )
@@ -365,6 +380,7 @@ def benchmark(
     _quiet_prefect()
     try:
         with in_process_settings():
+            _local_server()
             result = benchmark_flow(suite, set_ or [], benchmark_id=bench_id)
     except _user_errors() as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

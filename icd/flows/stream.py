@@ -45,7 +45,7 @@ from icd.method.policy import PolicyState
 from icd.method.voting import VoteResult
 from icd.storage import results
 from icd.storage.pool import PoolError
-from icd.storage.runstate import RunState, atomic_write_text
+from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
 from icd.storage.tracking import Tracker
 from icd.tasks.stages import (
     annotate_with_teacher,
@@ -189,7 +189,7 @@ def run_stream(
     run_dir = cfg.storage.results_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     store = RunState(run_dir)
-    store.check_config(cfg.fingerprint("seed", "data", "models", "method", "pipeline.chunk_size"))
+    store.check_config(resume_fingerprint(cfg))
     atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
 
     src = open_stream(cfg.data)

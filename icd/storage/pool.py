@@ -24,6 +24,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,8 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
+
+from icd.storage.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +323,8 @@ class DemoPool:
             if dim is not None:
                 self._create(dim)
         else:
-            self._ensure_primary_key()
+            with self._creation_lock():
+                self._ensure_primary_key()
             self.dim = self._table_dim()
             if dim is not None and dim != self.dim:
                 raise PoolError(
@@ -337,6 +341,13 @@ class DemoPool:
             if "not found" in str(e) or "was not found" in str(e):
                 return None
             raise
+
+    def _creation_lock(self) -> AbstractContextManager[Any]:
+        """A file lock beside a local pool (``<folder>.lock``); remote pools rely on
+        LanceDB's own commit conflict handling."""
+        if not _is_local(self.uri):
+            return nullcontext()
+        return file_lock(Path(self.uri.removeprefix("file://")).absolute().as_posix() + ".lock")
 
     def _ensure_primary_key(self) -> None:
         names = self._tbl.schema.names
@@ -357,14 +368,19 @@ class DemoPool:
     def _create(self, dim: int) -> None:
         if dim < 1:
             raise PoolError(f"vector dimension must be positive, got {dim}")
-        try:
-            self._tbl = self._db.create_table(
-                self.table_name, schema=pool_schema(dim), mode="create", exist_ok=True
-            )
-        except Exception as e:
-            raise PoolError(f"cannot create pool table at {self.uri!r}: {_one_line(e)}") from None
-        self.dim = self._table_dim()
-        self._ensure_primary_key()
+        # Serialised across processes: runs started at once on a fresh pool each find the
+        # table the first one created instead of racing to create it.
+        with self._creation_lock():
+            try:
+                self._tbl = self._open_table() or self._db.create_table(
+                    self.table_name, schema=pool_schema(dim), mode="create", exist_ok=True
+                )
+            except Exception as e:
+                raise PoolError(
+                    f"cannot create pool table at {self.uri!r}: {_one_line(e)}"
+                ) from None
+            self.dim = self._table_dim()
+            self._ensure_primary_key()
         if self.dim != dim:
             raise PoolError(
                 f"pool {self.table_name!r} at {self.uri!r} holds {self.dim}-d vectors, not {dim}-d"

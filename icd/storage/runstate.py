@@ -12,7 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from icd.config import Config
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,8 +64,9 @@ class RunState:
     def all(self) -> list[dict[str, Any]]:
         return [self.load(c) for c in self.committed()]
 
-    def check_config(self, fingerprint: str) -> None:
-        """Record the run's config fingerprint, or refuse to resume under a different one."""
+    def check_config(self, fingerprint: str, record: bool = True) -> None:
+        """Record the run's config fingerprint (unless ``record`` is False: a check only),
+        or refuse (``ValueError``, one line) to resume under a different one."""
         path = self.run_dir / "config.fingerprint"
         if path.exists():
             old = path.read_text().strip()
@@ -71,5 +75,20 @@ class RunState:
                     f"run {self.run_dir.name!r} exists with a different configuration; "
                     "resume it with the same config or pick a new run id"
                 )
-        else:
+        elif record:
             atomic_write_text(path, fingerprint)
+
+
+def resume_fingerprint(cfg: Config) -> str:
+    """What a resumed run must share with the run it continues."""
+    return cfg.fingerprint("seed", "data", "models", "method", "pipeline.chunk_size")
+
+
+def check_resume(cfg: Config, run_id: str | None) -> None:
+    """Raise ``ValueError`` (one line) if run ``run_id`` exists under the storage root with
+    another configuration; writes nothing."""
+    run_id = run_id or cfg.run_id
+    if run_id:
+        RunState(cfg.storage.results_dir(run_id)).check_config(
+            resume_fingerprint(cfg), record=False
+        )

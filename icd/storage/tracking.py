@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
+
+from icd.storage.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,13 @@ def _sqlite_parent(tracking_uri: str) -> Path | None:
     return Path(tracking_uri.removeprefix("sqlite:///")).parent
 
 
+def _store_lock(tracking_uri: str) -> AbstractContextManager[Any]:
+    """The lock serialising first use of a ``sqlite:///`` store (``<db>.lock``)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return nullcontext()
+    return file_lock(tracking_uri.removeprefix("sqlite:///") + ".lock")
+
+
 class Tracker:
     """MLflow lineage of one run (see module doc). Call :meth:`start` before logging.
 
@@ -185,10 +195,17 @@ class Tracker:
         try:
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-            self.client = MlflowClient(tracking_uri=tracking_uri)
+            # A new SQLite store is created (migrated) on first use, which is not safe in
+            # two processes at once: first use, and the experiment's creation, are
+            # serialised by a lock file beside the database.
+            lock = _store_lock(tracking_uri)
+            with lock:
+                self.client = MlflowClient(tracking_uri=tracking_uri)
+                self.experiment_id = self._experiment_id()
+        except TrackingError:
+            raise
         except Exception as e:
             raise TrackingError(f"tracking store {tracking_uri!r}: {_one_line(e)}") from None
-        self.experiment_id = self._experiment_id()
         self.mlflow_run_id: str | None = None
         self.run_id: str | None = None
         self.resumed = False
