@@ -196,7 +196,7 @@ class _RowSampler(LogitsProcessor):
             noise = self._noise = torch.empty_like(probs)
         for row, g in zip(noise, self._generators(probs.device), strict=True):
             row.exponential_(1.0, generator=g)
-        picks = torch.div(probs, noise).argmax(dim=-1)
+        picks = torch.div(probs, noise, out=noise).argmax(dim=-1)  # noise is redrawn next step
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, picks[:, None], 0.0)
         return out

@@ -113,6 +113,13 @@ def _samples(n: int) -> list[Sample]:
 
 
 def test_annotate_greedy_first_then_reproducible_samples(vlm):
+    # The untrained build of the same architecture: the trained mini-world teacher is sure
+    # enough of its answers that every seed draws the same ones.
+    from icd.models.fixtures import build_model_fixtures, fixtures_dir
+
+    name = vlm.model_id.removeprefix("fixtures/")
+    untrained = build_model_fixtures(fixtures_dir(), names=[name])[name]
+    vlm = HFVLM(str(untrained), batch_size=4, max_new_tokens=8)
     samples, prompts = _samples(3), [icl_prompt(30 + s, k=1) for s in range(3)]
     anns = vlm.annotate(samples, prompts, n=5, temperature=1.0, include_greedy=True, seed=7)
     again = vlm.annotate(samples, prompts, n=5, temperature=1.0, include_greedy=True, seed=7)
