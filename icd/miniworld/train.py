@@ -62,7 +62,9 @@ class Recipe:
     per_class: int = 250  # training images per class
     embedder_steps: int = 1200
     teacher_steps: int = 1200
-    student_steps: int = 4000
+    student_steps: int = 5000
+    match_steps: int = 2500  # the student's second phase: matching among 2-4 demos
+    match_lr: float = 1e-3
     batch_size: int = 32
     lr: float = 3e-3
     aux_weight: float = 0.5  # auxiliary vision class loss
@@ -77,6 +79,7 @@ class Recipe:
             embedder_steps=max(2, int(self.embedder_steps * factor)),
             teacher_steps=max(2, int(self.teacher_steps * factor)),
             student_steps=max(2, int(self.student_steps * factor)),
+            match_steps=max(2, int(self.match_steps * factor)),
         )
 
 
@@ -312,9 +315,24 @@ def _split(c: int) -> tuple[str, str]:
     return colour, shape
 
 
-def student_episode(rng: random.Random, bank: Bank, max_k: int) -> Episode:
-    """One training prompt for the student (see the module docstring)."""
-    kind = rng.choices(["zs_base", "zs_novel", "icl_novel", "icl_base"], [2, 1, 5, 2])[0]
+_KINDS = ["zs_base", "zs_novel", "icl_novel", "icl_base"]
+_MIX = (2, 1, 5, 2)  # first phase: episode kinds in these proportions
+_MATCH_MIX = (2, 1, 6, 2)  # matching phase
+
+
+def student_episode(
+    rng: random.Random,
+    bank: Bank,
+    max_k: int,
+    *,
+    min_k: int = 1,
+    mix: Sequence[int] = _MIX,
+    any_distractors: int = 1,
+) -> Episode:
+    """One training prompt for the student (see the module docstring). Each distractor
+    shares the query's colour, or its shape, or is any other class — the last
+    ``any_distractors`` times as likely as each of the first two."""
+    kind = rng.choices(_KINDS, mix)[0]
     perm = dict(zip(_NOVEL_SHAPES, rng.sample(_NOVEL_SHAPES, len(_NOVEL_SHAPES)), strict=True))
 
     def name(c: int) -> str:
@@ -333,7 +351,7 @@ def student_episode(rng: random.Random, bank: Bank, max_k: int) -> Episode:
         return Episode(query, [], shapes.CLASS_NAMES[q_class], kind)
     if kind == "zs_novel":
         return Episode(query, [], shapes.CLASS_NAMES[rng.choice(_BASE)], kind)
-    k = rng.randint(1, max_k)
+    k = rng.randint(min_k, max_k)
     colour, shape = _split(q_class)
     others = [c for c in range(len(shapes.CLASS_NAMES)) if c != q_class]
     same_colour = [c for c in others if _split(c)[0] == colour]
@@ -341,7 +359,9 @@ def student_episode(rng: random.Random, bank: Bank, max_k: int) -> Episode:
     match = kind == "icl_novel" or rng.random() < 0.5
     demo_classes = [q_class] if match else []
     while len(demo_classes) < k:
-        demo_classes.append(rng.choice(rng.choice([same_colour, same_shape, others])))
+        demo_classes.append(
+            rng.choice(rng.choice([same_colour, same_shape, *[others] * any_distractors]))
+        )
     rng.shuffle(demo_classes)
     demos = [(pick(c, avoid=query), name(c)) for c in demo_classes]
     return Episode(query, demos, name(q_class), kind)
@@ -374,8 +394,34 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
             _save(model, processor, out, {"model": fixtures.STUDENT, "partial": step + 1})
             model.train()
     info = {"model": fixtures.STUDENT, "recipe": asdict(recipe), **meter.info()}
+    if recipe.match_steps:
+        info["match_phase"] = match_phase(
+            model, bank=bank, processor=processor, recipe=recipe, log=log
+        )
     _save(model, processor, out, info)
     return info
+
+
+def match_phase(model: Any, *, bank: Bank, processor: Any, recipe: Recipe, log: Log) -> dict:
+    """The student's second phase: ``recipe.match_steps`` steps on a fresh schedule at
+    ``recipe.match_lr``, answer loss only, with more in-context episodes of 2–4 demos whose
+    distractors are mostly unrelated classes — so the student must find the demo whose
+    image matches the query, not the shape word most demos share."""
+    rng = random.Random(recipe.seed + 4)
+    model.train()
+    opt, sched = _optimizer(model, recipe.match_lr, recipe.match_steps)
+    params = list(model.parameters())
+    meter = _Meter("student (matching)", recipe.match_steps, log)
+    for step in range(recipe.match_steps):
+        eps = [
+            student_episode(rng, bank, 4, min_k=2, mix=_MATCH_MIX, any_distractors=2)
+            for _ in range(recipe.batch_size)
+        ]
+        loss = _answer_loss(model, encode_episodes(processor, bank, eps))
+        _step(opt, sched, loss, params)
+        meter.add(step, loss.item())
+    model.eval()
+    return meter.info()
 
 
 # ---------------------------------------------------------------------------- all

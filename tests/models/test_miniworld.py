@@ -13,7 +13,9 @@ from icd.models.fixtures import EMBEDDER, MARKER, NAMES, STUDENT, TEACHER
 
 
 def test_a_short_schedule_trains_every_model_and_the_loss_falls(tmp_path):
-    recipe = Recipe(per_class=4, embedder_steps=30, teacher_steps=30, student_steps=30)
+    recipe = Recipe(
+        per_class=4, embedder_steps=30, teacher_steps=30, student_steps=30, match_steps=10
+    )
     report = train_all(tmp_path, recipe=recipe, log=lambda _: None)
     assert set(report) == set(NAMES)
     for name, info in report.items():
@@ -21,6 +23,8 @@ def test_a_short_schedule_trains_every_model_and_the_loss_falls(tmp_path):
         assert len(curve) >= 3 and curve[-1] < curve[0], (name, curve)
         marker = json.loads((tmp_path / name / MARKER).read_text())
         assert marker["recipe"]["student_steps"] == 30 and marker["seconds"] > 0
+    matching = report[STUDENT]["match_phase"]["loss_curve"]
+    assert len(matching) >= 2 and all(loss > 0 for _, loss in matching)
     # What was written loads through the real backends.
     from icd.models.hf import HFVLM, HFEmbedder
 
