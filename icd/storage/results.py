@@ -148,7 +148,8 @@ def summarize(
 ) -> dict[str, Any]:
     """The run summary of a predictions table.
 
-    ``accuracy`` is the mean ``score`` over scored (non-skipped) samples; ``annotation_rate``
+    ``accuracy`` is the mean ``score`` over scored (non-skipped) samples, also split into
+    ``accuracy_queried`` and ``accuracy_not_queried``; ``annotation_rate``
     is ``queried / (samples - skipped)``; ``mean_agreement`` averages the queried samples'
     vote agreement; ``demo_accuracy`` averages the per-sample demo accuracy where known.
     ``zs_accuracy`` comes from ``extra["zs_accuracy"]`` if given, else from ``score_fn(
@@ -178,6 +179,9 @@ def summarize(
         "samples": len(df),
         "skipped": len(df) - len(valid),
         "accuracy": accuracy,
+        # split: queried samples carry the teacher's label; the rest show what ICL adds
+        "accuracy_queried": _mean(valid.filter(pl.col("queried"))["score"]),
+        "accuracy_not_queried": _mean(valid.filter(~pl.col("queried"))["score"]),
         "zs_accuracy": zs_accuracy,
         "annotation_rate": queried / len(valid) if len(valid) else 0.0,
         "queried": queried,

@@ -155,6 +155,8 @@ def test_summary_aggregates_the_table() -> None:
         "samples": 5,
         "skipped": 1,
         "accuracy": pytest.approx(2 / 4),
+        "accuracy_queried": pytest.approx(1 / 3),
+        "accuracy_not_queried": pytest.approx(1.0),
         "zs_accuracy": pytest.approx(1 / 4),
         "annotation_rate": pytest.approx(3 / 4),
         "queried": 3,
