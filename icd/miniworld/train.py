@@ -328,10 +328,13 @@ def student_episode(
     min_k: int = 1,
     mix: Sequence[int] = _MIX,
     any_distractors: int = 1,
+    decoys: float = 0.0,
 ) -> Episode:
     """One training prompt for the student (see the module docstring). Each distractor
     shares the query's colour, or its shape, or is any other class — the last
-    ``any_distractors`` times as likely as each of the first two."""
+    ``any_distractors`` times as likely as each of the first two. With probability
+    ``decoys`` a novel query's distractors instead all share one other novel shape, so the
+    shape word most demos carry is the wrong one: only the matching image tells."""
     kind = rng.choices(_KINDS, mix)[0]
     perm = dict(zip(_NOVEL_SHAPES, rng.sample(_NOVEL_SHAPES, len(_NOVEL_SHAPES)), strict=True))
 
@@ -358,6 +361,10 @@ def student_episode(
     same_shape = [c for c in others if _split(c)[1] == shape]
     match = kind == "icl_novel" or rng.random() < 0.5
     demo_classes = [q_class] if match else []
+    if kind == "icl_novel" and decoys and rng.random() < decoys:
+        decoy = rng.choice([s for s in _NOVEL_SHAPES if s != shape])
+        same_shape = others = [c for c in _NOVEL if _split(c)[1] == decoy]
+        same_colour = others
     while len(demo_classes) < k:
         demo_classes.append(
             rng.choice(rng.choice([same_colour, same_shape, *[others] * any_distractors]))
@@ -405,8 +412,9 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
 def match_phase(model: Any, *, bank: Bank, processor: Any, recipe: Recipe, log: Log) -> dict:
     """The student's second phase: ``recipe.match_steps`` steps on a fresh schedule at
     ``recipe.match_lr``, answer loss only, with more in-context episodes of 2–4 demos whose
-    distractors are mostly unrelated classes — so the student must find the demo whose
-    image matches the query, not the shape word most demos share."""
+    distractors are mostly unrelated classes or decoys sharing another shape — so the
+    student must find the demo whose image matches the query, not the shape word most
+    demos carry (a shortcut the first phase's distractors leave open)."""
     rng = random.Random(recipe.seed + 4)
     model.train()
     opt, sched = _optimizer(model, recipe.match_lr, recipe.match_steps)
@@ -414,7 +422,7 @@ def match_phase(model: Any, *, bank: Bank, processor: Any, recipe: Recipe, log: 
     meter = _Meter("student (matching)", recipe.match_steps, log)
     for step in range(recipe.match_steps):
         eps = [
-            student_episode(rng, bank, 4, min_k=2, mix=_MATCH_MIX, any_distractors=2)
+            student_episode(rng, bank, 4, min_k=2, mix=_MATCH_MIX, any_distractors=2, decoys=0.5)
             for _ in range(recipe.batch_size)
         ]
         loss = _answer_loss(model, encode_episodes(processor, bank, eps))
