@@ -77,8 +77,9 @@ def test_icd_beats_forwarding_the_teacher_which_beats_the_student(runs) -> None:
     assert summaries["icd"]["queried"] > 0 and summaries["icd"]["pool_size"] > 0
     # Forwarding the teacher's labels helps on the queried samples only ...
     assert acc["teacher_forward"]["all"] > acc["student_zero_shot"]["all"] + 0.05
-    # ... in-context learning helps on the samples the teacher never saw.
-    assert acc["icd"]["not_queried"] > acc["student_zero_shot"]["not_queried"] + 0.1
+    # ... in-context learning helps on the samples the teacher never saw (both modes query
+    # the same samples, so teacher_forward's rest is the student's zero-shot answer there).
+    assert acc["icd"]["not_queried"] > acc["teacher_forward"]["not_queried"] + 0.1
     assert acc["icd"]["all"] > acc["teacher_forward"]["all"] + 0.05
     assert acc["icd_oracle"]["all"] >= acc["icd"]["all"] - 0.03
 
