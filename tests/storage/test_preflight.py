@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from icd.storage import preflight
 from icd.storage.runstate import RunState, resume_fingerprint
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _closed_port() -> int:
@@ -70,12 +73,14 @@ def test_storage_mistakes_are_one_line_errors_within_seconds(
 
 
 def test_resume_with_a_changed_config_is_a_one_line_error(tmp_path: Path) -> None:
+    """As a user runs it (a real process: Prefect's own logging would show a traceback)."""
     before = load_config("smoke", overrides=[f"storage.root={tmp_path}"])
     RunState(before.storage.results_dir("nightly")).check_config(resume_fingerprint(before))
-    args = ["run", "--no-progress", "--run-id", "nightly", "--set", f"storage.root={tmp_path}"]
+    cmd = [sys.executable, "-m", "icd.cli", "run", "--no-progress", "--run-id", "nightly"]
+    cmd += ["--set", f"storage.root={tmp_path}", "--set", "method.policy.budget=0.2"]
     t0 = time.perf_counter()
-    out = runner.invoke(app, [*args, "--set", "method.policy.budget=0.2"])
-    assert time.perf_counter() - t0 < 10
-    assert out.exit_code == 2
-    lines = out.output.strip().splitlines()
-    assert len(lines) == 1 and "different configuration" in lines[0], out.output
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - t0 < 15
+    assert out.returncode == 2
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) == 1 and "different configuration" in lines[0], out.stderr
