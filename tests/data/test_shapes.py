@@ -40,7 +40,7 @@ def test_reads_back_through_datasets(built, tmp_path):
     assert label.names == shapes.CLASS_NAMES
     row = ds[0]
     assert row["question"] == shapes.QUESTION
-    assert row["image"].size == (64, 64)  # decoded by datasets' own Image feature
+    assert row["image"].size == (32, 32)  # decoded by datasets' own Image feature
     # The dataset card declares the split, so the folder loads like a hub dataset too.
     again = load_dataset(str(folder), split="train", cache_dir=str(tmp_path))
     assert again.num_rows == 120 and again.features["label"].names == shapes.CLASS_NAMES
@@ -73,7 +73,7 @@ def test_corrupt_samples_do_not_decode_and_the_rest_do(built, tmp_path):
         else:
             img = Image.open(io.BytesIO(data))
             img.load()
-            assert img.mode == "RGB" and img.size == (64, 64)
+            assert img.mode == "RGB" and img.size == (32, 32)
     assert bad == 2
 
 
@@ -117,9 +117,9 @@ def test_sample_does_not_depend_on_n(tmp_path):
 
 
 @given(seed=st.integers(0, 2**31), block=st.integers(0, 10_000))
-def test_every_block_of_30_holds_each_class_once(seed, block):
+def test_every_block_of_classes_holds_each_class_once(seed, block):
     k = len(shapes.CLASS_NAMES)
-    labels = [shapes._label_of(block * k + j, seed) for j in range(k)]
+    labels = [shapes.label_of(block * k + j, seed) for j in range(k)]
     assert sorted(labels) == list(range(k))
 
 
@@ -128,3 +128,12 @@ def test_rejects_bad_arguments(tmp_path):
         build_shapes_dataset(tmp_path, n=0)
     with pytest.raises(ValueError, match="size"):
         build_shapes_dataset(tmp_path, n=5, size=4)
+
+
+def test_meta_splits_base_and_novel_classes(built):
+    _, folder = built
+    meta = json.loads((folder / "shapes.json").read_text())
+    base, novel = meta["base_classes"], meta["novel_classes"]
+    assert sorted(base + novel) == sorted(shapes.CLASS_NAMES) and not set(base) & set(novel)
+    assert len(base) * 3 == len(shapes.CLASS_NAMES)  # a third of the classes are base
+    assert all(c.split(" ", 1)[1] in shapes.BASE_SHAPES for c in base)
