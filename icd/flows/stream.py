@@ -489,6 +489,7 @@ def run_stream(
             "mode": cfg.method.mode,
             "dataset": cfg.data.dataset,
             "zs_accuracy": (running or {}).get("zs_accuracy"),
+            "forward_accuracy": (running or {}).get("forward_accuracy"),
             "pool_size": open_pool(pool_uri).count(run_id) if mode.use_pool else 0,
             "seconds": seconds,
         },

@@ -126,6 +126,7 @@ def chunk_metrics(
         "score_sum": 0.0,
         "zs_scored": 0,
         "zs_score_sum": 0.0,
+        "forward_score_sum": 0.0,
         "icl_scored": 0,
         "icl_score_sum": 0.0,
         "queried": 0,
@@ -150,8 +151,14 @@ def chunk_metrics(
             m["score_sum"] += float(r["score"])
         if r.get("zs_answer") is not None:
             m["zs_scored"] += 1
-            m["zs_score_sum"] += score(
-                r["zs_answer"], answers, task, synonyms, class_names, fuzzy_threshold
+            zs = score(r["zs_answer"], answers, task, synonyms, class_names, fuzzy_threshold)
+            m["zs_score_sum"] += zs
+            # what forwarding this run's teacher labels (no ICL) scores on the same samples
+            label = r.get("teacher_label") if r.get("queried") else None
+            m["forward_score_sum"] += (
+                zs
+                if label is None
+                else score(label, answers, task, synonyms, class_names, fuzzy_threshold)
             )
         if r.get("icl_answer") is not None:
             m["icl_scored"] += 1
@@ -183,6 +190,7 @@ def _derive(m: dict[str, Any]) -> dict[str, Any]:
     valid = m["samples"] - m["skipped"]
     m["accuracy"] = _mean(m["score_sum"], m["scored"])
     m["zs_accuracy"] = _mean(m["zs_score_sum"], m["zs_scored"])
+    m["forward_accuracy"] = _mean(m["forward_score_sum"], m["zs_scored"])
     m["icl_accuracy"] = _mean(m["icl_score_sum"], m["icl_scored"])
     m["annotation_rate"] = _mean(m["queried"], valid)
     m["acceptance_rate"] = _mean(m["accepted"], m["queried"])
@@ -198,6 +206,7 @@ _ADDITIVE = [
     "score_sum",
     "zs_scored",
     "zs_score_sum",
+    "forward_score_sum",
     "icl_scored",
     "icl_score_sum",
     "queried",

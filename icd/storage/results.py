@@ -153,7 +153,9 @@ def summarize(
     is ``queried / (samples - skipped)``; ``mean_agreement`` averages the queried samples'
     vote agreement; ``demo_accuracy`` averages the per-sample demo accuracy where known.
     ``zs_accuracy`` comes from ``extra["zs_accuracy"]`` if given, else from ``score_fn(
-    zs_answer, answers)`` over the non-skipped samples, else None. ``teacher_calls``,
+    zs_answer, answers)`` over the non-skipped samples, else None. ``forward_accuracy``
+    (this run's teacher labels forwarded, the student's zero-shot answers elsewhere — the
+    ``teacher_forward`` baseline on the same samples) comes from ``extra``. ``teacher_calls``,
     ``pool_size`` and ``seconds`` (and run_id/mode/dataset for an empty table) come from
     ``extra``.
     """
@@ -183,6 +185,7 @@ def summarize(
         "accuracy_queried": _mean(valid.filter(pl.col("queried"))["score"]),
         "accuracy_not_queried": _mean(valid.filter(~pl.col("queried"))["score"]),
         "zs_accuracy": zs_accuracy,
+        "forward_accuracy": extra.get("forward_accuracy"),
         "annotation_rate": queried / len(valid) if len(valid) else 0.0,
         "queried": queried,
         "accepted": int(df["accepted"].sum()) if len(df) else 0,

@@ -128,6 +128,7 @@ def example_rows():
             queried=True,
             accepted=True,
             agreement=0.8,
+            teacher_label="cat",
             final_source="teacher",
         ),
         row(
@@ -136,6 +137,7 @@ def example_rows():
             queried=True,
             accepted=False,
             agreement=0.4,
+            teacher_label="cat",
             final_source="student_zs",
         ),
         row(
@@ -155,6 +157,8 @@ def test_chunk_metrics_counts():
     assert m["samples"] == 6 and m["skipped"] == 1
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["zs_accuracy"] == pytest.approx(1 / 4) and m["icl_accuracy"] == 1.0
+    # forwarding: the two teacher labels (both right) replace zero-shot answers dog/cat
+    assert m["forward_accuracy"] == pytest.approx(2 / 4)
     assert m["queried"] == 3 and m["accepted"] == 1 and m["teacher_errors"] == 1
     assert m["annotation_rate"] == pytest.approx(3 / 5)
     assert m["teacher_calls"] == 3 * 5 + 1  # all N answers of each queried sample + one zs call

@@ -82,6 +82,10 @@ def test_icd_beats_forwarding_the_teacher_which_beats_the_student(runs) -> None:
     assert acc["icd"]["not_queried"] > acc["teacher_forward"]["not_queried"] + 0.1
     assert acc["icd"]["all"] > acc["teacher_forward"]["all"] + 0.05
     assert acc["icd_oracle"]["all"] >= acc["icd"]["all"] - 0.03
+    # An ICD run's own summary shows the forwarding baseline on its samples.
+    assert summaries["icd"]["forward_accuracy"] == pytest.approx(
+        acc["teacher_forward"]["all"], abs=0.02
+    )
 
 
 def test_retrieval_picks_same_class_demos_more_often_than_random(runs) -> None:

@@ -158,6 +158,7 @@ def test_summary_aggregates_the_table() -> None:
         "accuracy_queried": pytest.approx(1 / 3),
         "accuracy_not_queried": pytest.approx(1.0),
         "zs_accuracy": pytest.approx(1 / 4),
+        "forward_accuracy": None,
         "annotation_rate": pytest.approx(3 / 4),
         "queried": 3,
         "accepted": 1,
