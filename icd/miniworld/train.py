@@ -275,6 +275,17 @@ class _VisionTap:
         self.pooled = (h[:, 1:] if self.drop_cls else h).mean(1)
 
 
+def _with_aux_head(
+    model: torch.nn.Module, tower: torch.nn.Module, drop_cls: bool, lr: float, steps: int
+) -> tuple[_VisionTap, torch.nn.Linear, Any, Any, list[torch.nn.Parameter]]:
+    """The auxiliary class head on ``tower``'s pooled output (training only) and one
+    optimizer over the model and the head."""
+    tap = _VisionTap(tower, drop_cls=drop_cls)
+    head = torch.nn.Linear(tower.config.hidden_size, len(shapes.CLASS_NAMES))
+    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), lr, steps)
+    return tap, head, opt, sched, [*model.parameters(), *head.parameters()]
+
+
 # ---------------------------------------------------------------------------- teacher
 def train_teacher(
     *, start: Path, out: Path, embedder: Path, bank: Bank, recipe: Recipe, log: Log
@@ -289,10 +300,9 @@ def train_teacher(
     processor = AutoProcessor.from_pretrained(start)
     tower = model.model.vision_tower
     tower.load_state_dict(CLIPModel.from_pretrained(embedder).vision_model.state_dict())
-    tap = _VisionTap(tower, drop_cls=True)
-    head = torch.nn.Linear(tower.config.hidden_size, len(shapes.CLASS_NAMES))
-    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), recipe.lr, recipe.teacher_steps)
-    params = [*model.parameters(), *head.parameters()]
+    tap, head, opt, sched, params = _with_aux_head(
+        model, tower, True, recipe.lr, recipe.teacher_steps
+    )
     meter = _Meter("teacher", recipe.teacher_steps, log)
     for step in range(recipe.teacher_steps):
         idx = rng.integers(0, len(bank.labels), recipe.batch_size)
@@ -386,10 +396,9 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
     model = Idefics3ForConditionalGeneration.from_pretrained(start).train()
     processor = AutoProcessor.from_pretrained(start)
     tower = model.model.vision_model
-    tap = _VisionTap(tower, drop_cls=False)
-    head = torch.nn.Linear(tower.config.hidden_size, len(shapes.CLASS_NAMES))
-    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), recipe.lr, recipe.student_steps)
-    params = [*model.parameters(), *head.parameters()]
+    tap, head, opt, sched, params = _with_aux_head(
+        model, tower, False, recipe.lr, recipe.student_steps
+    )
     meter = _Meter("student", recipe.student_steps, log)
     for step in range(recipe.student_steps):
         max_k = 2 if step < recipe.student_steps // 5 else 4
