@@ -619,15 +619,19 @@ def _parquet_files(target: str) -> list[str]:
 
 
 def _files_digest(files: list[str], split: str) -> str:
-    """sha256 over (relative name, size, first and last MiB) of each file: stable across
-    copies of the same data, cheap for large files."""
-    h = hashlib.sha256(split.encode())
     common = (
         os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
     )
+    return files_digest(files, common, salt=split)
+
+
+def files_digest(files: list[str], root: str, salt: str = "") -> str:
+    """sha256 over ``salt`` and (name relative to ``root``, size, first and last MiB) of each
+    file: stable across copies of the same data, cheap for large files."""
+    h = hashlib.sha256(salt.encode())
     for f in sorted(files):
         size = os.path.getsize(f)
-        h.update(f"{os.path.relpath(f, common)}|{size}|".encode())
+        h.update(f"{os.path.relpath(f, root)}|{size}|".encode())
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
             if size > 2 << 20:

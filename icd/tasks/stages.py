@@ -14,9 +14,7 @@ a re-run) reuses them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -29,6 +27,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPoli
 from prefect.tasks import exponential_backoff
 
 from icd.config import MethodConfig, ModelConfig, SelectionConfig, VotingConfig
+from icd.data.stream import files_digest
 from icd.data.types import Chunk
 from icd.method import metrics, steps
 from icd.method.prompts import build_prompt
@@ -84,15 +83,7 @@ def weights_identity(cfg: ModelConfig) -> str:
     stats = tuple((str(p), *_stat(p)) for p in files)
     with _WEIGHTS_LOCK:
         if stats not in _WEIGHTS:
-            h = hashlib.sha256()
-            for p, size, _ in stats:
-                h.update(f"{os.path.relpath(p, folder)}|{size}|".encode())
-                with open(p, "rb") as f:
-                    h.update(f.read(1 << 20))
-                    if size > 2 << 20:
-                        f.seek(-(1 << 20), os.SEEK_END)
-                        h.update(f.read())
-            _WEIGHTS[stats] = h.hexdigest()[:32]
+            _WEIGHTS[stats] = files_digest([p for p, _, _ in stats], str(folder))
         return _WEIGHTS[stats]
 
 
