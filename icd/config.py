@@ -129,6 +129,7 @@ class MethodConfig(_Strict):
         "teacher_forward",
         "random_demos",
         "rices",
+        "pool_vote",
     ] = "icd"
     uncertainty: Literal["entropy_mean", "nll_mean", "entropy_first", "margin"] = "entropy_mean"
     policy: PolicyConfig = PolicyConfig()

@@ -15,8 +15,8 @@ from icd.flows.benchmark import (
     expand,
     load_benchmark,
     suites,
-    uses_budget,
 )
+from icd.method.modes import mode_spec
 from tests.report import assert_png
 
 try:
@@ -72,8 +72,9 @@ def test_expand_runs_budget_free_modes_once():
         seeds=[0, 1],
     )
     settings = expand(suite)
-    assert not uses_budget("student_zero_shot") and not uses_budget("teacher_zero_shot")
-    assert uses_budget("icd") and uses_budget("teacher_forward")
+    assert not mode_spec("student_zero_shot").uses_budget
+    assert not mode_spec("teacher_zero_shot").uses_budget
+    assert mode_spec("icd").uses_budget and mode_spec("teacher_forward").uses_budget
     assert len(settings) == 2 * 2 + 2 * 2 * 2  # budget-free: once per seed
     assert {s.budget for s in settings if s.mode.endswith("zero_shot")} == {None}
     assert len({s.run_id("b") for s in settings}) == len(settings)

@@ -45,7 +45,6 @@ from icd.data.stream import open_stream
 from icd.method import metrics, modes, steps
 from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
-from icd.method.selection import select_demos
 from icd.models import load_embedder, load_student, load_teacher
 
 RSS_SOURCE = "fixture:shapes?n=10000"
@@ -65,9 +64,7 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
     src = open_stream(cfg.data)
     task, class_names, synonyms = src.task, src.class_names, src.synonyms
     prompt_classes = class_names if cfg.method.list_classes_in_prompt else None
-    mode = modes.mode_spec(cfg.method.mode)
     sel = modes.selection_config(cfg.method)
-    voting = cfg.method.voting
     embedder = load_embedder(cfg.models.embedder)
     student = load_student(cfg.models.student)
     teacher = load_teacher(cfg.models.teacher, class_names)
@@ -87,9 +84,7 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
         seconds[stage] += now - t
         t = now
 
-    n_chunks = src.num_chunks(cfg.pipeline.chunk_size) or 0
-    for index in range(n_chunks):
-        chunk = src.chunk(index, cfg.pipeline.chunk_size)
+    for chunk in src.chunks(cfg.pipeline.chunk_size):
         records += [
             {"sample_id": s.sample_id, "final_answer": None, "score": None, "skipped": True}
             for s in chunk.samples
@@ -102,64 +97,63 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
         vecs = embedder.embed_images([s.image for s in valid])
         lap("embed")
         zs_gens = student.generate(
-            [build_prompt(s.question, s.image, [], task, prompt_classes) for s in valid]
+            [
+                build_prompt(s.question, s.image, task=task, class_names=prompt_classes)
+                for s in valid
+            ]
         )
         zs_answers, zs_unc = steps.student_outputs(zs_gens, cfg.method.uncertainty)
         lap("score")
 
         votes: dict[str, Any] = {}
-        if mode.query_teacher:
-            mask, state = steps.select_queries(zs_unc, state, cfg.method, src.length)
-            asked = [s for s, q in zip(valid, mask, strict=True) if q]
-            if asked:
-                prompts = [build_prompt(s.question, s.image, [], task, None) for s in asked]
-                anns = teacher.annotate(
-                    asked, prompts, voting.n, voting.temperature, voting.include_greedy, cfg.seed
-                )
-                voted = steps.vote_annotations(anns, voting, class_names, synonyms)
-                votes = {s.sample_id: v for s, v in zip(asked, voted, strict=True)}
+        mask, state = steps.teacher_queries(
+            len(valid), uncertainties=zs_unc, state=state, cfg=cfg.method, stream_length=src.length
+        )
+        asked = [s for s, q in zip(valid, mask, strict=True) if q]
+        if asked:
+            voting = steps.annotation_voting(cfg.method)
+            prompts = [build_prompt(s.question, s.image, task=task) for s in asked]
+            anns = teacher.annotate(
+                asked, prompts, voting.n, voting.temperature, voting.include_greedy, cfg.seed
+            )
+            voted = steps.vote_annotations(anns, voting, class_names, synonyms)
+            votes = {s.sample_id: v for s, v in zip(asked, voted, strict=True)}
         lap("annotate")
 
         before = len(pool_labels)  # demos come from the pool as it was before this chunk
-        if mode.use_pool:
-            added = [
-                (i, votes[s.sample_id])
-                for i, s in enumerate(valid)
-                if s.sample_id in votes and votes[s.sample_id].accepted and votes[s.sample_id].label
-            ]
-            if added:
-                pool_img = np.concatenate([pool_img, vecs[[i for i, _ in added]]])
-                pool_txt = np.concatenate(
-                    [pool_txt, embedder.embed_texts([v.label for _, v in added])]
-                )
-                pool_labels += [v.label for _, v in added]
-                pool_demos += [(valid[i].image, valid[i].question, v.label) for i, v in added]
+        admit = steps.pool_mask([votes.get(s.sample_id) for s in valid], cfg.method)
+        added = [(int(i), votes[valid[i].sample_id]) for i in np.flatnonzero(admit)]
+        if added:
+            pool_img = np.concatenate([pool_img, vecs[[i for i, _ in added]]])
+            pool_txt = np.concatenate([pool_txt, embedder.embed_texts([v.label for _, v in added])])
+            pool_labels += [v.label for _, v in added]
+            pool_demos += [(valid[i].image, valid[i].question, v.label) for i, v in added]
         lap("pool")
 
         icl_answers: list[str | None] = [None] * len(valid)
         need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
         rows = [i for i, n in enumerate(need) if n]
-        if mode.use_icl and rows:
+        if rows:
             query_txt = None
-            if sel.w_tt != 0 and sel.strategy in ("combined", "cascade") and before:
+            if steps.needs_query_text(sel, pool_size=before):
                 query_txt = embedder.embed_texts([zs_answers[i] for i in rows])
-            chosen = select_demos(
-                vecs[rows],
-                query_txt,
-                pool_img[:before],
-                pool_txt[:before],
-                np.array(pool_labels[:before], dtype=object),
-                sel,
-                cfg.seed,
-                [valid[i].sample_id for i in rows],
+            chosen = steps.choose_demos(
+                query_img=vecs[rows],
+                query_txt=query_txt,
+                pool_img=pool_img[:before],
+                pool_txt=pool_txt[:before],
+                pool_labels=np.array(pool_labels[:before], dtype=object),
+                cfg=cfg.method,
+                seed=cfg.seed,
+                query_ids=[valid[i].sample_id for i in rows],
             )
             prompts = [
                 build_prompt(
                     valid[i].question,
                     valid[i].image,
                     [pool_demos[j] for j in idx],
-                    task,
-                    prompt_classes,
+                    task=task,
+                    class_names=prompt_classes,
                 )
                 for i, idx in zip(rows, chosen, strict=True)
             ]

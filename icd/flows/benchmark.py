@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from icd.config import ConfigError, load_config, parse_override, read_yaml
 from icd.data.registry import UnknownDataset, get_dataset
+from icd.method.modes import mode_spec
 from icd.report import (
     BENCHMARK_FILE,
     COMPARISON_FILE,
@@ -50,7 +51,13 @@ from icd.storage.runstate import atomic_write_text
 SUITE_DIR = Path(__file__).resolve().parent.parent / "presets" / "benchmarks"
 
 Mode = Literal[
-    "icd", "student_zero_shot", "teacher_zero_shot", "teacher_forward", "random_demos", "rices"
+    "icd",
+    "student_zero_shot",
+    "teacher_zero_shot",
+    "teacher_forward",
+    "random_demos",
+    "rices",
+    "pool_vote",
 ]
 
 
@@ -150,14 +157,6 @@ def load_benchmark(suite: str | Path, overrides: list[str] | None = None) -> Ben
     return spec
 
 
-def uses_budget(mode: str) -> bool:
-    """Whether ``mode``'s teacher queries are rationed by the budget ρ."""
-    from icd.method.modes import mode_spec
-
-    spec = mode_spec(mode)
-    return bool(spec.query_teacher and not spec.teacher_on_all)
-
-
 @dataclass(frozen=True)
 class Setting:
     """One cell of the matrix: one ``stream`` run."""
@@ -188,7 +187,9 @@ def expand(suite: BenchmarkConfig) -> list[Setting]:
     settings: list[Setting] = []
     for dataset in suite.datasets:
         for v in suite.variants():
-            budgets: list[float | None] = list(suite.budgets) if uses_budget(v.mode) else [None]
+            budgets: list[float | None] = (
+                list(suite.budgets) if mode_spec(v.mode).uses_budget else [None]
+            )
             for budget in budgets:
                 for seed in suite.seeds:
                     settings.append(

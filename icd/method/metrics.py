@@ -24,7 +24,7 @@ from typing import Any
 
 from icd.method.voting import map_to_class, normalize_answer
 
-_SOURCES = ("teacher", "student_icl", "student_zs", "teacher_zs", "student_fallback")
+_SOURCES = ("teacher", "student_icl", "pool_vote", "student_zs", "teacher_zs", "student_fallback")
 
 
 def _accepted_names(

@@ -24,6 +24,9 @@ class ModeSpec:
       outside any budget; that answer is final.
     - ``final_from_teacher``: a sample with a teacher label takes it as its final answer
       regardless of ``method.final_from_teacher`` (True for forwarding baselines).
+    - ``demo_vote``: demonstrations are chosen as for ICL, but the answer is the majority
+      label of the chosen demos (:func:`icd.method.steps.demo_vote`), not a student pass:
+      the trivial use of the same pool that ICL must beat.
     """
 
     name: str
@@ -34,6 +37,12 @@ class ModeSpec:
     selection: str | None = None
     teacher_on_all: bool = False
     final_from_teacher: bool = False
+    demo_vote: bool = False
+
+    @property
+    def uses_budget(self) -> bool:
+        """Whether the annotation budget applies (the teacher is queried within it)."""
+        return self.query_teacher and not self.teacher_on_all
 
 
 MODES: dict[str, ModeSpec] = {
@@ -54,6 +63,7 @@ MODES: dict[str, ModeSpec] = {
     ),
     "random_demos": ModeSpec("random_demos", selection="random"),
     "rices": ModeSpec("rices", selection="rices"),
+    "pool_vote": ModeSpec("pool_vote", demo_vote=True),
 }
 
 

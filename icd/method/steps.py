@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from icd.config import MethodConfig, VotingConfig
+from icd.config import MethodConfig, SelectionConfig, VotingConfig
 from icd.method.modes import mode_spec, selection_config, uses_teacher_label
 from icd.method.policy import PolicyState, decide_queries
 from icd.method.selection import select_demos
@@ -60,6 +60,35 @@ def select_queries(
     return out, new_state
 
 
+def teacher_queries(
+    n: int,
+    *,
+    uncertainties: np.ndarray | None,
+    state: PolicyState,
+    cfg: MethodConfig,
+    stream_length: int | None,
+) -> tuple[np.ndarray, PolicyState]:
+    """Which of a chunk's ``n`` valid samples the teacher answers, and the policy state
+    after the chunk: all of them in the teacher zero-shot mode (outside any budget), those
+    the budgeted policy picks (:func:`select_queries`) in modes that query, none otherwise."""
+    spec = mode_spec(cfg.mode)
+    if spec.teacher_on_all:
+        return np.ones(n, dtype=bool), state
+    if not spec.query_teacher or n == 0 or uncertainties is None:
+        return np.zeros(n, dtype=bool), state
+    return select_queries(uncertainties, state, cfg, stream_length)
+
+
+def annotation_voting(cfg: MethodConfig) -> VotingConfig:
+    """How the teacher answers a queried sample: ``cfg.voting``; in the teacher zero-shot
+    mode one greedy answer, always accepted."""
+    if not mode_spec(cfg.mode).teacher_on_all:
+        return cfg.voting
+    return cfg.voting.model_copy(
+        update={"n": 1, "temperature": 0.0, "include_greedy": True, "a_min": 0.0}
+    )
+
+
 def vote_annotations(
     annotations: Sequence[AnnotationLike],
     cfg: VotingConfig,
@@ -78,10 +107,11 @@ def vote_annotations(
 
 
 def pool_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarray:
-    """Which voted samples enter the demonstration pool: accepted, and the mode keeps a pool."""
+    """Which voted samples enter the demonstration pool: accepted with a label, and the mode
+    keeps a pool."""
     if not mode_spec(cfg.mode).use_pool:
         return np.zeros(len(votes), dtype=bool)
-    return np.array([v is not None and v.accepted for v in votes], dtype=bool)
+    return np.array([v is not None and v.accepted and bool(v.label) for v in votes], dtype=bool)
 
 
 def icl_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarray:
@@ -93,6 +123,12 @@ def icl_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarra
     return np.array(
         [not (forward and v is not None and v.label is not None) for v in votes], dtype=bool
     )
+
+
+def needs_query_text(sel: SelectionConfig, *, pool_size: int) -> bool:
+    """Whether demo selection reads the query's text embedding (of the student's zero-shot
+    answer): the combined and cascade strategies with a text weight, over a non-empty pool."""
+    return sel.w_tt != 0 and sel.strategy in ("combined", "cascade") and pool_size > 0
 
 
 def choose_demos(
@@ -124,6 +160,20 @@ def choose_demos(
     )
 
 
+def demo_vote(labels: Sequence[str], *, most_similar_last: bool = True) -> str | None:
+    """The majority label of one query's demos, given in prompt order (the order
+    :func:`choose_demos` returns; with ``most_similar_last`` the best-ranked demo comes
+    last). A tie goes to the tied label of the best-ranked demo; no demos give None."""
+    ranked = list(reversed(labels)) if most_similar_last else list(labels)
+    if not ranked:
+        return None
+    counts: dict[str, int] = {}
+    for label in ranked:
+        counts[label] = counts.get(label, 0) + 1
+    top = max(counts.values())
+    return next(label for label in ranked if counts[label] == top)
+
+
 def final_answers(
     cfg: MethodConfig,
     zs_answers: Sequence[str | None],
@@ -133,7 +183,8 @@ def final_answers(
 ) -> list[tuple[str | None, str | None]]:
     """Each sample's final answer and its source, aligned with ``zs_answers``.
 
-    Sources: ``teacher`` (the voted label, when the mode/config forwards it), ``student_icl``,
+    Sources: ``teacher`` (the voted label, when the mode/config forwards it), ``student_icl``
+    (``pool_vote`` in that mode: the demos' majority label),
     ``student_zs``, ``teacher_zs`` (teacher zero-shot mode), ``student_fallback`` (the
     teacher was to provide the answer but failed: the student's answer instead). Missing
     answers are None; a sample with no answer at all gets ``(None, None)``.
@@ -161,7 +212,7 @@ def final_answers(
             out.append((v.label, "teacher"))
             continue
         if spec.use_icl and ic is not None:
-            answer, source = ic, "student_icl"
+            answer, source = ic, "pool_vote" if spec.demo_vote else "student_icl"
         elif zs is not None:
             answer, source = zs, "student_zs"
         else:

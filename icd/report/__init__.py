@@ -20,6 +20,7 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from icd.method.modes import mode_spec
 from icd.report import html, plots
 from icd.report.tables import comparison_rows
 
@@ -123,7 +124,9 @@ def build_run_report(run_dir: Path) -> ReportPaths:
         summary = summarize(preds, {"run_id": run_dir.name})
     config = _read_json(run_dir / "config.json")
     method = config.get("method", {})
-    budget = method.get("policy", {}).get("budget") if _uses_budget(method.get("mode")) else None
+    mode = method.get("mode")
+    budgeted = mode is not None and mode_spec(mode).uses_budget
+    budget = method.get("policy", {}).get("budget") if budgeted else None
     a_min = method.get("voting", {}).get("a_min")
     out = run_dir / REPORT_DIR
     name = summary.get("run_id") or run_dir.name
@@ -256,16 +259,6 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
     html_path = out / "report.html"
     html_path.write_text(page, encoding="utf-8")
     return ReportPaths("benchmark", bench_dir, html_path, paths, table)
-
-
-def _uses_budget(mode: str | None) -> bool:
-    """Whether a mode's teacher queries are rationed by the policy budget."""
-    if mode is None:
-        return False
-    from icd.method.modes import mode_spec
-
-    spec = mode_spec(mode)
-    return bool(spec.query_teacher and not spec.teacher_on_all)
 
 
 def _slug(text: str) -> str:

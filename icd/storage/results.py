@@ -63,7 +63,7 @@ NULLABLE = frozenset(
     }
 )
 FINAL_SOURCES = frozenset(
-    {"teacher", "student_icl", "student_zs", "teacher_zs", "student_fallback"}
+    {"teacher", "student_icl", "pool_vote", "student_zs", "teacher_zs", "student_fallback"}
 )
 _PREDICTIONS = "predictions"
 

@@ -6,12 +6,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from icd.config import MethodConfig, PolicyConfig
 from icd.method.modes import MODES, mode_spec, selection_config
 from icd.method.policy import PolicyState
 from icd.method.steps import (
     choose_demos,
+    demo_vote,
     final_answers,
     icl_mask,
     pool_mask,
@@ -135,3 +138,29 @@ def test_student_outputs():
     answers, u = student_outputs([gen(" cat \n", 0.2), gen("", 0.0)], "entropy_mean")
     # an empty answer is maximally uncertain (it goes to the teacher)
     assert answers == ["cat", ""] and u.tolist() == pytest.approx([0.2, MAX_STAT])
+
+
+@given(st.lists(st.sampled_from("abcd"), max_size=8), st.booleans())
+def test_demo_vote_is_the_majority_with_ties_to_the_best_ranked_demo(labels, last) -> None:
+    ranked = list(reversed(labels)) if last else labels  # best-ranked first
+    got = demo_vote(labels, most_similar_last=last)
+    if not labels:
+        assert got is None
+        return
+    counts = {x: labels.count(x) for x in labels}
+    assert counts[got] == max(counts.values())
+    tied = [x for x in ranked if counts[x] == counts[got]]
+    assert got == tied[0]
+
+
+def test_pool_vote_mode_selects_demos_and_answers_from_them() -> None:
+    cfg = MethodConfig(mode="pool_vote")
+    spec = mode_spec("pool_vote")
+    assert spec.use_icl and spec.use_pool and spec.query_teacher and spec.demo_vote
+    assert spec.uses_budget
+    v = VoteResult("cat", ["cat"], 1.0, True)
+    assert final_answers(cfg, ["dog", "dog"], ["bird", "bird"], [v, None]) == [
+        ("cat", "teacher"),
+        ("bird", "pool_vote"),
+    ]
+    assert final_answers(cfg, ["dog"], [None], [None]) == [("dog", "student_zs")]

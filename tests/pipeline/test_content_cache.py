@@ -16,7 +16,7 @@ from icd.config import ModelConfig, load_config
 from icd.data import shapes
 from icd.data.stream import open_stream
 from icd.data.types import Chunk, Sample
-from icd.tasks import stages
+from icd.pipeline import stages
 from tests.pipeline.test_stream import _count_model_calls, _pool_rows, _run
 
 pytestmark = pytest.mark.slow

@@ -66,6 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict
         "icd_oracle": ["method.mode=icd", "models.teacher.backend=oracle"],
         "random_demos": ["method.mode=random_demos"],
         "rices": ["method.mode=rices"],
+        "pool_vote": ["method.mode=pool_vote"],
         "ungated": ["method.mode=teacher_forward", "method.policy.threshold=always"],
     }
     return root, {name: _run(root, name, *sets) for name, sets in modes.items()}
@@ -122,3 +123,22 @@ def test_the_pool_holds_the_teachers_labels(runs) -> None:
     truth = dict(zip(df["sample_id"], df["answers"].list.first(), strict=True))
     correct = sum(truth[s] == lbl for s, lbl in zip(pool["sample_id"], pool["label"], strict=True))
     assert correct / pool.height >= 0.9  # the trained teacher labels almost every sample right
+
+
+def test_pool_vote_answers_with_the_majority_label_of_the_same_demos(runs) -> None:
+    """The pool-vote baseline chooses demos exactly as ICD does (same strategy, same pool
+    content, same k) and answers with their majority label, brute-forced here."""
+    root, summaries = runs
+    vote = _predictions(root, "pool_vote").sort("sample_id")
+    icd = _predictions(root, "icd").sort("sample_id")
+    rows = vote.filter(pl.col("final_source") == "pool_vote")
+    assert rows.height > 0
+    for demos, final in zip(rows["demo_labels"], rows["final_answer"], strict=True):
+        counts = {label: list(demos).count(label) for label in demos}
+        top = max(counts.values())
+        best_first = list(reversed(demos))  # most similar last in the prompt
+        assert final == next(label for label in best_first if counts[label] == top)
+    # Same queries, same pool, same selection: the same demos as the ICD run.
+    assert vote["queried"].to_list() == icd["queried"].to_list()
+    assert vote["demo_ids"].to_list() == icd["demo_ids"].to_list()
+    assert summaries["pool_vote"]["source_pool_vote"] == rows.height

@@ -18,8 +18,8 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from icd.config import load_config
-from icd.flows import stream as stream_mod
 from icd.flows.stream import dask_cluster_kwargs, stream
+from icd.pipeline import runner as runner_mod
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,10 @@ N_CHUNKS = 6
 
 def _run(root: Path, run_id: str, *sets: str) -> tuple[dict[str, Any], int]:
     """Run the flow in this process; return its summary and the most chunks in flight."""
-    stream_mod.IN_FLIGHT_PEAK[0] = 0
+    runner_mod.IN_FLIGHT_PEAK[0] = 0
     cfg = load_config("smoke", overrides=[f"storage.root={root}", *SETS, *sets])
     summary = stream(config_json=cfg.model_dump_json(), run_id=run_id)
-    return summary, stream_mod.IN_FLIGHT_PEAK[0]
+    return summary, runner_mod.IN_FLIGHT_PEAK[0]
 
 
 def _outcome(root: Path, summary: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 from icd.config import load_config
 from icd.flows.stream import stream
 from icd.models.base import Annotation
-from icd.tasks import stages
+from icd.pipeline import stages
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

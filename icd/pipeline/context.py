@@ -1,0 +1,201 @@
+"""What a stream run carries from chunk to chunk: its facts (:class:`RunContext`), the work
+of one chunk (:class:`ChunkWork`) and the state a resumed run continues from
+(:class:`ResumeState`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from icd.config import Config, SelectionConfig
+from icd.data.stream import Stream
+from icd.data.types import Chunk
+from icd.method import modes
+from icd.method.modes import ModeSpec
+from icd.method.policy import PolicyState
+from icd.method.voting import VoteResult
+from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
+
+# Stages whose seconds a run reports, in pipeline order.
+STAGES = ("embed", "score", "annotate", "pool", "icl", "evaluate")
+
+
+def new_run_id(cfg: Config) -> str:
+    """A fresh, readable run id: dataset-mode-time-random."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.data.dataset}-{cfg.method.mode}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The facts of one run that every stage reads: the resolved config, the stream's task
+    and classes, the mode, where things live, and the cache scope. Plain data (it travels
+    to Dask workers with each task)."""
+
+    cfg: Config
+    run_id: str
+    run_dir: Path
+    mode: ModeSpec
+    selection: SelectionConfig  # the mode's effective demo selection
+    task_type: str
+    class_names: list[str] | None
+    synonyms: dict[str, list[str]] | None
+    stream_length: int | None
+    pool_uri: str
+    ledger: str  # this run's teacher rounds, one JSON line each
+    scope: str  # "" when runs share task results (pipeline.cache), else the run id
+    cache_dir: Path
+    _fingerprints: dict[tuple[str, ...], str] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def create(cls, cfg: Config, stream: Stream, *, run_id: str | None = None) -> RunContext:
+        """The context of run ``run_id`` (a new id when None): creates its results folder,
+        refuses (``ValueError``, one line) to resume a run made with another config, and
+        records the resolved config as ``config.json``."""
+        run_id = run_id or cfg.run_id or new_run_id(cfg)
+        cfg = cfg.model_copy(update={"run_id": run_id})
+        run_dir = cfg.storage.results_dir(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RunState(run_dir).check_config(resume_fingerprint(cfg))
+        atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
+        return cls(
+            cfg=cfg,
+            run_id=run_id,
+            run_dir=run_dir,
+            mode=modes.mode_spec(cfg.method.mode),
+            selection=modes.selection_config(cfg.method),
+            task_type=stream.task,
+            class_names=stream.class_names,
+            synonyms=stream.synonyms,
+            stream_length=stream.length,
+            pool_uri=cfg.storage.resolved_pool_uri(),
+            ledger=str(run_dir / "teacher_calls.jsonl"),
+            scope="" if cfg.pipeline.cache else run_id,
+            cache_dir=cfg.storage.resolved_cache_dir(),
+        )
+
+    @property
+    def prompt_classes(self) -> list[str] | None:
+        """The class names listed in prompts (``method.list_classes_in_prompt``), or None."""
+        return self.class_names if self.cfg.method.list_classes_in_prompt else None
+
+    def fingerprint(self, fields: tuple[str, ...]) -> str:
+        """A digest of the config ``fields`` and of the stream's task and classes (memoised:
+        it is part of every cache key)."""
+        if fields not in self._fingerprints:
+            facts = json.dumps([self.task_type, self.class_names, self.synonyms], sort_keys=True)
+            digest = hashlib.sha256(f"{self.cfg.fingerprint(*fields)}|{facts}".encode())
+            self._fingerprints[fields] = digest.hexdigest()[:16]
+        return self._fingerprints[fields]
+
+
+@dataclass
+class ChunkWork:
+    """One chunk on its way through the stages; each stage fills in its part. Rows of the
+    arrays and lists follow ``chunk.valid``."""
+
+    chunk: Chunk
+    embedded: Any = None  # the embedding stage's future or final state
+    scored: Any = None  # the zero-shot stage's future or final state (None: no student)
+    image_vecs: np.ndarray | None = None
+    zs_answers: list[str | None] = field(default_factory=list)
+    zs_unc: np.ndarray | None = None
+    queried_ids: list[str] = field(default_factory=list)
+    votes: dict[str, VoteResult] = field(default_factory=dict)  # budgeted teacher labels
+    teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # teacher zero-shot mode
+    service: dict[str, Any] = field(default_factory=dict)  # a remote teacher's accounting
+    icl_rows: list[int] = field(default_factory=list)
+    icl: dict[str, Any] | None = None
+
+    @property
+    def valid(self) -> list[Any]:
+        return self.chunk.valid
+
+
+@dataclass
+class ResumeState:
+    """Everything a run carries across chunks, committed after each one: a killed run
+    resumes from the state of its last committed chunk (:class:`RunState` on disk)."""
+
+    next_chunk: int = 0
+    policy_state: dict[str, Any] = field(default_factory=lambda: PolicyState().to_dict())
+    counters: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "samples_seen",
+                "teacher_requests",
+                "teacher_samples",
+                "teacher_samples_reused",
+                "teacher_requests_reused",
+            ),
+            0,
+        )
+    )
+    running: dict[str, Any] | None = None  # merged metrics of the committed chunks
+    manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    lineage: str = ""  # hash chain of the committed chunks' content keys
+    # Not committed: chunk keys with a teacher round in this run's ledger (cache reuse
+    # accounting), read from the ledger when the run starts.
+    ledgered: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, ctx: RunContext) -> ResumeState:
+        """The state after the run's last committed chunk (a fresh one for a new run)."""
+        last = RunState(ctx.run_dir).last()
+        state = cls(ledgered={r["chunk_key"] for r in read_ledger(ctx.ledger)})
+        if last is None:
+            return state
+        # Teacher answers used (`teacher_samples`) are generated by this run (recorded in its
+        # ledger, across resumes) or reused from the task cache (another run made them).
+        state.counters.update(last["counters"])
+        state.next_chunk = last["chunk"] + 1
+        state.policy_state = last["policy_state"]
+        state.running = last["running"]
+        state.manifest = dict(last["manifest"])
+        state.seconds = dict(last["seconds"])
+        state.lineage = last.get("lineage", "")
+        return state
+
+    def commit(self, ctx: RunContext, *, work: ChunkWork) -> None:
+        """Mark ``work``'s chunk committed with this state (written last, atomically)."""
+        self.next_chunk = work.chunk.index + 1
+        RunState(ctx.run_dir).commit(
+            work.chunk.index,
+            {
+                "samples_seen": self.counters["samples_seen"],
+                "policy_state": self.policy_state,
+                "counters": self.counters,
+                "running": self.running,
+                "manifest": self.manifest,
+                "seconds": self.seconds,
+                "service": work.service,
+                "lineage": self.lineage,
+            },
+        )
+
+    def extend_lineage(self, chunk_key: str) -> None:
+        """The content lineage after one more chunk: a hash chain of the run's chunk keys."""
+        self.lineage = hashlib.sha256(f"{self.lineage}|{chunk_key}".encode()).hexdigest()[:32]
+
+
+def read_ledger(path: str) -> list[dict[str, Any]]:
+    """The teacher rounds a run made (one JSON line each, written by the annotate stage)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    return out
