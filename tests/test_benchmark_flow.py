@@ -55,6 +55,7 @@ def test_paper_suite_is_the_papers_setting():
         "teacher_forward",
         "random_demos",
         "rices",
+        "pool_vote",
         "icd",
     }
     oracle = [v for v in suite.variants() if "models.teacher.backend=oracle" in v.overrides]

@@ -38,7 +38,9 @@ class DatasetSpec:
     (e.g. extra context); the answer-format instruction is added by ``icd.method.prompts``,
     so the default ``"{question}"`` is usually right. ``synonyms`` maps a class name to other accepted answers.
     ``readable_names`` turns raw class names such as ``001.Black_footed_Albatross`` or
-    ``AnnualCrop`` into ``Black footed Albatross`` / ``Annual Crop``.
+    ``AnnualCrop`` into ``Black footed Albatross`` / ``Annual Crop``. ``class_groups``
+    names groups of classes whose accuracy is reported apart (``base``: classes the student
+    already knows, ``novel``: those it must learn in context).
     """
 
     name: str
@@ -53,6 +55,7 @@ class DatasetSpec:
     id_column: str | None = None
     class_names: tuple[str, ...] | None = None
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    class_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     prompt: str = "{question}"
     config: str | None = None
     revision: str | None = None
@@ -127,6 +130,7 @@ DATASETS: dict[str, DatasetSpec] = {
             label_column="label",
             id_column="id",
             synonyms={k: tuple(v) for k, v in shapes.SYNONYMS.items()},
+            class_groups={"base": tuple(shapes.BASE_CLASSES), "novel": tuple(shapes.NOVEL_CLASSES)},
             verified=True,
             note="Procedural offline fixture (icd.data.shapes): 24 classes (8 base, 16 novel), 2000 samples, "
             "4 deliberately corrupt images.",

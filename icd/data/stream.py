@@ -157,6 +157,11 @@ class Stream:
         return self.spec.task
 
     @property
+    def class_groups(self) -> dict[str, list[str]]:
+        """Groups of classes reported apart (e.g. ``base`` / ``novel``); empty if none."""
+        return {g: list(names) for g, names in self.spec.class_groups.items()}
+
+    @property
     def length(self) -> int | None:
         """Samples this stream yields (``limit`` applied); None when unknown."""
         return self._source.length

@@ -82,8 +82,9 @@ def stream(
     else:
         cfg = load_config(preset, config_file, overrides)
     on_dask = _on_dask()
-    if cfg.pipeline.task_runner == "dask" and not on_dask:
-        # The task runner is part of the flow's options: rerun as a subflow on Dask.
+    if not _runner_fits(cfg, on_dask=on_dask):
+        # The task runner is part of the flow's options (a deployment or a benchmark runs
+        # the flow with its default one): rerun as a subflow on the runner `cfg` asks for.
         return stream_flow_for(cfg)(
             config_json=cfg.model_dump_json(),
             run_id=run_id,
@@ -91,6 +92,20 @@ def stream(
         )
     with _api_for_workers() if on_dask else nullcontext():
         return run_stream(cfg, run_id=run_id, parent_mlflow_run_id=parent_mlflow_run_id)
+
+
+def _runner_fits(cfg: Config, *, on_dask: bool) -> bool:
+    """Whether this flow run's task runner is the one ``cfg.pipeline`` asks for: Dask, or
+    a thread pool of ``max_workers``."""
+    if cfg.pipeline.task_runner == "dask":
+        return on_dask
+    try:
+        runner = get_run_context().task_runner
+    except Exception:
+        return True
+    # ThreadPoolTaskRunner keeps its size in `_max_workers` (Prefect 3.x; no public field).
+    workers = getattr(runner, "_max_workers", cfg.pipeline.max_workers)
+    return on_dask or workers == cfg.pipeline.max_workers
 
 
 def _on_dask() -> bool:
@@ -143,7 +158,7 @@ def run_stream(
     runner = Runner(ctx, on_dask=_on_dask())
     chunks = src.chunks(cfg.pipeline.chunk_size, start_chunk=state.next_chunk)
     for work in runner.window(chunks, start=lambda c: embed_and_score(runner, ctx, chunk=c)):
-        zero_shot(runner, ctx, work=work, state=state)  # embeddings, answers, uncertainty
+        zero_shot(ctx, work=work, state=state)  # embeddings, answers, uncertainty
         ask_teacher(runner, ctx, work=work, state=state)  # budgeted policy -> votes
         view = demo_view(ctx, work=work)  # the pool as it was before this chunk
         pooled = add_to_pool(runner, ctx, work=work)  # one pool commit, in the background
@@ -212,7 +227,7 @@ def embed_and_score(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> ChunkWo
     return work
 
 
-def zero_shot(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
+def zero_shot(ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
     """Wait for the chunk's embeddings and zero-shot answers; the answers' uncertainty."""
     emb = work.embedded.result()
     work.image_vecs = emb["image_vecs"]
@@ -374,6 +389,8 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
             "pool_size": pool.count(ctx.run_id) if ctx.mode.use_pool else 0,
             "seconds": state.seconds,
         },
+        ctx.score,
+        groups=ctx.class_groups,
     )
     calls = [st["service"] for st in RunState(ctx.run_dir).all() if st.get("service")]
     if calls:  # remote teacher: retries, failures and latency percentiles of the run

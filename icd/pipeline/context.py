@@ -17,7 +17,7 @@ import numpy as np
 from icd.config import Config, SelectionConfig
 from icd.data.stream import Stream
 from icd.data.types import Chunk
-from icd.method import modes
+from icd.method import metrics, modes
 from icd.method.modes import ModeSpec
 from icd.method.policy import PolicyState
 from icd.method.voting import VoteResult
@@ -47,6 +47,7 @@ class RunContext:
     task_type: str
     class_names: list[str] | None
     synonyms: dict[str, list[str]] | None
+    class_groups: dict[str, list[str]]  # classes reported apart (base / novel)
     stream_length: int | None
     pool_uri: str
     ledger: str  # this run's teacher rounds, one JSON line each
@@ -74,11 +75,23 @@ class RunContext:
             task_type=stream.task,
             class_names=stream.class_names,
             synonyms=stream.synonyms,
+            class_groups=stream.class_groups,
             stream_length=stream.length,
             pool_uri=cfg.storage.resolved_pool_uri(),
             ledger=str(run_dir / "teacher_calls.jsonl"),
             scope="" if cfg.pipeline.cache else run_id,
             cache_dir=cfg.storage.resolved_cache_dir(),
+        )
+
+    def score(self, answer: str, answers: list[str]) -> float:
+        """One answer's score against the ground truth, as the run's evaluation scores it."""
+        return metrics.score(
+            answer,
+            answers,
+            self.task_type,
+            synonyms=self.synonyms,
+            class_names=self.class_names,
+            fuzzy_threshold=self.cfg.method.voting.fuzzy_threshold,
         )
 
     @property

@@ -430,18 +430,7 @@ def evaluate_chunk(*, ctx: RunContext, work: ChunkWork, pool_size: int) -> dict[
                 icl_uncertainty=icl["icl_uncertainty"][i],
                 final_answer=final,
                 final_source=source,
-                score=(
-                    metrics.score(
-                        final,
-                        s.answers,
-                        ctx.task_type,
-                        synonyms=ctx.synonyms,
-                        class_names=ctx.class_names,
-                        fuzzy_threshold=fuzzy,
-                    )
-                    if s.answers
-                    else None
-                ),
+                score=ctx.score(final, s.answers) if s.answers else None,
             )
         records.append(rec)
     results.write_chunk_predictions(ctx.run_dir, work.chunk.index, records)

@@ -141,6 +141,9 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     page = html.page(
         f"ICD run {name}",
         html.paragraph(f"{run_dir}", "meta"),
+        html.section(
+            "Where the gain comes from", *[html.paragraph(t) for t in gain_lines(summary)]
+        ),
         html.section("Summary", html.table(["field", "value"], rows)),
         html.section(
             "Over the stream",
@@ -276,12 +279,38 @@ def _flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 _PERCENT_FIELDS = ("accuracy", "zs_accuracy", "annotation_rate", "mean_agreement", "demo_accuracy")
+_PERCENT_PREFIXES = ("accuracy_", "zs_accuracy_", "forward_accuracy", "gain_from_")
+
+
+def gain_lines(summary: dict[str, Any]) -> list[str]:
+    """The run's gain over the student alone in words: from forwarded teacher labels and
+    from in-context learning, overall and per class group (base / novel) where known."""
+
+    def pp(value: Any) -> str:
+        return "–" if value is None else f"{100 * value:+.1f} pp"
+
+    def pct(value: Any) -> str:
+        return "–" if value is None else f"{100 * value:.1f} %"
+
+    groups = sorted(k[len("samples_") :] for k in summary if k.startswith("samples_"))
+    lines = []
+    for suffix, label in [("", "all samples"), *[(f"_{g}", f"{g} classes") for g in groups]]:
+        lines.append(
+            f"{label}: student zero-shot {pct(summary.get(f'zs_accuracy{suffix}'))}, "
+            f"gain from forwarded teacher labels "
+            f"{pp(summary.get(f'gain_from_teacher_labels{suffix}'))}, "
+            f"gain from in-context learning {pp(summary.get(f'gain_from_icl{suffix}'))} "
+            f"→ {pct(summary.get(f'accuracy{suffix}'))}; "
+            f"not queried {pct(summary.get(f'accuracy_not_queried{suffix}'))}"
+        )
+    return lines
 
 
 def _fmt_value(key: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if key in _PERCENT_FIELDS and isinstance(value, int | float):
+    percent = key in _PERCENT_FIELDS or key.startswith(_PERCENT_PREFIXES)
+    if percent and isinstance(value, int | float) and not isinstance(value, bool):
         return f"{100 * value:.2f} %"
     if key.startswith("seconds") and isinstance(value, int | float):
         return f"{value:.2f} s"

@@ -14,7 +14,13 @@ import polars as pl
 # Summary fields (CONTRACTS.md run summary) carried per run and averaged over seeds.
 METRICS: tuple[str, ...] = (
     "accuracy",
+    "accuracy_not_queried",
     "zs_accuracy",
+    "forward_accuracy",
+    "gain_from_teacher_labels",
+    "gain_from_icl",
+    "accuracy_novel",
+    "accuracy_not_queried_novel",
     "annotation_rate",
     "queried",
     "accepted",
@@ -159,7 +165,11 @@ def comparison_table(runs: pl.DataFrame) -> pl.DataFrame:
 # Markdown columns: (header, metric, kind) with kind "pct" (shown ×100) or "num".
 _MD_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("accuracy %", "accuracy", "pct"),
+    ("not queried %", "accuracy_not_queried", "pct"),
+    ("novel %", "accuracy_novel", "pct"),
     ("student zero-shot %", "zs_accuracy", "pct"),
+    ("gain: teacher labels pp", "gain_from_teacher_labels", "pct"),
+    ("gain: ICL pp", "gain_from_icl", "pct"),
     ("annotation rate %", "annotation_rate", "pct"),
     ("teacher answers used", "teacher_answers_used", "num"),
     ("made by the run", "teacher_calls", "num"),
@@ -182,8 +192,15 @@ def mean_std(mean: float | None, std: float | None, kind: str = "num") -> str:
 
 
 def comparison_rows(table: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells of a comparison table (shared by markdown and HTML)."""
-    header = ["dataset", "mode", "budget ρ", "seeds", "samples"] + [h for h, _, _ in _MD_COLUMNS]
+    """Header and formatted cells of a comparison table (shared by markdown and HTML). A
+    metric column no row has a value for (e.g. ``novel %`` on a dataset without class
+    groups) is left out."""
+    columns = [
+        (h, m, kind)
+        for h, m, kind in _MD_COLUMNS
+        if f"{m}_mean" in table.columns and table[f"{m}_mean"].is_not_null().any()
+    ]
+    header = ["dataset", "mode", "budget ρ", "seeds", "samples"] + [h for h, _, _ in columns]
     rows: list[list[str]] = []
     for r in table.iter_rows(named=True):
         budget = "–" if r["budget"] is None else f"{r['budget']:g}"
@@ -194,7 +211,7 @@ def comparison_rows(table: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
             str(r["seeds"]),
             "–" if r["samples"] is None else f"{r['samples']:.0f}",
         ]
-        cells += [mean_std(r[f"{m}_mean"], r[f"{m}_std"], kind) for _, m, kind in _MD_COLUMNS]
+        cells += [mean_std(r[f"{m}_mean"], r[f"{m}_std"], kind) for _, m, kind in columns]
         rows.append(cells)
     return header, rows
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,8 @@ def summarize(
     df: pl.DataFrame,
     extra: dict[str, Any] | None = None,
     score_fn: Callable[[str, list[str]], float] | None = None,
+    *,
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The run summary of a predictions table.
 
@@ -158,6 +160,14 @@ def summarize(
     ``teacher_forward`` baseline on the same samples) comes from ``extra``. ``teacher_calls``,
     ``pool_size`` and ``seconds`` (and run_id/mode/dataset for an empty table) come from
     ``extra``.
+
+    The gain over the student alone splits in two: ``gain_from_teacher_labels`` =
+    ``forward_accuracy - zs_accuracy`` (forwarding the teacher's labels on the queried
+    samples) and ``gain_from_icl`` = ``accuracy - forward_accuracy`` (what the run adds
+    beyond that: in-context learning on the samples the teacher never saw). With ``groups``
+    (class groups such as ``base``/``novel``, by ground-truth class) and ``score_fn``, each
+    group ``g`` gets ``samples_g``, ``accuracy_g``, ``accuracy_not_queried_g``,
+    ``zs_accuracy_g``, ``forward_accuracy_g`` and its two gains.
     """
     extra = dict(extra or {})
 
@@ -166,7 +176,7 @@ def summarize(
 
     valid = df.filter(pl.col("skip_reason").is_null())
     zs_accuracy = extra.get("zs_accuracy")
-    if zs_accuracy is None and score_fn is not None and len(valid):
+    if zs_accuracy is None and score_fn is not None and valid["zs_answer"].is_not_null().any():
         scored = [
             score_fn(a, ans) if a is not None else 0.0
             for a, ans in zip(valid["zs_answer"].to_list(), valid["answers"].to_list(), strict=True)
@@ -196,7 +206,47 @@ def summarize(
         "demo_accuracy": _mean(df["demo_accuracy"]),
         "seconds": dict(extra.get("seconds", {})),
     }
+    summary.update(_gains(summary))
+    if groups and score_fn is not None:
+        for name, classes in groups.items():
+            summary.update(_group_split(valid, set(classes), name, score_fn))
     for key, value in summary.items():
         if isinstance(value, float) and math.isnan(value):
             summary[key] = None
     return summary
+
+
+def _gains(numbers: Mapping[str, Any], suffix: str = "") -> dict[str, float | None]:
+    acc, zs, fwd = (
+        numbers.get(f"{k}{suffix}") for k in ("accuracy", "zs_accuracy", "forward_accuracy")
+    )
+    return {
+        f"gain_from_teacher_labels{suffix}": fwd - zs
+        if fwd is not None and zs is not None
+        else None,
+        f"gain_from_icl{suffix}": acc - fwd if acc is not None and fwd is not None else None,
+    }
+
+
+def _group_split(
+    valid: pl.DataFrame, classes: set[str], name: str, score_fn: Callable[[str, list[str]], float]
+) -> dict[str, Any]:
+    """One class group's share of the summary (rows whose first true answer is in it)."""
+    rows = valid.filter(pl.col("answers").list.first().is_in(list(classes)))
+    zs, fwd = [], []
+    for r in rows.select("zs_answer", "teacher_label", "queried", "answers").iter_rows(named=True):
+        if r["zs_answer"] is None:  # the student did not answer (teacher zero-shot mode)
+            continue
+        z = score_fn(r["zs_answer"], r["answers"])
+        label = r["teacher_label"] if r["queried"] else None
+        zs.append(z)
+        fwd.append(z if label is None else score_fn(label, r["answers"]))
+    out: dict[str, Any] = {
+        f"samples_{name}": rows.height,
+        f"accuracy_{name}": _mean(rows["score"]),
+        f"accuracy_not_queried_{name}": _mean(rows.filter(~pl.col("queried"))["score"]),
+        f"zs_accuracy_{name}": sum(zs) / len(zs) if zs else None,
+        f"forward_accuracy_{name}": sum(fwd) / len(fwd) if fwd else None,
+    }
+    out.update(_gains(out, suffix=f"_{name}"))
+    return out

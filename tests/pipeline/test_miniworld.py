@@ -141,4 +141,4 @@ def test_pool_vote_answers_with_the_majority_label_of_the_same_demos(runs) -> No
     # Same queries, same pool, same selection: the same demos as the ICD run.
     assert vote["queried"].to_list() == icd["queried"].to_list()
     assert vote["demo_ids"].to_list() == icd["demo_ids"].to_list()
-    assert summaries["pool_vote"]["source_pool_vote"] == rows.height
+    assert summaries["pool_vote"]["pool_size"] == summaries["icd"]["pool_size"]

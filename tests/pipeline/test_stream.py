@@ -304,3 +304,24 @@ def test_in_process_runs_skip_heartbeats_and_server_runs_keep_them() -> None:
     server = temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"})
     with server, in_process_settings():  # entered in order: the API URL is set first
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default
+
+
+def test_the_flow_runs_on_the_thread_pool_the_config_asks_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deployment or a benchmark runs the flow with its default task runner; the flow
+    reruns itself as a subflow when `pipeline.max_workers` asks for another size."""
+    from prefect.context import get_run_context
+
+    from icd.flows import stream as stream_mod
+
+    seen: list[int] = []
+
+    def body(cfg: Any, **kw: Any) -> dict[str, Any]:
+        seen.append(get_run_context().task_runner._max_workers)
+        return {}
+
+    monkeypatch.setattr(stream_mod, "run_stream", body)
+    stream(preset="smoke", overrides=["pipeline.max_workers=3"])
+    stream(preset="smoke", overrides=["pipeline.max_workers=2"])
+    assert seen == [3, 2]

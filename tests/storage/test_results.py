@@ -168,8 +168,39 @@ def test_summary_aggregates_the_table() -> None:
         "mean_agreement": pytest.approx(0.75),
         "demo_accuracy": pytest.approx(1.5 / 3),
         "seconds": {"embed": 2.0},
+        "gain_from_teacher_labels": None,
+        "gain_from_icl": None,
     }
     assert summarize(df, {"zs_accuracy": 0.9})["zs_accuracy"] == 0.9
+
+
+def test_summary_splits_gains_overall_and_per_class_group() -> None:
+    # Four samples: a and b are base, c and d novel. c is queried and forwarded.
+    recs = [
+        record(0, answers=["a"], zs_answer="a", score=1.0),
+        record(1, answers=["b"], zs_answer="x", score=0.0),
+        record(2, answers=["c"], zs_answer="x", queried=True, teacher_label="c",
+               final_answer="c", final_source="teacher", score=1.0),
+        record(3, answers=["d"], zs_answer="x", final_answer="d", score=1.0),
+    ]  # fmt: skip
+    df = predictions_frame(recs)
+    score = lambda pred, answers: float(pred in answers)  # noqa: E731
+    s = summarize(
+        df,
+        {"zs_accuracy": 0.25, "forward_accuracy": 0.5},
+        score,
+        groups={"base": ["a", "b"], "novel": ["c", "d"]},
+    )
+    assert s["gain_from_teacher_labels"] == pytest.approx(0.25)
+    assert s["gain_from_icl"] == pytest.approx(0.75 - 0.5)
+    assert s["samples_base"] == s["samples_novel"] == 2
+    assert s["accuracy_base"] == pytest.approx(0.5) and s["accuracy_novel"] == 1.0
+    assert s["zs_accuracy_novel"] == 0.0 and s["forward_accuracy_novel"] == 0.5
+    assert s["gain_from_teacher_labels_novel"] == 0.5 and s["gain_from_icl_novel"] == 0.5
+    assert s["accuracy_not_queried_novel"] == 1.0 and s["gain_from_icl_base"] == 0.0
+    # The groups add up to the whole.
+    whole = (s["accuracy_base"] * 2 + s["accuracy_novel"] * 2) / 4
+    assert whole == pytest.approx(s["accuracy"])
 
 
 def test_summary_of_an_empty_run() -> None:
