@@ -268,3 +268,35 @@ def test_benchmark_rejects_a_bad_cell_before_running_anything(tmp_path):
     with pytest.raises(ConfigError, match="method.voting.n"):
         benchmark(suite=str(suite), overrides=[f"storage.root={root}"])
     assert not (root / "runs").exists() and not (root / "benchmarks").exists()
+
+
+def test_sweep_expands_every_mode_at_every_value():
+    suite = load_benchmark("sweep-k")
+    names = [v.name for v in suite.variants()]
+    assert names[:2] == ["icd-k_0", "icd-k_1"] and len(names) == 2 * 6
+    assert suite.variants()[1].overrides == ["method.selection.k=1"]
+    assert suite.sweep_points()["pool_vote-k_8"] == ("pool_vote", 8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(STREAM_MISSING is not None, reason=STREAM_MISSING or "")
+def test_a_sweep_suite_runs_and_plots_its_metrics_against_the_value(tmp_path):
+    from icd.flows.benchmark import benchmark
+
+    suite = tmp_path / "sweep.yaml"
+    suite.write_text(
+        "name: k-sweep\nbase_preset: smoke\ndatasets: [shapes]\nmodes: [icd]\n"
+        "budgets: [0.15]\nlimit: 64\n"
+        "sweep: {key: method.selection.k, values: [0, 2], "
+        "metrics: [accuracy, icl_prompt_tokens_mean]}\n"
+    )
+    result = benchmark(
+        suite=str(suite),
+        overrides=[f"storage.root={tmp_path}", "pipeline.chunk_size=32"],
+        benchmark_id="sweep-test",
+    )
+    assert_png(result["plots"]["sweep"])
+    table = pl.read_parquet(result["table"])
+    tokens = dict(zip(table["variant"], table["icl_prompt_tokens_mean_mean"], strict=True))
+    # k=0: the ICL pass has no demos, so its prompt is the zero-shot one; k=2 adds two turns.
+    assert tokens["icd-k_2"] > tokens["icd-k_0"] > 0

@@ -72,8 +72,35 @@ class Variant(BaseModel):
     overrides: list[str] = []
 
 
+class Sweep(BaseModel):
+    """One config field swept over values: every mode of the suite runs at each value (as
+    variant ``MODE-LABEL_VALUE``, e.g. ``icd-k_3``: a name MLflow and paths accept), and
+    the report plots ``metrics`` against the value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, description="Dotted config path, e.g. method.selection.k")
+    values: list[int | float | str] = Field(min_length=1)
+    label: str | None = Field(
+        None, description="Short name in variant names (default: last key part)"
+    )
+    metrics: list[str] = Field(default=["accuracy"], min_length=1, description="Plotted metrics")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.key.rsplit(".", 1)[-1]
+
+    def variant(self, base: Variant, value: Any) -> Variant:
+        return Variant(
+            name=f"{base.name}-{self.name}_{value}",
+            mode=base.mode,
+            overrides=[*base.overrides, f"{self.key}={value}"],
+        )
+
+
 class BenchmarkConfig(BaseModel):
-    """A benchmark suite: which streams, modes, budgets and stream orders to run."""
+    """A benchmark suite: which streams, modes, budgets and stream orders to run (and
+    optionally one config field swept over values)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -88,6 +115,7 @@ class BenchmarkConfig(BaseModel):
         default=[0], min_length=1, description="Stream orders (data.order_seed)"
     )
     limit: int | None = Field(None, ge=1, description="Samples per stream (data.limit)")
+    sweep: Sweep | None = None
 
     @field_validator("budgets")
     @classmethod
@@ -111,8 +139,23 @@ class BenchmarkConfig(BaseModel):
         return self
 
     def variants(self) -> list[Variant]:
-        """The modes as variants (a bare mode name is a variant of that name, no overrides)."""
-        return [m if isinstance(m, Variant) else Variant(name=m, mode=m) for m in self.modes]
+        """The modes as variants (a bare mode name is a variant of that name, no overrides),
+        each once per swept value when the suite sweeps a field."""
+        base = [m if isinstance(m, Variant) else Variant(name=m, mode=m) for m in self.modes]
+        if self.sweep is None:
+            return base
+        return [self.sweep.variant(v, value) for v in base for value in self.sweep.values]
+
+    def sweep_points(self) -> dict[str, tuple[str, Any]]:
+        """For a sweep: each variant's (mode variant, swept value); empty otherwise."""
+        if self.sweep is None:
+            return {}
+        base = [m if isinstance(m, Variant) else Variant(name=m, mode=m) for m in self.modes]
+        return {
+            self.sweep.variant(v, value).name: (v.name, value)
+            for v in base
+            for value in self.sweep.values
+        }
 
 
 def suites() -> list[str]:
@@ -274,6 +317,7 @@ def benchmark(
         "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         "parent_mlflow_run_id": parent_id,
         "settings": [asdict(s) | {"run_id": s.run_id(benchmark_id)} for s in settings],
+        "sweep_points": spec.sweep_points(),
     }
     atomic_write_text(folder / BENCHMARK_FILE, json.dumps(info, indent=2))
     log.info("benchmark %s: %d runs (parent MLflow run %s)", benchmark_id, len(settings), parent_id)

@@ -237,6 +237,7 @@ def zero_shot(ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
         work.zs_answers = [None] * len(work.valid)
         return
     state.seconds["score"] += fresh_seconds(work.scored, zs)
+    work.zs_prompt_tokens = [g.prompt_tokens or None for g in zs["generations"]]
     work.zs_answers, work.zs_unc = steps.student_outputs(
         zs["generations"], ctx.cfg.method.uncertainty
     )

@@ -31,12 +31,15 @@ class Generation:
     ``token_logprobs[t]`` is log p(chosen token t); ``token_entropy[t]`` the entropy (nats)
     of step t's full distribution; ``first_top2`` the two largest probabilities of the
     first step. Empty answers have empty arrays and ``first_top2 == (1.0, 0.0)``.
+    ``prompt_tokens`` is the length of the prompt the answer was generated from, images'
+    tokens included (0 where the backend does not say).
     """
 
     text: str
     token_logprobs: np.ndarray
     token_entropy: np.ndarray
     first_top2: tuple[float, float] = (1.0, 0.0)
+    prompt_tokens: int = 0
 
     @property
     def seq_logprob(self) -> float:

@@ -442,7 +442,8 @@ class HFVLM:
             kwargs = self._generate_kwargs(max_new_tokens, sampler, copies)
             out = self.model.generate(**inputs, **kwargs)
             answer = out.sequences[:, inputs["input_ids"].shape[1] :]
-            return self._to_generations(answer, out.logits)
+            lengths = inputs["attention_mask"].sum(1).repeat_interleave(copies).tolist()
+            return self._to_generations(answer, out.logits, prompt_tokens=lengths)
 
     def _generate_kwargs(
         self, max_new_tokens: int, sampler: _RowSampler | None, copies: int
@@ -490,12 +491,13 @@ class HFVLM:
         }
 
     def _to_generations(
-        self, tokens: torch.Tensor, logits: Sequence[torch.Tensor]
+        self, tokens: torch.Tensor, logits: Sequence[torch.Tensor], *, prompt_tokens: list[int]
     ) -> list[Generation]:
         """Answer text and per-token statistics of each row, up to (excluding) the first
         end-of-sequence or padding token."""
         if len(logits) == 0:
-            return [Generation("", np.zeros(0, np.float32), np.zeros(0, np.float32))] * len(tokens)
+            empty = np.zeros(0, np.float32)
+            return [Generation("", empty, empty, prompt_tokens=int(n)) for n in prompt_tokens]
         logp = torch.log_softmax(torch.stack(list(logits), dim=1).float(), dim=-1)  # [B, T, V]
         chosen = logp.gather(-1, tokens[:, : logp.shape[1], None]).squeeze(-1)  # [B, T]
         entropy = -(logp.exp() * logp).nan_to_num().sum(-1)  # 0·log 0 = 0
@@ -513,6 +515,7 @@ class HFVLM:
                     token_logprobs=chosen[i, :length].cpu().numpy().astype(np.float32),
                     token_entropy=entropy[i, :length].cpu().numpy().astype(np.float32),
                     first_top2=first,
+                    prompt_tokens=int(prompt_tokens[i]),
                 )
             )
         return gens

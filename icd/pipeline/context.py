@@ -120,6 +120,7 @@ class ChunkWork:
     image_vecs: np.ndarray | None = None
     zs_answers: list[str | None] = field(default_factory=list)
     zs_unc: np.ndarray | None = None
+    zs_prompt_tokens: list[int | None] = field(default_factory=list)
     queried_ids: list[str] = field(default_factory=list)
     votes: dict[str, VoteResult] = field(default_factory=dict)  # budgeted teacher labels
     teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # teacher zero-shot mode

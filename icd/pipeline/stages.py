@@ -417,6 +417,7 @@ def evaluate_chunk(*, ctx: RunContext, work: ChunkWork, pool_size: int) -> dict[
             rec.update(
                 zs_answer=work.zs_answers[i],
                 zs_uncertainty=float(work.zs_unc[i]) if work.zs_unc is not None else None,
+                zs_prompt_tokens=work.zs_prompt_tokens[i] if work.zs_prompt_tokens else None,
                 queried=vote is not None,
                 teacher_votes=list(v.votes) if v else [],
                 teacher_label=v.label if v else None,
@@ -428,6 +429,7 @@ def evaluate_chunk(*, ctx: RunContext, work: ChunkWork, pool_size: int) -> dict[
                 demo_accuracy=_demo_accuracy(ctx, icl["demo_labels"][i], s.answers),
                 icl_answer=icl["icl_answer"][i],
                 icl_uncertainty=icl["icl_uncertainty"][i],
+                icl_prompt_tokens=icl["icl_prompt_tokens"][i],
                 final_answer=final,
                 final_source=source,
                 score=ctx.score(final, s.answers) if s.answers else None,
@@ -455,17 +457,21 @@ def _icl_columns(work: ChunkWork, *, uncertainty: str) -> dict[str, list[Any]]:
         "demo_labels": [[] for _ in range(n)],
         "icl_answer": [None] * n,
         "icl_uncertainty": [None] * n,
+        "icl_prompt_tokens": [None] * n,
     }
     icl = work.icl or {"generations": []}
     if icl.get("answers") is not None:  # pool_vote: the demos' majority labels
         answers, unc = icl["answers"], [None] * len(icl["answers"])
+        tokens: list[int | None] = [None] * len(answers)
     elif icl["generations"]:
-        answers, unc = steps.student_outputs(icl["generations"], uncertainty)
-        unc = [float(u) for u in unc]
+        answers, u = steps.student_outputs(icl["generations"], uncertainty)
+        unc = [float(x) for x in u]
+        tokens = [g.prompt_tokens or None for g in icl["generations"]]
     else:
         return cols
     for j, i in enumerate(work.icl_rows):
         cols["icl_answer"][i], cols["icl_uncertainty"][i] = answers[j], unc[j]
+        cols["icl_prompt_tokens"][i] = tokens[j]
         cols["demo_ids"][i] = icl["demo_ids"][j]
         cols["demo_labels"][i] = icl["demo_labels"][j]
     return cols

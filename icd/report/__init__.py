@@ -197,6 +197,19 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
             ),
         )
     ]
+    sweep = (info.get("suite") or {}).get("sweep")
+    if sweep and info.get("sweep_points"):
+        points = {k: tuple(v) for k, v in info["sweep_points"].items()}
+        paths["sweep"] = plots.plot_sweep(
+            table, out / "sweep.png", points=points, key=sweep["key"],
+            metrics=sweep["metrics"], title=name,
+        )  # fmt: skip
+        sections.append(
+            html.section(
+                f"Sweep over {sweep['key']}",
+                html.image(paths["sweep"], "Mean ± std over stream orders, per mode and budget."),
+            )
+        )
     for dataset in dict.fromkeys(runs.get_column("dataset").to_list()):
         first = (
             runs.filter(pl.col("dataset") == dataset)

@@ -9,8 +9,9 @@ touched and plotting is safe from worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -315,4 +316,80 @@ def plot_agreement_hist(
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+# Metrics that are fractions (plotted in %); the others (tokens, seconds, counts) as they are.
+_RATES = (
+    "accuracy", "zs_accuracy", "forward_accuracy", "gain_from", "mean_agreement",
+    "demo_accuracy", "annotation_rate",
+)  # fmt: skip
+
+
+def plot_sweep(
+    table: pl.DataFrame,
+    path: Path | str,
+    *,
+    points: Mapping[str, tuple[str, Any]],
+    key: str,
+    metrics: Sequence[str],
+    title: str | None = None,
+) -> Path:
+    """Metrics against a swept config value: one panel per metric, one line per (dataset,
+    mode variant, budget), mean ± std over stream orders. ``points`` maps each variant of
+    the comparison ``table`` to its (mode variant, swept value); numeric values are placed
+    on a numeric axis, others side by side in suite order."""
+    values = list(dict.fromkeys(v for _, v in points.values()))
+    numeric = all(isinstance(v, int | float) for v in values)
+    where = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    fig = Figure(figsize=(5.2 * len(metrics), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
+    rows = table.filter(pl.col("variant").is_in(list(points))) if table.height else table
+    lines: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for r in rows.iter_rows(named=True):
+        base, _ = points[r["variant"]]
+        lines.setdefault((r["dataset"], base, r["budget"]), []).append(r)
+    for ax, metric in zip(axes, metrics, strict=True):
+        scale = 100.0 if metric.startswith(_RATES) else 1.0
+        drawn = False
+        for i, ((dataset, base, budget), rs) in enumerate(lines.items()):
+            rs = sorted(rs, key=lambda r: where[points[r["variant"]][1]])
+            x = np.array([where[points[r["variant"]][1]] for r in rs])
+            y = (
+                np.array(
+                    [np.nan if r.get(f"{metric}_mean") is None else r[f"{metric}_mean"] for r in rs]
+                )
+                * scale
+            )
+            err = np.array([r.get(f"{metric}_std") or 0.0 for r in rs]) * scale
+            ok = ~np.isnan(y)
+            if not ok.any():
+                continue
+            label = (
+                base
+                + ("" if budget is None else f" ρ={budget:g}")
+                + (f" ({dataset})" if len({k[0] for k in lines}) > 1 else "")
+            )
+            ax.errorbar(
+                x[ok],
+                y[ok],
+                yerr=err[ok],
+                marker="o",
+                capsize=3,
+                color=_COLORS[i % len(_COLORS)],
+                label=label,
+            )
+            drawn = True
+        if not drawn:
+            _empty(ax, f"no {metric} values")
+            continue
+        if not numeric:
+            ax.set_xticks(list(where.values()), [str(v) for v in values], rotation=20)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)

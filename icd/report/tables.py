@@ -32,6 +32,11 @@ METRICS: tuple[str, ...] = (
     "mean_agreement",
     "demo_accuracy",
     "seconds",
+    "accuracy_queried",
+    "icl_prompt_tokens_mean",
+    "icl_prompt_tokens_p95",
+    "seconds_per_zs_prompt",
+    "seconds_per_icl_prompt",
 )
 
 # Columns identifying one benchmark setting (one row of the comparison table).

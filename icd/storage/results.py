@@ -29,6 +29,7 @@ PREDICTION_SCHEMA = pl.Schema(
         "skip_reason": pl.String,
         "zs_answer": pl.String,
         "zs_uncertainty": pl.Float64,
+        "zs_prompt_tokens": pl.Int64,
         "queried": pl.Boolean,
         "teacher_votes": pl.List(pl.String),
         "teacher_label": pl.String,
@@ -40,6 +41,7 @@ PREDICTION_SCHEMA = pl.Schema(
         "demo_accuracy": pl.Float64,
         "icl_answer": pl.String,
         "icl_uncertainty": pl.Float64,
+        "icl_prompt_tokens": pl.Int64,
         "final_answer": pl.String,
         "final_source": pl.String,
         "score": pl.Float64,
@@ -51,12 +53,14 @@ NULLABLE = frozenset(
         "skip_reason",
         "zs_answer",
         "zs_uncertainty",
+        "zs_prompt_tokens",
         "teacher_label",
         "agreement",
         "teacher_error",
         "demo_accuracy",
         "icl_answer",
         "icl_uncertainty",
+        "icl_prompt_tokens",
         "final_answer",
         "final_source",
         "score",
@@ -167,7 +171,9 @@ def summarize(
     beyond that: in-context learning on the samples the teacher never saw). With ``groups``
     (class groups such as ``base``/``novel``, by ground-truth class) and ``score_fn``, each
     group ``g`` gets ``samples_g``, ``accuracy_g``, ``accuracy_not_queried_g``,
-    ``zs_accuracy_g``, ``forward_accuracy_g`` and its two gains.
+    ``zs_accuracy_g``, ``forward_accuracy_g`` and its two gains. The student's costs
+    (``*_prompt_tokens_*``, ``demos_per_icl_prompt``, ``seconds_per_*_prompt``) are those of
+    :func:`_costs`.
     """
     extra = dict(extra or {})
 
@@ -207,6 +213,7 @@ def summarize(
         "seconds": dict(extra.get("seconds", {})),
     }
     summary.update(_gains(summary))
+    summary.update(_costs(valid, summary["seconds"]))
     if groups and score_fn is not None:
         for name, classes in groups.items():
             summary.update(_group_split(valid, set(classes), name, score_fn))
@@ -214,6 +221,36 @@ def summarize(
         if isinstance(value, float) and math.isnan(value):
             summary[key] = None
     return summary
+
+
+def _costs(valid: pl.DataFrame, seconds: Mapping[str, float]) -> dict[str, float | None]:
+    """What the student's passes cost: prompt tokens per zero-shot and per ICL prompt (mean,
+    and p95 for ICL, whose prompts grow with k), demos per ICL prompt, and seconds per
+    prompt of each pass as this run spent them (stages reused from the task cache cost 0 s,
+    and then give None)."""
+
+    def tokens(col: str, q: float | None = None) -> float | None:
+        values = valid[col].drop_nulls() if col in valid.columns else pl.Series([], dtype=pl.Int64)
+        if not len(values):
+            return None
+        return float(values.mean() if q is None else values.quantile(q, "nearest"))
+
+    def per_prompt(stage: str, col: str) -> float | None:
+        n = int(valid[col].is_not_null().sum()) if col in valid.columns else 0
+        spent = float(seconds.get(stage, 0.0))
+        return spent / n if n and spent > 0 else None
+
+    with_demos = valid.filter(pl.col("icl_answer").is_not_null())
+    return {
+        "zs_prompt_tokens_mean": tokens("zs_prompt_tokens"),
+        "icl_prompt_tokens_mean": tokens("icl_prompt_tokens"),
+        "icl_prompt_tokens_p95": tokens("icl_prompt_tokens", 0.95),
+        "demos_per_icl_prompt": (
+            float(with_demos["demo_ids"].list.len().mean()) if with_demos.height else None
+        ),
+        "seconds_per_zs_prompt": per_prompt("score", "zs_answer"),
+        "seconds_per_icl_prompt": per_prompt("icl", "icl_answer"),
+    }
 
 
 def _gains(numbers: Mapping[str, Any], suffix: str = "") -> dict[str, float | None]:

@@ -142,3 +142,7 @@ def test_pool_vote_answers_with_the_majority_label_of_the_same_demos(runs) -> No
     assert vote["queried"].to_list() == icd["queried"].to_list()
     assert vote["demo_ids"].to_list() == icd["demo_ids"].to_list()
     assert summaries["pool_vote"]["pool_size"] == summaries["icd"]["pool_size"]
+    # The baseline makes no student pass with demos; ICD's ICL prompts carry k demo turns.
+    assert summaries["pool_vote"]["icl_prompt_tokens_mean"] is None
+    icd = summaries["icd"]
+    assert icd["icl_prompt_tokens_mean"] > 2 * icd["zs_prompt_tokens_mean"] > 0

@@ -30,6 +30,7 @@ CONTRACT_COLUMNS = [
     "skip_reason",
     "zs_answer",
     "zs_uncertainty",
+    "zs_prompt_tokens",
     "queried",
     "teacher_votes",
     "teacher_label",
@@ -41,6 +42,7 @@ CONTRACT_COLUMNS = [
     "demo_accuracy",
     "icl_answer",
     "icl_uncertainty",
+    "icl_prompt_tokens",
     "final_answer",
     "final_source",
     "score",
@@ -170,8 +172,27 @@ def test_summary_aggregates_the_table() -> None:
         "seconds": {"embed": 2.0},
         "gain_from_teacher_labels": None,
         "gain_from_icl": None,
+        "zs_prompt_tokens_mean": None,
+        "icl_prompt_tokens_mean": None,
+        "icl_prompt_tokens_p95": None,
+        "demos_per_icl_prompt": 2.0,
+        "seconds_per_zs_prompt": None,
+        "seconds_per_icl_prompt": None,
     }
     assert summarize(df, {"zs_accuracy": 0.9})["zs_accuracy"] == 0.9
+
+
+def test_summary_gives_the_cost_of_each_student_pass() -> None:
+    recs = [
+        record(i, zs_prompt_tokens=10, icl_prompt_tokens=40 + 10 * i, demo_ids=["a"] * (1 + i))
+        for i in range(4)
+    ]
+    recs[3].update(icl_answer=None, icl_prompt_tokens=None, demo_ids=[])
+    s = summarize(predictions_frame(recs), {"seconds": {"score": 2.0, "icl": 3.0}})
+    assert s["zs_prompt_tokens_mean"] == 10
+    assert s["icl_prompt_tokens_mean"] == 50 and s["icl_prompt_tokens_p95"] == 60
+    assert s["demos_per_icl_prompt"] == 2.0
+    assert s["seconds_per_zs_prompt"] == 0.5 and s["seconds_per_icl_prompt"] == 1.0
 
 
 def test_summary_splits_gains_overall_and_per_class_group() -> None:
