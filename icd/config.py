@@ -121,6 +121,24 @@ class SelectionConfig(_Strict):
     most_similar_last: bool = True
 
 
+class FinetuneConfig(_Strict):
+    """Online LoRA adaptation of the student (modes ``finetune_lora`` and
+    ``finetune_lora_icd``): after each chunk's pool commit, ``steps_per_chunk`` steps on
+    the pool's labels (all of the run's rows, or the latest ``window``)."""
+
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        default=["q_proj", "v_proj"], min_length=1, description="LM projections to adapt"
+    )
+    lr: float = Field(1e-3, gt=0)
+    steps_per_chunk: int = Field(8, ge=0, description="Optimiser steps after each chunk")
+    batch_size: int = Field(8, ge=1)
+    replay: Literal["all", "window"] = "all"
+    window: int = Field(256, ge=1, description="Latest pool rows trained on (replay=window)")
+
+
 class MethodConfig(_Strict):
     mode: Literal[
         "icd",
@@ -130,11 +148,14 @@ class MethodConfig(_Strict):
         "random_demos",
         "rices",
         "pool_vote",
+        "finetune_lora",
+        "finetune_lora_icd",
     ] = "icd"
     uncertainty: Literal["entropy_mean", "nll_mean", "entropy_first", "margin"] = "entropy_mean"
     policy: PolicyConfig = PolicyConfig()
     voting: VotingConfig = VotingConfig()
     selection: SelectionConfig = SelectionConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     final_from_teacher: bool = Field(
         True, description="Annotated samples take the teacher's voted label as final answer"
     )
@@ -204,6 +225,8 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        if self.method.mode.startswith("finetune_lora") and self.models.student.backend != "hf":
+            raise ValueError(f"method.mode {self.method.mode!r}: LoRA needs an 'hf' student")
         if self.models.student.backend != "hf":
             raise ValueError("models.student.backend: the student must be an 'hf' model")
         if self.models.embedder.backend != "hf":

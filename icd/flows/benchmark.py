@@ -58,6 +58,8 @@ Mode = Literal[
     "random_demos",
     "rices",
     "pool_vote",
+    "finetune_lora",
+    "finetune_lora_icd",
 ]
 
 

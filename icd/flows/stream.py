@@ -41,6 +41,7 @@ from icd.method.policy import PolicyState
 from icd.pipeline.context import ChunkWork, ResumeState, RunContext, read_ledger
 from icd.pipeline.runner import Runner, fresh_seconds
 from icd.pipeline.stages import (
+    adapt_student,
     annotate_with_teacher,
     evaluate_chunk,
     extract_embeddings,
@@ -158,12 +159,13 @@ def run_stream(
     runner = Runner(ctx, on_dask=_on_dask())
     chunks = src.chunks(cfg.pipeline.chunk_size, start_chunk=state.next_chunk)
     for work in runner.window(chunks, start=lambda c: embed_and_score(runner, ctx, chunk=c)):
-        zero_shot(ctx, work=work, state=state)  # embeddings, answers, uncertainty
+        zero_shot(runner, ctx, work=work, state=state)  # embeddings, answers, uncertainty
         ask_teacher(runner, ctx, work=work, state=state)  # budgeted policy -> votes
         view = demo_view(ctx, work=work)  # the pool as it was before this chunk
         pooled = add_to_pool(runner, ctx, work=work)  # one pool commit, in the background
         answer_with_demos(runner, ctx, work=work, state=state, view=view)
         record_pool_commit(work=work, state=state, pooled=pooled)
+        adapt(runner, ctx, work=work, state=state)  # finetune modes: LoRA steps on the pool
         evaluate_and_commit(ctx, work=work, state=state, tracker=tracker)
     return finish(ctx, state=state, tracker=tracker)
 
@@ -219,16 +221,20 @@ def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
 
 def embed_and_score(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> ChunkWork:
     """Start the chunk's pool-independent stages: image embeddings and the student's
-    zero-shot answers (they may run ahead of the current chunk)."""
+    zero-shot answers (they may run ahead of the current chunk; not the answers of a
+    student that adapts to the pool, which wait for the previous chunk's adapter)."""
     work = ChunkWork(chunk)
     work.embedded = runner.ahead(extract_embeddings, ctx=ctx, chunk=chunk)
-    if ctx.mode.student_zero_shot:
+    if ctx.mode.student_zero_shot and not ctx.mode.adapt_student:
         work.scored = runner.ahead(score_student, ctx=ctx, chunk=chunk)
     return work
 
 
-def zero_shot(ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """Wait for the chunk's embeddings and zero-shot answers; the answers' uncertainty."""
+def zero_shot(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
+    """Wait for the chunk's embeddings and zero-shot answers (an adapting student answers
+    now, with the adapter after the previous chunk); the answers' uncertainty."""
+    if ctx.mode.adapt_student and ctx.mode.student_zero_shot:
+        work.scored = runner.now(score_student, ctx=ctx, chunk=work.chunk, adapter=state.adapter)
     emb = work.embedded.result()
     work.image_vecs = emb["image_vecs"]
     state.seconds["embed"] += fresh_seconds(work.embedded, emb)
@@ -237,6 +243,7 @@ def zero_shot(ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
         work.zs_answers = [None] * len(work.valid)
         return
     state.seconds["score"] += fresh_seconds(work.scored, zs)
+    state.counters["student_params"] = zs.get("params", 0)
     work.zs_prompt_tokens = [g.prompt_tokens or None for g in zs["generations"]]
     work.zs_answers, work.zs_unc = steps.student_outputs(
         zs["generations"], ctx.cfg.method.uncertainty
@@ -319,6 +326,7 @@ def answer_with_demos(
         zs_answers=work.zs_answers,
         view=view,
         pool_key=pool_key(view, lineage=state.lineage),
+        adapter=state.adapter,
     ).result()
     state.seconds["icl"] += time.perf_counter() - t0
 
@@ -330,6 +338,28 @@ def record_pool_commit(*, work: ChunkWork, state: ResumeState, pooled: Any) -> N
     out = pooled.result()  # a future, or the final state on Dask
     state.manifest[str(work.chunk.index)] = out["version"]
     state.seconds["pool"] += out["seconds"]
+
+
+def adapt(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
+    """In the fine-tuning modes: LoRA steps on the pool as it is after this chunk; the next
+    chunks' student passes use the new adapter (committed with the chunk)."""
+    if not ctx.mode.adapt_student:
+        return
+    view = open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=work.chunk.index + 1)
+    lineage = ResumeState.chain(state.lineage, work.chunk.key)
+    run = runner.now(
+        adapt_student,
+        ctx=ctx,
+        chunk=work.chunk,
+        start=state.adapter,
+        pool_key=pool_key(view, lineage=lineage),
+    )
+    out = run.result()
+    state.adapter = out["adapter"]
+    state.seconds["adapt"] += fresh_seconds(run, out)
+    for k in ("steps", "tokens", "flops"):
+        state.adapt[k] = state.adapt.get(k, 0) + out[k]
+    state.adapt["peak_rss_mb"] = max(state.adapt.get("peak_rss_mb", 0.0), out["peak_rss_mb"])
 
 
 def evaluate_and_commit(
@@ -389,6 +419,8 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
             "forward_accuracy": running.get("forward_accuracy"),
             "pool_size": pool.count(ctx.run_id) if ctx.mode.use_pool else 0,
             "seconds": state.seconds,
+            "adapt": state.adapt,
+            "student_params": state.counters.get("student_params", 0),
         },
         ctx.score,
         groups=ctx.class_groups,

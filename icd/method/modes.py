@@ -27,6 +27,9 @@ class ModeSpec:
     - ``demo_vote``: demonstrations are chosen as for ICL, but the answer is the majority
       label of the chosen demos (:func:`icd.method.steps.demo_vote`), not a student pass:
       the trivial use of the same pool that ICL must beat.
+    - ``adapt_student``: after each chunk's pool commit the student's LoRA adapter takes a
+      few optimisation steps on the pool's labels, and the next chunks' student passes use
+      it (the ICL-vs-fine-tuning baselines).
     """
 
     name: str
@@ -38,6 +41,7 @@ class ModeSpec:
     teacher_on_all: bool = False
     final_from_teacher: bool = False
     demo_vote: bool = False
+    adapt_student: bool = False
 
     @property
     def uses_budget(self) -> bool:
@@ -64,6 +68,8 @@ MODES: dict[str, ModeSpec] = {
     "random_demos": ModeSpec("random_demos", selection="random"),
     "rices": ModeSpec("rices", selection="rices"),
     "pool_vote": ModeSpec("pool_vote", demo_vote=True),
+    "finetune_lora": ModeSpec("finetune_lora", use_icl=False, adapt_student=True),
+    "finetune_lora_icd": ModeSpec("finetune_lora_icd", adapt_student=True),
 }
 
 

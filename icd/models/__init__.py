@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -93,11 +94,23 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def load_student(cfg: ModelConfig) -> Student:
-    """The student VLM of ``cfg`` (backend ``hf``); cached per process."""
+def load_student(cfg: ModelConfig, adapter: str | None = None) -> Student:
+    """The student VLM of ``cfg`` (backend ``hf``), with the LoRA adapter saved at
+    ``adapter`` merged in when given; cached per process (one adapted copy at a time: an
+    online run moves from one chunk's adapter to the next)."""
     if cfg.backend != "hf":
         raise ModelLoadError(f"student {cfg.model_id!r}: backend {cfg.backend!r} is not 'hf'")
-    return _load_vlm(cfg)
+    base = _load_vlm(cfg)
+    if adapter is None:
+        return base
+    from icd.models.finetune import with_adapter
+
+    key = _key(cfg, "adapter", adapter)
+    with _LOCK:
+        for old in [k for k in _CACHE if k[:-1] == key[:-1] and k != key]:
+            del _CACHE[old]
+    adapted = _cached(key, lambda: with_adapter(base, Path(adapter)))
+    return adapted.with_settings(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
 
 
 def load_teacher(cfg: ModelConfig, class_names: list[str] | None = None) -> Teacher:

@@ -24,7 +24,7 @@ from icd.method.voting import VoteResult
 from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
 
 # Stages whose seconds a run reports, in pipeline order.
-STAGES = ("embed", "score", "annotate", "pool", "icl", "evaluate")
+STAGES = ("embed", "score", "annotate", "pool", "icl", "adapt", "evaluate")
 
 
 def new_run_id(cfg: Config) -> str:
@@ -156,6 +156,9 @@ class ResumeState:
     manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     lineage: str = ""  # hash chain of the committed chunks' content keys
+    adapter: str | None = None  # the student's LoRA adapter after the last chunk (finetune modes)
+    # What adapting the student cost so far: steps, tokens, FLOPs, peak memory.
+    adapt: dict[str, float] = field(default_factory=dict)
     # Not committed: chunk keys with a teacher round in this run's ledger (cache reuse
     # accounting), read from the ledger when the run starts.
     ledgered: set[str] = field(default_factory=set)
@@ -176,6 +179,10 @@ class ResumeState:
         state.manifest = dict(last["manifest"])
         state.seconds = dict(last["seconds"])
         state.lineage = last.get("lineage", "")
+        state.adapter = last.get("adapter")
+        state.adapt = dict(last.get("adapt", {}))
+        for stage in STAGES:
+            state.seconds.setdefault(stage, 0.0)
         return state
 
     def commit(self, ctx: RunContext, *, work: ChunkWork) -> None:
@@ -192,12 +199,19 @@ class ResumeState:
                 "seconds": self.seconds,
                 "service": work.service,
                 "lineage": self.lineage,
+                "adapter": self.adapter,
+                "adapt": self.adapt,
             },
         )
 
     def extend_lineage(self, chunk_key: str) -> None:
+        """Add one more chunk to the content lineage (:meth:`chain`)."""
+        self.lineage = self.chain(self.lineage, chunk_key)
+
+    @staticmethod
+    def chain(lineage: str, chunk_key: str) -> str:
         """The content lineage after one more chunk: a hash chain of the run's chunk keys."""
-        self.lineage = hashlib.sha256(f"{self.lineage}|{chunk_key}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{lineage}|{chunk_key}".encode()).hexdigest()[:32]
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:

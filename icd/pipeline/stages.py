@@ -40,6 +40,7 @@ from icd.method.prompts import build_prompt
 from icd.method.types import Prompt
 from icd.method.voting import VoteResult
 from icd.models import load_embedder, load_student, load_teacher
+from icd.models.finetune import parameter_count
 from icd.models.images import load_image
 from icd.pipeline.context import ChunkWork, RunContext
 from icd.storage import results
@@ -169,20 +170,32 @@ def extract_embeddings(*, ctx: RunContext, chunk: Chunk) -> dict[str, Any]:
     return {"image_vecs": vecs, "seconds": time.perf_counter() - t0}
 
 
+def _adapter_input(p: dict[str, Any]) -> Any:
+    return p.get("adapter")
+
+
 @task(
     name="score_student",
-    cache_policy=stage_cache("models.student", "method.list_classes_in_prompt"),
+    cache_policy=stage_cache(
+        "models.student", "method.list_classes_in_prompt", inputs=_adapter_input
+    ),
     persist_result=True,
     **MODEL_RETRIES,
 )
-def score_student(*, ctx: RunContext, chunk: Chunk) -> dict[str, Any]:
-    """The student's zero-shot answer (with token statistics) for each valid sample."""
+def score_student(*, ctx: RunContext, chunk: Chunk, adapter: str | None = None) -> dict[str, Any]:
+    """The student's zero-shot answer (with token statistics) for each valid sample, with
+    the LoRA ``adapter`` merged in when given; ``params`` counts the student's weights."""
     t0 = time.perf_counter()
     prompts = zero_shot_prompts(
         chunk.valid, task_type=ctx.task_type, class_names=ctx.prompt_classes
     )
-    gens = load_student(ctx.cfg.models.student).generate(prompts) if prompts else []
-    return {"generations": gens, "seconds": time.perf_counter() - t0}
+    student = load_student(ctx.cfg.models.student, adapter)
+    gens = student.generate(prompts) if prompts else []
+    return {
+        "generations": gens,
+        "params": parameter_count(student),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _annotate_inputs(p: dict[str, Any]) -> Any:
@@ -298,7 +311,7 @@ def pool_key(view: PoolView, *, lineage: str) -> str:
 
 
 def _icl_inputs(p: dict[str, Any]) -> Any:
-    return [p["rows"], p["pool_key"]]
+    return [p["rows"], p["pool_key"], p.get("adapter")]
 
 
 @task(
@@ -324,10 +337,11 @@ def predict_icl(
     zs_answers: list[str | None],
     view: PoolView,
     pool_key: str,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
     """For the valid samples at ``rows``: choose demonstrations from ``view``, the pool as it
     was before this chunk (``pool_key`` fingerprints its content and stands for it in the
-    cache key), then answer with them."""
+    cache key), then answer with them (the student with its LoRA ``adapter`` when given)."""
     t0 = time.perf_counter()
     valid = [chunk.valid[i] for i in rows]
     if not valid:
@@ -371,13 +385,65 @@ def predict_icl(
         )
         for s, ids in zip(valid, demo_ids, strict=True)
     ]
-    gens = load_student(ctx.cfg.models.student).generate(prompts)
+    gens = load_student(ctx.cfg.models.student, adapter).generate(prompts)
     return {
         "generations": gens,
         "demo_ids": demo_ids,
         "demo_labels": [[by_id[d]["label"] for d in ids] for ids in demo_ids],
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _adapt_inputs(p: dict[str, Any]) -> Any:
+    return [p["ctx"].run_id, p["pool_key"], p["start"]]
+
+
+@task(
+    name="adapt_student",
+    cache_policy=stage_cache("models.student", "method.finetune", "seed", inputs=_adapt_inputs),
+    persist_result=True,
+    **MODEL_RETRIES,
+)
+def adapt_student(
+    *, ctx: RunContext, chunk: Chunk, start: str | None, pool_key: str
+) -> dict[str, Any]:
+    """LoRA steps on the run's pool after this chunk's commit (all its rows, or the latest
+    ``method.finetune.window``), starting from the adapter at ``start``; the adapter is saved
+    under the run's ``adapters/chunk-NNNNN``. Each training round is appended to the run's
+    adaptation ledger (``adapt_calls.jsonl``), so a resumed run can show it trained no chunk
+    twice. Returns the adapter's path and the round's cost (:func:`train_adapter`)."""
+    from icd.models.finetune import train_adapter
+
+    fcfg = ctx.cfg.method.finetune
+    pool = open_pool(ctx.pool_uri)
+    view = pool.view(ctx.run_id, before_chunk=chunk.index + 1)
+    ids = [str(i) for i in view.ids]
+    if fcfg.replay == "window":
+        ids = ids[-fcfg.window :]
+    rows = pool.fetch(sorted(ids), ctx.run_id) if ids else []
+    examples = [
+        (
+            build_prompt(
+                r["question"], load_image(r["image"]), task=ctx.task_type,
+                class_names=ctx.prompt_classes,
+            ),
+            r["label"],
+        )
+        for r in rows
+    ]  # fmt: skip
+    out = ctx.run_dir / "adapters" / f"chunk-{chunk.index:05d}"
+    student = load_student(ctx.cfg.models.student)
+    cost = train_adapter(
+        vlm=student,
+        examples=examples,
+        start=Path(start) if start else None,
+        out=out,
+        cfg=fcfg,
+        seed=ctx.cfg.seed * 100_003 + chunk.index,
+    )
+    with (ctx.run_dir / "adapt_calls.jsonl").open("a") as f:
+        f.write(json.dumps({"chunk": chunk.index, "chunk_key": chunk.key, **cost}) + "\n")
+    return {"adapter": str(out), **cost}
 
 
 def evaluate_chunk(*, ctx: RunContext, work: ChunkWork, pool_size: int) -> dict[str, Any]:

@@ -214,6 +214,7 @@ def summarize(
     }
     summary.update(_gains(summary))
     summary.update(_costs(valid, summary["seconds"]))
+    summary.update(_compute(valid, extra))
     if groups and score_fn is not None:
         for name, classes in groups.items():
             summary.update(_group_split(valid, set(classes), name, score_fn))
@@ -250,6 +251,31 @@ def _costs(valid: pl.DataFrame, seconds: Mapping[str, float]) -> dict[str, float
         ),
         "seconds_per_zs_prompt": per_prompt("score", "zs_answer"),
         "seconds_per_icl_prompt": per_prompt("icl", "icl_answer"),
+    }
+
+
+def _compute(valid: pl.DataFrame, extra: Mapping[str, Any]) -> dict[str, float | None]:
+    """Compute the run spent on the student: adapting it (``adapt`` in ``extra``: LoRA
+    steps, tokens, FLOPs, peak memory; the fine-tuning modes) and answering (≈ 2 · N FLOPs
+    per prompt token of every student pass, N = ``extra["student_params"]``)."""
+    adapt = dict(extra.get("adapt") or {})
+    params = float(extra.get("student_params") or 0)
+    tokens = sum(
+        float(valid[c].sum() or 0)
+        for c in ("zs_prompt_tokens", "icl_prompt_tokens")
+        if c in valid.columns
+    )
+    inference = 2.0 * params * tokens if params else None
+    adapt_flops = float(adapt.get("flops", 0.0))
+    return {
+        "adapt_steps": int(adapt.get("steps", 0)),
+        "adapt_tokens": int(adapt.get("tokens", 0)),
+        "adapt_flops": adapt_flops,
+        "adapt_seconds": float(dict(extra.get("seconds") or {}).get("adapt", 0.0)),
+        "adapt_peak_rss_mb": adapt.get("peak_rss_mb"),
+        "student_params": int(params),
+        "inference_flops": inference,
+        "compute_flops": adapt_flops + inference if inference is not None else None,
     }
 
 

@@ -220,13 +220,20 @@ def test_teacher_faults_fall_back_to_student(
     assert summary["samples"] == 64
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+def _adapt_rounds(run_dir: Path) -> list[int]:
+    lines = (run_dir / "adapt_calls.jsonl").read_text().splitlines()
+    return [json.loads(line)["chunk"] for line in lines if line.strip()]
+
+
+@pytest.mark.parametrize("mode", ["icd", "finetune_lora"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) -> None:
     sets = [
         "data.limit=320",
         "pipeline.chunk_size=32",
         "seed=5",
         "pipeline.cache=false",
         "method.policy.budget=0.1",
+        f"method.mode={mode}",
     ]
     reference = _run(tmp_path / "ref", "ref", *sets)
     ref_df = pl.read_parquet(Path(reference["run_dir"]) / "predictions.parquet")
@@ -278,6 +285,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     calls = _ledger_calls(root / "runs" / "victim")
     assert max(calls.values(), default=1) == 1
     assert calls == _ledger_calls(Path(reference["run_dir"]))
+    if mode == "finetune_lora":  # the adapter: no chunk trained twice, same rounds
+        rounds = _adapt_rounds(root / "runs" / "victim")
+        assert rounds == sorted(set(rounds)) == _adapt_rounds(Path(reference["run_dir"]))
+        assert len(rounds) == 10
     pool = _pool_rows(root, "victim")
     assert pool["sample_id"].n_unique() == pool.height == df["accepted"].sum()
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

@@ -1,0 +1,180 @@
+"""Supervised answers for a VLM: prompts with their answer turn, the loss on the answer
+tokens, and online LoRA adaptation of the student on the teacher's labels (the
+``finetune_lora`` baselines, with peft).
+
+Prompts are rendered exactly as :class:`~icd.models.hf.HFVLM` renders them for
+``generate`` (the processor's chat template with the generation prompt), with the answer
+turn appended; the loss covers the answer tokens through the first end-of-sequence token
+(what ``generate`` emits). The mini-world's training recipes use the same two functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icd.config import FinetuneConfig
+from icd.method.types import Prompt
+from icd.models.images import to_rgb
+
+ADAPTER_FILE = "adapter_config.json"
+
+
+def _assistant(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def encode_answers(
+    processor: Any,
+    prompts: Sequence[Prompt],
+    answers: Sequence[str],
+    processor_kwargs: dict[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Model inputs for ``prompts`` with their ``answers`` as the assistant's turn, and
+    ``labels`` on the answer tokens through the first end-of-sequence token (-100
+    elsewhere). ``ValueError`` if the chat template renders the answer turn unlike
+    generation."""
+    texts, images, suffixes = [], [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        head = processor.apply_chat_template(
+            prompt.messages, add_generation_prompt=True, tokenize=False
+        )
+        full = processor.apply_chat_template([*prompt.messages, _assistant(answer)], tokenize=False)
+        if not full.startswith(head):
+            raise ValueError("the chat template renders the answer turn unlike generation")
+        texts.append(full)
+        images.append([to_rgb(im) for im in prompt.images])
+        suffixes.append(full[len(head) :])
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if any(images):
+            kwargs["images"] = images
+            kwargs.update(processor_kwargs or {})
+        enc = processor(**kwargs)
+    finally:
+        tok.padding_side = side
+    ids = enc["input_ids"]
+    labels = torch.full_like(ids, -100)
+    eos = tok.eos_token_id
+    lengths = enc["attention_mask"].sum(1).tolist()
+    for row, (suffix, length) in enumerate(zip(suffixes, lengths, strict=True)):
+        s_ids = tok(suffix, add_special_tokens=False)["input_ids"]
+        begin = length - len(s_ids)
+        if ids[row, begin:length].tolist() != s_ids:
+            raise ValueError("answer tokens differ inside and outside the prompt")
+        n = s_ids.index(eos) + 1 if eos in s_ids else len(s_ids)
+        labels[row, begin : begin + n] = ids[row, begin : begin + n]
+    out = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    out["labels"] = labels
+    return out
+
+
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) positions of ``batch``."""
+    return model(**batch).loss
+
+
+def lora_targets(cfg: FinetuneConfig) -> str:
+    """The peft ``target_modules`` pattern: ``cfg.targets`` inside the language model only
+    (``text_model`` in Idefics3/SmolVLM, ``language_model`` in LLaVA and Qwen2.5-VL)."""
+    names = "|".join(cfg.targets)
+    return rf".*(text_model|language_model)\..*\.({names})$"
+
+
+def train_adapter(
+    *,
+    vlm: Any,
+    examples: Sequence[tuple[Prompt, str]],
+    start: Path | None,
+    out: Path,
+    cfg: FinetuneConfig,
+    seed: int,
+) -> dict[str, Any]:
+    """``cfg.steps_per_chunk`` AdamW steps of LoRA on ``vlm``'s model (a copy: ``vlm`` is
+    unchanged) over ``examples`` (prompt, answer), in batches of ``cfg.batch_size`` drawn
+    with a generator seeded by ``seed``, starting from the adapter at ``start`` (a fresh
+    one when None). Saves the adapter to ``out`` (replaced atomically) and returns the
+    cost: ``steps``, ``tokens`` (prompt and answer tokens trained on), ``seconds``,
+    ``flops`` (≈ 6 · parameters · tokens: forward and backward through the whole model)
+    and ``peak_rss_mb`` (the process's peak resident memory)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    base = copy.deepcopy(vlm.model)
+    if start is not None:
+        model = PeftModel.from_pretrained(base, str(start), is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=lora_targets(cfg),
+        )
+        model = get_peft_model(base, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens = 0
+    for _ in range(cfg.steps_per_chunk if examples else 0):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.batch_size)]
+        enc = encode_answers(
+            vlm.processor, [p for p, _ in batch], [a for _, a in batch], vlm.processor_kwargs
+        )
+        enc = {k: v.to(vlm.device) for k, v in enc.items()}
+        loss = answer_loss(model, enc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        tokens += int(enc["attention_mask"].sum())
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    steps = cfg.steps_per_chunk if examples else 0
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - t0,
+        "flops": 6.0 * n_params * tokens,
+        "peak_rss_mb": _peak_rss_mb(),
+        "examples": len(examples),
+    }
+
+
+def with_adapter(vlm: Any, adapter: Path) -> Any:
+    """A copy of ``vlm`` whose model has the LoRA adapter at ``adapter`` merged into its
+    weights (``vlm`` itself is unchanged)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / ADAPTER_FILE).exists():
+        raise FileNotFoundError(f"no LoRA adapter at {adapter}")
+    adapted = copy.copy(vlm)
+    merged = PeftModel.from_pretrained(copy.deepcopy(vlm.model), str(adapter))
+    adapted.model = merged.merge_and_unload().eval()
+    return adapted
+
+
+def parameter_count(vlm: Any) -> int:
+    """Parameters of ``vlm``'s model (for compute estimates: ≈ 2 · N FLOPs per token)."""
+    return int(sum(p.numel() for p in vlm.model.parameters()))
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
