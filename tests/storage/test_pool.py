@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from icd.config import SelectionConfig
 from icd.method.selection import select_demos
-from icd.storage.pool import DemoPool, PoolError, _RunCache, inspect_pool
+from icd.storage.pool import DemoPool, PoolError, inspect_pool
+from icd.storage.pool.index import RunCache
 from tests.storage.rows import CHUNK, DIM, chunk_rows, ids_of, unit, write_chunks
 
 
@@ -262,7 +263,7 @@ def test_two_processes_writing_one_pool(tmp_path: Path) -> None:
 def test_cache_order_and_prefix_whatever_the_write_order(writes: list[int], before: int) -> None:
     """Chunks written in any order, some written again with new vectors: the cache holds
     the latest rows sorted by (chunk, stream_pos) and a prefix view is exactly chunk < c."""
-    cache = _RunCache(DIM, capacity=16)
+    cache = RunCache(DIM, capacity=16)
     latest: dict[str, tuple[int, int, np.ndarray]] = {}
     for n_write, c in enumerate(writes):
         rows = chunk_rows("r", c, n=3, seed=1000 * c + n_write)
