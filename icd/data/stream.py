@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from icd.config import DataConfig
 from icd.data import shapes
 from icd.data.registry import DatasetSpec, get_dataset, readable_name
 from icd.data.types import Chunk, Sample
+from icd.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class Stream:
         except Exception as e:  # datasets raises many types; report them in one line
             raise DatasetUnavailable(
                 f"cannot open dataset {spec.name!r} from {spec.source!r} split {spec.split!r}: "
-                f"{_one_line(e)}"
+                f"{one_line(e)}"
             ) from None
         ds = _undecoded(ds, spec.image_column)
         return _TableSource(ds, limit=self.limit, order_seed=self.order_seed)
@@ -315,7 +315,7 @@ class Stream:
                 )
         except Exception as e:
             raise DatasetUnavailable(
-                f"cannot open hub dataset {spec.target!r} split {spec.split!r}: {_one_line(e)}"
+                f"cannot open hub dataset {spec.target!r} split {spec.split!r}: {one_line(e)}"
             ) from None
         ds = _undecoded(ds, spec.image_column)
         total = None
@@ -570,7 +570,7 @@ def _image_bytes(value: Any) -> tuple[bytes, str | None]:
         with xopen(path, "rb") as f:
             return f.read(), None
     except Exception as e:
-        return b"", f"cannot read {path}: {_one_line(e)}"
+        return b"", f"cannot read {path}: {one_line(e)}"
 
 
 def _decode(data: bytes) -> tuple[Any, str | None]:
@@ -582,9 +582,9 @@ def _decode(data: bytes) -> tuple[Any, str | None]:
     try:
         return images.load_image(data), None
     except images.BadImage as e:
-        return None, f"bad_image: {_one_line(e)}"
+        return None, f"bad_image: {one_line(e)}"
     except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"bad_image: {type(e).__name__}: {_one_line(e)}"
+        return None, f"bad_image: {type(e).__name__}: {one_line(e)}"
 
 
 def _vqa_answers(value: Any) -> list[str]:
@@ -642,14 +642,6 @@ def files_digest(files: list[str], root: str, salt: str = "") -> str:
 
 def _key(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
-
-
-def _one_line(e: BaseException) -> str:
-    """First line of an exception's message, without object reprs such as
-    ``<_io.BytesIO object at 0x7f...>`` (so a skip reason is the same on every run)."""
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", line).strip() or type(e).__name__
 
 
 @contextlib.contextmanager

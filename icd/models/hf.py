@@ -38,16 +38,12 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from icd.data.types import Sample
+from icd.errors import one_line
 from icd.method.types import Generation, Prompt
 from icd.models import ModelLoadError, ModelOOMError, resolve_device
 from icd.models.base import Annotation
 from icd.models.fixtures import resolve_model_path
 from icd.models.images import to_rgb
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -143,7 +139,7 @@ def from_pretrained(loader: Callable[..., Any], model_id: str, revision: str, **
         package = missing_dependency(str(e))
         if package is not None:
             raise dependency_error(where, package) from None
-        raise ModelLoadError(f"cannot load model {where}: {_one_line(e)}") from None
+        raise ModelLoadError(f"cannot load model {where}: {one_line(e)}") from None
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -398,7 +394,7 @@ class HFVLM:
             except Exception as e:
                 if is_oom(e):
                     raise
-                out.append(Annotation(generations=[], error=_one_line(e), retries=1))
+                out.append(Annotation(generations=[], error=one_line(e), retries=1))
         return out
 
     def _annotate(
