@@ -11,7 +11,7 @@
   decoding them, and ``order_seed`` uses the library's seeded buffer shuffle.
 
 Images are never decoded by ``datasets`` (the column is cast to ``Image(decode=False)``);
-each sample's bytes go through ``icd.models.images.load_image``. A sample whose image does
+each sample's bytes go through ``icd.data.images.load_image``. A sample whose image does
 not decode, whose question is empty or whose label is missing is kept, with ``image=None``
 and ``skip_reason`` set, so every stream position appears in exactly one chunk.
 """
@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from icd.config import DataConfig
-from icd.data import shapes
+from icd.data import images, shapes
 from icd.data.registry import DatasetSpec, get_dataset, readable_name
 from icd.data.types import Chunk, Sample
 from icd.errors import one_line
@@ -576,8 +576,6 @@ def _image_bytes(value: Any) -> tuple[bytes, str | None]:
 def _decode(data: bytes) -> tuple[Any, str | None]:
     """(RGB image, None), or (None, "bad_image: reason") when the bytes do not decode."""
     from PIL import Image
-
-    from icd.models import images
 
     try:
         return images.load_image(data), None

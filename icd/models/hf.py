@@ -37,13 +37,13 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from icd.data.images import to_rgb
 from icd.data.types import Sample
 from icd.errors import one_line
 from icd.method.types import Generation, Prompt
 from icd.models import ModelLoadError, ModelOOMError, resolve_device
 from icd.models.base import Annotation
 from icd.models.fixtures import resolve_model_path
-from icd.models.images import to_rgb
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -27,6 +27,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CacheKeyFnPoli
 from prefect.tasks import exponential_backoff
 
 from icd.config import MethodConfig, ModelConfig, SelectionConfig, VotingConfig
+from icd.data.images import load_image
 from icd.data.stream import files_digest
 from icd.data.types import Chunk
 from icd.method import metrics, steps
@@ -35,7 +36,6 @@ from icd.method.selection import select_demos
 from icd.method.types import Prompt
 from icd.method.voting import VoteResult
 from icd.models import load_embedder, load_student, load_teacher
-from icd.models.images import load_image
 from icd.storage import results
 from icd.storage.pool import DemoPool, PoolView
 
