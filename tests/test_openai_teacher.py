@@ -304,9 +304,8 @@ def test_30pct_429_500_faults_every_sample_gets_n_votes_and_counts_add_up(srv, c
     srv.set_faults(rate_429=0.15, rate_500=0.15, retry_after_s=0.02, seed=7)
     samples, prompts = bench_samples(16)
     teacher = make_teacher(srv, max_retries=8)
-    anns, call = teacher.annotate_with_stats(
-        samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0
-    )
+    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0)
+    call = anns.service
     assert all(a.error is None and len(a.generations) == 3 for a in anns)
     s = assert_counts_add_up(teacher, anns, srv)
     assert summarize_stats([call]) == s  # a fresh teacher: this call is all of it

@@ -197,11 +197,8 @@ def annotate_with_teacher(
     model = load_teacher(teacher, class_names)
     prompts = [build_prompt(s.question, s.image, [], task_type, None) for s in samples]
     args = (samples, prompts, voting.n, voting.temperature, voting.include_greedy, seed)
-    service: dict[str, Any] = {}
-    if hasattr(model, "annotate_with_stats"):  # a remote teacher reports retries and latency
-        anns, service = model.annotate_with_stats(*args)
-    else:
-        anns = model.annotate(*args)
+    anns = model.annotate(*args)
+    service = getattr(anns, "service", {})  # a remote teacher's retries and latency
     votes = steps.vote_annotations(anns, voting, class_names, synonyms)
     requests = sum(a.requests for a in anns)
     returned = sum(len(a.generations) for a in anns)
