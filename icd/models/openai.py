@@ -412,7 +412,7 @@ class OpenAITeacher:
     # -- accounting -----------------------------------------------------------------
 
     def stats(self) -> dict[str, float | int]:
-        """Cumulative accounting since creation (or :meth:`reset_stats`).
+        """Cumulative accounting since creation.
 
         ``requests == ok + failures`` (every HTTP attempt is one or the other);
         ``retries`` counts attempts made because an earlier one failed; ``samples`` the
@@ -423,10 +423,6 @@ class OpenAITeacher:
         with self._lock:
             raw = self._counts.raw()
         return summarize_stats([raw])
-
-    def reset_stats(self) -> None:
-        with self._lock:
-            self._counts = _Counts()
 
     def _count(self, call: _Call, latency_ms: float | None = None, **delta: int) -> None:
         with self._lock:
