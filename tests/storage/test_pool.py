@@ -285,3 +285,12 @@ def test_cache_order_and_prefix_whatever_the_write_order(writes: list[int], befo
     assert len(cache.index) == len(latest)
     for i, sid in enumerate(view.ids):
         np.testing.assert_array_equal(view.image_vecs[i], latest[sid][2])
+
+
+def test_inspect_through_chunk_counts_the_pool_a_chunk_saw(pool: DemoPool) -> None:
+    for c in range(3):
+        pool.upsert(chunk_rows("r", c))
+    pool.upsert(chunk_rows("other", 0))
+    assert inspect_pool(pool.uri, "r", through_chunk=1)["rows"] == 2 * CHUNK
+    assert inspect_pool(pool.uri, "r")["rows"] == 3 * CHUNK
+    assert inspect_pool(pool.uri, through_chunk=0)["runs"] == {"r": CHUNK, "other": CHUNK}
