@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from icd.config import Config, ModelConfig
+from icd.errors import one_line
 
 # Model types whose processors need torchvision (their video processors), SentencePiece.
 TORCHVISION_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video"}
@@ -251,7 +252,7 @@ def check_dataset(cfg: Config) -> Check:
         source = cfg.data.source or spec.source
     except UnknownDataset as e:
         if cfg.data.source is None:
-            return Check(name, False, str(e).splitlines()[0])
+            return Check(name, False, one_line(e))
         source = cfg.data.source
     try:
         probe = DatasetSpec(name=cfg.data.dataset, source=source, split="x", label_column="l")

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from icd.config import Config, ConfigError, load_config, presets
+from icd.errors import one_line
 
 app = typer.Typer(
     help="Online In-Context Distillation for small vision-language models.",
@@ -133,7 +134,7 @@ def run(
     try:
         _preflight(cfg, run_id)
     except _user_errors() as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(one_line(e))
     from icd.flows import stream as stream_mod
 
     bar = Progress(
@@ -158,7 +159,7 @@ def run(
                 preset=None, overrides=None, config_json=cfg.model_dump_json(), run_id=run_id
             )
     except _user_errors() as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(one_line(e))
     finally:
         stream_mod.CHUNK_HOOKS.remove(hook)
     from icd.report import print_summary
@@ -383,7 +384,7 @@ def benchmark(
             _local_server()
             result = benchmark_flow(suite, set_ or [], benchmark_id=bench_id)
     except _user_errors() as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _fail(one_line(e))
         return
     print_summary(pl.read_parquet(result["table"]), console=console)
     console.print(f"table:  {result['markdown_path']}")
@@ -394,12 +395,16 @@ def benchmark(
 def pool_inspect(
     uri: Annotated[str, typer.Argument(help="LanceDB URI or folder of the pool.")],
     run_id: Annotated[str | None, typer.Option(help="Only this run's rows.")] = None,
+    chunk: Annotated[
+        int | None,
+        typer.Option(help="Only rows added by chunks 0..CHUNK: the pool as chunk CHUNK+1 saw it."),
+    ] = None,
 ) -> None:
     """Size, label histogram, agreement stats and versions of a demonstration pool."""
     from icd.storage.pool import inspect_pool
 
     try:
-        info = inspect_pool(uri, run_id)
+        info = inspect_pool(uri, run_id, through_chunk=chunk)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
         return

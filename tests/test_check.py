@@ -9,7 +9,7 @@ from icd.check import run_checks
 from icd.cli import app
 from icd.config import load_config
 from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER
-from tests.openai_server import OpenAIServer
+from icd.models.serve import OpenAIServer
 
 runner = CliRunner()
 KEY_ENV = "ICD_CHECK_KEY"

@@ -1,7 +1,8 @@
 """The ``openai`` teacher backend against a real local OpenAI-compatible server.
 
-The server (``tests/openai_server.py``) serves the tiny fixture teacher through the
-in-process ``hf`` backend over HTTP on loopback and injects faults on request.
+The server (``icd.models.serve``, with the fault injection of ``tests/openai_server.py``)
+serves the tiny fixture teacher through the in-process ``hf`` backend over HTTP on
+loopback and injects faults on request.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from icd.models.openai import (
     to_openai_messages,
     topk_entropy,
 )
-from tests.openai_server import OpenAIServer, to_prompt
+from icd.models.serve import to_prompt
+from tests.openai_server import FaultyServer
 
 KEY = "sk-test-7f3a9c1e5d2b8a60secret"
 KEY_ENV = "ICD_TEST_TEACHER_KEY"
@@ -51,7 +53,7 @@ def hf_teacher():
 
 @pytest.fixture(scope="module")
 def server(hf_teacher):
-    with OpenAIServer(hf_teacher, model_name=MODEL, api_key=KEY, max_tokens=MAX_TOKENS) as srv:
+    with FaultyServer(hf_teacher, model_name=MODEL, api_key=KEY, max_tokens=MAX_TOKENS) as srv:
         yield srv
 
 
@@ -64,7 +66,7 @@ def srv(server, monkeypatch):
     return server
 
 
-def make_teacher(srv: OpenAIServer, **kw) -> OpenAITeacher:
+def make_teacher(srv: FaultyServer, **kw) -> OpenAITeacher:
     args = dict(
         api_key_env=KEY_ENV,
         concurrency=4,
@@ -94,7 +96,7 @@ def icl_prompt(seed: int = 0) -> Prompt:
     return Prompt(messages=messages, images=imgs)
 
 
-def assert_counts_add_up(teacher: OpenAITeacher, anns, srv: OpenAIServer) -> dict:
+def assert_counts_add_up(teacher: OpenAITeacher, anns, srv: FaultyServer) -> dict:
     s = teacher.stats()
     assert s["requests"] == srv.counts["requests"]  # every attempt reached the server once
     assert s["requests"] == s["ok"] + s["failures"]
@@ -304,9 +306,8 @@ def test_30pct_429_500_faults_every_sample_gets_n_votes_and_counts_add_up(srv, c
     srv.set_faults(rate_429=0.15, rate_500=0.15, retry_after_s=0.02, seed=7)
     samples, prompts = bench_samples(16)
     teacher = make_teacher(srv, max_retries=8)
-    anns, call = teacher.annotate_with_stats(
-        samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0
-    )
+    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0)
+    call = anns.service
     assert all(a.error is None and len(a.generations) == 3 for a in anns)
     s = assert_counts_add_up(teacher, anns, srv)
     assert summarize_stats([call]) == s  # a fresh teacher: this call is all of it

@@ -1,7 +1,6 @@
 """``icd bench teacher``: throughput of the ``openai`` teacher, concurrency 1 vs C.
 
-Starts the repository's local OpenAI-compatible server (``tests/openai_server.py``) on
-loopback, serving the tiny fixture teacher through the ``hf`` backend, and annotates the
+Starts the local OpenAI-compatible server (:mod:`icd.models.serve`) on loopback, serving the tiny fixture teacher through the ``hf`` backend, and annotates the
 same samples (same seed, same N) with concurrency 1 and with concurrency C, in the same
 run, in three settings:
 
@@ -16,11 +15,7 @@ run, in three settings:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import polars as pl
@@ -31,6 +26,7 @@ from rich.table import Table
 from icd.data.types import Sample
 from icd.method.types import Prompt
 from icd.models.openai import OpenAITeacher
+from icd.models.serve import OpenAIServer
 
 QUESTION = "What shape is shown in the image?"
 MODEL_NAME = "bench-teacher"
@@ -44,21 +40,6 @@ def _teacher(url: str, concurrency: int, max_tokens: int) -> OpenAITeacher:
         max_tokens=max_tokens,
         api_key_env="ICD_BENCH_NO_KEY",  # the local server needs no key
     )
-
-
-def _server_module() -> ModuleType:
-    """``tests/openai_server.py`` of this checkout (the server is a test tool, not shipped)."""
-    if "tests.openai_server" in sys.modules:
-        return sys.modules["tests.openai_server"]
-    path = Path(__file__).resolve().parents[2] / "tests" / "openai_server.py"
-    if not path.exists():
-        raise RuntimeError(f"icd bench teacher needs a repository checkout ({path} is missing)")
-    spec = importlib.util.spec_from_file_location("icd_bench_openai_server", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def bench_samples(count: int, seed: int = 0) -> tuple[list[Sample], list[Prompt]]:
@@ -102,7 +83,6 @@ def run_teacher_bench(
     from icd.models.fixtures import TEACHER, resolve_model_path
     from icd.models.hf import HFVLM
 
-    server_mod = _server_module()
     path = resolve_model_path(f"fixtures/{TEACHER}")
     model = HFVLM(str(path), max_new_tokens=max_new_tokens)
     data, prompts = bench_samples(samples)
@@ -112,17 +92,17 @@ def run_teacher_bench(
         (f"+{latency_ms:g} ms latency", latency_ms, False),
         (f"+{latency_ms:g} ms, spare capacity", latency_ms, True),
     ]
-    with server_mod.OpenAIServer(model, model_name=MODEL_NAME, max_tokens=max_new_tokens) as srv:
+    with OpenAIServer(model, model_name=MODEL_NAME, max_tokens=max_new_tokens) as srv:
         _teacher(srv.url, concurrency, max_new_tokens).annotate(
             data[:2], prompts[:2], n, 0.7, True, 0
         )
         for setting, delay, memoize in settings:
             if memoize:  # the warm-up pass fills the server's memo with these very requests
-                srv.set_faults(memoize=True)
+                srv.latency_ms, srv.memoize = 0.0, True
                 _teacher(srv.url, concurrency, max_new_tokens).annotate(
                     data, prompts, n, 0.7, True, 0
                 )
-            srv.set_faults(latency_ms=delay, memoize=memoize)
+            srv.latency_ms, srv.memoize = delay, memoize
             base = None
             for conc in (1, concurrency):
                 teacher = _teacher(srv.url, conc, max_new_tokens)

@@ -11,7 +11,7 @@
   decoding them, and ``order_seed`` uses the library's seeded buffer shuffle.
 
 Images are never decoded by ``datasets`` (the column is cast to ``Image(decode=False)``);
-each sample's bytes go through ``icd.models.images.load_image``. A sample whose image does
+each sample's bytes go through ``icd.data.images.load_image``. A sample whose image does
 not decode, whose question is empty or whose label is missing is kept, with ``image=None``
 and ``skip_reason`` set, so every stream position appears in exactly one chunk.
 """
@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,10 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from icd.config import DataConfig
-from icd.data import shapes
+from icd.data import images, shapes
 from icd.data.registry import DatasetSpec, get_dataset, readable_name
 from icd.data.types import Chunk, Sample
+from icd.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class Stream:
         except Exception as e:  # datasets raises many types; report them in one line
             raise DatasetUnavailable(
                 f"cannot open dataset {spec.name!r} from {spec.source!r} split {spec.split!r}: "
-                f"{_one_line(e)}"
+                f"{one_line(e)}"
             ) from None
         ds = _undecoded(ds, spec.image_column)
         return _TableSource(ds, limit=self.limit, order_seed=self.order_seed)
@@ -320,7 +320,7 @@ class Stream:
                 )
         except Exception as e:
             raise DatasetUnavailable(
-                f"cannot open hub dataset {spec.target!r} split {spec.split!r}: {_one_line(e)}"
+                f"cannot open hub dataset {spec.target!r} split {spec.split!r}: {one_line(e)}"
             ) from None
         ds = _undecoded(ds, spec.image_column)
         total = None
@@ -575,21 +575,19 @@ def _image_bytes(value: Any) -> tuple[bytes, str | None]:
         with xopen(path, "rb") as f:
             return f.read(), None
     except Exception as e:
-        return b"", f"cannot read {path}: {_one_line(e)}"
+        return b"", f"cannot read {path}: {one_line(e)}"
 
 
 def _decode(data: bytes) -> tuple[Any, str | None]:
     """(RGB image, None), or (None, "bad_image: reason") when the bytes do not decode."""
     from PIL import Image
 
-    from icd.models import images
-
     try:
         return images.load_image(data), None
     except images.BadImage as e:
-        return None, f"bad_image: {_one_line(e)}"
+        return None, f"bad_image: {one_line(e)}"
     except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError) as e:
-        return None, f"bad_image: {type(e).__name__}: {_one_line(e)}"
+        return None, f"bad_image: {type(e).__name__}: {one_line(e)}"
 
 
 def _vqa_answers(value: Any) -> list[str]:
@@ -647,14 +645,6 @@ def files_digest(files: list[str], root: str, salt: str = "") -> str:
 
 def _key(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
-
-
-def _one_line(e: BaseException) -> str:
-    """First line of an exception's message, without object reprs such as
-    ``<_io.BytesIO object at 0x7f...>`` (so a skip reason is the same on every run)."""
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
-    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", line).strip() or type(e).__name__
 
 
 @contextlib.contextmanager

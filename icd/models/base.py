@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -37,11 +37,43 @@ class Annotation:
     retries: int = 0
 
 
+class Annotations(list[Annotation]):
+    """A teacher call's annotations, one per sample in the samples' order, plus
+    ``service``: the call's raw service accounting, filled by a remote teacher (HTTP
+    attempts, failures, retries, latencies; see :func:`icd.models.openai.summarize_stats`)
+    and empty for an in-process one."""
+
+    def __init__(
+        self, annotations: Iterable[Annotation] = (), service: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(annotations)
+        self.service: dict[str, Any] = dict(service or {})
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a teacher answers each sample: ``n`` answers, the greedy one first when
+    ``include_greedy``, the others sampled at ``temperature`` with seeds derived from
+    ``seed`` and the sample id (never from batching or call order)."""
+
+    n: int
+    temperature: float
+    include_greedy: bool
+    seed: int
+
+    @property
+    def n_sampled(self) -> int:
+        """How many of the ``n`` answers are sampled (the rest is the greedy one)."""
+        return self.n - 1 if self.include_greedy else self.n
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """Labels samples with ``n`` answers each (sampled at ``temperature``; the greedy
-    answer first when ``include_greedy``). A sample whose calls fail finally gets an
-    :class:`Annotation` with ``error`` set; it never raises for one bad sample."""
+    answer first when ``include_greedy``; see :class:`Sampling`). A sample whose calls fail
+    finally gets an :class:`Annotation` with ``error`` set; it never raises for one bad
+    sample. The result is an :class:`Annotations` (a list) carrying the call's service
+    accounting."""
 
     model_id: str
     revision: str
@@ -54,7 +86,7 @@ class Teacher(Protocol):
         temperature: float,
         include_greedy: bool,
         seed: int,
-    ) -> list[Annotation]: ...
+    ) -> Annotations: ...
 
 
 @runtime_checkable

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from icd.config import FinetuneConfig
+from icd.data.images import to_rgb
 from icd.method.types import Prompt
-from icd.models.images import to_rgb
 
 ADAPTER_FILE = "adapter_config.json"
 

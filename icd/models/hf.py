@@ -37,17 +37,13 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from icd.data.images import to_rgb
 from icd.data.types import Sample
+from icd.errors import one_line
 from icd.method.types import Generation, Prompt
 from icd.models import ModelLoadError, ModelOOMError, resolve_device
-from icd.models.base import Annotation
+from icd.models.base import Annotation, Annotations, Sampling
 from icd.models.fixtures import resolve_model_path
-from icd.models.images import to_rgb
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -143,7 +139,7 @@ def from_pretrained(loader: Callable[..., Any], model_id: str, revision: str, **
         package = missing_dependency(str(e))
         if package is not None:
             raise dependency_error(where, package) from None
-        raise ModelLoadError(f"cannot load model {where}: {_one_line(e)}") from None
+        raise ModelLoadError(f"cannot load model {where}: {one_line(e)}") from None
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -351,7 +347,7 @@ class HFVLM:
         temperature: float,
         include_greedy: bool,
         seed: int,
-    ) -> list[Annotation]:
+    ) -> Annotations:
         """``n`` answers per sample: the greedy one first when ``include_greedy``, then
         answers sampled at ``temperature`` (pure temperature sampling, no top-k/top-p).
 
@@ -362,30 +358,25 @@ class HFVLM:
         """
         if len(samples) != len(prompts):
             raise ValueError(f"annotate: {len(samples)} samples but {len(prompts)} prompts")
-        args = (n, temperature, include_greedy, seed)
-        return run_halving(
+        sampling = Sampling(n, temperature, include_greedy, seed)
+        out = run_halving(
             list(range(len(prompts))),
             self.batch_size,
             lambda idx: self._annotate_batch(
-                [samples[i] for i in idx], [prompts[i] for i in idx], *args
+                [samples[i] for i in idx], [prompts[i] for i in idx], sampling
             ),
             self._cap,
             f"model {self.model_id!r}",
         )
+        return Annotations(out)
 
     def _annotate_batch(
-        self,
-        batch_s: list[Sample],
-        batch_p: list[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
+        self, batch_s: list[Sample], batch_p: list[Prompt], sampling: Sampling
     ) -> list[Annotation]:
         """One batch; out-of-memory propagates (the caller halves the batch), any other
         failure is retried one sample at a time and recorded per sample."""
         try:
-            gens = self._annotate(batch_s, batch_p, n, temperature, include_greedy, seed)
+            gens = self._annotate(batch_s, batch_p, sampling)
             return [Annotation(generations=g) for g in gens]
         except Exception as e:
             if is_oom(e):
@@ -393,36 +384,32 @@ class HFVLM:
         out: list[Annotation] = []
         for s, p in zip(batch_s, batch_p, strict=True):
             try:
-                gens = self._annotate([s], [p], n, temperature, include_greedy, seed)
+                gens = self._annotate([s], [p], sampling)
                 out.append(Annotation(generations=gens[0], retries=1))
             except Exception as e:
                 if is_oom(e):
                     raise
-                out.append(Annotation(generations=[], error=_one_line(e), retries=1))
+                out.append(Annotation(generations=[], error=one_line(e), retries=1))
         return out
 
     def _annotate(
-        self,
-        samples: list[Sample],
-        prompts: list[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
+        self, samples: list[Sample], prompts: list[Prompt], sampling: Sampling
     ) -> list[list[Generation]]:
+        n, temperature, n_sampled = sampling.n, sampling.temperature, sampling.n_sampled
         greedy = [[] for _ in prompts]
-        n_sampled = n - 1 if include_greedy else n
-        if include_greedy or temperature <= 0:
+        if sampling.include_greedy or temperature <= 0:
             greedy = [[g] for g in self._generate(prompts, self.max_new_tokens)]
         if n_sampled <= 0:
             return [g[:n] for g in greedy]
         if temperature <= 0:  # sampling at T=0 is greedy decoding
             return [g * n for g in greedy]
-        seeds = [_draw_seed(seed, s.sample_id, k) for s in samples for k in range(n_sampled)]
+        seeds = [
+            _draw_seed(sampling.seed, s.sample_id, k) for s in samples for k in range(n_sampled)
+        ]
         sampled = self._generate(
             prompts, self.max_new_tokens, sampler=_RowSampler(temperature, seeds), copies=n_sampled
         )
-        head = greedy if include_greedy else [[] for _ in prompts]
+        head = greedy if sampling.include_greedy else [[] for _ in prompts]
         return [head[i] + sampled[i * n_sampled : (i + 1) * n_sampled] for i in range(len(prompts))]
 
     # ---------------------------------------------------------------- decoding

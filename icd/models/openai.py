@@ -11,8 +11,9 @@ never reached) raises :class:`TeacherConfigError` at once; a sample whose retrie
 or that the server rejects (other 4xx, e.g. a 400 for an oversized prompt; not retried),
 gets an :class:`~icd.models.base.Annotation` with ``error`` set and the others carry on.
 
-Accounting: every HTTP attempt and every returned answer is counted, per call
-(:meth:`OpenAITeacher.annotate_with_stats`) and per teacher (:meth:`OpenAITeacher.stats`).
+Accounting: every HTTP attempt and every returned answer is counted, per call (the
+``service`` of the :class:`~icd.models.base.Annotations` that :meth:`OpenAITeacher.annotate`
+returns) and per teacher (:meth:`OpenAITeacher.stats`).
 
 Sampling is fully specified by the request: besides ``temperature`` and a seed per request,
 every request sends ``top_p=1`` and ``frequency_penalty=presence_penalty=0``, and (where the
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import dataclasses
 import email.utils
 import hashlib
 import io
@@ -52,7 +54,7 @@ from PIL import Image
 from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
-from icd.models.base import Annotation
+from icd.models.base import Annotation, Annotations, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +260,9 @@ class _Counts:
 
 
 def summarize_stats(calls: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
-    """Merge raw per-call accounting (as returned by :meth:`OpenAITeacher.annotate_with_stats`)
-    into totals plus latency percentiles (ms, over successful attempts; 0 when none)."""
+    """Merge raw per-call accounting (the ``service`` of what :meth:`OpenAITeacher.annotate`
+    returns) into totals plus latency percentiles (ms, over successful attempts; 0 when
+    none)."""
     out: dict[str, float | int] = {k: sum(int(c.get(k, 0)) for c in calls) for k in COUNT_KEYS}
     lat = np.asarray([x for c in calls for x in c.get("latencies_ms", [])], dtype=np.float64)
     if lat.size == 0:
@@ -296,7 +299,7 @@ async def _settle(job: Any) -> list[Generation] | Exception:
 
 @dataclass
 class _Call:
-    """State shared by the requests of one :meth:`OpenAITeacher.aannotate` call."""
+    """State shared by the requests of one :meth:`OpenAITeacher.annotate` call."""
 
     client: httpx.AsyncClient
     sem: asyncio.Semaphore
@@ -306,8 +309,20 @@ class _Call:
 
 @dataclass
 class _Tally:
+    """One sample's HTTP attempts and retries."""
+
     requests: int = 0
     retries: int = 0
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One logical request: ``k`` answers to ``messages`` at ``temperature``, seeded."""
+
+    messages: list[dict[str, Any]]
+    k: int
+    temperature: float
+    seed: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,7 +412,7 @@ class OpenAITeacher:
     # -- accounting -----------------------------------------------------------------
 
     def stats(self) -> dict[str, float | int]:
-        """Cumulative accounting since creation (or :meth:`reset_stats`).
+        """Cumulative accounting since creation.
 
         ``requests == ok + failures`` (every HTTP attempt is one or the other);
         ``retries`` counts attempts made because an earlier one failed; ``samples`` the
@@ -408,10 +423,6 @@ class OpenAITeacher:
         with self._lock:
             raw = self._counts.raw()
         return summarize_stats([raw])
-
-    def reset_stats(self) -> None:
-        with self._lock:
-            self._counts = _Counts()
 
     def _count(self, call: _Call, latency_ms: float | None = None, **delta: int) -> None:
         with self._lock:
@@ -431,27 +442,23 @@ class OpenAITeacher:
         temperature: float,
         include_greedy: bool,
         seed: int,
-    ) -> list[Annotation]:
+    ) -> Annotations:
         """``n`` answers per sample (the greedy one first when ``include_greedy``, the rest
         sampled at ``temperature`` with a per-sample seed), order preserved.
 
-        Runs its own event loop (in a fresh thread when the caller already runs one).
-        Raises :class:`TeacherConfigError` when the endpoint is misconfigured.
+        The result's ``service`` is this call's raw accounting (the counts of
+        :meth:`stats` and the list ``latencies_ms``); merge several with
+        :func:`summarize_stats`. Runs its own event loop (in a fresh thread when the
+        caller already runs one). Raises :class:`TeacherConfigError` when the endpoint is
+        misconfigured.
         """
-        return self.annotate_with_stats(samples, prompts, n, temperature, include_greedy, seed)[0]
-
-    def annotate_with_stats(
-        self,
-        samples: Sequence[Sample],
-        prompts: Sequence[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
-    ) -> tuple[list[Annotation], dict[str, Any]]:
-        """:meth:`annotate`, plus this call's raw accounting (the counts of :meth:`stats`
-        and the list ``latencies_ms``); merge several with :func:`summarize_stats`."""
-        coro = self.aannotate_with_stats(samples, prompts, n, temperature, include_greedy, seed)
+        if len(samples) != len(prompts):
+            raise ValueError(f"{len(samples)} samples but {len(prompts)} prompts")
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if not samples:
+            return Annotations(service=_Counts().raw())
+        coro = self._annotate_all(samples, prompts, Sampling(n, temperature, include_greedy, seed))
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -459,37 +466,11 @@ class OpenAITeacher:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, coro).result()
 
-    async def aannotate(
-        self,
-        samples: Sequence[Sample],
-        prompts: Sequence[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
-    ) -> list[Annotation]:
-        """Async form of :meth:`annotate`."""
-        anns, _ = await self.aannotate_with_stats(
-            samples, prompts, n, temperature, include_greedy, seed
-        )
-        return anns
+    # -- internals ------------------------------------------------------------------
 
-    async def aannotate_with_stats(
-        self,
-        samples: Sequence[Sample],
-        prompts: Sequence[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
-    ) -> tuple[list[Annotation], dict[str, Any]]:
-        """Async form of :meth:`annotate_with_stats`."""
-        if len(samples) != len(prompts):
-            raise ValueError(f"{len(samples)} samples but {len(prompts)} prompts")
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        if not samples:
-            return [], _Counts().raw()
+    async def _annotate_all(
+        self, samples: Sequence[Sample], prompts: Sequence[Prompt], sampling: Sampling
+    ) -> Annotations:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
@@ -503,9 +484,7 @@ class OpenAITeacher:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
-                        tg.create_task(
-                            self._annotate_one(call, s, p, n, temperature, include_greedy, seed)
-                        )
+                        tg.create_task(self._annotate_one(call, s, p, sampling))
                         for s, p in zip(samples, prompts, strict=True)
                     ]
             except BaseExceptionGroup as group:
@@ -513,19 +492,10 @@ class OpenAITeacher:
                     if isinstance(e, TeacherConfigError):
                         raise e from None
                 raise
-        return [t.result() for t in tasks], call.counts.raw()
-
-    # -- internals ------------------------------------------------------------------
+        return Annotations([t.result() for t in tasks], service=call.counts.raw())
 
     async def _annotate_one(
-        self,
-        call: _Call,
-        sample: Sample,
-        prompt: Prompt,
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
+        self, call: _Call, sample: Sample, prompt: Prompt, sampling: Sampling
     ) -> Annotation:
         tally = _Tally()
         try:
@@ -533,13 +503,13 @@ class OpenAITeacher:
         except (ValueError, OSError) as e:
             self._count(call, annotations=1, errors=1)
             return Annotation([], error=f"teacher_error: bad prompt: {e}", requests=0)
-        base = sample_seed(seed, sample.sample_id)
-        n_sampled = n - 1 if include_greedy else n
+        base = sample_seed(sampling.seed, sample.sample_id)
         jobs = []
-        if include_greedy:
-            jobs.append(self._choices(call, messages, 1, 0.0, base, tally))
-        if n_sampled > 0:
-            jobs.append(self._choices(call, messages, n_sampled, temperature, base + 1, tally))
+        if sampling.include_greedy:
+            jobs.append(self._choices(call, _Ask(messages, 1, 0.0, base), tally))
+        if sampling.n_sampled > 0:
+            ask = _Ask(messages, sampling.n_sampled, sampling.temperature, base + 1)
+            jobs.append(self._choices(call, ask, tally))
         # A failed job does not cancel its sibling (every request sent is accounted for);
         # a TeacherConfigError does, and aborts the whole call.
         try:
@@ -561,20 +531,13 @@ class OpenAITeacher:
         self._count(call, annotations=1)
         return Annotation(gens, requests=tally.requests, retries=tally.retries)
 
-    async def _choices(
-        self,
-        call: _Call,
-        messages: list[dict[str, Any]],
-        k: int,
-        temperature: float,
-        seed: int,
-        tally: _Tally,
-    ) -> list[Generation]:
-        """``k`` answers: one request with ``n=k``, topped up by single requests (distinct
-        seeds) when the server returns fewer choices."""
+    async def _choices(self, call: _Call, ask: _Ask, tally: _Tally) -> list[Generation]:
+        """``ask.k`` answers: one request with ``n=k``, topped up by single requests
+        (distinct seeds) when the server returns fewer choices."""
+        k = ask.k
         gens: list[Generation] = []
         if k == 1 or self._n_supported:
-            gens = await self._request(call, messages, k, temperature, seed, tally)
+            gens = await self._request(call, ask, tally)
             if len(gens) < k and self._n_supported:
                 self._n_supported = False
                 log.info(
@@ -584,18 +547,11 @@ class OpenAITeacher:
                 )
             gens = gens[:k]
         while len(gens) < k:
-            gens += await self._request(call, messages, 1, temperature, seed + len(gens), tally)
+            single = dataclasses.replace(ask, k=1, seed=ask.seed + len(gens))
+            gens += await self._request(call, single, tally)
         return gens[:k]
 
-    async def _request(
-        self,
-        call: _Call,
-        messages: list[dict[str, Any]],
-        k: int,
-        temperature: float,
-        seed: int,
-        tally: _Tally,
-    ) -> list[Generation]:
+    async def _request(self, call: _Call, ask: _Ask, tally: _Tally) -> list[Generation]:
         """One logical request, retried until it succeeds or ``max_retries`` run out."""
         attempt, retry = 0, False
         while True:
@@ -607,7 +563,7 @@ class OpenAITeacher:
                         wait = self._limiter.reserve()
                         if wait > 0:
                             await asyncio.sleep(wait)
-                    return await self._attempt(call, messages, k, temperature, seed, tally, retry)
+                    return await self._attempt(call, ask, tally, retry)
             except _Failed as e:
                 retry = True
                 if e.reason in ("logprobs rejected", "extensions rejected"):
@@ -636,6 +592,7 @@ class OpenAITeacher:
     def _payload(
         self, messages: list[dict[str, Any]], k: int, temperature: float, seed: int
     ) -> dict[str, Any]:
+        """The request body: every sampling parameter explicit (see the module docstring)."""
         body: dict[str, Any] = {
             "model": self.model_id,
             "messages": messages,
@@ -657,14 +614,7 @@ class OpenAITeacher:
         return body
 
     async def _attempt(
-        self,
-        call: _Call,
-        messages: list[dict[str, Any]],
-        k: int,
-        temperature: float,
-        seed: int,
-        tally: _Tally,
-        retry: bool,
+        self, call: _Call, ask: _Ask, tally: _Tally, retry: bool
     ) -> list[Generation]:
         """One HTTP attempt (``retry``: made because an earlier one failed); counts it, and
         raises :class:`_Failed` / :class:`_SampleError` / :class:`TeacherConfigError` by
@@ -674,7 +624,7 @@ class OpenAITeacher:
         self._count(call, requests=1, retries=int(retry))
         ok = False
         try:
-            payload = self._payload(messages, k, temperature, seed)
+            payload = self._payload(ask.messages, ask.k, ask.temperature, ask.seed)
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout_s):

@@ -17,7 +17,7 @@ import numpy as np
 
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
-from icd.models.base import Annotation
+from icd.models.base import Annotation, Annotations
 
 
 class OracleTeacher:
@@ -55,10 +55,10 @@ class OracleTeacher:
         temperature: float = 0.0,
         include_greedy: bool = True,
         seed: int = 0,
-    ) -> list[Annotation]:
+    ) -> Annotations:
         """``n`` votes per sample (prompts, temperature, include_greedy and the call seed
         are ignored: the oracle's votes are fixed by its own seed)."""
-        out = []
+        out = Annotations()
         for sample in samples:
             votes = [self.vote(sample, v) for v in range(n)]
             out.append(Annotation(generations=[_generation(v) for v in votes]))

@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy, Cach
 from prefect.tasks import exponential_backoff
 
 from icd.config import ModelConfig, VotingConfig
+from icd.data.images import load_image
 from icd.data.stream import files_digest
 from icd.data.types import Chunk
 from icd.method import metrics, steps
@@ -41,7 +42,6 @@ from icd.method.types import Prompt
 from icd.method.voting import VoteResult
 from icd.models import load_embedder, load_student, load_teacher
 from icd.models.finetune import parameter_count
-from icd.models.images import load_image
 from icd.pipeline.context import ChunkWork, RunContext
 from icd.storage import results
 from icd.storage.pool import DemoPool, PoolView
@@ -224,11 +224,8 @@ def annotate_with_teacher(
     model = load_teacher(ctx.cfg.models.teacher, ctx.class_names)
     prompts = zero_shot_prompts(samples, task_type=ctx.task_type, class_names=None)
     args = (samples, prompts, voting.n, voting.temperature, voting.include_greedy, ctx.cfg.seed)
-    service: dict[str, Any] = {}
-    if hasattr(model, "annotate_with_stats"):  # a remote teacher reports retries and latency
-        anns, service = model.annotate_with_stats(*args)
-    else:
-        anns = model.annotate(*args)
+    anns = model.annotate(*args)
+    service = getattr(anns, "service", {})  # a remote teacher's retries and latency
     votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms)
     requests = sum(a.requests for a in anns)
     returned = sum(len(a.generations) for a in anns)

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from icd.config import StorageConfig
+from icd.errors import one_line
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -86,6 +87,5 @@ def _reachable_pool(uri: str) -> None:
             f"storage.pool_uri {uri!r} cannot be reached (no answer in {CONNECT_TIMEOUT_S:g} s)"
         )
     if "error" in outcome:
-        lines = str(outcome["error"]).strip().splitlines()
-        reason = lines[0] if lines else type(outcome["error"]).__name__
-        raise StorageError(f"storage.pool_uri {uri!r} cannot be opened: {reason[:200]}")
+        reason = one_line(outcome["error"], limit=200)
+        raise StorageError(f"storage.pool_uri {uri!r} cannot be opened: {reason}")

@@ -42,6 +42,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from icd.errors import one_line
 from icd.storage.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -106,12 +107,6 @@ def _param_value(value: str) -> str:
 def _tag_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    msg = lines[0] if lines else e.__class__.__name__
-    return msg if len(msg) <= 240 else msg[:237] + "..."
 
 
 def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
@@ -205,7 +200,7 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as e:
-            raise TrackingError(f"tracking store {tracking_uri!r}: {_one_line(e)}") from None
+            raise TrackingError(f"tracking store {tracking_uri!r}: {one_line(e)}") from None
         self.mlflow_run_id: str | None = None
         self.run_id: str | None = None
         self.resumed = False
@@ -232,7 +227,7 @@ class Tracker:
                     raise
                 return found.experiment_id
         except Exception as e:  # any store failure is reported as one line
-            raise TrackingError(f"tracking store {self.tracking_uri!r}: {_one_line(e)}") from None
+            raise TrackingError(f"tracking store {self.tracking_uri!r}: {one_line(e)}") from None
 
     # -- run lifecycle -------------------------------------------------------------------
 

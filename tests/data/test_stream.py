@@ -8,7 +8,7 @@ import datasets
 import pytest
 from PIL import Image
 
-import icd.models.images as images
+import icd.data.images as images
 from icd.config import DataConfig
 from icd.data import shapes
 from icd.data.registry import DatasetSpec, UnknownDataset, get_dataset

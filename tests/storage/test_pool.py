@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from icd.config import SelectionConfig
 from icd.method.selection import select_demos
-from icd.storage.pool import DemoPool, PoolError, _RunCache, inspect_pool
+from icd.storage.pool import DemoPool, PoolError, inspect_pool
+from icd.storage.pool.index import RunCache
 from tests.storage.rows import CHUNK, DIM, chunk_rows, ids_of, unit, write_chunks
 
 
@@ -262,7 +263,7 @@ def test_two_processes_writing_one_pool(tmp_path: Path) -> None:
 def test_cache_order_and_prefix_whatever_the_write_order(writes: list[int], before: int) -> None:
     """Chunks written in any order, some written again with new vectors: the cache holds
     the latest rows sorted by (chunk, stream_pos) and a prefix view is exactly chunk < c."""
-    cache = _RunCache(DIM, capacity=16)
+    cache = RunCache(DIM, capacity=16)
     latest: dict[str, tuple[int, int, np.ndarray]] = {}
     for n_write, c in enumerate(writes):
         rows = chunk_rows("r", c, n=3, seed=1000 * c + n_write)
@@ -284,3 +285,12 @@ def test_cache_order_and_prefix_whatever_the_write_order(writes: list[int], befo
     assert len(cache.index) == len(latest)
     for i, sid in enumerate(view.ids):
         np.testing.assert_array_equal(view.image_vecs[i], latest[sid][2])
+
+
+def test_inspect_through_chunk_counts_the_pool_a_chunk_saw(pool: DemoPool) -> None:
+    for c in range(3):
+        pool.upsert(chunk_rows("r", c))
+    pool.upsert(chunk_rows("other", 0))
+    assert inspect_pool(pool.uri, "r", through_chunk=1)["rows"] == 2 * CHUNK
+    assert inspect_pool(pool.uri, "r")["rows"] == 3 * CHUNK
+    assert inspect_pool(pool.uri, through_chunk=0)["runs"] == {"r": CHUNK, "other": CHUNK}

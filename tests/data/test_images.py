@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from icd.models.images import BadImage, load_image, to_rgb
+from icd.data.images import BadImage, load_image, to_rgb
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

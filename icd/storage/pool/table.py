@@ -1,0 +1,459 @@
+"""The pool's LanceDB table: durable storage of accepted teacher annotations.
+
+One LanceDB table (default ``demos``) at the pool URI (a local folder by default, any
+LanceDB URI works) holds the pool rows of every run that shares it. A row is identified
+by ``(run_id, sample_id)``, stored as the single column ``key = "run_id/sample_id"``,
+which is the table's (unenforced) primary key: writes are ``merge_insert`` upserts on it,
+so re-adding a chunk never duplicates a row — also when two processes insert the same
+rows at once (LanceDB detects that conflict only for a primary-key merge; a merge on a
+composite or non-key column lets both inserts through). Each upsert is one LanceDB
+version that can be checked out later ("the pool as it was after chunk c").
+
+Selection never scans the table: it reads each run's in-memory index
+(:mod:`icd.storage.pool.index`), loaded once from LanceDB and appended on every upsert.
+LanceDB stays the source of truth: a new handle (a resumed run, another process) loads the
+index from the table, and commits by other processes to the same run are detected and
+reloaded. Rows are checked by :mod:`icd.storage.pool.schema` before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import numpy as np
+
+from icd.errors import one_line
+from icd.storage.locks import file_lock
+from icd.storage.pool.index import (
+    CACHE_COLUMNS,
+    PoolView,
+    RunCache,
+    empty_view,
+    view_from_arrow,
+)
+from icd.storage.pool.schema import (
+    MERGE_KEY,
+    VECTOR_FIELDS,
+    PoolError,
+    pool_schema,
+    row_key,
+    rows_to_arrow,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "demos"
+# Versions are kept by compaction unless asked otherwise: every chunk's commit stays
+# checkout-able (a run's manifest maps chunk -> version).
+_KEEP_VERSIONS = timedelta(days=365 * 100)
+_IN_LIST_BATCH = 512
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+class DemoPool:
+    """Handle on the pool table ``table`` at ``uri``.
+
+    The table is created on the first upsert (or at once when ``dim`` is given); its vector
+    dimension is fixed from then on. With ``must_exist=True`` (read-only tools) a missing
+    pool raises :class:`PoolError` instead of being created. A URI that cannot be reached
+    raises :class:`PoolError` with a one-line message.
+
+    Safe to share between threads of one process. Several processes may write the same
+    table at once: LanceDB retries conflicting commits, and because the merge key is the
+    table's primary key, two processes inserting the same row leave one row.
+    """
+
+    def __init__(
+        self,
+        uri: str | Path,
+        table: str = DEFAULT_TABLE,
+        dim: int | None = None,
+        must_exist: bool = False,
+    ) -> None:
+        self.uri = str(uri)
+        self.table_name = table
+        self._lock = threading.RLock()
+        self._caches: dict[str, RunCache] = {}
+        self._commits = 0
+        self._commits_at_compact = 0
+        if must_exist and _is_local(self.uri):
+            path = Path(self.uri.removeprefix("file://"))
+            if not path.is_dir():
+                raise PoolError(f"no pool at {self.uri!r} (the folder does not exist)")
+        try:
+            self._db = lancedb.connect(self.uri, read_consistency_interval=timedelta(0))
+            self._tbl = self._open_table()
+        except PoolError:
+            raise
+        except Exception as e:
+            raise PoolError(f"cannot open pool at {self.uri!r}: {one_line(e)}") from None
+        if self._tbl is None:
+            if must_exist:
+                raise PoolError(f"no pool table {table!r} at {self.uri!r}")
+            self.dim = dim
+            if dim is not None:
+                self._create(dim)
+        else:
+            with self._creation_lock():
+                self._ensure_primary_key()
+            self.dim = self._table_dim()
+            if dim is not None and dim != self.dim:
+                raise PoolError(
+                    f"pool {table!r} at {self.uri!r} holds {self.dim}-d vectors, not {dim}-d"
+                )
+        self._known_version = self._tbl.version if self._tbl is not None else 0
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _open_table(self) -> Any:
+        try:
+            return self._db.open_table(self.table_name)
+        except ValueError as e:
+            if "not found" in str(e) or "was not found" in str(e):
+                return None
+            raise
+
+    def _creation_lock(self) -> AbstractContextManager[Any]:
+        """A file lock beside a local pool (``<folder>.lock``); remote pools rely on
+        LanceDB's own commit conflict handling."""
+        if not _is_local(self.uri):
+            return nullcontext()
+        return file_lock(Path(self.uri.removeprefix("file://")).absolute().as_posix() + ".lock")
+
+    def _ensure_primary_key(self) -> None:
+        names = self._tbl.schema.names
+        missing = [c for c in (MERGE_KEY, "run_id", "sample_id", "image_vec") if c not in names]
+        if missing:
+            raise PoolError(
+                f"table {self.table_name!r} at {self.uri!r} is not an ICD pool "
+                f"(no column {missing[0]!r})"
+            )
+        meta = self._tbl.schema.field(MERGE_KEY).metadata or {}
+        if not any(b"primary-key" in k for k in meta):
+            self._tbl.set_unenforced_primary_key(MERGE_KEY)
+
+    def _table_dim(self) -> int:
+        field = self._tbl.schema.field("image_vec")
+        return int(field.type.list_size)
+
+    def _create(self, dim: int) -> None:
+        if dim < 1:
+            raise PoolError(f"vector dimension must be positive, got {dim}")
+        # Serialised across processes: runs started at once on a fresh pool each find the
+        # table the first one created instead of racing to create it.
+        with self._creation_lock():
+            try:
+                self._tbl = self._open_table() or self._db.create_table(
+                    self.table_name, schema=pool_schema(dim), mode="create", exist_ok=True
+                )
+            except Exception as e:
+                raise PoolError(
+                    f"cannot create pool table at {self.uri!r}: {one_line(e)}"
+                ) from None
+            self.dim = self._table_dim()
+            self._ensure_primary_key()
+        if self.dim != dim:
+            raise PoolError(
+                f"pool {self.table_name!r} at {self.uri!r} holds {self.dim}-d vectors, not {dim}-d"
+            )
+        self._known_version = self._tbl.version
+
+    # -- writing -------------------------------------------------------------------------
+
+    def upsert(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert or replace ``rows`` (keyed by ``(run_id, sample_id)``) in one commit.
+
+        Every row is validated before anything is written: a missing or unknown field, a
+        vector of the wrong dimension or with NaN/inf values, or a key repeated within
+        ``rows`` raises :class:`PoolError` (a ``ValueError``) and leaves the pool unchanged.
+        Re-upserting the same rows never duplicates them. Returns the new LanceDB version
+        (the current version, without a commit, when ``rows`` is empty).
+        """
+        with self._lock:
+            if not rows:
+                return self.version()
+            dim = self.dim
+            if dim is None:
+                first = rows[0].get("image_vec") if isinstance(rows[0], dict) else None
+                dim = int(np.asarray(first).size) if first is not None else 0
+                if dim < 1:
+                    raise PoolError("pool upsert rejected: row 0 has no usable 'image_vec'")
+            table, batches = rows_to_arrow(rows, dim)
+            if self._tbl is None:
+                self._create(dim)
+            try:
+                result = (
+                    self._tbl.merge_insert(MERGE_KEY)
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute(table)
+                )
+            except Exception as e:
+                raise PoolError(f"pool upsert failed at {self.uri!r}: {one_line(e)}") from None
+            version = int(result.version)
+            self._commits += 1
+            foreign = version != self._known_version + 1
+            for run_id, batch in batches.items():
+                cache = self._caches.get(run_id)
+                if cache is not None:
+                    cache.add(batch)
+            self._known_version = version
+            if foreign:
+                self._drop_stale_caches()
+            return version
+
+    def compact(self, prune_older_than: timedelta | None = None) -> int:
+        """Merge small fragments (LanceDB ``optimize``) and return the new version.
+
+        Old versions are kept (so every recorded chunk version stays checkout-able) unless
+        ``prune_older_than`` is given: then versions older than that are removed.
+        """
+        with self._lock:
+            if self._tbl is None:
+                return 0
+            self._check_foreign()
+            keep = prune_older_than if prune_older_than is not None else _KEEP_VERSIONS
+            try:
+                self._tbl.optimize(cleanup_older_than=keep)
+            except Exception as e:
+                raise PoolError(f"pool compaction failed at {self.uri!r}: {one_line(e)}") from None
+            self._commits_at_compact = self._commits
+            self._known_version = self._tbl.version
+            return self._known_version
+
+    def maybe_compact(self, every: int) -> bool:
+        """Compact when ``every`` upserts have been committed through this handle since the
+        last compaction. Returns True if it compacted. Compaction is maintenance: if it
+        fails (e.g. it lost a commit race with another writer) a warning is logged and the
+        next call tries again; the data is unaffected."""
+        if every < 1 or self._commits - self._commits_at_compact < every:
+            return False
+        try:
+            self.compact()
+        except PoolError as e:
+            log.warning("pool compaction skipped: %s", e)
+            return False
+        return True
+
+    def tag(self, name: str, version: int) -> None:
+        """Name a version (``checkout(name)`` then works; tags survive compaction)."""
+        self._require_table().tags.create(name, version)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def view(self, run_id: str, before_chunk: int | None = None) -> PoolView:
+        """Rows of ``run_id`` with ``chunk < before_chunk`` (all rows if None), as a snapshot.
+
+        Served from the run's cache (loaded from LanceDB on first use); the result is the
+        same whatever order the rows were written in.
+        """
+        with self._lock:
+            if self._tbl is None:
+                self._tbl = self._open_table()
+                if self._tbl is None:
+                    return empty_view(self.dim)
+                self.dim = self._table_dim()
+            self._check_foreign()
+            cache = self._caches.get(run_id)
+            if cache is None:
+                cache = self._load_cache(run_id)
+                self._caches[run_id] = cache
+            return cache.view(before_chunk)
+
+    def fetch(
+        self, ids: Sequence[str], run_id: str, with_vectors: bool = False
+    ) -> list[dict[str, Any]]:
+        """Full rows (image bytes, question, label, votes, ...) of ``run_id``'s ``ids``, in the
+        order of ``ids``. Vectors are left out unless ``with_vectors``. An id that is not in
+        the pool raises ``KeyError``."""
+        if not ids:
+            return []
+        tbl = self._require_table()
+        columns = [
+            f.name
+            for f in tbl.schema
+            if f.name != MERGE_KEY and (with_vectors or f.name not in VECTOR_FIELDS)
+        ]
+        wanted = list(dict.fromkeys(str(i) for i in ids))
+        found: dict[str, dict[str, Any]] = {}
+        for lo in range(0, len(wanted), _IN_LIST_BATCH):
+            part = wanted[lo : lo + _IN_LIST_BATCH]
+            keys = ", ".join(_sql_str(row_key(run_id, sid)) for sid in part)
+            where = f"{MERGE_KEY} IN ({keys})"
+            for row in tbl.search().where(where).select(columns).limit(None).to_arrow().to_pylist():
+                found[row["sample_id"]] = row
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in pool run {run_id!r}, e.g. {missing[0]!r}")
+        return [found[str(i)] for i in ids]
+
+    def checkout(self, version: int | str, run_id: str | None = None) -> PoolView:
+        """The pool table as it was at ``version`` (a number or a tag), read through a
+        separate read-only handle; rows of ``run_id`` only if given. Rows are ordered by
+        ``(run_id, chunk, stream_pos, sample_id)``; ``run_ids`` is filled."""
+        self._require_table()
+        try:
+            old = self._db.open_table(self.table_name)
+            old.checkout(version)
+        except Exception as e:
+            raise PoolError(f"cannot check out pool version {version!r}: {one_line(e)}") from None
+        query = old.search().select(["run_id", *CACHE_COLUMNS]).limit(None)
+        if run_id is not None:
+            query = query.where(f"run_id = {_sql_str(run_id)}")
+        t = query.to_arrow().sort_by(
+            [
+                ("run_id", "ascending"),
+                ("chunk", "ascending"),
+                ("stream_pos", "ascending"),
+                ("sample_id", "ascending"),
+            ]
+        )
+        dim = int(old.schema.field("image_vec").type.list_size)
+        return view_from_arrow(t, dim, int(old.version))
+
+    @property
+    def table(self) -> Any:
+        """The LanceDB table handle, for read-only queries (write through :meth:`upsert`)."""
+        return self._require_table()
+
+    def version(self) -> int:
+        """The latest LanceDB version of the pool table (0 before it exists)."""
+        return int(self._tbl.version) if self._tbl is not None else 0
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every kept version: ``{"version", "timestamp", "rows"}``, oldest first."""
+        if self._tbl is None:
+            return []
+        out = []
+        for v in self._tbl.list_versions():
+            rows = v.get("metadata", {}).get("total_rows")
+            out.append(
+                {
+                    "version": int(v["version"]),
+                    "timestamp": v["timestamp"],
+                    "rows": int(rows) if rows is not None else None,
+                }
+            )
+        return sorted(out, key=lambda v: v["version"])
+
+    def count(self, run_id: str | None = None) -> int:
+        """Rows in the pool (of ``run_id`` only if given), as of the latest version."""
+        if self._tbl is None:
+            return 0
+        if run_id is None:
+            return int(self._tbl.count_rows())
+        return int(self._tbl.count_rows(f"run_id = {_sql_str(run_id)}"))
+
+    def fragment_count(self) -> int:
+        """Data fragments in the latest version (compaction keeps this bounded)."""
+        if self._tbl is None:
+            return 0
+        return int(self._tbl.stats()["fragment_stats"]["num_fragments"])
+
+    def describe(
+        self, run_id: str | None = None, *, through_chunk: int | None = None
+    ) -> dict[str, Any]:
+        """A summary for inspection: size, per-run counts, label histogram, agreement
+        statistics, versions and fragments (rows of ``run_id`` only, if given).
+
+        With ``through_chunk=c`` the rows counted are those added by chunks ``0..c``: a
+        run's pool as its chunk ``c+1`` saw it (upserts are idempotent, so a row's
+        ``chunk`` is the chunk that admitted it). Versions and fragments stay the latest.
+        """
+        if self._tbl is None:
+            return {"uri": self.uri, "table": self.table_name, "rows": 0, "dim": self.dim}
+        where = []
+        if run_id is not None:
+            where.append(f"run_id = {_sql_str(run_id)}")
+        if through_chunk is not None:
+            where.append(f"chunk <= {int(through_chunk)}")
+        query = self._tbl.search().select(["run_id", "label", "agreement"]).limit(None)
+        if where:
+            query = query.where(" AND ".join(where))
+        t = query.to_arrow()
+        agreement = np.array(
+            [a for a in t.column("agreement").to_pylist() if a is not None], dtype=float
+        )
+        stats = self._tbl.stats()
+        versions = self.versions()
+        return {
+            "uri": self.uri,
+            "table": self.table_name,
+            "rows": t.num_rows,
+            "dim": self.dim,
+            "bytes": int(stats["total_bytes"]),
+            "runs": dict(Counter(t.column("run_id").to_pylist()).most_common()),
+            "labels": dict(Counter(t.column("label").to_pylist()).most_common()),
+            "agreement": {
+                "mean": round(float(agreement.mean()), 4) if agreement.size else None,
+                "min": float(agreement.min()) if agreement.size else None,
+                "max": float(agreement.max()) if agreement.size else None,
+            },
+            "version": self.version(),
+            "versions": len(versions),
+            "first_version": versions[0]["version"] if versions else None,
+            "fragments": int(stats["fragment_stats"]["num_fragments"]),
+            "tags": sorted(self._tbl.tags.list()),
+        }
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _require_table(self) -> Any:
+        if self._tbl is None:
+            self._tbl = self._open_table()
+            if self._tbl is None:
+                raise PoolError(f"pool table {self.table_name!r} at {self.uri!r} is empty")
+            self.dim = self._table_dim()
+        return self._tbl
+
+    def _load_cache(self, run_id: str) -> RunCache:
+        t = (
+            self._tbl.search()
+            .where(f"run_id = {_sql_str(run_id)}")
+            .select(CACHE_COLUMNS)
+            .limit(None)
+            .to_arrow()
+        )
+        return RunCache.from_arrow(t, int(self.dim or 0))
+
+    def _check_foreign(self) -> None:
+        """If another handle committed since we last looked, reload what it changed."""
+        if self._tbl is None:
+            return
+        latest = int(self._tbl.version)
+        if latest != self._known_version:
+            self._known_version = latest
+            self._drop_stale_caches()
+
+    def _drop_stale_caches(self) -> None:
+        for run_id in list(self._caches):
+            if self.count(run_id) != self._caches[run_id].n:
+                del self._caches[run_id]
+
+
+def inspect_pool(
+    uri: str,
+    run_id: str | None = None,
+    table: str = DEFAULT_TABLE,
+    *,
+    through_chunk: int | None = None,
+) -> dict[str, Any]:
+    """:meth:`DemoPool.describe` of an existing pool (read-only; a missing pool raises
+    :class:`PoolError` with a one-line message instead of creating one)."""
+    pool = DemoPool(uri, table=table, must_exist=True)
+    return pool.describe(run_id, through_chunk=through_chunk)
