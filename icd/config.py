@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
     requests_per_minute: int | None = Field(None, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
+    top_logprobs: int = Field(
+        20, ge=-1, description="openai: alternatives per token (-1: no logprobs; vLLM's cap is 20)"
+    )
     sampling_extensions: bool | None = Field(
         None,
         description="Send top_k and repetition_penalty (vLLM/SGLang extensions; None: unless "
@@ -227,8 +230,8 @@ class Config(_Strict):
     def _check(self) -> Config:
         if self.method.mode.startswith("finetune_lora") and self.models.student.backend != "hf":
             raise ValueError(f"method.mode {self.method.mode!r}: LoRA needs an 'hf' student")
-        if self.models.student.backend != "hf":
-            raise ValueError("models.student.backend: the student must be an 'hf' model")
+        if self.models.student.backend not in ("hf", "openai"):
+            raise ValueError("models.student.backend: the student must be 'hf' or 'openai'")
         if self.models.embedder.backend != "hf":
             raise ValueError("models.embedder.backend: the embedder must be an 'hf' model")
         return self

@@ -196,11 +196,18 @@ def test_benchmark_comparison_table_and_plots(smoke_benchmark):
     md = Path(result["markdown_path"]).read_text()
     assert md == result["markdown"] and md.count("\n") == 2 + table.height
     assert Path(result["report"]).is_file() and result["report"].endswith(".html")
-    assert set(result["plots"]) == {"accuracy_vs_annotation", "running_shapes"}
+    assert set(result["plots"]) == {
+        "accuracy_vs_annotation",
+        "accuracy_vs_compute",
+        "running_shapes",
+    }
+    # ICD's student passes carry demos: more compute than the student's zero-shot pass.
+    flops = dict(zip(table["budget"], table["compute_flops_mean"], strict=True))
+    assert flops[0.1] > flops[None] > 0
     pngs = [Path(p) for p in result["plots"].values()]
     for child in result["children"]:
         pngs += sorted((Path(child["run_dir"]) / "report").glob("*.png"))
-    assert len(pngs) == 2 + 3 * len(result["children"])
+    assert len(pngs) == 3 + 3 * len(result["children"])
     for p in pngs:
         assert_png(p)
 

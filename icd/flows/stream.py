@@ -245,6 +245,7 @@ def zero_shot(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: Resume
     state.seconds["score"] += fresh_seconds(work.scored, zs)
     state.counters["student_params"] = zs.get("params", 0)
     work.zs_prompt_tokens = [g.prompt_tokens or None for g in zs["generations"]]
+    work.student_errors = [g.error for g in zs["generations"]]
     work.zs_answers, work.zs_unc = steps.student_outputs(
         zs["generations"], ctx.cfg.method.uncertainty
     )

@@ -30,9 +30,16 @@ class AnnotationLike(Protocol):
     error: str | None
 
 
-def student_outputs(gens: Sequence[Generation], measure: str) -> tuple[list[str], np.ndarray]:
-    """The student's answers (stripped) and their uncertainty under ``measure``."""
-    return [g.text.strip() for g in gens], uncertainty(gens, measure)
+def student_outputs(
+    gens: Sequence[Generation], measure: str
+) -> tuple[list[str | None], np.ndarray]:
+    """The student's answers (stripped) and their uncertainty under ``measure``; a failed
+    generation (``error`` set: a remote student's request failed) gives None and NaN, so
+    the policy skips it and the sample keeps its other answer."""
+    unc = np.asarray(uncertainty(gens, measure), dtype=np.float64)
+    failed = np.array([g.error is not None for g in gens], dtype=bool)
+    unc[failed] = np.nan
+    return [None if g.error else g.text.strip() for g in gens], unc
 
 
 def select_queries(
@@ -70,13 +77,16 @@ def teacher_queries(
 ) -> tuple[np.ndarray, PolicyState]:
     """Which of a chunk's ``n`` valid samples the teacher answers, and the policy state
     after the chunk: all of them in the teacher zero-shot mode (outside any budget), those
-    the budgeted policy picks (:func:`select_queries`) in modes that query, none otherwise."""
+    the budgeted policy picks (:func:`select_queries`) in modes that query, none otherwise.
+    Samples whose uncertainty is NaN (the student failed to answer) are not seen by the
+    policy and never queried."""
     spec = mode_spec(cfg.mode)
     if spec.teacher_on_all:
         return np.ones(n, dtype=bool), state
     if not spec.query_teacher or n == 0 or uncertainties is None:
         return np.zeros(n, dtype=bool), state
-    return select_queries(uncertainties, state, cfg, stream_length)
+    u = np.asarray(uncertainties, dtype=np.float64)
+    return select_queries(u, state, cfg, stream_length, valid=~np.isnan(u))
 
 
 def annotation_voting(cfg: MethodConfig) -> VotingConfig:

@@ -32,7 +32,8 @@ class Generation:
     of step t's full distribution; ``first_top2`` the two largest probabilities of the
     first step. Empty answers have empty arrays and ``first_top2 == (1.0, 0.0)``.
     ``prompt_tokens`` is the length of the prompt the answer was generated from, images'
-    tokens included (0 where the backend does not say).
+    tokens included (0 where the backend does not say). ``error`` is set (and the answer
+    empty) when a remote student's request finally failed: ``student_error: ...``.
     """
 
     text: str
@@ -40,6 +41,7 @@ class Generation:
     token_entropy: np.ndarray
     first_top2: tuple[float, float] = (1.0, 0.0)
     prompt_tokens: int = 0
+    error: str | None = None
 
     @property
     def seq_logprob(self) -> float:

@@ -95,9 +95,18 @@ def clear_cache() -> None:
 
 
 def load_student(cfg: ModelConfig, adapter: str | None = None) -> Student:
-    """The student VLM of ``cfg`` (backend ``hf``), with the LoRA adapter saved at
+    """The student VLM of ``cfg`` (backend ``hf``; or ``openai``, an OpenAI-compatible
+    server such as vLLM: :class:`~icd.models.openai.OpenAIStudent`), with the LoRA adapter saved at
     ``adapter`` merged in when given; cached per process (one adapted copy at a time: an
     online run moves from one chunk's adapter to the next)."""
+    if cfg.backend == "openai":
+        if adapter is not None:
+            raise ModelLoadError(f"student {cfg.model_id!r}: LoRA adapters need an 'hf' student")
+        from icd.models.openai import OpenAIStudent
+
+        return _cached(
+            _key(cfg, "student", cfg.model_dump_json()), lambda: OpenAIStudent.from_config(cfg)
+        )
     if cfg.backend != "hf":
         raise ModelLoadError(f"student {cfg.model_id!r}: backend {cfg.backend!r} is not 'hf'")
     base = _load_vlm(cfg)

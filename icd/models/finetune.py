@@ -171,8 +171,10 @@ def with_adapter(vlm: Any, adapter: Path) -> Any:
 
 
 def parameter_count(vlm: Any) -> int:
-    """Parameters of ``vlm``'s model (for compute estimates: ≈ 2 · N FLOPs per token)."""
-    return int(sum(p.numel() for p in vlm.model.parameters()))
+    """Parameters of ``vlm``'s model (for compute estimates: ≈ 2 · N FLOPs per token); 0
+    for a model behind an API."""
+    model = getattr(vlm, "model", None)
+    return int(sum(p.numel() for p in model.parameters())) if model is not None else 0
 
 
 def _peak_rss_mb() -> float:

@@ -355,10 +355,12 @@ class OpenAITeacher:
         revision: str = "main",
         top_logprobs: int = 5,
         sampling_extensions: bool | None = None,
+        role: str = "teacher",
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         self.base_url = base_url.rstrip("/")
+        self.role = role  # "teacher" or "student": names the endpoint in messages
         self.model_id = model
         self.revision = revision
         self.api_key_env = api_key_env
@@ -382,11 +384,11 @@ class OpenAITeacher:
         self._jitter = random.Random()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> OpenAITeacher:
-        """Build from ``models.teacher`` (``backend: openai``); the model name is ``model_id``."""
+    def from_config(cls, cfg: ModelConfig, role: str = "teacher") -> OpenAITeacher:
+        """Build from ``models.<role>`` (``backend: openai``); the model name is ``model_id``."""
         if not cfg.base_url:
             raise TeacherConfigError(
-                f"models.teacher.base_url is required for the openai backend (model {cfg.model_id!r})"
+                f"models.{role}.base_url is required for the openai backend (model {cfg.model_id!r})"
             )
         return cls(
             base_url=cfg.base_url,
@@ -398,7 +400,9 @@ class OpenAITeacher:
             max_retries=cfg.max_retries,
             max_tokens=cfg.max_new_tokens,
             revision=cfg.revision,
+            top_logprobs=cfg.top_logprobs,
             sampling_extensions=cfg.sampling_extensions,
+            role=role,
         )
 
     def __repr__(self) -> str:
@@ -502,7 +506,7 @@ class OpenAITeacher:
             messages = await asyncio.to_thread(to_openai_messages, prompt)  # PNG encoding
         except (ValueError, OSError) as e:
             self._count(call, annotations=1, errors=1)
-            return Annotation([], error=f"teacher_error: bad prompt: {e}", requests=0)
+            return Annotation([], error=f"{self.role}_error: bad prompt: {e}", requests=0)
         base = sample_seed(sampling.seed, sample.sample_id)
         jobs = []
         if sampling.include_greedy:
@@ -523,8 +527,8 @@ class OpenAITeacher:
         results = [t.result() for t in tasks]
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
-            error = f"teacher_error: {failed[0]}"
-            log.warning("teacher: sample %s failed: %s", sample.sample_id, error)
+            error = f"{self.role}_error: {failed[0]}"
+            log.warning("%s: sample %s failed: %s", self.role, sample.sample_id, error)
             self._count(call, annotations=1, errors=1)
             return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
         gens = [g for r in results for g in r]
@@ -571,7 +575,7 @@ class OpenAITeacher:
                 if attempt >= self.max_retries:
                     if e.connect and not self._reached:
                         call.failed = TeacherConfigError(
-                            f"teacher at {self.base_url}: unreachable ({e.reason}) after "
+                            f"{self.role} at {self.base_url}: unreachable ({e.reason}) after "
                             f"{self.max_retries} retries — check base_url and that the server is up"
                         )
                         raise call.failed from None
@@ -633,7 +637,7 @@ class OpenAITeacher:
                     )
             except (httpx.UnsupportedProtocol, httpx.InvalidURL):
                 call.failed = TeacherConfigError(
-                    f"teacher at {self.base_url}: not a valid http(s) URL — check base_url"
+                    f"{self.role} at {self.base_url}: not a valid http(s) URL — check base_url"
                 )
                 raise call.failed from None
             except (TimeoutError, httpx.TimeoutException):
@@ -651,7 +655,7 @@ class OpenAITeacher:
                     else f"check base_url and model {self.model_id!r}"
                 )
                 call.failed = TeacherConfigError(
-                    f"teacher at {self.base_url}: {status} {CONFIG_STATUS[status]} — {hint}"
+                    f"{self.role} at {self.base_url}: {status} {CONFIG_STATUS[status]} — {hint}"
                 )
                 raise call.failed
             if status in RETRYABLE_STATUS or status >= 500:
@@ -700,3 +704,43 @@ class OpenAITeacher:
         text = " ".join(str(text).split())[:200] or resp.reason_phrase
         key = os.environ.get(self.api_key_env)
         return text.replace(key, "***") if key else text
+
+
+class OpenAIStudent:
+    """The student over an OpenAI-compatible endpoint (vLLM, SGLang, ...): one greedy
+    answer per prompt with per-token log-probs and the top ``top_logprobs`` alternatives,
+    through the teacher's request machinery (concurrency, rate limit, retries, one-line
+    configuration errors: one client, two roles).
+
+    Uncertainty from the returned statistics: ``nll_mean`` and ``margin`` are exact (the
+    chosen tokens' log-probs; the first step's two best alternatives); ``entropy_mean`` and
+    ``entropy_first`` are estimated from the top-k with the unlisted probability mass as
+    one extra bucket (:func:`topk_entropy`), a lower bound of the true entropy that is exact
+    when the top-k carry all the mass. A prompt whose request finally fails gives an empty
+    :class:`Generation` with ``error`` set (``student_error: ...``); the others carry on.
+    """
+
+    def __init__(self, client: OpenAITeacher) -> None:
+        self.client = client
+        self.model_id = client.model_id
+        self.revision = client.revision
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> OpenAIStudent:
+        """Build from ``models.student`` (``backend: openai``)."""
+        return cls(OpenAITeacher.from_config(cfg, role="student"))
+
+    def __repr__(self) -> str:
+        return f"OpenAIStudent({self.client!r})"
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """The greedy answer to each prompt, order preserved."""
+        samples = [Sample(f"prompt-{i}", i, "", []) for i in range(len(prompts))]
+        anns = self.client.annotate(samples, list(prompts), 1, 0.0, True, 0)
+        empty = np.zeros(0, np.float32)
+        return [
+            a.generations[0]
+            if a.error is None and a.generations
+            else Generation("", empty, empty, error=a.error or "student_error: no answer")
+            for a in anns
+        ]

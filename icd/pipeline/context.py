@@ -121,6 +121,7 @@ class ChunkWork:
     zs_answers: list[str | None] = field(default_factory=list)
     zs_unc: np.ndarray | None = None
     zs_prompt_tokens: list[int | None] = field(default_factory=list)
+    student_errors: list[str | None] = field(default_factory=list)  # a remote student's
     queried_ids: list[str] = field(default_factory=list)
     votes: dict[str, VoteResult] = field(default_factory=dict)  # budgeted teacher labels
     teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # teacher zero-shot mode

@@ -346,7 +346,7 @@ def predict_icl(
     query_txt = None
     if steps.needs_query_text(ctx.selection, pool_size=len(view)):
         embedder = load_embedder(ctx.cfg.models.embedder)
-        query_txt = embedder.embed_texts([zs_answers[i] for i in rows])
+        query_txt = embedder.embed_texts([zs_answers[i] or "" for i in rows])
     chosen = steps.choose_demos(
         query_img=image_vecs[rows],
         query_txt=query_txt,
@@ -479,7 +479,7 @@ def evaluate_chunk(*, ctx: RunContext, work: ChunkWork, pool_size: int) -> dict[
             final, source = finals[i]
             rec.update(
                 zs_answer=work.zs_answers[i],
-                zs_uncertainty=float(work.zs_unc[i]) if work.zs_unc is not None else None,
+                zs_uncertainty=_number(work.zs_unc[i]) if work.zs_unc is not None else None,
                 zs_prompt_tokens=work.zs_prompt_tokens[i] if work.zs_prompt_tokens else None,
                 queried=vote is not None,
                 teacher_votes=list(v.votes) if v else [],
@@ -493,6 +493,8 @@ def evaluate_chunk(*, ctx: RunContext, work: ChunkWork, pool_size: int) -> dict[
                 icl_answer=icl["icl_answer"][i],
                 icl_uncertainty=icl["icl_uncertainty"][i],
                 icl_prompt_tokens=icl["icl_prompt_tokens"][i],
+                student_error=(work.student_errors[i] if work.student_errors else None)
+                or icl["icl_error"][i],
                 final_answer=final,
                 final_source=source,
                 score=ctx.score(final, s.answers) if s.answers else None,
@@ -521,6 +523,7 @@ def _icl_columns(work: ChunkWork, *, uncertainty: str) -> dict[str, list[Any]]:
         "icl_answer": [None] * n,
         "icl_uncertainty": [None] * n,
         "icl_prompt_tokens": [None] * n,
+        "icl_error": [None] * n,
     }
     icl = work.icl or {"generations": []}
     if icl.get("answers") is not None:  # pool_vote: the demos' majority labels
@@ -528,8 +531,10 @@ def _icl_columns(work: ChunkWork, *, uncertainty: str) -> dict[str, list[Any]]:
         tokens: list[int | None] = [None] * len(answers)
     elif icl["generations"]:
         answers, u = steps.student_outputs(icl["generations"], uncertainty)
-        unc = [float(x) for x in u]
+        unc = [None if np.isnan(x) else float(x) for x in u]
         tokens = [g.prompt_tokens or None for g in icl["generations"]]
+        for j, g in enumerate(icl["generations"]):
+            cols["icl_error"][work.icl_rows[j]] = g.error
     else:
         return cols
     for j, i in enumerate(work.icl_rows):
@@ -538,6 +543,10 @@ def _icl_columns(work: ChunkWork, *, uncertainty: str) -> dict[str, list[Any]]:
         cols["demo_ids"][i] = icl["demo_ids"][j]
         cols["demo_labels"][i] = icl["demo_labels"][j]
     return cols
+
+
+def _number(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
 
 
 def _demo_accuracy(ctx: RunContext, demo_labels: list[str], answers: list[str]) -> float | None:

@@ -197,6 +197,20 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
             ),
         )
     ]
+    if "compute_flops_mean" in table.columns and table["compute_flops_mean"].is_not_null().any():
+        paths["accuracy_vs_compute"] = plots.plot_accuracy_vs_compute(
+            table, out / "accuracy_vs_compute.png", title=name
+        )
+        sections.append(
+            html.section(
+                "Accuracy vs compute",
+                html.image(
+                    paths["accuracy_vs_compute"],
+                    "Student FLOPs per run: LoRA adaptation plus every student pass "
+                    "(≈ 2 · parameters per prompt token).",
+                ),
+            )
+        )
     sweep = (info.get("suite") or {}).get("sweep")
     if sweep and info.get("sweep_points"):
         points = {k: tuple(v) for k, v in info["sweep_points"].items()}
@@ -306,13 +320,15 @@ def gain_lines(summary: dict[str, Any]) -> list[str]:
         return "–" if value is None else f"{100 * value:.1f} %"
 
     groups = sorted(k[len("samples_") :] for k in summary if k.startswith("samples_"))
+    adapts = str(summary.get("mode") or "").startswith("finetune_lora")
+    second = "LoRA adaptation (and demos)" if adapts else "in-context learning"
     lines = []
     for suffix, label in [("", "all samples"), *[(f"_{g}", f"{g} classes") for g in groups]]:
         lines.append(
             f"{label}: student zero-shot {pct(summary.get(f'zs_accuracy{suffix}'))}, "
             f"gain from forwarded teacher labels "
             f"{pp(summary.get(f'gain_from_teacher_labels{suffix}'))}, "
-            f"gain from in-context learning {pp(summary.get(f'gain_from_icl{suffix}'))} "
+            f"gain from {second} {pp(summary.get(f'gain_from_icl{suffix}'))} "
             f"→ {pct(summary.get(f'accuracy{suffix}'))}; "
             f"not queried {pct(summary.get(f'accuracy_not_queried{suffix}'))}"
         )

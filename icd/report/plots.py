@@ -393,3 +393,41 @@ def plot_sweep(
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_accuracy_vs_compute(
+    table: pl.DataFrame, path: Path | str, title: str | None = None
+) -> Path:
+    """Accuracy against the compute a run spent on the student (adaptation + inference
+    FLOPs, log scale): one point per (dataset, mode variant, budget), mean ± std over
+    stream orders — in-context learning pays in longer prompts, fine-tuning in training."""
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    rows = (
+        table.filter(pl.col("compute_flops_mean").is_not_null())
+        if "compute_flops_mean" in table.columns and table.height
+        else table.clear()
+    )
+    if not rows.height:
+        _empty(ax, "no compute figures (runs without a student pass)")
+    variants = list(dict.fromkeys(rows.get_column("variant").to_list())) if rows.height else []
+    for r in rows.iter_rows(named=True):
+        i = variants.index(r["variant"])
+        budget = "" if r["budget"] is None else f" ρ={r['budget']:g}"
+        y = (r["accuracy_mean"] or 0.0) * 100
+        ax.errorbar(
+            [r["compute_flops_mean"]], [y], yerr=[(r["accuracy_std"] or 0.0) * 100],
+            marker="o", capsize=3, color=_COLORS[i % len(_COLORS)], ls="none",
+        )  # fmt: skip
+        ax.annotate(
+            f"{r['variant']}{budget}", (r["compute_flops_mean"], y),
+            textcoords="offset points", xytext=(5, 4), fontsize=7,
+        )  # fmt: skip
+    if rows.height:
+        ax.set_xscale("log")
+        ax.set_xlabel("student compute (FLOPs: adaptation + inference)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -37,6 +37,11 @@ METRICS: tuple[str, ...] = (
     "icl_prompt_tokens_p95",
     "seconds_per_zs_prompt",
     "seconds_per_icl_prompt",
+    "adapt_steps",
+    "adapt_seconds",
+    "adapt_flops",
+    "inference_flops",
+    "compute_flops",
 )
 
 # Columns identifying one benchmark setting (one row of the comparison table).

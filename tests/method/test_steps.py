@@ -20,6 +20,7 @@ from icd.method.steps import (
     pool_mask,
     select_queries,
     student_outputs,
+    teacher_queries,
     vote_annotations,
 )
 from icd.method.types import Generation
@@ -164,3 +165,14 @@ def test_pool_vote_mode_selects_demos_and_answers_from_them() -> None:
         ("bird", "pool_vote"),
     ]
     assert final_answers(cfg, ["dog"], [None], [None]) == [("dog", "student_zs")]
+
+
+def test_a_failed_student_answer_is_skipped_by_the_policy() -> None:
+    failed = Generation("", np.zeros(0), np.zeros(0), error="student_error: 500 after 5 retries")
+    answers, unc = student_outputs([gen("cat", 5.0), failed, gen("dog", 9.0)], "entropy_mean")
+    assert answers == ["cat", None, "dog"] and np.isnan(unc[1])
+    cfg = MethodConfig(policy=PolicyConfig(threshold="always", budget=1.0))
+    mask, _ = teacher_queries(
+        3, uncertainties=unc, state=PolicyState(), cfg=cfg, stream_length=None
+    )
+    assert mask.tolist() == [True, False, True]
