@@ -180,6 +180,14 @@ def test_summary_aggregates_the_table() -> None:
         "demos_per_icl_prompt": 2.0,
         "seconds_per_zs_prompt": None,
         "seconds_per_icl_prompt": None,
+        "adapt_steps": 0,
+        "adapt_tokens": 0,
+        "adapt_flops": 0.0,
+        "adapt_seconds": 0.0,
+        "adapt_peak_rss_mb": None,
+        "student_params": 0,
+        "inference_flops": None,
+        "compute_flops": None,
     }
     assert summarize(df, {"zs_accuracy": 0.9})["zs_accuracy"] == 0.9
 
@@ -195,6 +203,12 @@ def test_summary_gives_the_cost_of_each_student_pass() -> None:
     assert s["icl_prompt_tokens_mean"] == 50 and s["icl_prompt_tokens_p95"] == 60
     assert s["demos_per_icl_prompt"] == 2.0
     assert s["seconds_per_zs_prompt"] == 0.5 and s["seconds_per_icl_prompt"] == 1.0
+    adapt = {"steps": 8, "tokens": 100, "flops": 6e5, "peak_rss_mb": 900.0}
+    s = summarize(predictions_frame(recs), {"student_params": 1000, "adapt": adapt})
+    tokens = 4 * 10 + (40 + 50 + 60)  # every zero-shot and ICL prompt token
+    assert s["inference_flops"] == 2 * 1000 * tokens
+    assert s["compute_flops"] == 6e5 + 2 * 1000 * tokens
+    assert s["adapt_steps"] == 8 and s["adapt_tokens"] == 100
 
 
 def test_summary_splits_gains_overall_and_per_class_group() -> None:
