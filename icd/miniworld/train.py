@@ -48,6 +48,7 @@ from PIL import Image
 from icd.data import shapes
 from icd.method.prompts import build_prompt
 from icd.models import fixtures
+from icd.models.finetune import answer_loss, encode_answers
 
 TRAIN_SEED = 1000  # image seeds of the training banks (benchmark streams use small seeds)
 TASK = "classification"
@@ -68,6 +69,15 @@ class Recipe:
     # (99% -> 40%) instead of teaching image matching at this model size.
     match_steps: int = 0
     match_lr: float = 1e-3
+    # First phase: the share of novel in-context episodes whose distractors are decoys (all
+    # one other novel shape, so the most frequent shape word is wrong), how much more likely
+    # a distractor of any class is than one sharing the query's colour or shape, and the
+    # weight of an aux class loss on the image tokens the LM reads. Off in the shipped
+    # recipe: decoys 0.35 + any_distractors 2 + token aux 0.5 over 6,000 steps left k=3
+    # one-match ICL at 0.58 (from 0.59) and the hard-distractor case at 0.54 (from 0.98).
+    decoys: float = 0.0
+    any_distractors: int = 1
+    token_aux_weight: float = 0.0
     batch_size: int = 32
     lr: float = 3e-3
     aux_weight: float = 0.5  # auxiliary vision class loss
@@ -211,79 +221,66 @@ class Episode:
     kind: str
 
 
-def _assistant(text: str) -> dict[str, Any]:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
 def encode_episodes(processor: Any, bank: Bank, episodes: Sequence[Episode]) -> dict[str, Any]:
     """Model inputs and labels for ``episodes``, rendered the way ``HFVLM`` renders prompts
     (``build_prompt`` + the chat template + the processor) with the answer turn appended;
-    labels cover the answer tokens through the first end-of-sequence token."""
-    texts, images, suffixes = [], [], []
-    for ep in episodes:
-        demos = [(bank.images[i], shapes.QUESTION, label) for i, label in ep.demos]
-        prompt = build_prompt(shapes.QUESTION, bank.images[ep.query], demos, TASK)
-        head = processor.apply_chat_template(
-            prompt.messages, add_generation_prompt=True, tokenize=False
+    labels cover the answer tokens through the first end-of-sequence token
+    (:func:`icd.models.finetune.encode_answers`)."""
+    prompts = [
+        build_prompt(
+            shapes.QUESTION,
+            bank.images[ep.query],
+            [(bank.images[i], shapes.QUESTION, label) for i, label in ep.demos],
+            TASK,
         )
-        full = processor.apply_chat_template(
-            [*prompt.messages, _assistant(ep.target)], tokenize=False
-        )
-        if not full.startswith(head):
-            raise ValueError("the chat template renders the answer turn unlike generation")
-        texts.append(full)
-        images.append(list(prompt.images))
-        suffixes.append(full[len(head) :])
-    tok = processor.tokenizer
-    tok.padding_side = "right"
-    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    ids = enc["input_ids"]
-    labels = torch.full_like(ids, -100)
-    eos = tok.eos_token_id
-    lengths = enc["attention_mask"].sum(1).tolist()
-    for row, (suffix, length) in enumerate(zip(suffixes, lengths, strict=True)):
-        s_ids = tok(suffix, add_special_tokens=False)["input_ids"]
-        begin = length - len(s_ids)
-        if ids[row, begin:length].tolist() != s_ids:
-            raise ValueError("answer tokens differ inside and outside the prompt")
-        n = s_ids.index(eos) + 1 if eos in s_ids else len(s_ids)
-        labels[row, begin : begin + n] = ids[row, begin : begin + n]
-    enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-    enc["labels"] = labels
-    return enc
+        for ep in episodes
+    ]
+    return encode_answers(processor, prompts, [ep.target for ep in episodes])
 
 
-def _answer_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Next-token loss on the labelled positions; the output head runs only there."""
-    labels = batch["labels"][:, 1:]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.model(**inputs).last_hidden_state[:, :-1]
-    keep = labels != -100
-    return F.cross_entropy(model.lm_head(hidden[keep]).float(), labels[keep])
+class _Tap:
+    """Captures a module's output pooled over its sequence — a vision tower's patches (real
+    images, in prompt order) or the connector's image tokens — for an auxiliary class loss."""
 
-
-class _VisionTap:
-    """Captures a vision tower's output (real images, in prompt order) for the aux loss."""
-
-    def __init__(self, tower: torch.nn.Module, drop_cls: bool) -> None:
+    def __init__(self, module: torch.nn.Module, *, hidden: int, drop_cls: bool = False) -> None:
+        self.hidden = hidden
         self.drop_cls = drop_cls
         self.pooled: torch.Tensor | None = None
-        tower.register_forward_hook(self._hook)
+        module.register_forward_hook(self._hook)
 
     def _hook(self, module: Any, args: Any, output: Any) -> None:
-        h = output.last_hidden_state
+        h = getattr(output, "last_hidden_state", output)
         self.pooled = (h[:, 1:] if self.drop_cls else h).mean(1)
 
 
-def _with_aux_head(
-    model: torch.nn.Module, tower: torch.nn.Module, drop_cls: bool, lr: float, steps: int
-) -> tuple[_VisionTap, torch.nn.Linear, Any, Any, list[torch.nn.Parameter]]:
-    """The auxiliary class head on ``tower``'s pooled output (training only) and one
-    optimizer over the model and the head."""
-    tap = _VisionTap(tower, drop_cls=drop_cls)
-    head = torch.nn.Linear(tower.config.hidden_size, len(shapes.CLASS_NAMES))
-    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), lr, steps)
-    return tap, head, opt, sched, [*model.parameters(), *head.parameters()]
+def _images_of(ep: Episode) -> list[int]:
+    """Bank indices of an episode's images in prompt order (demos, then the query)."""
+    return [*(d for d, _ in ep.demos), ep.query]
+
+
+class _AuxHeads:
+    """Linear class heads on tapped features (training only), weighted into one loss."""
+
+    def __init__(self, taps: Sequence[tuple[_Tap, float]]) -> None:
+        self.taps = [(tap, w) for tap, w in taps if w]
+        n = len(shapes.CLASS_NAMES)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(t.hidden, n) for t, _ in self.taps)
+
+    def loss(self, labels: np.ndarray) -> torch.Tensor:
+        y = torch.as_tensor(labels)
+        return sum(
+            w * F.cross_entropy(head(tap.pooled), y)
+            for (tap, w), head in zip(self.taps, self.heads, strict=True)
+        )
+
+
+def _with_aux(
+    model: torch.nn.Module, taps: Sequence[tuple[_Tap, float]], lr: float, steps: int
+) -> tuple[_AuxHeads, Any, Any, list[torch.nn.Parameter]]:
+    """Auxiliary class heads on ``taps`` and one optimizer over the model and the heads."""
+    aux = _AuxHeads(taps)
+    opt, sched = _optimizer(torch.nn.ModuleList([model, aux.heads]), lr, steps)
+    return aux, opt, sched, [*model.parameters(), *aux.heads.parameters()]
 
 
 # ---------------------------------------------------------------------------- teacher
@@ -300,16 +297,16 @@ def train_teacher(
     processor = AutoProcessor.from_pretrained(start)
     tower = model.model.vision_tower
     tower.load_state_dict(CLIPModel.from_pretrained(embedder).vision_model.state_dict())
-    tap, head, opt, sched, params = _with_aux_head(
-        model, tower, True, recipe.lr, recipe.teacher_steps
+    tap = _Tap(tower, hidden=tower.config.hidden_size, drop_cls=True)
+    aux, opt, sched, params = _with_aux(
+        model, [(tap, recipe.aux_weight)], recipe.lr, recipe.teacher_steps
     )
     meter = _Meter("teacher", recipe.teacher_steps, log)
     for step in range(recipe.teacher_steps):
         idx = rng.integers(0, len(bank.labels), recipe.batch_size)
         eps = [Episode(int(i), [], shapes.CLASS_NAMES[bank.labels[i]], "zs") for i in idx]
-        loss = _answer_loss(model, encode_episodes(processor, bank, eps))
-        aux = F.cross_entropy(head(tap.pooled), torch.as_tensor(bank.labels[idx]))
-        loss = loss + recipe.aux_weight * aux
+        loss = answer_loss(model, encode_episodes(processor, bank, eps))
+        loss = loss + aux.loss(bank.labels[idx])
         _step(opt, sched, loss, params)
         meter.add(step, loss.item())
     info = {"model": fixtures.TEACHER, "recipe": asdict(recipe), **meter.info()}
@@ -395,18 +392,26 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
     rng = random.Random(recipe.seed + 3)
     model = Idefics3ForConditionalGeneration.from_pretrained(start).train()
     processor = AutoProcessor.from_pretrained(start)
-    tower = model.model.vision_model
-    tap, head, opt, sched, params = _with_aux_head(
-        model, tower, False, recipe.lr, recipe.student_steps
-    )
+    # The image tokens the language model reads (one per image) learn to name the class as
+    # well as the vision tower's patches do: a query's token then lies closest to its class's
+    # demo tokens, which is what matching a demonstration reads.
+    tower, connector = model.model.vision_model, model.model.connector
+    taps = [
+        (_Tap(tower, hidden=tower.config.hidden_size), recipe.aux_weight),
+        (_Tap(connector, hidden=model.config.text_config.hidden_size), recipe.token_aux_weight),
+    ]
+    aux, opt, sched, params = _with_aux(model, taps, recipe.lr, recipe.student_steps)
     meter = _Meter("student", recipe.student_steps, log)
     for step in range(recipe.student_steps):
         max_k = 2 if step < recipe.student_steps // 5 else 4
-        eps = [student_episode(rng, bank, max_k) for _ in range(recipe.batch_size)]
-        loss = _answer_loss(model, encode_episodes(processor, bank, eps))
-        seen = [i for ep in eps for i in [*(d for d, _ in ep.demos), ep.query]]
-        aux = F.cross_entropy(head(tap.pooled), torch.as_tensor(bank.labels[seen]))
-        loss = loss + recipe.aux_weight * aux
+        eps = [
+            student_episode(
+                rng, bank, max_k, any_distractors=recipe.any_distractors, decoys=recipe.decoys
+            )
+            for _ in range(recipe.batch_size)
+        ]
+        loss = answer_loss(model, encode_episodes(processor, bank, eps))
+        loss = loss + aux.loss(bank.labels[[i for ep in eps for i in _images_of(ep)]])
         _step(opt, sched, loss, params)
         meter.add(step, loss.item())
         if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.student_steps:
@@ -437,7 +442,7 @@ def match_phase(model: Any, *, bank: Bank, processor: Any, recipe: Recipe, log: 
             student_episode(rng, bank, 4, min_k=2, mix=_MATCH_MIX, any_distractors=2, decoys=0.5)
             for _ in range(recipe.batch_size)
         ]
-        loss = _answer_loss(model, encode_episodes(processor, bank, eps))
+        loss = answer_loss(model, encode_episodes(processor, bank, eps))
         _step(opt, sched, loss, params)
         meter.add(step, loss.item())
     model.eval()
