@@ -73,7 +73,7 @@ class Recipe:
     # one other novel shape, so the most frequent shape word is wrong), how much more likely
     # a distractor of any class is than one sharing the query's colour or shape, and the
     # weight of an aux class loss on the image tokens the LM reads. Off in the shipped
-    # recipe: decoys 0.35 + any_distractors 2 + token aux 0.5 over 6,000 steps left k=3
+    # recipe: decoys 0.35 + any_distractors 2 + token aux 0.5 after 4,000 steps left k=3
     # one-match ICL at 0.58 (from 0.59) and the hard-distractor case at 0.54 (from 0.98).
     decoys: float = 0.0
     any_distractors: int = 1
