@@ -137,8 +137,14 @@ def read_predictions(run_dir: Path) -> pl.DataFrame:
     files = sorted(folder.glob("chunk-*.parquet")) if folder.is_dir() else []
     if not files:
         return pl.DataFrame(schema=PREDICTION_SCHEMA)
-    df = pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    df = pl.concat([_with_all_columns(pl.read_parquet(f)) for f in files], how="vertical")
     return df.select(PREDICTION_SCHEMA.names()).sort("stream_pos")
+
+
+def _with_all_columns(df: pl.DataFrame) -> pl.DataFrame:
+    """A chunk file written before a nullable column existed gets it as nulls."""
+    missing = [c for c in PREDICTION_SCHEMA.names() if c not in df.columns and c in NULLABLE]
+    return df.with_columns(pl.lit(None, PREDICTION_SCHEMA[c]).alias(c) for c in missing)
 
 
 def _mean(series: pl.Series) -> float | None:
