@@ -295,6 +295,8 @@ def run_checks(cfg: Config) -> list[Check]:
             checks.append(d)
     if cfg.method.mode != "student_zero_shot" and cfg.models.teacher.backend == "openai":
         checks += check_teacher_api(cfg.models.teacher)
+    if cfg.models.student.backend == "openai":  # the same endpoint checks for a served student
+        checks += check_teacher_api(cfg.models.student)
     checks.append(check_storage(cfg))
     checks.append(check_dataset(cfg))
     return checks

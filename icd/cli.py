@@ -454,6 +454,19 @@ def bench_teacher(
     print_teacher_bench(run_teacher_bench(samples=samples, n=n, concurrency=concurrency))
 
 
+@bench_app.command("student")
+def bench_student(
+    prompts: Annotated[int, typer.Option(help="ICL prompts (3 demos each) per backend.")] = 96,
+    batch_size: Annotated[int, typer.Option(help="hf backend batch size.")] = 16,
+) -> None:
+    """Student ICL prompts/s through the hf backend vs the openai backend (a local server on
+    loopback), the processor's share of hf time, and how well the top-k log-prob entropy
+    estimate ranks samples against the exact entropy."""
+    from icd.bench.student import print_student_bench, run_student_bench
+
+    print_student_bench(run_student_bench(prompts=prompts, batch_size=batch_size))
+
+
 @bench_app.command("scale")
 def bench_scale(
     samples: Annotated[int, typer.Option(help="Smoke samples to stream.")] = 512,

@@ -40,3 +40,15 @@ def test_overhead_bench_loop_matches_flow_and_prints() -> None:
     print_overhead_bench(df, console)
     text = console.export_text()
     assert "flow L2" in text and "ratio" in text
+
+
+def test_student_bench_compares_backends_on_the_same_prompts() -> None:
+    from icd.bench.student import print_student_bench, run_student_bench
+
+    rows = run_student_bench(prompts=16, batch_size=8)
+    assert [r["backend"] for r in rows][0] == "hf" and len(rows) == 3
+    for r in rows[1:]:
+        assert r["same_answers"] == 1.0 and r["entropy_lower_bound"]
+        assert r["entropy_spearman"] > 0.5 and r["prompts_per_s"] > 0
+    assert 0 < rows[0]["processor_share"] < 1
+    print_student_bench(rows)
