@@ -142,18 +142,22 @@ class FinetuneConfig(_Strict):
     window: int = Field(256, ge=1, description="Latest pool rows trained on (replay=window)")
 
 
+# The run modes (icd.method.modes.MODES says what each runs).
+ModeName = Literal[
+    "icd",
+    "student_zero_shot",
+    "teacher_zero_shot",
+    "teacher_forward",
+    "random_demos",
+    "rices",
+    "pool_vote",
+    "finetune_lora",
+    "finetune_lora_icd",
+]
+
+
 class MethodConfig(_Strict):
-    mode: Literal[
-        "icd",
-        "student_zero_shot",
-        "teacher_zero_shot",
-        "teacher_forward",
-        "random_demos",
-        "rices",
-        "pool_vote",
-        "finetune_lora",
-        "finetune_lora_icd",
-    ] = "icd"
+    mode: ModeName = "icd"
     uncertainty: Literal["entropy_mean", "nll_mean", "entropy_first", "margin"] = "entropy_mean"
     policy: PolicyConfig = PolicyConfig()
     voting: VotingConfig = VotingConfig()

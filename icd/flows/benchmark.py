@@ -27,13 +27,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from icd.config import ConfigError, load_config, parse_override, read_yaml
+from icd.config import ConfigError, ModeName, load_config, parse_override, read_yaml
 from icd.data.registry import UnknownDataset, get_dataset
 from icd.method.modes import mode_spec
 from icd.report import (
@@ -50,17 +50,7 @@ from icd.storage.runstate import atomic_write_text
 
 SUITE_DIR = Path(__file__).resolve().parent.parent / "presets" / "benchmarks"
 
-Mode = Literal[
-    "icd",
-    "student_zero_shot",
-    "teacher_zero_shot",
-    "teacher_forward",
-    "random_demos",
-    "rices",
-    "pool_vote",
-    "finetune_lora",
-    "finetune_lora_icd",
-]
+Mode = ModeName
 
 
 class Variant(BaseModel):
