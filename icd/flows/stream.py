@@ -4,11 +4,12 @@ benchmark stream.
 Per chunk (DESIGN §4)::
 
     embed ─> score ─> select for annotation ─> teacher (vote) ─┬─> pool update ─┐
-                                                               └─> student ICL ─┴─> evaluate, log
-    (the student's demos come from the pool as it was before this chunk)
+                                                               └─> student ICL ─┴─> [adapt] ─> evaluate, log
+    (the student's demos come from the pool as it was before this chunk; [adapt]: the LoRA
+    modes' training steps on the pool, used by the next chunks' student passes)
 
-Embedding and zero-shot scoring do not depend on the pool, so with ``pipeline.lookahead``
-> 0 they are submitted for the next chunks while the current chunk's sequential stages run
+Embedding and zero-shot scoring do not depend on the pool (except scoring by an adapting
+student), so with ``pipeline.lookahead`` > 0 they are submitted for the next chunks while the current chunk's sequential stages run
 (with 0 they run in order, in the flow's thread). The pool update runs in the background
 while the student answers with demonstrations, which come from the pool as it was before
 the chunk. A chunk is committed (predictions parquet, pool version, policy state) before
