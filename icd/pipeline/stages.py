@@ -216,7 +216,7 @@ def annotate_with_teacher(
         anns, service = model.annotate_with_stats(*args)
     else:
         anns = model.annotate(*args)
-    votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms)
+    votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms, task=ctx.task_type)
     requests = sum(a.requests for a in anns)
     returned = sum(len(a.generations) for a in anns)
     record = {
