@@ -106,7 +106,12 @@ class VotingConfig(_Strict):
     n: int = Field(5, ge=1, description="Teacher answers per queried sample")
     temperature: float = Field(0.7, ge=0.0)
     include_greedy: bool = True
-    aggregation: Literal["majority", "best_of_n"] = "majority"
+    aggregation: Literal["majority", "consensus", "best_of_n"] = Field(
+        "majority",
+        description="majority (= consensus: the answer closest to the others; for closed-set "
+        "and VQA answers a plurality vote, for captions the caption most similar to the "
+        "other samples) or best_of_n (the teacher's most likely answer)",
+    )
     a_min: float = Field(0.6, ge=0.0, le=1.0, description="Minimum agreement to enter the pool")
     fuzzy_threshold: float = Field(0.85, ge=0.0, le=1.0)
 

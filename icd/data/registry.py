@@ -1,10 +1,12 @@
 """Named benchmark streams: where each dataset lives and how its columns map onto samples.
 
-``DATASETS`` holds the offline shapes fixture and the fine-grained classification and VQA
-sets commonly used in VLM in-context-learning papers. Hub ids and column layouts of the
-public sets were taken from their Hugging Face dataset cards but could not be loaded on
-the offline machine this was written on, so they are marked ``verified=False`` with a
-note saying so; ``icd`` reports a one-line error naming the id when one cannot be opened.
+``DATASETS`` holds the offline shapes fixture (as a classification set, ``shapes``, and as
+a captioning set, ``shapes_captions``) and the fine-grained classification, VQA and
+captioning sets commonly used in VLM in-context-learning papers. Hub ids and column
+layouts of the public sets were taken from their Hugging Face dataset cards but could not
+be loaded on the offline machine this was written on, so they are marked
+``verified=False`` with a note saying so; ``icd`` reports a one-line error naming the id
+when one cannot be opened.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any, Literal
 
 from icd.data import shapes
 
-Task = Literal["classification", "vqa"]
+Task = Literal["classification", "vqa", "captioning"]
+TASKS: tuple[str, ...] = ("classification", "vqa", "captioning")
 SOURCE_KINDS = ("hf", "parquet", "imagefolder", "fixture")
 
 
@@ -32,15 +35,17 @@ class DatasetSpec:
     ``fixture:shapes?n=200&seed=1&corrupt_every=50``). A classification set names its
     ``label_column`` (class index or name); ``class_names=None`` means "read them from the
     column's ``ClassLabel`` feature". A VQA set names its ``answers_column`` (a list of
-    human answers, or the VQAv2 list of ``{"answer": ...}`` dicts). When the dataset has no
-    question column, every sample is asked ``question``. ``prompt`` is a template with a
+    human answers, or the VQAv2 list of ``{"answer": ...}`` dicts); so does a captioning
+    set (its reference captions, a list of strings). When the dataset has no question
+    column, every sample is asked ``question``. ``prompt`` is a template with a
     ``{question}`` field that turns the dataset's question into what the models are asked
     (e.g. extra context); the answer-format instruction is added by ``icd.method.prompts``,
-    so the default ``"{question}"`` is usually right. ``synonyms`` maps a class name to other accepted answers.
-    ``readable_names`` turns raw class names such as ``001.Black_footed_Albatross`` or
-    ``AnnualCrop`` into ``Black footed Albatross`` / ``Annual Crop``. ``class_groups``
-    names groups of classes whose accuracy is reported apart (``base``: classes the student
-    already knows, ``novel``: those it must learn in context).
+    so the default ``"{question}"`` is usually right. ``synonyms`` maps a class name to
+    other accepted answers. ``readable_names`` turns raw class names such as
+    ``001.Black_footed_Albatross`` or ``AnnualCrop`` into ``Black footed Albatross`` /
+    ``Annual Crop``. ``class_groups`` names groups of classes whose accuracy is reported
+    apart (``base``: classes the student already knows, ``novel``: those it must learn in
+    context).
     """
 
     name: str
@@ -71,14 +76,18 @@ class DatasetSpec:
                 f"dataset {self.name!r}: source {self.source!r} must look like "
                 "'hf:<id>', 'parquet:<path>', 'imagefolder:<dir>' or 'fixture:shapes'"
             )
-        if self.task not in ("classification", "vqa"):
+        if self.task not in TASKS:
             raise ValueError(
-                f"dataset {self.name!r}: task must be 'classification' or 'vqa', got {self.task!r}"
+                f"dataset {self.name!r}: task must be one of {', '.join(TASKS)}, got {self.task!r}"
             )
         if self.task == "classification" and not self.label_column:
             raise ValueError(f"dataset {self.name!r}: a classification set needs label_column")
         if self.task == "vqa" and not self.answers_column:
             raise ValueError(f"dataset {self.name!r}: a VQA set needs answers_column")
+        if self.task == "captioning" and not self.answers_column:
+            raise ValueError(
+                f"dataset {self.name!r}: a captioning set needs answers_column (its captions)"
+            )
         if "{question}" not in self.prompt:
             raise ValueError(f"dataset {self.name!r}: prompt must contain '{{question}}'")
         if self.question_column is None and not self.question.strip():
@@ -134,6 +143,19 @@ DATASETS: dict[str, DatasetSpec] = {
             verified=True,
             note="Procedural offline fixture (icd.data.shapes): 24 classes (8 base, 16 novel), 2000 samples, "
             "4 deliberately corrupt images.",
+        ),
+        DatasetSpec(
+            name="shapes_captions",
+            source="fixture:shapes",
+            split="train",
+            task="captioning",
+            question_column="question",
+            answers_column="captions",
+            id_column="id",
+            verified=True,
+            note="The shapes fixture as a captioning set: the same images and ids, each with "
+            f"{shapes.N_CAPTIONS} procedural reference captions describing the scene (colour, "
+            "shape, size, position, background tint; icd.data.shapes.captions_of).",
         ),
         DatasetSpec(
             name="cub200",
@@ -246,6 +268,32 @@ DATASETS: dict[str, DatasetSpec] = {
             answers_column="answers",
             id_column="question_id",
             note="TextVQA val, questions about text in the image. " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="flickr30k",
+            source="hf:nlphuji/flickr30k",
+            split="test",
+            task="captioning",
+            answers_column="caption",
+            id_column="img_id",
+            question="What is shown in the image?",
+            note="Flickr30k, 5 captions per image. The hub's single 'test' split holds all "
+            "31,783 images; the Karpathy split is the row's 'split' column (the stream does "
+            "not filter on it: use data.limit, or a parquet of the 1,000 test rows via "
+            "data.source). " + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="coco_karpathy",
+            source="hf:yerevann/coco-karpathy",
+            split="test",
+            task="captioning",
+            image_column="url",
+            answers_column="sentences",
+            id_column="cocoid",
+            question="What is shown in the image?",
+            note="COCO captions, Karpathy test split (5,000 images, ~5 captions each). The "
+            "rows carry image URLs, not bytes: each image is fetched from its URL when read. "
+            + _UNVERIFIED,
         ),
     ]
 }

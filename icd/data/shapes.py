@@ -1,11 +1,14 @@
-"""Procedural coloured-shapes image classification: the offline benchmark stream.
+"""Procedural coloured shapes: the offline benchmark stream, for classification and captioning.
 
 ``build_shapes_dataset`` draws ``n`` small PNGs (6 shapes x 4 colours = 24 classes, with
 varied position, size, a slight rotation, background tint and light noise), writes them as one
 parquet file in the Hugging Face ``datasets`` layout (``image`` is the ``Image`` feature's
-``{bytes, path}`` struct, ``label`` a ``ClassLabel``) next to a dataset card and a
-``shapes.json`` listing class names and synonyms. Every ``corrupt_every``-th sample
-carries undecodable image bytes so that the pipeline's skip path is exercised.
+``{bytes, path}`` struct, ``label`` a ``ClassLabel``, ``captions`` a list of
+:data:`N_CAPTIONS` reference captions describing the drawn scene, :func:`captions_of`) next
+to a dataset card and a ``shapes.json`` listing class names and synonyms. Every
+``corrupt_every``-th sample carries undecodable image bytes so that the pipeline's skip path
+is exercised. The registry reads the same files as the classification set ``shapes`` and
+the captioning set ``shapes_captions``.
 
 Everything is a pure function of the arguments: the same seed gives the same bytes, and
 sample ``i`` does not depend on ``n`` (a 500-sample build is a prefix of a 2000 one, up to
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ CLASS_NAMES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 BASE_CLASSES: list[str] = [c for c in CLASS_NAMES if c.split(" ", 1)[1] in BASE_SHAPES]
 NOVEL_CLASSES: list[str] = [c for c in CLASS_NAMES if c not in BASE_CLASSES]
 QUESTION = "What is shown in the image?"
+N_CAPTIONS = 5  # reference captions per image (as in COCO and Flickr30k)
 
 _SHAPE_SYNONYMS: dict[str, list[str]] = {
     "circle": ["disk", "disc", "dot"],
@@ -56,7 +61,7 @@ SYNONYMS: dict[str, list[str]] = {
     for s, alts in _SHAPE_SYNONYMS.items()
 }
 
-_FORMAT_VERSION = 2  # bump when the drawing changes, so cached builds are redone
+_FORMAT_VERSION = 3  # bump when the drawing or the columns change, so cached builds are redone
 _DATA_FILE = "data/train-00000-of-00001.parquet"
 _META_FILE = "shapes.json"
 
@@ -114,7 +119,13 @@ def build_shapes_dataset(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows: dict[str, list[Any]] = {"id": [], "image": [], "question": [], "label": []}
+    rows: dict[str, list[Any]] = {
+        "id": [],
+        "image": [],
+        "question": [],
+        "label": [],
+        "captions": [],
+    }
     corrupt_ids: list[str] = []
     for i in range(n):
         sample_id = f"shapes{seed}-{i:06d}"
@@ -126,6 +137,7 @@ def build_shapes_dataset(
         rows["image"].append({"bytes": data, "path": f"{sample_id}.png"})
         rows["question"].append(QUESTION)
         rows["label"].append(label_of(i, seed))
+        rows["captions"].append(captions_of(i, seed, size))
 
     features = _features()
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -180,20 +192,63 @@ def label_of(i: int, seed: int = 0) -> int:
     return int(order[offset])
 
 
-def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
-    """PNG bytes of sample ``i`` of the stream with this seed (never corrupted)."""
-    rng = np.random.default_rng([seed, i])
-    label = label_of(i, seed)
-    colour_name, shape = CLASS_NAMES[label].split(" ", 1)
+@dataclass(frozen=True)
+class Scene:
+    """What sample ``i`` shows, in the units the captions use.
 
-    scale = 2  # draw at twice the size, then downsample: cheap anti-aliasing
-    s = size * scale
+    ``colour`` and ``shape`` name the class; ``radius`` is the shape's radius as a share of
+    the image side (0.26–0.38); ``x`` and ``y`` its centre as shares of the side (0 = left /
+    top); ``background`` the RGB of the tinted background.
+    """
+
+    colour: str
+    shape: str
+    radius: float
+    x: float
+    y: float
+    background: tuple[int, int, int]
+
+
+def _draw_params(rng: np.random.Generator, colour_name: str, s: int) -> dict[str, Any]:
+    """The random parameters of one drawing, in the order :func:`render_shape` has always
+    drawn them (so images stay byte-identical): background, fill, radius, centre, tilt."""
     background = tuple(int(v) for v in rng.integers(200, 250, size=3))
     fill = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[colour_name])
     radius = rng.uniform(0.26, 0.38) * s
     cx = rng.uniform(radius + 1, s - radius - 1)
     cy = rng.uniform(radius + 1, s - radius - 1)
     angle = rng.uniform(-0.3, 0.3)  # a slight tilt: shapes stay recognisable at 32 px
+    return {
+        "background": background,
+        "fill": fill,
+        "radius": radius,
+        "cx": cx,
+        "cy": cy,
+        "angle": angle,
+    }
+
+
+_SCALE = 2  # draw at twice the size, then downsample: cheap anti-aliasing
+
+
+def scene(i: int, seed: int = 0, size: int = 32) -> Scene:
+    """The scene of sample ``i`` (the same random draws :func:`render_shape` makes)."""
+    colour_name, shape = CLASS_NAMES[label_of(i, seed)].split(" ", 1)
+    s = size * _SCALE
+    p = _draw_params(np.random.default_rng([seed, i]), colour_name, s)
+    return Scene(colour_name, shape, p["radius"] / s, p["cx"] / s, p["cy"] / s, p["background"])
+
+
+def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
+    """PNG bytes of sample ``i`` of the stream with this seed (never corrupted)."""
+    rng = np.random.default_rng([seed, i])
+    label = label_of(i, seed)
+    colour_name, shape = CLASS_NAMES[label].split(" ", 1)
+
+    s = size * _SCALE
+    p = _draw_params(rng, colour_name, s)
+    background, fill, radius = p["background"], p["fill"], p["radius"]
+    cx, cy, angle = p["cx"], p["cy"], p["angle"]
 
     img = Image.new("RGB", (s, s), background)
     draw = ImageDraw.Draw(img)
@@ -205,7 +260,7 @@ def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
     else:
         points = [(cx + radius * x, cy + radius * y) for x, y in _rotate(_OUTLINES[shape], angle)]
         draw.polygon(points, fill=fill)
-    img = img.reduce(scale)
+    img = img.reduce(_SCALE)
 
     pixels = np.asarray(img, dtype=np.float32)
     pixels += 4.0 * rng.standard_normal(pixels.shape, dtype=np.float32)
@@ -213,6 +268,62 @@ def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+# Caption vocabulary: the words the reference captions use for a scene's attributes.
+_CAPTION_SHAPE_ALT = {
+    "circle": "disk",
+    "square": "box",
+    "triangle": "triangle shape",
+    "cross": "plus sign",
+    "ring": "donut",
+    "star": "five-pointed star",
+}
+_TINTS = ("pink", "green", "blue")  # a background leaning to red / green / blue
+
+
+def _size_word(radius: float) -> str:
+    return "small" if radius < 0.30 else "large" if radius > 0.34 else "medium-sized"
+
+
+def _position_phrase(x: float, y: float) -> str:
+    col = "left" if x < 0.45 else "right" if x > 0.55 else ""
+    row = "top" if y < 0.45 else "bottom" if y > 0.55 else ""
+    if row and col:
+        return f"in the {row} {col}"
+    if col:
+        return f"on the {col}"
+    if row:
+        return f"at the {row}"
+    return "in the centre"
+
+
+def _background_word(rgb: tuple[int, int, int]) -> str:
+    if max(rgb) - min(rgb) >= 25:
+        return f"pale {_TINTS[int(np.argmax(rgb))]}"
+    return "white" if sum(rgb) / 3 >= 235 else "light grey"
+
+
+def captions_of(i: int, seed: int = 0, size: int = 32) -> list[str]:
+    """The reference captions of sample ``i`` (:data:`N_CAPTIONS`, a pure function of
+    ``(i, seed, size)``), from short to long, each true of the drawn scene:
+
+    1. ``a red star`` — the class name;
+    2. ``a small red star`` — with its size (``small`` / ``medium-sized`` / ``large``);
+    3. ``a red star in the top left`` — with its position;
+    4. ``a small red star on a white background`` — size and background tint;
+    5. ``a picture of a red five-pointed star`` — the shape's other name.
+    """
+    sc = scene(i, seed, size)
+    thing = f"{sc.colour} {sc.shape}"
+    size_word = _size_word(sc.radius)
+    return [
+        f"a {thing}",
+        f"a {size_word} {thing}",
+        f"a {thing} {_position_phrase(sc.x, sc.y)}",
+        f"a {size_word} {thing} on a {_background_word(sc.background)} background",
+        f"a picture of a {sc.colour} {_CAPTION_SHAPE_ALT[sc.shape]}",
+    ]
 
 
 def _regular(k: int) -> list[tuple[float, float]]:
@@ -268,7 +379,7 @@ def _corrupt_bytes(png: bytes, k: int) -> bytes:
 
 
 def _features() -> Any:
-    from datasets import ClassLabel, Features, Value
+    from datasets import ClassLabel, Features, List, Value
     from datasets import Image as ImageFeature
 
     return Features(
@@ -277,6 +388,7 @@ def _features() -> Any:
             "image": ImageFeature(),
             "question": Value("string"),
             "label": ClassLabel(names=CLASS_NAMES),
+            "captions": List(Value("string")),
         }
     )
 
@@ -303,7 +415,8 @@ def _card(
 Procedural image classification: {len(CLASS_NAMES)} classes ({len(SHAPES)} shapes x
 {len(COLOURS)} colours), {n} samples of {size}x{size} pixels, seed {seed}. Each sample is
 a PNG with a shape of varied position, size and rotation on a tinted, lightly noisy
-background, the question "{QUESTION}" and the class name as label.
+background, the question "{QUESTION}", the class name as label and {N_CAPTIONS} reference
+captions describing the scene (colour, shape, size, position, background tint).
 
 Every {corrupt_every}-th sample ({n_corrupt} in total; none when 0) has deliberately
 undecodable image bytes, to exercise the skip path of the pipeline. Class names and

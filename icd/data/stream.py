@@ -113,8 +113,10 @@ class Stream:
 
     ``length`` is the number of samples the stream yields (``limit`` applied), or None when
     the source does not say. ``optional`` names column roles of ``spec`` (``id_column``,
-    ``question_column``) that are dropped, instead of failing, when the source lacks them. ``class_names`` and ``synonyms`` are the closed label set and
-    its accepted alternatives (None / empty for VQA). ``chunks`` yields consecutive
+    ``question_column``) that are dropped, instead of failing, when the source lacks them.
+    ``class_names`` and ``synonyms`` are the closed label set and its accepted alternatives
+    (None / empty for VQA and captioning, whose samples' ``answers`` are the human answers /
+    the reference captions). ``chunks`` yields consecutive
     :class:`Chunk` objects; stream position ``p`` always lands in chunk ``p // chunk_size``.
     """
 
@@ -352,7 +354,7 @@ class Stream:
             "image_column": spec.image_column,
             "question_column": spec.question_column,
             "label_column": spec.label_column if spec.task == "classification" else None,
-            "answers_column": spec.answers_column if spec.task == "vqa" else None,
+            "answers_column": spec.answers_column if spec.task != "classification" else None,
             "id_column": spec.id_column,
         }
         for role, column in wanted.items():
@@ -442,7 +444,7 @@ class Stream:
 
     def _answers(self, row: dict[str, Any]) -> list[str]:
         spec = self.spec
-        if spec.task == "vqa":
+        if spec.task != "classification":  # VQA answers, reference captions
             return _vqa_answers(row.get(spec.answers_column))
         value = row.get(spec.label_column)
         if value is None or isinstance(value, bool):

@@ -15,7 +15,7 @@ class Sample:
     """One stream sample. ``image`` is decoded RGB, or None when ``skip_reason`` is set.
 
     ``answers`` holds the ground truth: the class name for classification (one entry),
-    the human answers for VQA (usually ten).
+    the human answers for VQA (usually ten), the reference captions for captioning.
     """
 
     sample_id: str

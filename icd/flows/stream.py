@@ -426,6 +426,7 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
         },
         ctx.score,
         groups=ctx.class_groups,
+        task=ctx.task_type,  # captioning runs add corpus BLEU / CIDEr
     )
     calls = [st["service"] for st in RunState(ctx.run_dir).all() if st.get("service")]
     if calls:  # remote teacher: retries, failures and latency percentiles of the run

@@ -10,6 +10,9 @@ Task templates (short, so tiny models and long demo lists stay cheap):
 - ``classification``: the question, then "Answer with the class name only." With
   ``class_names`` the query turn (only) also lists the options.
 - ``vqa``: the question, then "Answer with a single word or phrase."
+- ``captioning``: the question (the dataset's, e.g. "What is shown in the image?"), then
+  "Describe the image in one short sentence." A demonstration's answer is a caption (the
+  teacher's consensus caption, :func:`icd.method.voting.aggregate_captions`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ from PIL import Image
 
 from icd.method.types import Prompt
 
-TASKS = ("classification", "vqa")
+TASKS = ("classification", "vqa", "captioning")
 _INSTRUCTION = {
     "classification": "Answer with the class name only.",
     "vqa": "Answer with a single word or phrase.",
+    "captioning": "Describe the image in one short sentence.",
 }
 _DEFAULT_QUESTION = {
     "classification": "What is shown in the image?",
     "vqa": "What is shown in the image?",
+    "captioning": "What is shown in the image?",
 }
 
 

@@ -104,15 +104,17 @@ def vote_annotations(
     cfg: VotingConfig,
     class_names: Sequence[str] | None = None,
     synonyms: Mapping[str, Sequence[str]] | None = None,
+    task: str = "classification",
 ) -> list[VoteResult]:
-    """One vote per teacher annotation; a failed annotation gives a label-less result with
+    """One vote per teacher annotation (:func:`icd.method.voting.aggregate` for ``task``: a
+    consensus caption for captioning); a failed annotation gives a label-less result with
     ``error`` set (the sample falls back to the student)."""
     out = []
     for a in annotations:
         if a.error is not None:
             out.append(VoteResult(None, [], 0.0, False, error=a.error))
         else:
-            out.append(aggregate(a.generations, cfg, class_names, synonyms))
+            out.append(aggregate(a.generations, cfg, class_names, synonyms, task=task))
     return out
 
 

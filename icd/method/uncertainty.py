@@ -14,6 +14,21 @@ Measures:
 - ``margin``: ``1 - (p1 - p2)`` from the first step's two largest probabilities; 0 when the
   top token has all the mass, 1 when the two best tokens tie.
 
+**Length.** On captions the measures' relation to answer length matters (the paper's
+reviewers flag it). The measures here are all per token or first-token: ``entropy_mean``
+and ``nll_mean`` average over the answer's tokens, so a longer caption is not more
+uncertain for being longer; ``entropy_first`` and ``margin`` read only the first step
+(for a caption that is often an article, so they say little). A *summed* measure — the
+sequence NLL, ``-Generation.seq_logprob``, or summed entropy — grows with every token: on
+captions it ranks long answers as uncertain whatever the model's confidence per word, and a
+threshold tuned on one-word labels would query nearly every caption. The
+other side of the same effect: best-of-N by summed log-prob prefers the shortest caption,
+which is why caption voting ranks by the mean token log-prob
+(:func:`icd.method.voting.aggregate_captions`). Mean-type measures are not length-free
+either — the first tokens of an answer are usually the uncertain ones, so averaging over
+more (predictable) words lowers them somewhat — so compare thresholds within a task, not
+across tasks. ``tests/method/test_caption_length.py`` shows both on the fixture's captions.
+
 An empty answer (no text: the model ended at once, or wrote only whitespace) is maximally
 uncertain under every measure: :data:`EMPTY_UNCERTAINTY` (``MAX_STAT``, the bound of any
 answer's value; 1.0 for ``margin``), so the query policy sends it to the teacher rather

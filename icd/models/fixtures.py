@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from icd.data import shapes
-from icd.method.prompts import TASKS, format_question
+from icd.method.prompts import format_question
 
 FIXTURE_VERSION = 2
 STUDENT = "tiny-idefics3"
@@ -116,7 +116,9 @@ def _corpus(seed: int) -> list[str]:
             f'Q{rng.randint(0, 999)}: is it a {c}? yes; no! ({rng.randint(0, 9)}) - "{c}"',
             f"User: What is shown here?\nAssistant: {c}\nuser\nassistant\nsystem",
         ]
-    for task in TASKS:  # the prompts' own instructions, so they tokenise into few pieces
+    # The prompts' own instructions, so they tokenise into few pieces (the tasks these
+    # untrained fixtures were built for; pinned so adding a task does not change them).
+    for task in ("classification", "vqa"):
         lines += [format_question("", task)] * 50
     lines.append(" ".join(_WORDS + COLOURS + SHAPES))
     lines.append("0 1 2 3 4 5 6 7 8 9 . , ; : ! ? ' \" ( ) [ ] - _ / + = * & % $ # @")

@@ -226,7 +226,7 @@ def annotate_with_teacher(
     args = (samples, prompts, voting.n, voting.temperature, voting.include_greedy, ctx.cfg.seed)
     anns = model.annotate(*args)
     service = getattr(anns, "service", {})  # a remote teacher's retries and latency
-    votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms)
+    votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms, task=ctx.task_type)
     requests = sum(a.requests for a in anns)
     returned = sum(len(a.generations) for a in anns)
     record = {

@@ -159,6 +159,7 @@ def summarize(
     score_fn: Callable[[str, list[str]], float] | None = None,
     *,
     groups: Mapping[str, Sequence[str]] | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """The run summary of a predictions table.
 
@@ -182,6 +183,13 @@ def summarize(
     ``zs_accuracy_g``, ``forward_accuracy_g`` and its two gains. The student's costs
     (``*_prompt_tokens_*``, ``demos_per_icl_prompt``, ``seconds_per_*_prompt``) are those of
     :func:`_costs`.
+
+    A captioning run (``task="captioning"``) also gets corpus-level ``bleu`` (BLEU-4,
+    sacrebleu, 0–100), ``bleu1`` (BLEU-1) and ``cider`` (CIDEr-D, pycocoevalcap's scale) of
+    the final captions against the references, over the non-skipped samples (a sample
+    without a final caption counts as an empty one), and ``zs_bleu`` / ``zs_bleu1`` /
+    ``zs_cider`` of the student's zero-shot captions where it gave them
+    (:func:`_caption_metrics`); ``accuracy`` is then the mean sentence BLEU / 100.
     """
     extra = dict(extra or {})
 
@@ -227,6 +235,8 @@ def summarize(
     if groups and score_fn is not None:
         for name, classes in groups.items():
             summary.update(_group_split(valid, set(classes), name, score_fn))
+    if task == "captioning":
+        summary.update(_caption_metrics(valid))
     for key, value in summary.items():
         if isinstance(value, float) and math.isnan(value):
             summary[key] = None
@@ -321,4 +331,20 @@ def _group_split(
         f"forward_accuracy_{name}": sum(fwd) / len(fwd) if fwd else None,
     }
     out.update(_gains(out, suffix=f"_{name}"))
+    return out
+
+
+def _caption_metrics(valid: pl.DataFrame) -> dict[str, float | None]:
+    """Corpus BLEU and CIDEr of a captioning run's final captions (and of the student's
+    zero-shot ones, over the samples it answered); None where there is nothing to score."""
+    from icd.method.metrics import corpus_bleu, corpus_cider
+
+    out: dict[str, float | None] = {}
+    zs = valid.filter(pl.col("zs_answer").is_not_null())
+    for prefix, rows, column in (("", valid, "final_answer"), ("zs_", zs, "zs_answer")):
+        preds, refs = rows[column].to_list(), rows["answers"].to_list()
+        some = rows.height > 0
+        out[f"{prefix}bleu"] = corpus_bleu(preds, refs) if some else None
+        out[f"{prefix}bleu1"] = corpus_bleu(preds, refs, max_order=1) if some else None
+        out[f"{prefix}cider"] = corpus_cider(preds, refs) if some else None
     return out

@@ -24,8 +24,10 @@ def test_every_spec_is_valid(name):
     assert spec.split
     if spec.task == "classification":
         assert spec.label_column
+    elif spec.task == "vqa":
+        assert spec.answers_column and spec.question_column
     else:
-        assert spec.task == "vqa" and spec.answers_column and spec.question_column
+        assert spec.task == "captioning" and spec.answers_column
     assert "What" in spec.prompt.format(question="What is it?")
     assert spec.question_column or spec.question.strip()
     json.dumps(spec.to_dict())  # loggable as run parameters
@@ -42,6 +44,9 @@ def test_registry_covers_the_benchmark_families():
         assert DATASETS[name].task == "classification" and DATASETS[name].kind == "hf"
     vqa = [s for s in DATASETS.values() if s.task == "vqa"]
     assert {"vqav2", "okvqa"} <= {s.name for s in vqa}
+    captioning = {s.name for s in DATASETS.values() if s.task == "captioning"}
+    assert {"shapes_captions", "flickr30k", "coco_karpathy"} <= captioning
+    assert DATASETS["shapes_captions"].verified
 
 
 def test_unknown_name_lists_known_names_in_one_line():
@@ -61,7 +66,8 @@ def test_unknown_name_lists_known_names_in_one_line():
         ({"source": "hf:"}, "source"),
         ({"label_column": None}, "label_column"),
         ({"task": "vqa"}, "answers_column"),
-        ({"task": "captioning"}, "task"),
+        ({"task": "captioning"}, "answers_column"),
+        ({"task": "retrieval"}, "task"),
         ({"prompt": "Answer briefly."}, "question"),
         ({"question": "  "}, "question"),
     ],

@@ -33,7 +33,7 @@ def test_reads_back_through_datasets(built, tmp_path):
         "parquet", data_files=shapes.data_files(folder), split="train", cache_dir=str(tmp_path)
     )
     assert ds.num_rows == 120
-    assert ds.column_names == ["id", "image", "question", "label"]
+    assert ds.column_names == ["id", "image", "question", "label", "captions"]
     assert isinstance(ds.features["image"], ImageFeature)
     label = ds.features["label"]
     assert isinstance(label, ClassLabel) and label.num_classes >= 20

@@ -49,7 +49,7 @@ def test_classification_match_with_synonyms():
     assert score("tabby", ["tabby cat"], "classification") == 0.0  # without synonyms
     assert score(None, ["tabby cat"], "classification") == 0.0
     with pytest.raises(ValueError):
-        score("x", ["x"], "captioning")
+        score("x", ["x"], "retrieval")
 
 
 def test_student_answers_map_onto_classes_like_teacher_votes():

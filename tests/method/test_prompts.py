@@ -49,4 +49,4 @@ def test_class_names_listed_in_the_query_turn_only():
 def test_empty_question_and_unknown_task():
     assert format_question("  ", "classification").startswith("What is shown in the image?")
     with pytest.raises(ValueError, match="unknown task"):
-        build_prompt("q", img("red"), [], task="captioning")
+        build_prompt("q", img("red"), [], task="retrieval")

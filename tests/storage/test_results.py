@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import polars as pl
 import pytest
 
+from icd.method.metrics import corpus_bleu, corpus_cider
 from icd.storage.results import (
     PREDICTION_SCHEMA,
     chunk_path,
@@ -244,3 +246,28 @@ def test_summary_of_an_empty_run() -> None:
     summary = summarize(pl.DataFrame(schema=PREDICTION_SCHEMA), {"run_id": "r", "mode": "icd"})
     assert summary["samples"] == 0 and summary["accuracy"] is None
     assert summary["run_id"] == "r" and summary["annotation_rate"] == 0.0
+
+
+def test_captioning_summary_adds_corpus_bleu_and_cider() -> None:
+    refs = [["a b"], ["c d"], ["e f"]]
+    recs = [
+        record(0, answers=refs[0], final_answer="a b", zs_answer="a c", score=1.0),
+        record(1, answers=refs[1], final_answer="c d", zs_answer="c d", score=1.0),
+        record(2, answers=refs[2], final_answer=None, final_source=None, zs_answer=None),
+        record(3, answers=["x y"], skip_reason="bad image", final_answer=None, score=None),
+    ]
+    df = predictions_frame(recs)
+    s = summarize(df, task="captioning")
+    # CIDEr-D by hand (see tests/method/test_captioning.py): three images whose n-grams
+    # occur in one reference each; "a b" and "c d" match exactly: 10 * mean(1, 1, 0, 0) = 5
+    # each, the missing caption 0; the skipped sample is left out.
+    assert s["cider"] == pytest.approx((5.0 + 5.0 + 0.0) / 3)
+    # BLEU-1: 4 of 4 words right, 4 hypothesis words vs 6 reference words: exp(1 - 6/4).
+    assert s["bleu1"] == pytest.approx(100 * math.exp(1 - 6 / 4))
+    assert s["bleu"] == 0.0  # no 3- or 4-grams: BLEU-4 is 0
+    # The student's zero-shot captions, over the two samples it answered.
+    assert s["zs_cider"] == pytest.approx(corpus_cider(["a c", "c d"], refs[:2]))
+    assert s["zs_bleu1"] == pytest.approx(corpus_bleu(["a c", "c d"], refs[:2], max_order=1))
+    # Other tasks get none of these.
+    assert not {"bleu", "cider", "bleu1", "zs_bleu"} & set(summarize(df))
+    assert not {"bleu", "cider"} & set(summarize(df, task="classification"))
