@@ -513,6 +513,11 @@ def test_stream_flow_end_to_end_with_the_openai_teacher(srv, tmp_path):
     # The service's accounting reaches the summary (and MLflow's summary metrics).
     assert summary["teacher_retries"] == srv.counts["requests"] - srv.counts["ok"]
     assert summary["teacher_latency_p95_ms"] >= summary["teacher_latency_p50_ms"] > 0
+    # Token usage as the server reports it: every served answer's tokens, each request's prompt.
+    assert summary["teacher_completion_tokens"] > summary["teacher_calls"] > 0
+    assert (
+        summary["teacher_prompt_tokens"] > summary["teacher_requests"] - summary["teacher_retries"]
+    )
     df = pl.read_parquet(tmp_path / "runs" / "openai-e2e" / "predictions.parquet")
     queried = df.filter(pl.col("queried"))
     assert queried.height == summary["queried"]

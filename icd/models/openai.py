@@ -238,7 +238,10 @@ class RateLimiter:
             return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
-COUNT_KEYS = ("requests", "ok", "failures", "retries", "samples", "annotations", "errors")
+COUNT_KEYS = (
+    "requests", "ok", "failures", "retries", "samples", "annotations", "errors",
+    "prompt_tokens", "completion_tokens",
+)  # fmt: skip
 
 
 @dataclass
@@ -250,6 +253,8 @@ class _Counts:
     samples: int = 0  # choices returned
     annotations: int = 0  # samples annotated (successfully or not)
     errors: int = 0  # samples finally marked teacher_error
+    prompt_tokens: int = 0  # as the server's `usage` reports them (0 where it does not)
+    completion_tokens: int = 0
     latencies_ms: list[float] = field(default_factory=list)  # successful attempts
 
     def raw(self) -> dict[str, Any]:
@@ -688,7 +693,15 @@ class OpenAITeacher:
                 raise _Failed("malformed response") from None
             ok = True
             latency = (time.perf_counter() - t0) * 1000.0
-            self._count(call, latency_ms=latency, ok=1, samples=len(gens))
+            usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+            self._count(
+                call,
+                latency_ms=latency,
+                ok=1,
+                samples=len(gens),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
             return gens
         finally:
             if not ok:

@@ -367,6 +367,7 @@ class OpenAIServer:
             for i, g in enumerate(gens)
         ]
         completion_tokens = sum(len(g.token_logprobs) for g in gens)
+        prompt_tokens = max((g.prompt_tokens for g in gens), default=0)  # one prompt, n answers
         return {
             "id": f"chatcmpl-{self.counts['requests']}",
             "object": "chat.completion",
@@ -374,9 +375,9 @@ class OpenAIServer:
             "model": self.model_name,
             "choices": choices,
             "usage": {
-                "prompt_tokens": 0,
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
-                "total_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
             },
         }
 
