@@ -78,3 +78,14 @@ def test_the_shipped_models_meet_their_targets():
     for key, floor in KNOWN_MISSES.items():
         assert missed[key] >= floor, (key, missed[key])
     assert found["student.icl_novel_k1_one_match"] >= 0.9
+
+
+def test_the_token_contrast_loss_rewards_same_class_tokens_together():
+    import torch
+
+    from icd.miniworld.train import _supcon
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    together = torch.eye(3)[labels] + 0.01 * torch.randn(6, 3)
+    apart = torch.eye(6)  # every token its own direction
+    assert _supcon(together, labels) < _supcon(apart, labels)
