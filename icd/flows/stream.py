@@ -354,6 +354,7 @@ def adapt(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeStat
         ctx=ctx,
         chunk=work.chunk,
         start=state.adapter,
+        view=view,
         pool_key=pool_key(view, lineage=lineage),
     )
     out = run.result()

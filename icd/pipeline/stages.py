@@ -402,10 +402,11 @@ def _adapt_inputs(p: dict[str, Any]) -> Any:
     **MODEL_RETRIES,
 )
 def adapt_student(
-    *, ctx: RunContext, chunk: Chunk, start: str | None, pool_key: str
+    *, ctx: RunContext, chunk: Chunk, start: str | None, view: PoolView, pool_key: str
 ) -> dict[str, Any]:
-    """LoRA steps on the run's pool after this chunk's commit (all its rows, or the latest
-    ``method.finetune.window``), starting from the adapter at ``start``; the adapter is saved
+    """LoRA steps on ``view``, the run's pool after this chunk's commit (all its rows, or the
+    latest ``method.finetune.window``; ``pool_key`` stands for it in the cache key), starting
+    from the adapter at ``start``; the adapter is saved
     under the run's ``adapters/chunk-NNNNN``. Each training round is appended to the run's
     adaptation ledger (``adapt_calls.jsonl``), so a resumed run can show it trained no chunk
     twice. Returns the adapter's path and the round's cost (:func:`train_adapter`)."""
@@ -413,7 +414,6 @@ def adapt_student(
 
     fcfg = ctx.cfg.method.finetune
     pool = open_pool(ctx.pool_uri)
-    view = pool.view(ctx.run_id, before_chunk=chunk.index + 1)
     ids = [str(i) for i in view.ids]
     if fcfg.replay == "window":
         ids = ids[-fcfg.window :]
@@ -531,7 +531,7 @@ def _icl_columns(work: ChunkWork, *, uncertainty: str) -> dict[str, list[Any]]:
         tokens: list[int | None] = [None] * len(answers)
     elif icl["generations"]:
         answers, u = steps.student_outputs(icl["generations"], uncertainty)
-        unc = [None if np.isnan(x) else float(x) for x in u]
+        unc = [_number(x) for x in u]
         tokens = [g.prompt_tokens or None for g in icl["generations"]]
         for j, g in enumerate(icl["generations"]):
             cols["icl_error"][work.icl_rows[j]] = g.error
