@@ -459,9 +459,10 @@ def bench_student(
     prompts: Annotated[int, typer.Option(help="ICL prompts (3 demos each) per backend.")] = 96,
     batch_size: Annotated[int, typer.Option(help="hf backend batch size.")] = 16,
 ) -> None:
-    """Student ICL prompts/s through the hf backend vs the openai backend (a local server on
-    loopback), the processor's share of hf time, and how well the top-k log-prob entropy
-    estimate ranks samples against the exact entropy."""
+    """Student ICL prompts/s through the hf backend without and with its processed-image
+    cache, and through the openai backend (a local server on loopback); the processor's time
+    per prompt and share of hf time (the student's processor splits images into crops); how
+    well the top-k log-prob entropy estimate ranks samples against the exact entropy."""
     from icd.bench.student import print_student_bench, run_student_bench
 
     print_student_bench(run_student_bench(prompts=prompts, batch_size=batch_size))

@@ -71,6 +71,12 @@ class ModelConfig(_Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         "sdpa", description="Attention kernel (flash_attention_2 needs flash-attn)"
     )
+    image_cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="hf VLMs: MB of processed images kept (each pool image is processed "
+        "once, not once per prompt it is a demo in; least recently used go first; 0: off)",
+    )
     # oracle teacher
     noise: float = Field(0.0, ge=0.0, le=1.0, description="Oracle: rate of wrong labels")
     # openai teacher

@@ -1,16 +1,22 @@
-"""``icd bench student``: the student's ICL prompts through the ``hf`` backend and through
-the ``openai`` backend (the local OpenAI-compatible server, :mod:`icd.models.serve`, serving
-the same mini-world student on loopback), on the same prompts in the same run.
+"""``icd bench student``: the student's ICL prompts through the ``hf`` backend without and
+with its processed-image cache (:mod:`icd.models.image_cache`), and through the ``openai``
+backend (the local OpenAI-compatible server, :mod:`icd.models.serve`, serving the same
+mini-world student on loopback), on the same prompts in the same run.
 
-Reported per backend: ICL prompts/s, and for ``hf`` the share of the time spent in the
-processor (chat template, image preprocessing, tokenisation) — what a demo-image cache
-could save. For ``openai`` the rank correlation (Spearman) between the exact
+The student's processor splits each image into crops (``do_image_splitting``, 4x4 crops plus
+the whole image, as SmolVLM does at its default size), so preprocessing is real work, as it
+is for SmolVLM's real checkpoints. Each demo image comes back in several prompts.
+
+Reported per backend: ICL prompts/s and the ratio to ``hf`` without the cache; for ``hf``
+the share of the time spent in the processor (chat template, image preprocessing,
+tokenisation), per prompt and as a share of its time, and the image cache's hit rate; the share of answers equal to those of
+``hf`` without the cache. For ``openai`` the rank correlation (Spearman) between the exact
 ``entropy_mean`` of the in-process model and the estimate from the top-``k`` log-probs the
 API returns, on the same answers, for k = 5 and 20.
 
 On this CPU the server runs the same model in one process, so the ``openai`` row shows
 the HTTP/JSON/base64 overhead, not vLLM's batching: on a GPU, serve the student with vLLM
-(README) and time it with ``--url``.
+(README) and compare there.
 """
 
 from __future__ import annotations
@@ -34,19 +40,23 @@ from icd.method.uncertainty import uncertainty
 MODEL_NAME = "bench-student"
 
 
-def icl_prompts(count: int, k: int = 3, seed: int = 0) -> list[Prompt]:
-    """``count`` mini-world ICL prompts of ``k`` demos each (held-out images)."""
+def icl_prompts(count: int, k: int = 3, seed: int = 0, images_seed: int = 11) -> list[Prompt]:
+    """``count`` mini-world ICL prompts of ``k`` demos each, drawn from 64 demo images (so
+    demos repeat across prompts); the queries are other images."""
     rng = random.Random(seed)
 
     def image(i: int, s: int) -> Image.Image:
         return Image.open(io.BytesIO(shapes.render_shape(i, s))).convert("RGB")
 
-    demos = [(image(i, 11), shapes.CLASS_NAMES[shapes.label_of(i, 11)]) for i in range(64)]
+    demos = [
+        (image(i, images_seed), shapes.CLASS_NAMES[shapes.label_of(i, images_seed)])
+        for i in range(64)
+    ]
     out = []
     for i in range(count):
         chosen = rng.sample(demos, k)
         turns = [(im, shapes.QUESTION, label) for im, label in chosen]
-        out.append(build_prompt(shapes.QUESTION, image(i, 12), turns))
+        out.append(build_prompt(shapes.QUESTION, image(i, images_seed + 1), turns))
     return out
 
 
@@ -68,7 +78,13 @@ def _timed_processor(vlm: Any) -> list[float]:
     return spent
 
 
-def run_student_bench(*, prompts: int = 96, batch_size: int = 16) -> list[dict[str, Any]]:
+# 4x4 crops of 32 px plus the whole image: 17 crops per image (SmolVLM: 4x4 of 512 px)
+SPLITTING = {"do_image_splitting": True, "size": {"longest_edge": 128}}
+
+
+def run_student_bench(
+    *, prompts: int = 96, batch_size: int = 16, cache_mb: float = 1024
+) -> list[dict[str, Any]]:
     """One row per backend (see the module docstring)."""
     import torch
 
@@ -79,22 +95,39 @@ def run_student_bench(*, prompts: int = 96, batch_size: int = 16) -> list[dict[s
 
     torch.set_num_threads(1)
     batch = icl_prompts(prompts)
-    vlm = HFVLM(
-        str(resolve_model_path(f"fixtures/{STUDENT}")), batch_size=batch_size, max_new_tokens=6
-    )
-    vlm.generate(batch[:batch_size])  # warm-up
-    spent = _timed_processor(vlm)
-    t0 = time.perf_counter()
-    local = vlm.generate(batch)
-    hf_s = time.perf_counter() - t0
-    rows = [
-        {
-            "backend": "hf",
-            "prompts_per_s": len(batch) / hf_s,
-            "processor_share": sum(spent) / hf_s,
-            "ratio": 1.0,
-        }
-    ]
+    warm_up = icl_prompts(batch_size, seed=1, images_seed=99)  # other images: a cold cache
+    path = str(resolve_model_path(f"fixtures/{STUDENT}"))
+    rows: list[dict[str, Any]] = []
+    local: list[Any] = []
+    vlm = None
+    for label, mb in (("hf", 0), ("hf + image cache", cache_mb)):
+        vlm = HFVLM(
+            path, batch_size=batch_size, max_new_tokens=6, processor_kwargs=SPLITTING,
+            image_cache_mb=mb,
+        )  # fmt: skip
+        vlm.generate(warm_up)
+        spent = _timed_processor(vlm)
+        if vlm.image_cache is not None:
+            vlm.image_cache.hits = vlm.image_cache.misses = 0
+        t0 = time.perf_counter()
+        gens = vlm.generate(batch)
+        seconds = time.perf_counter() - t0
+        local = local or gens
+        cache = vlm.image_cache.stats() if vlm.image_cache is not None else None
+        rows.append(
+            {
+                "backend": label,
+                "prompts_per_s": len(batch) / seconds,
+                "processor_share": sum(spent) / seconds,
+                "processor_ms": 1000 * sum(spent) / len(batch),
+                "cache_hit_rate": None
+                if cache is None
+                else cache["hits"] / max(1, cache["hits"] + cache["misses"]),
+                "same_answers": float(
+                    np.mean([a.text == b.text for a, b in zip(local, gens, strict=True)])
+                ),
+            }
+        )
     exact = uncertainty(local, "entropy_mean")
     with OpenAIServer(vlm, model_name=MODEL_NAME, max_tokens=6) as srv:
         for top in (5, 20):
@@ -113,28 +146,39 @@ def run_student_bench(*, prompts: int = 96, batch_size: int = 16) -> list[dict[s
                     "backend": f"openai (top-{top} logprobs)",
                     "prompts_per_s": len(batch) / seconds,
                     "processor_share": None,
-                    "ratio": (len(batch) / seconds) / rows[0]["prompts_per_s"],
+                    "processor_ms": None,
+                    "cache_hit_rate": None,
                     "same_answers": float(np.mean(same)),
                     "entropy_spearman": float(spearmanr(exact, estimate).statistic),
                     "entropy_lower_bound": bool(np.all(estimate <= exact + 1e-4)),
                 }
             )
+    for r in rows:
+        r["ratio"] = r["prompts_per_s"] / rows[0]["prompts_per_s"]
     return rows
 
 
 def print_student_bench(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     """The bench rows as a rich table."""
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.0f} %"
+
     table = Table(
-        "backend", "ICL prompts/s", "× hf", "processor share", "same answers",
-        "entropy ρ (exact vs top-k)", title="icd bench student (same prompts, same run)",
+        "backend", "ICL prompts/s", "× hf", "processor ms/prompt", "processor share",
+        "image cache hits",
+        "same answers", "entropy ρ (exact vs top-k)",
+        title="icd bench student (same prompts, same run)",
     )  # fmt: skip
     for r in rows:
         table.add_row(
             r["backend"],
             f"{r['prompts_per_s']:.1f}",
             f"{r['ratio']:.2f}",
-            "–" if r["processor_share"] is None else f"{100 * r['processor_share']:.0f} %",
-            "–" if "same_answers" not in r else f"{100 * r['same_answers']:.0f} %",
+            "–" if r["processor_ms"] is None else f"{r['processor_ms']:.1f}",
+            pct(r["processor_share"]),
+            pct(r["cache_hit_rate"]),
+            pct(r["same_answers"]),
             "–" if "entropy_spearman" not in r else f"{r['entropy_spearman']:.3f}",
         )
     (console or Console()).print(table)

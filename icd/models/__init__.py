@@ -83,7 +83,8 @@ def _cached(key: tuple[Any, ...], make: Any) -> Any:
 
 def _key(cfg: ModelConfig, *extra: Any) -> tuple[Any, ...]:
     load = json.dumps(
-        [cfg.processor_kwargs, cfg.device_map, cfg.attn_implementation], sort_keys=True
+        [cfg.processor_kwargs, cfg.device_map, cfg.attn_implementation, cfg.image_cache_mb],
+        sort_keys=True,
     )
     return (cfg.backend, cfg.model_id, cfg.revision, cfg.dtype, cfg.device, load, *extra)
 
@@ -188,6 +189,7 @@ def _load_vlm(cfg: ModelConfig) -> Any:
             processor_kwargs=cfg.processor_kwargs,
             device_map=cfg.device_map,
             attn_implementation=cfg.attn_implementation,
+            image_cache_mb=cfg.image_cache_mb,
         ),
     )
     # batch size and answer length are call settings, not part of the model's identity:

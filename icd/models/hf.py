@@ -12,7 +12,9 @@ Model ids starting with ``fixtures/`` load the locally built tiny models (see
 Real checkpoints: ``processor_kwargs`` go to the processor at load and at every call (e.g.
 SmolVLM's ``do_image_splitting``, Qwen2.5-VL's ``min_pixels`` / ``max_pixels``);
 ``device_map`` places the weights with accelerate (``auto`` shards a large model over the
-GPUs); ``attn_implementation`` picks the attention kernel. A CUDA out-of-memory error halves
+GPUs); ``attn_implementation`` picks the attention kernel; ``image_cache_mb`` bounds the
+processed-image cache (:mod:`icd.models.image_cache`: each demo image is processed once,
+not once per prompt; 0 turns it off). A CUDA out-of-memory error halves
 the batch and retries, down to one sample, then fails with one line
 (:class:`~icd.models.ModelOOMError`). A missing optional dependency (torchvision,
 sentencepiece, accelerate, flash-attn) is a one-line :class:`~icd.models.ModelLoadError`
@@ -271,8 +273,11 @@ class HFVLM:
         processor_kwargs: dict[str, Any] | None = None,
         device_map: str | None = None,
         attn_implementation: str | None = "sdpa",
+        image_cache_mb: float = 0,
     ) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from icd.models import image_cache
 
         self.model_id = model_id
         self.revision = revision
@@ -286,6 +291,8 @@ class HFVLM:
         if device_map is None:
             self.device = torch.device(resolve_device(device, model_id))
         self.processor = from_pretrained(AutoProcessor, model_id, revision, **self.processor_kwargs)
+        # processed images, shared by this model's views (None: off, or an unknown layout)
+        self.image_cache = image_cache.install(self.processor, max_mb=image_cache_mb)
         load: dict[str, Any] = {"dtype": self.dtype}
         if attn_implementation is not None:
             load["attn_implementation"] = attn_implementation

@@ -1,0 +1,245 @@
+"""The Hugging Face backend's processed-image cache.
+
+Each pool image is shown again as a demonstration in dozens of prompts, and each query image
+is processed twice (its zero-shot prompt, then its ICL prompt); the image processor would
+resize, split, rescale and normalise it every time (SmolVLM with image splitting: about a
+second of CPU per image). :class:`CachedImageProcessor` stands in for a processor's
+``image_processor``: each distinct image (by a digest of its pixels) under each set of
+call options is processed once, alone, and a batch is assembled from the cached pieces
+the way the image processor's own batch call lays it out. The processor's text side (chat
+template, image-token expansion, tokenisation) is unchanged: it reads the same outputs.
+
+Two layouts are known, by image processor class (:data:`LAYOUTS`):
+
+- ``concat``: every output is per image along the first axis, concatenated in image order
+  (CLIP / SigLIP, as in LLaVA; Qwen2-VL / Qwen2.5-VL: ``pixel_values`` rows and
+  ``image_grid_thw``).
+- ``padded_crops`` (Idefics3, SmolVLM): per prompt, its images' crops in order, padded with
+  zeros to the batch's largest crop count and crop size, ``pixel_attention_mask`` alike;
+  ``rows`` / ``cols`` per image.
+
+The assembly is checked once per option set against the image processor's own output for
+the first batch: any difference turns the cache off (a warning says so), so a checkpoint
+whose image processor behaves otherwise keeps its exact outputs. Memory is bounded: the
+least recently used entries go once the cached arrays pass ``max_bytes``. An image
+processor of another class is left as it is (:func:`install` returns None).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+LAYOUTS: dict[str, str] = {
+    "Idefics3ImageProcessor": "padded_crops",
+    "SmolVLMImageProcessor": "padded_crops",
+    "CLIPImageProcessor": "concat",
+    "SiglipImageProcessor": "concat",
+    "Qwen2VLImageProcessor": "concat",
+}
+_SUFFIXES = ("Pil", "Fast")
+
+
+def layout_of(image_processor: Any) -> str | None:
+    """The batch layout of ``image_processor``'s class (None: not one this cache knows)."""
+    name = type(image_processor).__name__
+    for suffix in _SUFFIXES:
+        name = name.removesuffix(suffix)
+    return LAYOUTS.get(name)
+
+
+def image_digest(image: Any) -> bytes:
+    """A digest of an image's pixels, mode and size (a PIL image, or an array)."""
+    if isinstance(image, Image.Image):
+        data, meta = image.tobytes(), f"{image.mode}{image.size}"
+    else:
+        arr = np.ascontiguousarray(_array(image))
+        data, meta = arr.tobytes(), f"{arr.dtype}{arr.shape}"
+    return hashlib.blake2b(data, digest_size=16).digest() + meta.encode()
+
+
+def _array(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+_Entry = dict[str, Any]  # one image's outputs: arrays (leading axis: batch of one), lists
+
+
+class CachedImageProcessor:
+    """``image_processor`` with its per-image work cached (see the module docstring); every
+    other attribute is the wrapped processor's. Thread-safe."""
+
+    def __init__(self, image_processor: Any, *, layout: str, max_bytes: int) -> None:
+        if layout not in ("concat", "padded_crops"):
+            raise ValueError(f"unknown layout {layout!r}")
+        self.wrapped = image_processor
+        self.layout = layout
+        self.max_bytes = max_bytes
+        self.enabled = True
+        self.hits = self.misses = self.evictions = self.bytes = 0
+        self._entries: OrderedDict[tuple[str, bytes], tuple[_Entry, int]] = OrderedDict()
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, misses, evictions, cached entries and bytes, and whether it is on."""
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "entries": len(self._entries),
+            "bytes": self.bytes,
+            "enabled": self.enabled,
+        }
+
+    def __call__(self, images: Any, **kwargs: Any) -> Any:
+        nested = _nested(images)
+        if not self.enabled or nested is None or not any(nested):
+            return self.wrapped(images, **kwargs)
+        options = self._options(kwargs)
+        with self._lock:
+            entries = [[self._entry(im, options, kwargs) for im in row] for row in nested]
+            assembled = self._assemble(entries, kwargs.get("return_tensors"))
+            if options in self._verified:
+                return assembled
+            real = self.wrapped(images, **kwargs)
+            difference = _difference(real, assembled)
+            if difference is None:
+                self._verified.add(options)
+            else:
+                self.enabled = False
+                self._entries.clear()
+                self.bytes = 0
+                log.warning(
+                    "image cache off for %s: the cached batch differs from the processor's "
+                    "own (%s); every image is processed again",
+                    type(self.wrapped).__name__,
+                    difference,
+                )
+            return real
+
+    # ---------------------------------------------------------------- internals
+    def _options(self, kwargs: dict[str, Any]) -> str:
+        """What, besides the pixels, decides an image's outputs: the call's options and the
+        image processor's own settings."""
+        call = {k: v for k, v in kwargs.items() if k != "return_tensors"}
+        return json.dumps([call, self.wrapped.to_dict()], sort_keys=True, default=repr)
+
+    def _entry(self, image: Any, options: str, kwargs: dict[str, Any]) -> _Entry:
+        key = (options, image_digest(image))
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found[0]
+        self.misses += 1
+        alone = [[image]] if self.layout == "padded_crops" else [image]
+        out = self.wrapped(alone, **kwargs)
+        entry = {k: (v if isinstance(v, list) else _array(v)) for k, v in out.items()}
+        size = sum(v.nbytes for v in entry.values() if isinstance(v, np.ndarray))
+        if size <= self.max_bytes:
+            self._entries[key] = (entry, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.bytes -= dropped
+                self.evictions += 1
+        return entry
+
+    def _assemble(self, entries: list[list[_Entry]], return_tensors: Any) -> Any:
+        from transformers import BatchFeature
+
+        flat = [e for row in entries for e in row]
+        lists: dict[str, Any] = {}
+        if self.layout == "concat":
+            data = {k: np.concatenate([e[k] for e in flat]) for k in flat[0]}
+        else:
+            data, lists = _padded_crops(entries)
+        out = BatchFeature(data=data, tensor_type=return_tensors)
+        for k, v in lists.items():  # as the image processor adds them: not as tensors
+            out[k] = v
+        return out
+
+
+def _nested(images: Any) -> list[list[Any]] | None:
+    """``images`` as one list of images per prompt (None: another structure)."""
+    if not isinstance(images, (list, tuple)):
+        return None
+    if all(isinstance(row, (list, tuple)) for row in images):
+        return [list(row) for row in images]
+    if all(isinstance(im, Image.Image) for im in images):
+        return [list(images)]
+    return None
+
+
+def _padded_crops(entries: list[list[_Entry]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Idefics3's batch: each prompt's crops in order, zero-padded to the batch's most crops
+    and largest crop (bottom/right, as the image processor pads), masks alike."""
+    flat = [e for row in entries for e in row]
+    pixels = [e["pixel_values"][0] for e in flat]  # [crops, C, H, W]
+    n_max = max(sum(e["pixel_values"].shape[1] for e in row) for row in entries)
+    height = max(p.shape[2] for p in pixels)
+    width = max(p.shape[3] for p in pixels)
+    channels = pixels[0].shape[1]
+    values = np.zeros((len(entries), n_max, channels, height, width), pixels[0].dtype)
+    mask_dtype = flat[0]["pixel_attention_mask"].dtype
+    masks = np.zeros((len(entries), n_max, height, width), mask_dtype)
+    for i, row in enumerate(entries):
+        j = 0
+        for e in row:
+            p, m = e["pixel_values"][0], e["pixel_attention_mask"][0]
+            n, _, h, w = p.shape
+            values[i, j : j + n, :, :h, :w] = p
+            masks[i, j : j + n, :h, :w] = m
+            j += n
+    lists = {
+        k: [[e[k][0][0] for e in row] for row in entries] for k in ("rows", "cols") if k in flat[0]
+    }
+    return {"pixel_values": values, "pixel_attention_mask": masks}, lists
+
+
+def _difference(real: Any, assembled: Any) -> str | None:
+    """What differs between two image-processor outputs (None: nothing)."""
+    if set(real.keys()) != set(assembled.keys()):
+        return f"keys {sorted(real.keys())} vs {sorted(assembled.keys())}"
+    for k in real:
+        a, b = real[k], assembled[k]
+        if isinstance(a, list) or isinstance(b, list):
+            if a != b:
+                return f"{k} differs"
+            continue
+        if type(a) is not type(b):
+            return f"{k}: {type(a).__name__} vs {type(b).__name__}"
+        x, y = _array(a), _array(b)
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
+            return f"{k}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)} or values"
+    return None
+
+
+def install(processor: Any, *, max_mb: float) -> CachedImageProcessor | None:
+    """Put a :class:`CachedImageProcessor` of at most ``max_mb`` MB in place of
+    ``processor.image_processor`` and return it; None (nothing changed) when ``max_mb`` is 0,
+    the processor has no image processor, or its class has no known layout."""
+    inner = getattr(processor, "image_processor", None)
+    layout = layout_of(inner) if inner is not None else None
+    if max_mb <= 0 or layout is None:
+        if inner is not None and max_mb > 0:
+            log.info("image cache: %s has no known batch layout; off", type(inner).__name__)
+        return None
+    cached = CachedImageProcessor(inner, layout=layout, max_bytes=int(max_mb * 2**20))
+    processor.image_processor = cached
+    return cached
