@@ -94,6 +94,12 @@ class ModelConfig(_Strict):
         description="Send top_k and repetition_penalty (vLLM/SGLang extensions; None: unless "
         "the endpoint is api.openai.com)",
     )
+    image_ids: bool | None = Field(
+        None,
+        description="openai: send each image's stable id as its content part's 'uuid', so "
+        "vLLM's multimodal cache reuses a repeated demo's processing (None: unless the "
+        "endpoint is api.openai.com; a server that rejects the field gets no more)",
+    )
 
 
 class PolicyConfig(_Strict):

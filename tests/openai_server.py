@@ -10,7 +10,8 @@ It also emulates servers that differ from the OpenAI API: vLLM's generation defa
 request that omits ``top_k`` gets the served checkpoint's, ``Faults.default_top_k``;
 Qwen-VL checkpoints ship ``top_k=1``, so every "sampled" answer is the greedy one),
 ``reject_extensions`` (a 400 for ``top_k`` / ``repetition_penalty``, as the hosted OpenAI
-API does), ``reject_logprobs`` and ``ignore_n``.
+API does), ``reject_image_ids`` (a 400 for image parts with a ``uuid``), ``reject_logprobs``
+and ``ignore_n``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Faults:
     memoize: bool = False  # a repeated identical request is answered without the model
     default_top_k: int | None = None  # the checkpoint's top_k, for requests that omit it
     reject_extensions: bool = False  # 400 on top_k / repetition_penalty (the hosted API)
+    reject_image_ids: bool = False  # 400 on image parts carrying a uuid (not a vLLM server)
     seed: int = 0
     script: list[str] = field(default_factory=list)  # outcomes of the next requests
 
@@ -152,6 +154,9 @@ class FaultyServer(OpenAIServer):
             req.top_k = f.default_top_k
         if f.reject_extensions and ({"top_k", "repetition_penalty"} & set(body)):
             message = "Unrecognized request argument supplied: top_k"
+            return error_response(400, message, "invalid_request_error")
+        if f.reject_image_ids and any(req.prompt.image_ids):
+            message = "Unrecognized field in content part: uuid"
             return error_response(400, message, "invalid_request_error")
         if req.logprobs and f.reject_logprobs:
             message = "logprobs are not supported by this model"

@@ -6,6 +6,12 @@ log-probs, faults recovered, failures marked ``student_error``, and the whole fl
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -20,7 +26,9 @@ from icd.models.openai import OpenAIStudent, OpenAITeacher
 from tests.openai_server import FaultyServer
 
 MODEL = "tiny-student"
+TEACHER_MODEL = "tiny-teacher"
 MAX_TOKENS = 6
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +55,11 @@ def srv(server):
 def _prompts(n: int) -> list:
     images = [Image.open(io.BytesIO(shapes.render_shape(i, 3))).convert("RGB") for i in range(n)]
     return [build_prompt(shapes.QUESTION, im) for im in images]
+
+
+def _query_id(image_ids: list) -> str | None:
+    """The sample id of a request's query image (the last image; ids are SAMPLE_ID-HEX12)."""
+    return image_ids[-1].rsplit("-", 1)[0] if image_ids and image_ids[-1] else None
 
 
 def _student(srv: FaultyServer, **kw) -> OpenAIStudent:
@@ -86,6 +99,82 @@ def test_faults_recover_and_a_failed_request_is_a_student_error(srv) -> None:
     assert failed.error.startswith("student_error: 500 after 2 retries") and failed.text == ""
     (ok,) = student.generate(prompts[1:2])  # the next request is served
     assert ok.error is None and ok.text
+
+
+def test_image_ids_are_sent_as_uuids_and_dropped_for_a_server_rejecting_them(srv) -> None:
+    demo, query = _prompts(2)
+    prompt = build_prompt(
+        shapes.QUESTION, query.images[0], [(demo.images[0], shapes.QUESTION, "red star")],
+        image_ids=["demo-7-abc", "query-3-def"],
+    )  # fmt: skip
+    student = _student(srv)
+    (first,) = student.generate([prompt])
+    assert srv.answered == [["demo-7-abc", "query-3-def"]]
+    srv.reset_counts()
+    srv.set_faults(reject_image_ids=True)
+    (again,) = _student(srv).generate([prompt])  # a server that does not know the field
+    assert again.error is None and again.text == first.text
+    assert srv.answered == [[None, None]] and srv.counts["requests"] == 2  # one 400, no more
+
+
+@pytest.fixture(scope="module")
+def teacher_server():
+    from icd.models.fixtures import TEACHER, resolve_model_path
+    from icd.models.hf import HFVLM
+
+    teacher = HFVLM(str(resolve_model_path(f"fixtures/{TEACHER}")), max_new_tokens=MAX_TOKENS)
+    with FaultyServer(teacher, model_name=TEACHER_MODEL, max_tokens=MAX_TOKENS) as srv:
+        yield srv
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_sends_no_request_twice_for_a_committed_chunk(
+    srv, teacher_server, tmp_path
+) -> None:
+    """Student and teacher both over HTTP: the run is killed (SIGKILL) after some chunks
+    commit; the resumed run asks neither server anything about those chunks' samples."""
+    teacher_server.reset_counts()
+    chunk_size, limit = 32, 192
+    sets = [
+        f"storage.root={tmp_path}", f"data.limit={limit}", f"pipeline.chunk_size={chunk_size}",
+        "method.policy.budget=0.15", "pipeline.cache=false",
+        "models.student.backend=openai", f"models.student.model_id={MODEL}",
+        f"models.student.base_url={srv.url}", "models.student.concurrency=4",
+        "models.teacher.backend=openai", f"models.teacher.model_id={TEACHER_MODEL}",
+        f"models.teacher.base_url={teacher_server.url}", "models.teacher.concurrency=4",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "icd.cli", "run", "--preset", "smoke", "--run-id", "victim",
+           "--no-progress", *[a for s in sets for a in ("--set", s)]]  # fmt: skip
+    state = tmp_path / "runs" / "victim" / "state"
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if state.exists() and len(list(state.glob("chunk-*.json"))) >= 2:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = {int(p.stem.split("-")[1]) for p in state.glob("chunk-*.json")}
+    assert 1 <= len(committed) < limit // chunk_size, f"kill landed after {committed}"
+    before = {name: len(s.answered) for name, s in (("student", srv), ("teacher", teacher_server))}
+
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    df = pl.read_parquet(tmp_path / "runs" / "victim" / "predictions.parquet")
+    assert df.height == limit and df["student_error"].null_count() == limit
+    done = set(df.filter((pl.col("stream_pos") // chunk_size).is_in(committed))["sample_id"])
+    assert len(done) == chunk_size * len(committed)
+    for name, server in (("student", srv), ("teacher", teacher_server)):
+        first, second = server.answered[: before[name]], server.answered[before[name] :]
+        assert all(_query_id(ids) for ids in server.answered)  # every request names its query
+        asked_first = {_query_id(ids) for ids in first}
+        asked_again = {_query_id(ids) for ids in second}
+        assert done <= asked_first if name == "student" else asked_first & done
+        assert not asked_again & done, f"{name}: asked again about committed samples"
+        assert asked_again  # the resumed run did ask about the rest
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ the sample's skip reason. ``to_rgb`` does the same conversion for an already dec
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 
@@ -93,3 +94,10 @@ def _scale16(img: Image.Image, lo: float, hi: float) -> Image.Image:
     wide = img.convert("I")
     scale = 255.0 / (hi - lo)
     return wide.point(lambda v: (v - lo) * scale)
+
+
+def image_id(sample_id: str, data: bytes) -> str:
+    """A stable name for a sample's image: its sample id and a digest of its encoded bytes
+    (``SAMPLE_ID-HEX12``), so the same image has the same id in every prompt and run, and
+    another image under a reused sample id (another dataset, a rebuilt fixture) does not."""
+    return f"{sample_id}-{hashlib.sha256(data).hexdigest()[:12]}"

@@ -58,12 +58,16 @@ def build_prompt(
     demos: Sequence[tuple[Image.Image, str, str]] = (),
     task: str = "classification",
     class_names: Sequence[str] | None = None,
+    image_ids: Sequence[str | None] = (),
 ) -> Prompt:
     """The interleaved prompt: ``demos`` as (image, question, answer) turns, then the query.
 
     ``Prompt.images`` holds the demo images in order, then the query image; the i-th
-    ``{"type": "image"}`` entry of the messages refers to ``images[i]``.
+    ``{"type": "image"}`` entry of the messages refers to ``images[i]``. ``image_ids``, when
+    given, names those images in the same order (see :class:`Prompt`).
     """
+    if image_ids and len(image_ids) != len(demos) + 1:
+        raise ValueError(f"{len(image_ids)} image ids for {len(demos) + 1} images")
     messages: list[dict[str, Any]] = []
     images: list[Image.Image] = []
     for demo_image, demo_question, answer in demos:
@@ -72,4 +76,4 @@ def build_prompt(
         images.append(demo_image)
     messages.append(_user(format_question(question, task, class_names)))
     images.append(image)
-    return Prompt(messages=messages, images=images)
+    return Prompt(messages=messages, images=images, image_ids=list(image_ids))

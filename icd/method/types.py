@@ -17,10 +17,15 @@ class Prompt:
     {"type": "text", "text": ...}]}``; the i-th ``{"type": "image"}`` entry refers to
     ``images[i]``. Demonstrations are earlier user/assistant turns; the query is the last
     user turn, and the model answers it.
+
+    ``image_ids`` (empty, or one per image; None for an image without one) name each image
+    stably across prompts (:func:`icd.data.images.image_id`): a server that caches processed
+    images by a caller's id (vLLM's multimodal ``uuid``) reuses a repeated demo's.
     """
 
     messages: list[dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
+    image_ids: list[str | None] = field(default_factory=list)
 
 
 @dataclass

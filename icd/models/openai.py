@@ -87,8 +87,9 @@ def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
     """Convert a Hugging Face chat prompt into OpenAI chat messages.
 
     User turns become content-part lists (``text`` and ``image_url`` parts, in the
-    prompt's order, the i-th ``{"type": "image"}`` taking ``prompt.images[i]``);
-    assistant and system turns become plain text.
+    prompt's order, the i-th ``{"type": "image"}`` taking ``prompt.images[i]``, with
+    ``prompt.image_ids[i]`` as the part's ``uuid`` where there is one: vLLM's multimodal
+    cache key); assistant and system turns become plain text.
     """
     n_placeholders = sum(
         1
@@ -102,6 +103,7 @@ def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
             f"prompt has {n_placeholders} image placeholders but {len(prompt.images)} images"
         )
     urls = iter([image_to_data_url(img) for img in prompt.images])
+    ids = iter(prompt.image_ids or [None] * len(prompt.images))
     out: list[dict[str, Any]] = []
     for m in prompt.messages:
         role, content = m["role"], m.get("content", "")
@@ -115,13 +117,27 @@ def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = []
         for p in content:
             if p.get("type") == "image":
-                parts.append({"type": "image_url", "image_url": {"url": next(urls)}})
+                part: dict[str, Any] = {"type": "image_url", "image_url": {"url": next(urls)}}
+                image_id = next(ids)
+                if image_id is not None:
+                    part["uuid"] = image_id
+                parts.append(part)
             elif p.get("type") == "text":
                 parts.append({"type": "text", "text": p.get("text", "")})
             else:
                 raise ValueError(f"unsupported content part type {p.get('type')!r}")
         out.append({"role": role, "content": parts})
     return out
+
+
+def without_image_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with no ``uuid`` on any image part (for servers that reject the field)."""
+    return [
+        {**m, "content": [{k: v for k, v in p.items() if k != "uuid"} for p in m["content"]]}
+        if isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
 
 
 def topk_entropy(logprobs: Sequence[float]) -> float:
@@ -343,6 +359,8 @@ class OpenAITeacher:
     after the first attempt, waiting ``backoff_base * 2**i`` s (capped at ``backoff_max``,
     jittered down by up to half, never less than ``Retry-After``). ``top_logprobs`` token
     alternatives are asked per step (0: chosen token only, negative: no logprobs).
+    ``image_ids`` sends each image's id as its ``uuid`` (vLLM's multimodal cache key; None:
+    unless the endpoint is api.openai.com); a server that rejects the field gets no more.
     """
 
     def __init__(
@@ -361,6 +379,7 @@ class OpenAITeacher:
         top_logprobs: int = 5,
         sampling_extensions: bool | None = None,
         role: str = "teacher",
+        image_ids: bool | None = None,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -382,6 +401,9 @@ class OpenAITeacher:
         if sampling_extensions is None:  # the hosted OpenAI API rejects unknown fields
             sampling_extensions = "api.openai.com" not in self.base_url
         self._extensions = sampling_extensions  # turned off if the server rejects them
+        if image_ids is None:
+            image_ids = "api.openai.com" not in self.base_url
+        self._image_ids = image_ids  # likewise
         self._n_supported = True  # turned off once the server returns fewer choices than n
         self._reached = False  # set once any request got an HTTP response
         self._counts = _Counts()
@@ -408,6 +430,7 @@ class OpenAITeacher:
             top_logprobs=cfg.top_logprobs,
             sampling_extensions=cfg.sampling_extensions,
             role=role,
+            image_ids=cfg.image_ids,
         )
 
     def __repr__(self) -> str:
@@ -604,7 +627,7 @@ class OpenAITeacher:
         """The request body: every sampling parameter explicit (see the module docstring)."""
         body: dict[str, Any] = {
             "model": self.model_id,
-            "messages": messages,
+            "messages": messages if self._image_ids else without_image_ids(messages),
             "n": k,
             "temperature": temperature,
             "max_tokens": self.max_tokens,
@@ -676,6 +699,10 @@ class OpenAITeacher:
                         "/".join(EXTENSION_FIELDS),
                     )
                     raise _Failed("extensions rejected")
+                if self._image_ids and "uuid" in detail.lower():
+                    self._image_ids = False
+                    log.info("%s: server rejects image uuids; sending none", self.role)
+                    raise _Failed("image ids rejected")
                 if "logprobs" in payload and "logprob" in detail.lower():
                     self._logprobs = False
                     log.info(

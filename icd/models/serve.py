@@ -89,6 +89,7 @@ def to_prompt(messages: list[dict[str, Any]]) -> Prompt:
     """Rebuild an ICD prompt (HF chat format + images in order) from OpenAI messages."""
     out: list[dict[str, Any]] = []
     images: list[Image.Image] = []
+    ids: list[str | None] = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, str):
@@ -102,11 +103,12 @@ def to_prompt(messages: list[dict[str, Any]]) -> Prompt:
                 parts.append({"type": "text", "text": p.get("text", "")})
             elif p.get("type") == "image_url":
                 images.append(decode_data_url(p["image_url"]["url"]))
+                ids.append(p.get("uuid"))
                 parts.append({"type": "image"})
             else:
                 raise ValueError(f"unsupported content part {p.get('type')!r}")
         out.append({"role": m["role"], "content": parts})
-    return Prompt(messages=out, images=images)
+    return Prompt(messages=out, images=images, image_ids=ids if any(ids) else [])
 
 
 def parse_request(body: dict[str, Any], default_max_tokens: int) -> ChatRequest:
@@ -176,7 +178,8 @@ class OpenAIServer:
     port in a background thread, :meth:`run` in the foreground.
 
     ``counts`` tallies requests, outcomes (``ok``, ``401``, ...) and ``choices`` served;
-    ``log`` holds ``(monotonic time, outcome)`` per request.
+    ``log`` holds ``(monotonic time, outcome)`` per request; ``answered`` the image ids
+    (``uuid`` parts, None where absent) of each request answered, in order.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class OpenAIServer:
         self.counts: Counter[str] = Counter()
         self._memo: dict[str, list[Generation]] = {}  # request body hash -> answers
         self.log: list[tuple[float, str]] = []
+        self.answered: list[list[str | None]] = []
         self.app = Starlette(routes=self._routes())
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -214,9 +218,10 @@ class OpenAIServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def reset_counts(self) -> None:
-        """Zero ``counts`` and clear ``log``."""
+        """Zero ``counts`` and clear ``log`` and ``answered``."""
         self.counts.clear()
         self.log.clear()
+        self.answered.clear()
 
     def _config(self, host: str, port: int) -> uvicorn.Config:
         return uvicorn.Config(
@@ -354,6 +359,7 @@ class OpenAIServer:
             if self.memoize:
                 self._memo[key] = gens
         self.counts["choices"] += len(gens)
+        self.answered.append(req.prompt.image_ids or [None] * len(req.prompt.images))
         return JSONResponse(self._completion(req, gens))
 
     def _completion(self, req: ChatRequest, gens: list[Generation]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CacheKeyFnPolicy, Cach
 from prefect.tasks import exponential_backoff
 
 from icd.config import ModelConfig, VotingConfig
-from icd.data.images import load_image
+from icd.data.images import image_id, load_image
 from icd.data.stream import files_digest
 from icd.data.types import Chunk
 from icd.method import metrics, steps
@@ -151,8 +151,12 @@ def zero_shot_prompts(
 ) -> list[Prompt]:
     """The query-only prompt of each sample."""
     return [
-        build_prompt(s.question, s.image, task=task_type, class_names=class_names) for s in samples
-    ]
+        build_prompt(
+            s.question, s.image, task=task_type, class_names=class_names,
+            image_ids=[image_id(s.sample_id, s.image_bytes)],
+        )
+        for s in samples
+    ]  # fmt: skip
 
 
 @task(
@@ -379,6 +383,10 @@ def predict_icl(
             [(images[d], by_id[d]["question"] or s.question, by_id[d]["label"]) for d in ids],
             task=ctx.task_type,
             class_names=ctx.prompt_classes,
+            image_ids=[
+                *(image_id(d, by_id[d]["image"]) for d in ids),
+                image_id(s.sample_id, s.image_bytes),
+            ],
         )
         for s, ids in zip(valid, demo_ids, strict=True)
     ]
