@@ -46,11 +46,13 @@ def test_student_bench_compares_backends_on_the_same_prompts() -> None:
     from icd.bench.student import print_student_bench, run_student_bench
 
     rows = run_student_bench(prompts=16, batch_size=8)
-    assert [r["backend"] for r in rows][:2] == ["hf", "hf + image cache"] and len(rows) == 4
+    assert [r["backend"] for r in rows][:3] == ["hf", "hf + image cache", "hf + image cache, warm"]
+    assert len(rows) == 5
     assert all(r["same_answers"] == 1.0 and r["prompts_per_s"] > 0 for r in rows)
-    for r in rows[2:]:
+    for r in rows[3:]:
         assert r["entropy_lower_bound"] and r["entropy_spearman"] > 0.5
-    plain, cached = rows[0], rows[1]
+    plain, cached, warm = rows[:3]
     assert 0 < plain["processor_share"] < 1 and plain["cache_hit_rate"] is None
     assert cached["cache_hit_rate"] > 0  # demos repeat across prompts: processed once
+    assert warm["cache_hit_rate"] == 1.0
     print_student_bench(rows)
