@@ -168,6 +168,66 @@ def check_model(role: str, m: ModelConfig) -> tuple[Check, dict[str, Any] | None
     )
 
 
+def _image_processor_type(m: ModelConfig) -> str | None:
+    """The image processor class a model's saved processor names, read from the local folder
+    or the Hugging Face cache (None: not here, or not named)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from icd.models.fixtures import resolve_model_path
+
+    try:
+        folder = resolve_model_path(m.model_id)
+    except ValueError:
+        return None
+    for name, path in (
+        ("processor_config.json", ("image_processor",)),
+        ("preprocessor_config.json", ()),
+    ):
+        if folder is not None:
+            file: Any = folder / name
+        else:
+            try:
+                file = try_to_load_from_cache(m.model_id, name, revision=m.revision)
+            except Exception:  # a malformed repo id
+                file = None
+        if not (isinstance(file, (str, Path)) and Path(file).is_file()):
+            continue
+        data: Any = json.loads(Path(file).read_text())
+        for key in path:
+            data = data.get(key) if isinstance(data, dict) else None
+        if isinstance(data, dict) and data.get("image_processor_type"):
+            return str(data["image_processor_type"])
+    return None
+
+
+def check_image_cache(m: ModelConfig) -> Check | None:
+    """Whether the hf student's processed-image cache will be on (nothing is loaded)."""
+    from icd.models.image_cache import layout_for
+
+    if m.backend != "hf":
+        return None
+    name = "image cache"
+    if m.image_cache_mb <= 0:
+        return Check(name, True, "student: off (image_cache_mb: 0)")
+    kind = _image_processor_type(m)
+    if kind is None:
+        return Check(
+            name,
+            True,
+            f"student: up to {m.image_cache_mb:g} MB once its processor is here, if its image processor's layout is known",
+        )
+    layout = layout_for(kind)
+    if layout is None:
+        return Check(
+            name,
+            True,
+            f"student: off — {kind} has no known batch layout; each image is processed per prompt",
+        )
+    return Check(
+        name, True, f"student: on, up to {m.image_cache_mb:g} MB ({kind}, {layout} layout)"
+    )
+
+
 def check_device(role: str, m: ModelConfig) -> Check | None:
     if m.backend != "hf":
         return None
@@ -293,6 +353,9 @@ def run_checks(cfg: Config) -> list[Check]:
         d = check_device(role, m)
         if d is not None:
             checks.append(d)
+    cache = check_image_cache(cfg.models.student)
+    if cache is not None:
+        checks.append(cache)
     if cfg.method.mode != "student_zero_shot" and cfg.models.teacher.backend == "openai":
         checks += check_teacher_api(cfg.models.teacher)
     if cfg.models.student.backend == "openai":  # the same endpoint checks for a served student

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -71,6 +73,20 @@ def test_a_local_cpu_config_passes(paths, tmp_path):
     lines = _lines(res.stdout)
     assert all(v.startswith("ok ") for v in lines.values())
     assert {"deps", "model student", "device teacher", "storage", "dataset"} <= set(lines)
+
+
+def test_the_image_cache_line_says_whether_the_student_gets_it(tmp_path):
+    base = ["--preset", "smoke", "--set", f"storage.root={tmp_path}"]
+    on = _lines(_invoke(base).stdout)["image cache"]
+    assert on == "ok student: on, up to 1024 MB (Idefics3ImageProcessor, padded_crops layout)"
+    off = _lines(_invoke([*base, "--set", "models.student.image_cache_mb=0"]).stdout)
+    assert off["image cache"] == "ok student: off (image_cache_mb: 0)"
+    folder = tmp_path / "onevision"  # a checkpoint whose image processor has no known layout
+    folder.mkdir()
+    config = {"image_processor_type": "LlavaOnevisionImageProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    other = _lines(_invoke([*base, "--set", f"models.student.model_id={folder}"]).stdout)
+    assert "LlavaOnevisionImageProcessor has no known batch layout" in other["image cache"]
 
 
 def test_storage_dataset_and_missing_packages_fail(paths, tmp_path, monkeypatch):

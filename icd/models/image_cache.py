@@ -49,12 +49,17 @@ LAYOUTS: dict[str, str] = {
 _SUFFIXES = ("Pil", "Fast")
 
 
+def layout_for(class_name: str) -> str | None:
+    """The batch layout of the image processor class named ``class_name`` (its ``Pil`` and
+    ``Fast`` variants included; None: not one this cache knows)."""
+    for suffix in _SUFFIXES:
+        class_name = class_name.removesuffix(suffix)
+    return LAYOUTS.get(class_name)
+
+
 def layout_of(image_processor: Any) -> str | None:
     """The batch layout of ``image_processor``'s class (None: not one this cache knows)."""
-    name = type(image_processor).__name__
-    for suffix in _SUFFIXES:
-        name = name.removesuffix(suffix)
-    return LAYOUTS.get(name)
+    return layout_for(type(image_processor).__name__)
 
 
 def image_digest(image: Any) -> bytes:
