@@ -101,29 +101,69 @@ def train_adapter(
     cfg: FinetuneConfig,
     seed: int,
 ) -> dict[str, Any]:
-    """``cfg.steps_per_chunk`` AdamW steps of LoRA on ``vlm``'s model (a copy: ``vlm`` is
-    unchanged) over ``examples`` (prompt, answer), in batches of ``cfg.batch_size`` drawn
-    with a generator seeded by ``seed``, starting from the adapter at ``start`` (a fresh
-    one when None). Saves the adapter to ``out`` (replaced atomically) and returns the
-    cost: ``steps``, ``tokens`` (prompt and answer tokens trained on), ``seconds``,
-    ``flops`` (≈ 6 · parameters · tokens: forward and backward through the whole model)
-    and ``peak_rss_mb`` (the process's peak resident memory)."""
+    """``cfg.steps_per_chunk`` AdamW steps of LoRA on ``vlm``'s model over ``examples``
+    (prompt, answer), in batches of ``cfg.batch_size`` drawn with a generator seeded by
+    ``seed``, starting from the adapter at ``start`` (a fresh one when None). Saves the
+    adapter to ``out`` (replaced atomically) and returns the cost: ``steps``, ``tokens``
+    (prompt and answer tokens trained on), ``seconds``, ``flops`` (≈ 6 · parameters ·
+    tokens: forward and backward through the whole model) and ``peak_rss_mb`` (the
+    process's peak resident memory).
+
+    The LoRA layers go into ``vlm``'s own weights for the round, not into a copy (a copy
+    would double the memory of a large student), and come out again afterwards, failure
+    included: ``vlm`` is then as it was, bit for bit. Meanwhile no other call runs on it
+    (the model's lock is held)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    base = copy.deepcopy(vlm.model)
-    if start is not None:
-        model = PeftModel.from_pretrained(base, str(start), is_trainable=True)
-    else:
-        lora = LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=lora_targets(cfg),
-        )
-        model = get_peft_model(base, lora)
+    with vlm._lock:
+        base = vlm.model
+        trainable = {name: p.requires_grad for name, p in base.named_parameters()}
+        if start is not None:
+            model = PeftModel.from_pretrained(base, str(start), is_trainable=True)
+        else:
+            lora = LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=lora_targets(cfg),
+            )
+            model = get_peft_model(base, lora)
+        try:
+            tokens, n_params = _train(vlm=vlm, model=model, examples=examples, cfg=cfg, rng=rng)
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+        finally:
+            model.unload()  # the LoRA layers out, nothing merged: the weights as they were
+            for name, p in base.named_parameters():
+                p.requires_grad_(trainable[name])
+            base.eval()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    steps = cfg.steps_per_chunk if examples else 0
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - t0,
+        "flops": 6.0 * n_params * tokens,
+        "peak_rss_mb": _peak_rss_mb(),
+        "examples": len(examples),
+    }
+
+
+def _train(
+    *,
+    vlm: Any,
+    model: Any,
+    examples: Sequence[tuple[Prompt, str]],
+    cfg: FinetuneConfig,
+    rng: random.Random,
+) -> tuple[int, int]:
+    """The round's AdamW steps on ``model`` (LoRA over ``vlm``'s weights); returns the
+    tokens trained on and the parameter count (base and adapter)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -141,20 +181,7 @@ def train_adapter(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         tokens += int(enc["attention_mask"].sum())
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    steps = cfg.steps_per_chunk if examples else 0
-    return {
-        "steps": steps,
-        "tokens": tokens,
-        "seconds": time.perf_counter() - t0,
-        "flops": 6.0 * n_params * tokens,
-        "peak_rss_mb": _peak_rss_mb(),
-        "examples": len(examples),
-    }
+    return tokens, n_params
 
 
 def with_adapter(vlm: Any, adapter: Path) -> Any:
@@ -165,7 +192,9 @@ def with_adapter(vlm: Any, adapter: Path) -> Any:
     if not (Path(adapter) / ADAPTER_FILE).exists():
         raise FileNotFoundError(f"no LoRA adapter at {adapter}")
     adapted = copy.copy(vlm)
-    merged = PeftModel.from_pretrained(copy.deepcopy(vlm.model), str(adapter))
+    with vlm._lock:  # not while a training round has LoRA layers in the weights
+        weights = copy.deepcopy(vlm.model)
+    merged = PeftModel.from_pretrained(weights, str(adapter))
     adapted.model = merged.merge_and_unload().eval()
     return adapted
 

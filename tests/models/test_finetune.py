@@ -61,6 +61,61 @@ def test_the_adapter_teaches_the_student_its_training_labels(student, tmp_path) 
     assert parameter_count(student) <= per_token <= 1.05 * parameter_count(student)
 
 
+def _snapshot(vlm: HFVLM) -> tuple:
+    """The model's weights, module classes and trainable flags."""
+    return (
+        {k: v.clone() for k, v in vlm.model.state_dict().items()},
+        [(n, type(m).__name__) for n, m in vlm.model.named_modules()],
+        {n: p.requires_grad for n, p in vlm.model.named_parameters()},
+    )
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return (
+        a[0].keys() == b[0].keys()
+        and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+        and a[1:] == b[1:]
+    )
+
+
+def test_training_borrows_the_weights_and_gives_them_back_even_on_failure(
+    student, tmp_path, monkeypatch
+) -> None:
+    """The LoRA layers go into the student's own weights for a round (no copy of the model)
+    and come out again: bit for bit the same weights, modules and flags, also when the
+    round fails half-way."""
+    import icd.models.finetune as finetune
+
+    examples = _examples(4)
+    cfg = FinetuneConfig(steps_per_chunk=3, lr=1e-2, batch_size=2)
+    before = _snapshot(student)
+    seen = []
+
+    def spy(model, batch):
+        if model.get_base_model() is student.model:  # the student's own weights, no copy
+            seen.append(sum(1 for n, _ in model.named_modules() if "lora_A" in n))
+        return real(model, batch)
+
+    real = finetune.answer_loss
+    monkeypatch.setattr(finetune, "answer_loss", spy)
+    train_adapter(vlm=student, examples=examples, start=None, out=tmp_path / "a", cfg=cfg, seed=1)
+    train_adapter(
+        vlm=student, examples=examples, start=tmp_path / "a", out=tmp_path / "b", cfg=cfg, seed=2
+    )
+    assert len(seen) == 6 and min(seen) > 0  # trained with LoRA layers in place
+    assert _same(_snapshot(student), before) and not student.model.training
+
+    def fail(model, batch):
+        raise RuntimeError("out of patience")
+
+    monkeypatch.setattr(finetune, "answer_loss", fail)
+    with pytest.raises(RuntimeError, match="out of patience"):
+        train_adapter(
+            vlm=student, examples=examples, start=None, out=tmp_path / "c", cfg=cfg, seed=1
+        )
+    assert _same(_snapshot(student), before) and not (tmp_path / "c").exists()
+
+
 def test_training_is_deterministic_resumable_and_costs_grow_with_steps(student, tmp_path) -> None:
     examples = _examples(4)
     short = FinetuneConfig(steps_per_chunk=2, batch_size=2)
