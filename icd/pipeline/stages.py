@@ -376,6 +376,7 @@ def predict_icl(
     pool = open_pool(ctx.pool_uri)
     by_id = {r["sample_id"]: r for r in pool.fetch(needed, ctx.run_id)} if needed else {}
     images = {d: load_image(r["image"]) for d, r in by_id.items()}
+    names = {d: image_id(d, r["image"]) for d, r in by_id.items()}
     prompts = [
         build_prompt(
             s.question,
@@ -383,10 +384,7 @@ def predict_icl(
             [(images[d], by_id[d]["question"] or s.question, by_id[d]["label"]) for d in ids],
             task=ctx.task_type,
             class_names=ctx.prompt_classes,
-            image_ids=[
-                *(image_id(d, by_id[d]["image"]) for d in ids),
-                image_id(s.sample_id, s.image_bytes),
-            ],
+            image_ids=[*(names[d] for d in ids), image_id(s.sample_id, s.image_bytes)],
         )
         for s, ids in zip(valid, demo_ids, strict=True)
     ]
