@@ -9,7 +9,7 @@ call options is processed once, alone, and a batch is assembled from the cached 
 the way the image processor's own batch call lays it out. The processor's text side (chat
 template, image-token expansion, tokenisation) is unchanged: it reads the same outputs.
 
-Two layouts are known, by image processor class (:data:`LAYOUTS`):
+Three layouts are known, by image processor class (:data:`LAYOUTS`):
 
 - ``concat``: every output is per image along the first axis, concatenated in image order
   (CLIP / SigLIP, as in LLaVA; Qwen2-VL / Qwen2.5-VL: ``pixel_values`` rows and
@@ -17,6 +17,10 @@ Two layouts are known, by image processor class (:data:`LAYOUTS`):
 - ``padded_crops`` (Idefics3, SmolVLM): per prompt, its images' crops in order, padded with
   zeros to the batch's largest crop count and crop size, ``pixel_attention_mask`` alike;
   ``rows`` / ``cols`` per image.
+- ``padded_patches`` (LLaVA-OneVision): per image its anyres patches, padded with zeros to
+  the batch's most patches, ``image_sizes`` per image, ``batch_num_images`` per prompt. An
+  image alone in its prompt is split into patches, one among several is not (as the image
+  processor does): the two are cached apart.
 
 The assembly is checked once per option set against the image processor's own output for
 the first batch: any difference turns the cache off (a warning says so), so a checkpoint
@@ -45,7 +49,9 @@ LAYOUTS: dict[str, str] = {
     "CLIPImageProcessor": "concat",
     "SiglipImageProcessor": "concat",
     "Qwen2VLImageProcessor": "concat",
+    "LlavaOnevisionImageProcessor": "padded_patches",
 }
+_LAYOUT_NAMES = ("concat", "padded_crops", "padded_patches")
 _SUFFIXES = ("Pil", "Fast")
 
 
@@ -86,7 +92,7 @@ class CachedImageProcessor:
     other attribute is the wrapped processor's. Thread-safe."""
 
     def __init__(self, image_processor: Any, *, layout: str, max_bytes: int) -> None:
-        if layout not in ("concat", "padded_crops"):
+        if layout not in _LAYOUT_NAMES:
             raise ValueError(f"unknown layout {layout!r}")
         self.wrapped = image_processor
         self.layout = layout
@@ -117,7 +123,10 @@ class CachedImageProcessor:
             return self.wrapped(images, **kwargs)
         options = self._options(kwargs)
         with self._lock:
-            entries = [[self._entry(im, options, kwargs) for im in row] for row in nested]
+            entries = [
+                [self._entry(im, options, kwargs, alone=len(row) == 1) for im in row]
+                for row in nested
+            ]
             assembled = self._assemble(entries, kwargs.get("return_tensors"))
             if options in self._verified:
                 return assembled
@@ -144,17 +153,25 @@ class CachedImageProcessor:
         call = {k: v for k, v in kwargs.items() if k != "return_tensors"}
         return json.dumps([call, self.wrapped.to_dict()], sort_keys=True, default=repr)
 
-    def _entry(self, image: Any, options: str, kwargs: dict[str, Any]) -> _Entry:
-        key = (options, image_digest(image))
+    def _entry(self, image: Any, options: str, kwargs: dict[str, Any], *, alone: bool) -> _Entry:
+        """One image's outputs (cached); ``alone``: the only image of its prompt."""
+        context = "" if self.layout != "padded_patches" else "alone" if alone else "among"
+        key = (options + context, image_digest(image))
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
             self.hits += 1
             return found[0]
         self.misses += 1
-        alone = [[image]] if self.layout == "padded_crops" else [image]
-        out = self.wrapped(alone, **kwargs)
+        if self.layout == "concat":
+            out = self.wrapped([image], **kwargs)
+        elif self.layout == "padded_patches" and not alone:  # as one of two: not patched
+            out = self.wrapped([[image, image]], **kwargs)
+        else:
+            out = self.wrapped([[image]], **kwargs)
         entry = {k: (v if isinstance(v, list) else _array(v)) for k, v in out.items()}
+        if self.layout == "padded_patches":
+            entry = {k: entry[k][:1] for k in ("pixel_values", "image_sizes")}
         size = sum(v.nbytes for v in entry.values() if isinstance(v, np.ndarray))
         if size <= self.max_bytes:
             self._entries[key] = (entry, size)
@@ -172,6 +189,8 @@ class CachedImageProcessor:
         lists: dict[str, Any] = {}
         if self.layout == "concat":
             data = {k: np.concatenate([e[k] for e in flat]) for k in flat[0]}
+        elif self.layout == "padded_patches":
+            data = _padded_patches(entries)
         else:
             data, lists = _padded_crops(entries)
         out = BatchFeature(data=data, tensor_type=return_tensors)
@@ -215,6 +234,22 @@ def _padded_crops(entries: list[list[_Entry]]) -> tuple[dict[str, Any], dict[str
         k: [[e[k][0][0] for e in row] for row in entries] for k in ("rows", "cols") if k in flat[0]
     }
     return {"pixel_values": values, "pixel_attention_mask": masks}, lists
+
+
+def _padded_patches(entries: list[list[_Entry]]) -> dict[str, Any]:
+    """LLaVA-OneVision's batch: every image's patches, zero-padded to the batch's most
+    patches; its size; each prompt's image count."""
+    flat = [e for row in entries for e in row]
+    pixels = [e["pixel_values"][0] for e in flat]  # [patches, C, H, W]
+    n_max = max(p.shape[0] for p in pixels)
+    values = np.zeros((len(pixels), n_max, *pixels[0].shape[1:]), pixels[0].dtype)
+    for i, p in enumerate(pixels):
+        values[i, : p.shape[0]] = p
+    return {
+        "pixel_values": values,
+        "image_sizes": np.concatenate([e["image_sizes"] for e in flat]),
+        "batch_num_images": np.array([len(row) for row in entries]),
+    }
 
 
 def _difference(real: Any, assembled: Any) -> str | None:

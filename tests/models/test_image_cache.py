@@ -136,3 +136,25 @@ def test_layouts_by_image_processor_class() -> None:
         image_processor = object()
 
     assert install(Unknown(), max_mb=64) is None
+
+
+def test_llava_onevision_patches_an_image_alone_and_not_one_among_several() -> None:
+    """Its image processor splits an image into anyres patches only when it is the only
+    image of its prompt: the same image alone and in an ICL prompt are cached apart."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    rng = np.random.default_rng(1)
+    wide, tall, small = (
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for h, w in [(100, 800), (300, 120), (64, 64)]
+    )
+    inner = LlavaOnevisionImageProcessorPil()
+    assert layout_of(inner) == "padded_patches"
+    cached = CachedImageProcessor(inner, layout="padded_patches", max_bytes=2**28)
+    for nested in ([[wide, tall], [small]], [[wide]], [[small], [tall, wide, small]]):
+        want = inner(nested, return_tensors="pt")
+        for _ in range(2):
+            got = cached(nested, return_tensors="pt")
+            assert want.keys() == got.keys()
+            assert all(np.array_equal(want[k].numpy(), got[k].numpy()) for k in want)
+    assert cached.enabled and cached.stats()["entries"] == 5  # wide twice, small twice, tall
