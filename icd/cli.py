@@ -458,14 +458,20 @@ def bench_teacher(
 def bench_student(
     prompts: Annotated[int, typer.Option(help="ICL prompts (3 demos each) per backend.")] = 96,
     batch_size: Annotated[int, typer.Option(help="hf backend batch size.")] = 16,
+    processor_prompts: Annotated[
+        int, typer.Option(help="ICL prompts for SmolVLM's image processor alone (0: skip).")
+    ] = 8,
 ) -> None:
     """Student ICL prompts/s through the hf backend without and with its processed-image
     cache, and through the openai backend (a local server on loopback); the processor's time
     per prompt and share of hf time (the student's processor splits images into crops); how
-    well the top-k log-prob entropy estimate ranks samples against the exact entropy."""
-    from icd.bench.student import print_student_bench, run_student_bench
+    well the top-k log-prob entropy estimate ranks samples against the exact entropy. Then
+    SmolVLM's image processor alone at its real settings, without and with the cache."""
+    from icd.bench import student
 
-    print_student_bench(run_student_bench(prompts=prompts, batch_size=batch_size))
+    student.print_student_bench(student.run_student_bench(prompts=prompts, batch_size=batch_size))
+    if processor_prompts:
+        student.print_processor_bench(student.run_processor_bench(prompts=processor_prompts))
 
 
 @bench_app.command("scale")

@@ -56,3 +56,12 @@ def test_student_bench_compares_backends_on_the_same_prompts() -> None:
     assert cached["cache_hit_rate"] > 0  # demos repeat across prompts: processed once
     assert warm["cache_hit_rate"] == 1.0
     print_student_bench(rows)
+
+
+def test_processor_bench_shows_real_size_preprocessing_with_the_same_outputs() -> None:
+    from icd.bench.student import print_processor_bench, run_processor_bench
+
+    rows = run_processor_bench(prompts=2, k=1)
+    assert [r["processor"] for r in rows] == ["no cache", "image cache", "image cache, warm"]
+    assert all(r["same_outputs"] and r["images_per_s"] > 0 for r in rows)
+    print_processor_bench(rows)
