@@ -31,6 +31,7 @@ processor of another class is left as it is (:func:`install` returns None).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -104,7 +105,23 @@ class CachedImageProcessor:
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "wrapped":  # not set yet (an object being copied): no recursion
+            raise AttributeError(name)
         return getattr(self.wrapped, name)
+
+    # A copy (the processor's to_dict, repr and save_pretrained deep-copy their parts) or a
+    # pickle is the wrapped image processor itself: the cache stays with this process.
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.wrapped, memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_itself, (self.wrapped,))
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedImageProcessor(layout={self.layout!r}, max_bytes={self.max_bytes}, "
+            f"entries={len(self._entries)}, enabled={self.enabled}) over {self.wrapped!r}"
+        )
 
     def stats(self) -> dict[str, Any]:
         """Hits, misses, evictions, cached entries and bytes, and whether it is on."""
@@ -197,6 +214,10 @@ class CachedImageProcessor:
         for k, v in lists.items():  # as the image processor adds them: not as tensors
             out[k] = v
         return out
+
+
+def _itself(value: Any) -> Any:
+    return value
 
 
 def _nested(images: Any) -> list[list[Any]] | None:

@@ -4,7 +4,9 @@ memory bounded, and a layout that does not match the image processor turns it of
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -158,3 +160,20 @@ def test_llava_onevision_patches_an_image_alone_and_not_one_among_several() -> N
             assert want.keys() == got.keys()
             assert all(np.array_equal(want[k].numpy(), got[k].numpy()) for k in want)
     assert cached.enabled and cached.stats()["entries"] == 5  # wide twice, small twice, tall
+
+
+def test_the_processor_saves_copies_and_pickles_as_without_the_cache(
+    fixture_paths, tmp_path
+) -> None:
+    """transformers deep-copies a processor's parts for to_dict, repr and save_pretrained:
+    those see the wrapped image processor, and the saved files are the same as without."""
+    plain = HFVLM(str(fixture_paths[STUDENT]))
+    cached = HFVLM(str(fixture_paths[STUDENT]), image_cache_mb=64)
+    plain.processor.save_pretrained(tmp_path / "plain")
+    cached.processor.save_pretrained(tmp_path / "cached")
+    for f in (tmp_path / "plain").iterdir():
+        assert (tmp_path / "cached" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert "CachedImageProcessor(layout='padded_crops'" in repr(cached.processor)
+    inner = type(plain.processor.image_processor)
+    assert type(copy.deepcopy(cached.processor.image_processor)) is inner
+    assert type(pickle.loads(pickle.dumps(cached.processor)).image_processor) is inner
