@@ -72,7 +72,7 @@ class ModelConfig(_Strict):
         "sdpa", description="Attention kernel (flash_attention_2 needs flash-attn)"
     )
     image_cache_mb: float = Field(
-        1024,
+        4096,
         ge=0,
         description="hf VLMs: MB of processed images kept (each pool image is processed "
         "once, not once per prompt it is a demo in; least recently used go first; 0: off)",

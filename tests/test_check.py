@@ -78,7 +78,7 @@ def test_a_local_cpu_config_passes(paths, tmp_path):
 def test_the_image_cache_line_says_whether_the_student_gets_it(tmp_path):
     base = ["--preset", "smoke", "--set", f"storage.root={tmp_path}"]
     on = _lines(_invoke(base).stdout)["image cache"]
-    assert on == "ok student: on, up to 1024 MB (Idefics3ImageProcessor, padded_crops layout)"
+    assert on == "ok student: on, up to 4096 MB (Idefics3ImageProcessor, padded_crops layout)"
     off = _lines(_invoke([*base, "--set", "models.student.image_cache_mb=0"]).stdout)
     assert off["image cache"] == "ok student: off (image_cache_mb: 0)"
     folder = tmp_path / "onevision"  # a checkpoint whose image processor has no known layout
