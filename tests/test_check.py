@@ -81,12 +81,12 @@ def test_the_image_cache_line_says_whether_the_student_gets_it(tmp_path):
     assert on == "ok student: on, up to 4096 MB (Idefics3ImageProcessor, padded_crops layout)"
     off = _lines(_invoke([*base, "--set", "models.student.image_cache_mb=0"]).stdout)
     assert off["image cache"] == "ok student: off (image_cache_mb: 0)"
-    folder = tmp_path / "onevision"  # a checkpoint whose image processor has no known layout
+    folder = tmp_path / "llava-next"  # a checkpoint whose image processor has no known layout
     folder.mkdir()
-    config = {"image_processor_type": "LlavaOnevisionImageProcessor"}
+    config = {"image_processor_type": "LlavaNextImageProcessor"}
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
     other = _lines(_invoke([*base, "--set", f"models.student.model_id={folder}"]).stdout)
-    assert "LlavaOnevisionImageProcessor has no known batch layout" in other["image cache"]
+    assert "LlavaNextImageProcessor has no known batch layout" in other["image cache"]
 
 
 def test_storage_dataset_and_missing_packages_fail(paths, tmp_path, monkeypatch):
