@@ -99,7 +99,6 @@ def run_student_bench(
     path = str(resolve_model_path(f"fixtures/{STUDENT}"))
     rows: list[dict[str, Any]] = []
     local: list[Any] = []
-    vlm = None
     plain = HFVLM(path, batch_size=batch_size, max_new_tokens=6, processor_kwargs=SPLITTING)
     vlm = HFVLM(
         path, batch_size=batch_size, max_new_tokens=6, processor_kwargs=SPLITTING,
