@@ -40,7 +40,7 @@ from icd.data.types import Chunk
 from icd.method import metrics, steps
 from icd.method.policy import PolicyState
 from icd.pipeline.context import ChunkWork, ResumeState, RunContext, read_ledger
-from icd.pipeline.runner import Runner, fresh_seconds
+from icd.pipeline.runner import Runner, fresh_seconds, is_fresh
 from icd.pipeline.stages import (
     adapt_student,
     annotate_with_teacher,
@@ -244,6 +244,7 @@ def zero_shot(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: Resume
         work.zs_answers = [None] * len(work.valid)
         return
     state.seconds["score"] += fresh_seconds(work.scored, zs)
+    _count_image_cache(state, run=work.scored, result=zs)
     state.counters["student_params"] = zs.get("params", 0)
     work.zs_prompt_tokens = [g.prompt_tokens or None for g in zs["generations"]]
     work.student_errors = [g.error for g in zs["generations"]]
@@ -319,7 +320,7 @@ def answer_with_demos(
     need = steps.icl_mask([work.votes.get(s.sample_id) for s in work.valid], ctx.cfg.method)
     work.icl_rows = [i for i, n in enumerate(need) if n]
     t0 = time.perf_counter()
-    work.icl = runner.now(
+    run = runner.now(
         predict_icl,
         ctx=ctx,
         chunk=work.chunk,
@@ -329,7 +330,9 @@ def answer_with_demos(
         view=view,
         pool_key=pool_key(view, lineage=state.lineage),
         adapter=state.adapter,
-    ).result()
+    )
+    work.icl = run.result()
+    _count_image_cache(state, run=run, result=work.icl)
     state.seconds["icl"] += time.perf_counter() - t0
 
 
@@ -461,6 +464,15 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
 
 
 # ---------------------------------------------------------------------------- helpers
+def _count_image_cache(state: ResumeState, *, run: Any, result: dict[str, Any]) -> None:
+    """Add a student stage's image-cache hits and misses to the run's counters (not those
+    of a result from the task cache: another run's)."""
+    cache = result.get("image_cache") or {}
+    if cache and is_fresh(run):
+        state.counters["image_cache_hits"] += cache["hits"]
+        state.counters["image_cache_misses"] += cache["misses"]
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -492,7 +504,9 @@ def _accounted(
     ``teacher_calls`` (made by this run) is the difference. ``annotation_rate`` divides the
     queried samples by the denominator the budget uses: every stream sample, skipped ones
     included, when the stream length is known (``annotation_rate_of``: ``samples``); the
-    valid samples seen otherwise (``valid_samples``)."""
+    valid samples seen otherwise (``valid_samples``). ``student_image_cache_hit_rate``
+    (with its hits and misses): the share of the images in the hf student's prompts that
+    its processed-image cache held (absent without the cache)."""
     out = dict(numbers)
     used = int(counters.get("teacher_samples", 0))
     reused = int(counters.get("teacher_samples_reused", 0))
@@ -502,6 +516,13 @@ def _accounted(
         teacher_calls=used - reused,
         teacher_requests_reused=int(counters.get("teacher_requests_reused", 0)),
     )
+    hits, misses = (int(counters.get(f"image_cache_{k}", 0)) for k in ("hits", "misses"))
+    if hits + misses:  # the hf student's processed-image cache
+        out.update(
+            student_image_cache_hits=hits,
+            student_image_cache_misses=misses,
+            student_image_cache_hit_rate=hits / (hits + misses),
+        )
     samples = int(numbers.get("samples") or 0)
     valid = samples - int(numbers.get("skipped") or 0)
     denominator, of = (

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +123,19 @@ def load_student(cfg: ModelConfig, adapter: str | None = None) -> Student:
             del _CACHE[old]
     adapted = _cached(key, lambda: with_adapter(base, Path(adapter)))
     return adapted.with_settings(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+
+
+@contextmanager
+def counting_image_cache(model: Any) -> Iterator[dict[str, int]]:
+    """The image cache's hits and misses of this thread's calls on ``model`` during the
+    block (:meth:`icd.models.hf.HFVLM.counting_image_cache`); an empty dict for a model
+    without one (an API backend, a cache turned off)."""
+    counting = getattr(model, "counting_image_cache", None)
+    if counting is None:
+        yield {}
+        return
+    with counting() as counts:
+        yield counts
 
 
 def load_teacher(cfg: ModelConfig, class_names: list[str] | None = None) -> Teacher:

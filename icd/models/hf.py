@@ -30,7 +30,8 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -293,6 +294,7 @@ class HFVLM:
         self.processor = from_pretrained(AutoProcessor, model_id, revision, **self.processor_kwargs)
         # processed images, shared by this model's views (None: off, or an unknown layout)
         self.image_cache = image_cache.install(self.processor, max_mb=image_cache_mb)
+        self._counting = threading.local()  # per thread: its calls' cache hits and misses
         load: dict[str, Any] = {"dtype": self.dtype}
         if attn_implementation is not None:
             load["attn_implementation"] = attn_implementation
@@ -329,6 +331,18 @@ class HFVLM:
         view = copy.copy(self)
         view.batch_size, view.max_new_tokens = batch_size, max_new_tokens
         return view
+
+    @contextmanager
+    def counting_image_cache(self) -> Iterator[dict[str, int]]:
+        """Count the image cache's hits and misses of this thread's calls on this model (and
+        its views) during the block, into the yielded dict (left empty without a cache)."""
+        counts: dict[str, int] = {"hits": 0, "misses": 0} if self.image_cache else {}
+        outer = getattr(self._counting, "counts", None)
+        self._counting.counts = counts
+        try:
+            yield counts
+        finally:
+            self._counting.counts = outer
 
     # ----------------------------------------------------------------- student
     def generate(
@@ -477,7 +491,12 @@ class HFVLM:
         if any(images):
             kwargs["images"] = images
             kwargs.update(self.processor_kwargs)
+        cache, counts = self.image_cache, getattr(self._counting, "counts", None)
+        before = (cache.hits, cache.misses) if cache is not None else (0, 0)
         inputs = self.processor(**kwargs)
+        if cache is not None and counts:  # exact: this model's calls hold its lock
+            counts["hits"] += cache.hits - before[0]
+            counts["misses"] += cache.misses - before[1]
         return {
             k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
             for k, v in inputs.items()

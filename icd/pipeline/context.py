@@ -149,6 +149,8 @@ class ResumeState:
                 "teacher_samples",
                 "teacher_samples_reused",
                 "teacher_requests_reused",
+                "image_cache_hits",  # the student's processed-image cache, fresh stages only
+                "image_cache_misses",
             ),
             0,
         )

@@ -84,9 +84,12 @@ class Runner:
             yield in_flight.popleft()
 
 
+def is_fresh(run: Any) -> bool:
+    """Whether a stage (its future, or its final state) ran, rather than its result coming
+    from the task cache (a persisted result carries the numbers of the run that made it)."""
+    return getattr(run, "state", run).name != "Cached"
+
+
 def fresh_seconds(run: Any, result: dict[str, Any]) -> float:
-    """Seconds a stage (its future, or its final state) really spent: 0 when its result came
-    from the task cache (the persisted result carries the seconds of the run that computed
-    it)."""
-    state = getattr(run, "state", run)
-    return 0.0 if state.name == "Cached" else float(result["seconds"])
+    """Seconds a stage really spent: 0 when its result came from the task cache."""
+    return float(result["seconds"]) if is_fresh(run) else 0.0

@@ -40,7 +40,7 @@ from icd.method import metrics, steps
 from icd.method.prompts import build_prompt
 from icd.method.types import Prompt
 from icd.method.voting import VoteResult
-from icd.models import load_embedder, load_student, load_teacher
+from icd.models import counting_image_cache, load_embedder, load_student, load_teacher
 from icd.models.finetune import parameter_count
 from icd.pipeline.context import ChunkWork, RunContext
 from icd.storage import results
@@ -194,10 +194,12 @@ def score_student(*, ctx: RunContext, chunk: Chunk, adapter: str | None = None) 
         chunk.valid, task_type=ctx.task_type, class_names=ctx.prompt_classes
     )
     student = load_student(ctx.cfg.models.student, adapter)
-    gens = student.generate(prompts) if prompts else []
+    with counting_image_cache(student) as cache:
+        gens = student.generate(prompts) if prompts else []
     return {
         "generations": gens,
         "params": parameter_count(student),
+        "image_cache": cache,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -388,9 +390,12 @@ def predict_icl(
         )
         for s, ids in zip(valid, demo_ids, strict=True)
     ]
-    gens = load_student(ctx.cfg.models.student, adapter).generate(prompts)
+    student = load_student(ctx.cfg.models.student, adapter)
+    with counting_image_cache(student) as cache:
+        gens = student.generate(prompts)
     return {
         "generations": gens,
+        "image_cache": cache,
         "demo_ids": demo_ids,
         "demo_labels": [[by_id[d]["label"] for d in ids] for ids in demo_ids],
         "seconds": time.perf_counter() - t0,

@@ -82,6 +82,15 @@ def test_end_to_end_outputs(finished: tuple[Path, dict[str, Any]]) -> None:
     chunk_of = dict(zip(pool["sample_id"], pool["chunk"], strict=True))
     for row in df.filter(pl.col("demo_ids").list.len() > 0).iter_rows(named=True):
         assert all(chunk_of[d] < row["chunk"] for d in row["demo_ids"])
+    # The student's processed-image cache: every image of its prompts is counted, and each
+    # image of an ICL prompt (earlier samples as demos, the query) was already processed
+    # in a zero-shot pass, so it is a hit.
+    icl = df.filter(pl.col("icl_answer").is_not_null())
+    icl_images = int((icl["demo_ids"].list.len() + 1).sum())
+    shown = summary["samples"] - summary["skipped"] + icl_images
+    hits, misses = summary["student_image_cache_hits"], summary["student_image_cache_misses"]
+    assert hits + misses == shown and hits >= icl_images > 0
+    assert summary["student_image_cache_hit_rate"] == pytest.approx(hits / shown)
     # MLflow: one run, stepped metrics (step = samples seen), artifacts, dataset input.
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs(
@@ -92,6 +101,7 @@ def test_end_to_end_outputs(finished: tuple[Path, dict[str, Any]]) -> None:
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")]
     assert steps == [32 * (i + 1) for i in range(7)]
     assert run.data.params["method.policy.budget"] == "0.1"
+    assert run.data.metrics["student_image_cache_hit_rate"] == pytest.approx(hits / shown)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "predictions.parquet" in artifacts
     assert run.inputs.dataset_inputs
