@@ -452,13 +452,15 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     tracker.log_pool_manifest({int(k): v for k, v in state.manifest.items()})
     tracker.finish(summary)
     accuracy = summary.get("accuracy")
+    cache = summary.get("student_image_cache_hit_rate")
     log.info(
-        "run %s finished: accuracy %s, annotation rate %.3f, teacher calls %d, pool %d",
+        "run %s finished: accuracy %s, annotation rate %.3f, teacher calls %d, pool %d%s",
         ctx.run_id,
         f"{accuracy:.3f}" if accuracy is not None else "n/a",
         summary.get("annotation_rate") or 0.0,
         summary.get("teacher_calls", 0),
         summary.get("pool_size", 0),
+        "" if cache is None else f", student image cache hits {cache:.0%}",
     )
     return summary
 
