@@ -64,10 +64,20 @@ def _unreachable() -> str:
     return "the hub is unreachable" + (" (HF_HUB_OFFLINE is set)" if _hub_offline() else "")
 
 
-def _local_config(cfg: ModelConfig) -> tuple[str | None, dict[str, Any] | None, str | None]:
-    """(where the model is, its config.json, the error) without downloading anything."""
+def _hub_cached(cfg: ModelConfig, name: str) -> Path | None:
+    """The file ``name`` of hub model ``cfg.model_id`` in the Hugging Face cache (None: not
+    there); nothing is downloaded."""
     from huggingface_hub import try_to_load_from_cache
 
+    try:
+        cached = try_to_load_from_cache(cfg.model_id, name, revision=cfg.revision)
+    except Exception:  # a malformed repo id
+        cached = None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _local_config(cfg: ModelConfig) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(where the model is, its config.json, the error) without downloading anything."""
     from icd.models.fixtures import resolve_model_path
 
     try:
@@ -78,12 +88,9 @@ def _local_config(cfg: ModelConfig) -> tuple[str | None, dict[str, Any] | None, 
         conf = path / "config.json"
         data = json.loads(conf.read_text()) if conf.is_file() else None
         return f"local folder {path}", data, None
-    try:
-        cached = try_to_load_from_cache(cfg.model_id, "config.json", revision=cfg.revision)
-    except Exception:  # a malformed repo id
-        cached = None
-    if isinstance(cached, str):
-        return "in the Hugging Face cache", json.loads(Path(cached).read_text()), None
+    cached = _hub_cached(cfg, "config.json")
+    if cached is not None:
+        return "in the Hugging Face cache", json.loads(cached.read_text()), None
     return None, None, None
 
 
@@ -171,8 +178,6 @@ def check_model(role: str, m: ModelConfig) -> tuple[Check, dict[str, Any] | None
 def _image_processor_type(m: ModelConfig) -> str | None:
     """The image processor class a model's saved processor names, read from the local folder
     or the Hugging Face cache (None: not here, or not named)."""
-    from huggingface_hub import try_to_load_from_cache
-
     from icd.models.fixtures import resolve_model_path
 
     try:
@@ -183,16 +188,10 @@ def _image_processor_type(m: ModelConfig) -> str | None:
         ("processor_config.json", ("image_processor",)),
         ("preprocessor_config.json", ()),
     ):
-        if folder is not None:
-            file: Any = folder / name
-        else:
-            try:
-                file = try_to_load_from_cache(m.model_id, name, revision=m.revision)
-            except Exception:  # a malformed repo id
-                file = None
-        if not (isinstance(file, (str, Path)) and Path(file).is_file()):
+        file = folder / name if folder is not None else _hub_cached(m, name)
+        if file is None or not file.is_file():
             continue
-        data: Any = json.loads(Path(file).read_text())
+        data: Any = json.loads(file.read_text())
         for key in path:
             data = data.get(key) if isinstance(data, dict) else None
         if isinstance(data, dict) and data.get("image_processor_type"):
