@@ -23,7 +23,8 @@ Three layouts are known, by image processor class (:data:`LAYOUTS`):
   processor does): the two are cached apart.
 
 The assembly is checked once per option set against the image processor's own output for
-the first batch: any difference turns the cache off (a warning says so), so a checkpoint
+the first batch: any difference, or outputs it cannot assemble (another layout, e.g. with
+padding off), turns the cache off (a warning says so), so a checkpoint
 whose image processor behaves otherwise keeps its exact outputs. Memory is bounded: the
 least recently used entries go once the cached arrays pass ``max_bytes``. An image
 processor of another class is left as it is (:func:`install` returns None).
@@ -144,11 +145,14 @@ class CachedImageProcessor:
                 [self._entry(im, options, kwargs, alone=len(row) == 1) for im in row]
                 for row in nested
             ]
-            assembled = self._assemble(entries, kwargs.get("return_tensors"))
             if options in self._verified:
-                return assembled
+                return self._assemble(entries, kwargs.get("return_tensors"))
             real = self.wrapped(images, **kwargs)
-            difference = _difference(real, assembled)
+            try:
+                assembled = self._assemble(entries, kwargs.get("return_tensors"))
+                difference = _difference(real, assembled)
+            except (KeyError, IndexError, ValueError, TypeError) as e:  # not this layout
+                difference = f"cannot assemble it: {type(e).__name__} {e}"
             if difference is None:
                 self._verified.add(options)
             else:

@@ -116,6 +116,20 @@ def test_a_layout_that_does_not_match_turns_the_cache_off(fixture_paths, caplog)
     assert all(np.array_equal(want[k], got[k]) for k in want)  # the processor's own outputs
 
 
+def test_outputs_it_cannot_assemble_turn_the_cache_off(fixture_paths, caplog) -> None:
+    """Idefics3 with padding off returns no pixel_attention_mask: not the cached layout.
+    The call still gets the processor's own outputs."""
+    inner = HFVLM(str(fixture_paths[STUDENT])).processor.image_processor
+    cached = CachedImageProcessor(inner, layout="padded_crops", max_bytes=2**26)
+    images = [p.images for p in icl_prompts(3, k=1)]
+    options = {"return_tensors": "pt", "do_pad": False, "return_row_col_info": True}
+    with caplog.at_level(logging.WARNING, logger="icd.models.image_cache"):
+        got = cached(images, **options)
+    assert not cached.enabled and "cannot assemble it: KeyError" in caplog.text
+    want = inner(images, **options)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+
+
 def test_layouts_by_image_processor_class() -> None:
     from transformers import Qwen2VLImageProcessorPil
 
