@@ -61,7 +61,7 @@ SYNONYMS: dict[str, list[str]] = {
     for s, alts in _SHAPE_SYNONYMS.items()
 }
 
-_FORMAT_VERSION = 3  # bump when the drawing or the columns change, so cached builds are redone
+_FORMAT_VERSION = 4  # bump when the drawing or the columns change, so cached builds are redone
 _DATA_FILE = "data/train-00000-of-00001.parquet"
 _META_FILE = "shapes.json"
 
@@ -255,10 +255,11 @@ def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
     if shape in ("circle", "ring"):
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
         if shape == "ring":
-            r = radius * 0.5
+            r = radius * confusability(i, seed)
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=background)
     else:
-        points = [(cx + radius * x, cy + radius * y) for x, y in _rotate(_OUTLINES[shape], angle)]
+        outline = _OUTLINES[shape] if shape != "cross" else _cross(confusability(i, seed))
+        points = [(cx + radius * x, cy + radius * y) for x, y in _rotate(outline, angle)]
         draw.polygon(points, fill=fill)
     img = img.reduce(_SCALE)
 
@@ -342,26 +343,35 @@ def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
     return out
 
 
-_W = 0.33  # half-width of the cross's arms
+def _cross(w: float) -> list[tuple[float, float]]:
+    """A cross whose arms have half-width ``w`` (a share of the radius)."""
+    return [
+        (-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w),
+        (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w),
+    ]  # fmt: skip
+
+
 _OUTLINES: dict[str, list[tuple[float, float]]] = {
     "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
     "triangle": _regular(3),
     "star": _star(inner=0.4),
-    "cross": [
-        (-_W, -1),
-        (_W, -1),
-        (_W, -_W),
-        (1, -_W),
-        (1, _W),
-        (_W, _W),
-        (_W, 1),
-        (-_W, 1),
-        (-_W, _W),
-        (-1, _W),
-        (-1, -_W),
-        (-_W, -_W),
-    ],  # fmt: skip
 }
+
+# Two pairs of classes are genuinely confusable, as fine-grained classes of real benchmarks
+# are: a ring's hole (its radius as a share of the outer one) ranges from plain to a dot that
+# 32 px and noise all but hide (then it looks like a circle), and a cross's arms range from
+# thin to so wide that only small notches tell it from a square. Drawn from their own random
+# stream, so every other image is byte-identical to earlier builds.
+RING_HOLE = (0.0, 0.5)
+CROSS_ARM = (0.4, 1.0)
+
+
+def confusability(i: int, seed: int = 0) -> float:
+    """Sample ``i``'s ring hole or cross arm width (see :data:`RING_HOLE`); for other shapes
+    the same draw, unused."""
+    shape = CLASS_NAMES[label_of(i, seed)].split(" ", 1)[1]
+    lo, hi = CROSS_ARM if shape == "cross" else RING_HOLE
+    return float(np.random.default_rng([seed, i, 104729]).uniform(lo, hi))
 
 
 def _rotate(points: list[tuple[float, float]], angle: float) -> list[tuple[float, float]]:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from icd.data import shapes
+from icd.miniworld import world
 from icd.method.prompts import build_prompt
 from icd.models import fixtures
 from icd.models.finetune import answer_loss, encode_answers
@@ -61,27 +62,16 @@ class Recipe:
 
     seed: int = 0
     per_class: int = 250  # training images per class
+    # The teacher sees four times as many images, each about twice: it learns how likely
+    # each class is for an ambiguous image (calibrated, so its sampled answers disagree
+    # there) instead of memorising a small bank.
+    teacher_per_class: int = 1000
     embedder_steps: int = 1200
     teacher_steps: int = 1200
-    student_steps: int = 5000
-    # An optional second student phase (matching among 2-4 demos with decoys). Off: 2,500
-    # steps of it took k=3 novel ICL from 62% to 52% and broke the hard-distractor case
-    # (99% -> 40%) instead of teaching image matching at this model size.
-    match_steps: int = 0
-    match_lr: float = 1e-3
-    # First phase: the share of novel in-context episodes whose distractors are decoys (all
-    # one other novel shape, so the most frequent shape word is wrong), how much more likely
-    # a distractor of any class is than one sharing the query's colour or shape, and the
-    # weight of an aux class loss on the image tokens the LM reads. Off in the shipped
-    # recipe: decoys 0.35 + any_distractors 2 + token aux 0.5 after 4,000 steps left k=3
-    # one-match ICL at 0.58 (from 0.59) and the hard-distractor case at 0.54 (from 0.98).
-    decoys: float = 0.0
-    any_distractors: int = 1
-    token_aux_weight: float = 0.0
-    # A supervised contrastive loss on the image tokens (same class close, others far),
-    # so that matching a query to its demo is an equality test. Off: with decoys 0.5 and
-    # any_distractors 2 it left k=3 one-match ICL at 0.61 (2,000 steps) and 0.59 (3,000).
-    token_contrast_weight: float = 0.0
+    student_steps: int = 6000
+    glyph_per_class: int = 12  # training images per glyph-world category
+    # Supervised contrast on the image tokens the student's LM reads (same class close).
+    token_contrast_weight: float = 0.2
     batch_size: int = 32
     lr: float = 3e-3
     aux_weight: float = 0.5  # auxiliary vision class loss
@@ -93,10 +83,12 @@ class Recipe:
         return replace(
             self,
             per_class=max(4, int(self.per_class * factor)),
+            teacher_per_class=max(4, int(self.teacher_per_class * factor)),
             embedder_steps=max(2, int(self.embedder_steps * factor)),
             teacher_steps=max(2, int(self.teacher_steps * factor)),
             student_steps=max(2, int(self.student_steps * factor)),
-            match_steps=int(self.match_steps * factor),
+            checkpoint_every=max(1, int(self.checkpoint_every * factor)),
+            glyph_per_class=max(2, int(self.glyph_per_class * factor)),
         )
 
 
@@ -334,7 +326,7 @@ def train_teacher(
 # ---------------------------------------------------------------------------- student
 _BASE = [shapes.CLASS_NAMES.index(c) for c in shapes.BASE_CLASSES]
 _NOVEL = [shapes.CLASS_NAMES.index(c) for c in shapes.NOVEL_CLASSES]
-_NOVEL_SHAPES = [s for s in shapes.SHAPES if s not in shapes.BASE_SHAPES]
+N_SHAPES = len(shapes.CLASS_NAMES)  # classes 0..23 of a bank are the shapes world's
 
 
 def _split(c: int) -> tuple[str, str]:
@@ -342,9 +334,37 @@ def _split(c: int) -> tuple[str, str]:
     return colour, shape
 
 
-_KINDS = ["zs_base", "zs_novel", "icl_novel", "icl_base"]
-_MIX = (2, 1, 5, 2)  # first phase: episode kinds in these proportions
-_MATCH_MIX = (2, 1, 6, 2)  # matching phase
+def render_glyph_bank(per_class: int, seed: int, bank: Bank) -> Bank:
+    """``bank`` (the shapes world, classes 0..23) extended by ``per_class`` images of every
+    glyph-world category (:mod:`icd.miniworld.world`, classes 24 and up)."""
+    images = list(bank.images)
+    labels = list(bank.labels)
+    for cat in range(world.N_CATEGORIES):
+        for i in range(per_class):
+            images.append(world.render(cat, i, seed))
+            labels.append(N_SHAPES + cat)
+    y = np.array(labels)
+    by_class = [np.flatnonzero(y == c) for c in range(N_SHAPES + world.N_CATEGORIES)]
+    return Bank(images, y, by_class)
+
+
+# Episode kinds and their proportions (see the module docstring).
+_KINDS = ("zs_base", "zs_novel", "icl_glyph", "icl_shapes", "icl_base")
+_MIX = (2, 1, 5, 2, 2)
+
+
+def _related(c: int) -> tuple[list[int], list[int]]:
+    """Classes sharing ``c``'s colour and those sharing its shape/template (any world)."""
+    if c < N_SHAPES:
+        colour, shape = _split(c)
+        others = [o for o in range(N_SHAPES) if o != c]
+        return [o for o in others if _split(o)[0] == colour], [
+            o for o in others if _split(o)[1] == shape
+        ]
+    t, col = world.split(c - N_SHAPES)
+    same_colour = [N_SHAPES + t2 * world.N_COLOURS + col for t2 in range(world.N_TEMPLATES)]
+    same_shape = [N_SHAPES + t * world.N_COLOURS + c2 for c2 in range(world.N_COLOURS)]
+    return [o for o in same_colour if o != c], [o for o in same_shape if o != c]
 
 
 def student_episode(
@@ -352,22 +372,13 @@ def student_episode(
     bank: Bank,
     max_k: int,
     *,
+    labels: tuple[list[str], list[str]],
     min_k: int = 1,
-    mix: Sequence[int] = _MIX,
-    any_distractors: int = 1,
-    decoys: float = 0.0,
 ) -> Episode:
-    """One training prompt for the student (see the module docstring). Each distractor
-    shares the query's colour, or its shape, or is any other class — the last
-    ``any_distractors`` times as likely as each of the first two. With probability
-    ``decoys`` a novel query's distractors instead all share one other novel shape, so the
-    shape word most demos carry is the wrong one: only the matching image tells."""
-    kind = rng.choices(_KINDS, mix)[0]
-    perm = dict(zip(_NOVEL_SHAPES, rng.sample(_NOVEL_SHAPES, len(_NOVEL_SHAPES)), strict=True))
-
-    def name(c: int) -> str:
-        colour, shape = _split(c)
-        return f"{colour} {perm.get(shape, shape)}"
+    """One training prompt for the student (see the module docstring): ``bank`` holds the
+    shapes world (classes 0..23) and the glyph world; ``labels`` is the pool episode labels
+    are drawn from."""
+    kind = rng.choices(_KINDS, _MIX)[0]
 
     def pick(c: int, avoid: int = -1) -> int:
         while True:
@@ -375,99 +386,119 @@ def student_episode(
             if i != avoid:
                 return i
 
-    q_class = rng.choice(_BASE if kind.endswith("base") else _NOVEL)
-    query = pick(q_class)
     if kind == "zs_base":
-        return Episode(query, [], shapes.CLASS_NAMES[q_class], kind)
+        q_class = rng.choice(_BASE)
+        return Episode(pick(q_class), [], shapes.CLASS_NAMES[q_class], kind)
     if kind == "zs_novel":
-        return Episode(query, [], shapes.CLASS_NAMES[rng.choice(_BASE)], kind)
+        q_class = rng.choice(_NOVEL)
+        return Episode(pick(q_class), [], shapes.CLASS_NAMES[rng.choice(_BASE)], kind)
+    n_classes = len(bank.by_class)
+    q_class = {
+        "icl_glyph": lambda: rng.randrange(N_SHAPES, n_classes),
+        "icl_shapes": lambda: rng.choice(_NOVEL),
+        "icl_base": lambda: rng.choice(_BASE),
+    }[kind]()
+    query = pick(q_class)
     k = rng.randint(min_k, max_k)
-    colour, shape = _split(q_class)
-    others = [c for c in range(len(shapes.CLASS_NAMES)) if c != q_class]
-    same_colour = [c for c in others if _split(c)[0] == colour]
-    same_shape = [c for c in others if _split(c)[1] == shape]
-    match = kind == "icl_novel" or rng.random() < 0.5
-    demo_classes = [q_class] if match else []
-    if kind == "icl_novel" and decoys and rng.random() < decoys:
-        decoy = rng.choice([s for s in _NOVEL_SHAPES if s != shape])
-        same_shape = others = [c for c in _NOVEL if _split(c)[1] == decoy]
-        same_colour = others
+    same_colour, same_shape = _related(q_class)
+    match = kind != "icl_base" or rng.random() < 0.5
+    demo_classes = [q_class] * (1 + (match and k > 2 and rng.random() < 0.2)) if match else []
     while len(demo_classes) < k:
-        demo_classes.append(
-            rng.choice(rng.choice([same_colour, same_shape, *[others] * any_distractors]))
-        )
+        pool = rng.choice(["colour", "shape", "glyph", "shapes"])
+        choices = {
+            "colour": same_colour,
+            "shape": same_shape,
+            "glyph": range(N_SHAPES, n_classes),
+            "shapes": range(N_SHAPES),
+        }[pool]
+        c = rng.choice(choices)
+        if c != q_class:
+            demo_classes.append(c)
     rng.shuffle(demo_classes)
-    demos = [(pick(c, avoid=query), name(c)) for c in demo_classes]
-    return Episode(query, demos, name(q_class), kind)
+    # Every class in the episode gets a label drawn at random from the pool, except that an
+    # icl_base episode shows shapes-world demos under their real names (as the pipeline does).
+    drawn = iter(world.draw_labels(rng, labels, len(set(demo_classes))))
+    names: dict[int, str] = {}
+    for c in demo_classes:
+        if c not in names:
+            real = kind == "icl_base" and c < N_SHAPES
+            names[c] = shapes.CLASS_NAMES[c] if real else next(drawn)
+    demos = [(pick(c, avoid=query), names[c]) for c in demo_classes]
+    target = shapes.CLASS_NAMES[q_class] if kind == "icl_base" else names[q_class]
+    return Episode(query, demos, target, kind)
 
 
 def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Log) -> dict:
-    """Base classes by name, novel ones from matching demonstrations (module docstring)."""
+    """Base classes by name, anything else from matching demonstrations (module docstring).
+    Resumable: every ``recipe.checkpoint_every`` steps the model, optimizer, schedule and
+    random state go to ``out``'s checkpoint file; a run with the same recipe continues from
+    it."""
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     torch.manual_seed(recipe.seed + 2)
     rng = random.Random(recipe.seed + 3)
     model = Idefics3ForConditionalGeneration.from_pretrained(start).train()
     processor = AutoProcessor.from_pretrained(start)
-    # The image tokens the language model reads (one per image) learn to name the class as
-    # well as the vision tower's patches do: a query's token then lies closest to its class's
-    # demo tokens, which is what matching a demonstration reads.
+    t0 = time.perf_counter()
+    bank = render_glyph_bank(recipe.glyph_per_class, TRAIN_SEED + recipe.seed, bank)
+    log(f"rendered the glyph world ({world.N_CATEGORIES} categories) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    labels = world.label_pool()
+    # Auxiliary class losses (training only): the vision tower's patches name every class
+    # of both worlds, and the image tokens the language model reads are pulled together by
+    # class (supervised contrast), so matching a query to its demo is close to an equality
+    # test for the attention that reads them.
     tower, connector = model.model.vision_model, model.model.connector
-    taps = [
-        (_Tap(tower, hidden=tower.config.hidden_size), recipe.aux_weight),
-        (_Tap(connector, hidden=model.config.text_config.hidden_size), recipe.token_aux_weight),
-    ]
-    aux, opt, sched, params = _with_aux(model, taps, recipe.lr, recipe.student_steps)
+    tower_tap = _Tap(tower, hidden=tower.config.hidden_size)
+    token_tap = _Tap(connector, hidden=model.config.text_config.hidden_size)
+    head = torch.nn.Linear(tower.config.hidden_size, len(bank.by_class))
+    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), recipe.lr, recipe.student_steps)
+    params = [*model.parameters(), *head.parameters()]
     meter = _Meter("student", recipe.student_steps, log)
-    for step in range(recipe.student_steps):
-        max_k = 2 if step < recipe.student_steps // 5 else 4
-        eps = [
-            student_episode(
-                rng, bank, max_k, any_distractors=recipe.any_distractors, decoys=recipe.decoys
-            )
-            for _ in range(recipe.batch_size)
-        ]
+    ckpt = out.parent / f".{out.name}.ckpt.pt"
+    first = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["recipe"] == asdict(recipe):
+            model.load_state_dict(state["model"])
+            head.load_state_dict(state["head"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+            first = state["step"]
+            meter.curve = state["curve"]
+            log(f"student: resumed at step {first}")
+    for step in range(first, recipe.student_steps):
+        max_k = 3 if step < recipe.student_steps // 5 else 5
+        eps = [student_episode(rng, bank, max_k, labels=labels) for _ in range(recipe.batch_size)]
         loss = answer_loss(model, encode_episodes(processor, bank, eps))
-        seen = bank.labels[[i for ep in eps for i in _images_of(ep)]]
-        loss = loss + aux.loss(seen)
+        seen = torch.as_tensor(bank.labels[[i for ep in eps for i in _images_of(ep)]])
+        loss = loss + recipe.aux_weight * F.cross_entropy(head(tower_tap.pooled), seen)
         if recipe.token_contrast_weight:
-            contrast = _supcon(taps[1][0].pooled, torch.as_tensor(seen))
-            loss = loss + recipe.token_contrast_weight * contrast
+            loss = loss + recipe.token_contrast_weight * _supcon(token_tap.pooled, seen)
         _step(opt, sched, loss, params)
         meter.add(step, loss.item())
         if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.student_steps:
+            state = {
+                "recipe": asdict(recipe),
+                "step": step + 1,
+                "model": model.state_dict(),
+                "head": head.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "curve": meter.curve,
+            }
+            torch.save(state, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
             _save(model, processor, out, {"model": fixtures.STUDENT, "partial": step + 1})
             model.train()
     info = {"model": fixtures.STUDENT, "recipe": asdict(recipe), **meter.info()}
-    if recipe.match_steps:
-        info["match_phase"] = match_phase(
-            model, bank=bank, processor=processor, recipe=recipe, log=log
-        )
     _save(model, processor, out, info)
+    ckpt.unlink(missing_ok=True)
     return info
-
-
-def match_phase(model: Any, *, bank: Bank, processor: Any, recipe: Recipe, log: Log) -> dict:
-    """The student's second phase: ``recipe.match_steps`` steps on a fresh schedule at
-    ``recipe.match_lr``, answer loss only, with more in-context episodes of 2–4 demos whose
-    distractors are mostly unrelated classes or decoys sharing another shape — so the
-    student must find the demo whose image matches the query, not the shape word most
-    demos carry (a shortcut the first phase's distractors leave open)."""
-    rng = random.Random(recipe.seed + 4)
-    model.train()
-    opt, sched = _optimizer(model, recipe.match_lr, recipe.match_steps)
-    params = list(model.parameters())
-    meter = _Meter("student (matching)", recipe.match_steps, log)
-    for step in range(recipe.match_steps):
-        eps = [
-            student_episode(rng, bank, 4, min_k=2, mix=_MATCH_MIX, any_distractors=2, decoys=0.5)
-            for _ in range(recipe.batch_size)
-        ]
-        loss = answer_loss(model, encode_episodes(processor, bank, eps))
-        _step(opt, sched, loss, params)
-        meter.add(step, loss.item())
-    model.eval()
-    return meter.info()
 
 
 # ---------------------------------------------------------------------------- all
@@ -496,8 +527,11 @@ def train_all(
     report: dict[str, Any] = {}
     for name, train in recipes.items():
         if name in names:
+            images = bank
+            if name == fixtures.TEACHER:
+                images = render_bank(recipe.teacher_per_class, TRAIN_SEED + recipe.seed)
             report[name] = train(
-                start=untrained[name], out=out / name, bank=bank, recipe=recipe, log=log
+                start=untrained[name], out=out / name, bank=images, recipe=recipe, log=log
             )
     shutil.rmtree(out / ".untrained", ignore_errors=True)
     return report
