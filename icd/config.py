@@ -175,7 +175,10 @@ ModeName = Literal[
 
 class MethodConfig(_Strict):
     mode: ModeName = "icd"
-    uncertainty: Literal["entropy_mean", "nll_mean", "entropy_first", "margin"] = "entropy_mean"
+    uncertainty: Literal["entropy_mean", "nll_mean", "entropy_first", "margin", "random"] = Field(
+        "entropy_mean",
+        description="What gates teacher queries (random: the ungated baseline, same budget)",
+    )
     policy: PolicyConfig = PolicyConfig()
     voting: VotingConfig = VotingConfig()
     selection: SelectionConfig = SelectionConfig()

@@ -51,6 +51,10 @@ MEASURES = ("entropy_mean", "nll_mean", "entropy_first", "margin")
 MAX_STAT = 1e4  # bound for a single token's entropy or negative log-prob
 EMPTY_UNCERTAINTY = {"entropy_mean": MAX_STAT, "nll_mean": MAX_STAT, "entropy_first": MAX_STAT}
 EMPTY_UNCERTAINTY["margin"] = 1.0
+# Not a measure of uncertainty: the baseline the gate is compared with ("is the gate better
+# than querying at random?"). Uniform in [0, 1), a digest of the answer and its token
+# log-probs, so it is the same on a rerun or resume and unrelated to how unsure the student is.
+RANDOM = "random"
 
 
 def pad(arrays: Sequence[np.ndarray], fill: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -86,12 +90,23 @@ def uncertainty(gens: Sequence[Generation], measure: str = "entropy_mean") -> np
 
     ``measure`` is one of :data:`MEASURES`; anything else raises ``ValueError``.
     """
+    if measure == RANDOM:
+        return np.array([_digest_uniform(g) for g in gens], dtype=np.float64)
     if measure not in MEASURES:
-        raise ValueError(f"unknown uncertainty measure {measure!r} (known: {', '.join(MEASURES)})")
+        known = ", ".join([*MEASURES, RANDOM])
+        raise ValueError(f"unknown uncertainty measure {measure!r} (known: {known})")
     if len(gens) == 0:
         return np.zeros(0, dtype=np.float64)
     empty = np.fromiter((not g.text.strip() for g in gens), dtype=bool, count=len(gens))
     return np.where(empty, EMPTY_UNCERTAINTY[measure], _measure(gens, measure))
+
+
+def _digest_uniform(gen: Generation) -> float:
+    import hashlib
+
+    h = hashlib.blake2b(gen.text.encode(), digest_size=8)
+    h.update(np.ascontiguousarray(gen.token_logprobs, dtype=np.float64).tobytes())
+    return int.from_bytes(h.digest(), "big") / 2.0**64
 
 
 def _measure(gens: Sequence[Generation], measure: str) -> np.ndarray:

@@ -30,19 +30,30 @@ from icd.models import fixtures
 QUERY_SEED, DEMO_SEED = 0, 1
 TASK = "classification"
 
-# (metric, comparison, bound): what "trained" means for each model.
-TARGETS: dict[str, tuple[str, float]] = {
-    "embedder.image_image_top1": (">=", 0.90),
+# (metric, comparison, bound): what "trained" means for each model. The teacher is good, not
+# perfect — wrong mostly on the confusable rings and crosses — and its vote with the
+# agreement filter admits labels more often right than a single sampled answer.
+TARGETS: dict[str, tuple[str, float | tuple[float, float]]] = {
+    "embedder.image_image_top1": (">=", 0.85),
     "embedder.image_text_zero_shot": (">=", 0.80),
-    "teacher.greedy_accuracy": (">=", 0.90),
-    "teacher.vote5_t0.7_accuracy": (">=", 0.90),
+    "teacher.greedy_accuracy": ("in", (0.85, 0.92)),
+    "teacher.vote5_admitted_gain_over_n1": (">=", 0.05),
     "student.zero_shot_base": (">=", 0.90),
     "student.zero_shot_novel": ("<=", 0.10),
     "student.entropy_auroc_novel_vs_base": (">=", 0.80),
-    "student.icl_novel_k3_one_match": (">=", 0.80),
+    "student.icl_novel_k3_one_match": (">=", 0.85),
+    "student.icl_novel_k4_one_match": (">=", 0.80),
     "student.icl_novel_k3_hard_distractors": (">=", 0.70),
-    "student.icl_base_k3_no_match": (">=", 0.80),
+    "student.icl_base_k3_no_match": (">=", 0.90),
 }
+
+
+def met(value: float, op: str, bound: float | tuple[float, float]) -> bool:
+    """Whether ``value`` meets the target ``op bound`` (``in`` a closed range)."""
+    if op == "in":
+        lo, hi = bound  # type: ignore[misc]
+        return lo <= value <= hi
+    return value >= bound if op == ">=" else value <= bound  # type: ignore[operator]
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -87,15 +98,24 @@ def evaluate_teacher(model_id: str, queries: Bank) -> dict[str, float]:
         Sample(f"q{i}", i, shapes.QUESTION, [shapes.CLASS_NAMES[y]], im)
         for i, (im, y) in enumerate(zip(queries.images, queries.labels, strict=True))
     ]
-    voting = VotingConfig(n=5, temperature=0.7, include_greedy=False)
+    voting = VotingConfig(n=5, temperature=0.7, include_greedy=False, a_min=0.6)
     notes = vlm.annotate(samples, prompts, voting.n, voting.temperature, False, seed=0)
-    voted = [
-        aggregate(a.generations, voting, shapes.CLASS_NAMES, shapes.SYNONYMS).label or ""
-        for a in notes
-    ]
+    votes = [aggregate(a.generations, voting, shapes.CLASS_NAMES, shapes.SYNONYMS) for a in notes]
+    voted = np.array(
+        [_accuracy([v.label or ""], [y]) for v, y in zip(votes, queries.labels, strict=True)]
+    )
+    admitted = np.array([v.agreement >= voting.a_min for v in votes])
+    # N=1: one answer sampled at the same temperature, always admitted (agreement 1).
+    single = [a.generations[0].text for a in notes]
+    n1 = _accuracy(single, queries.labels)
+    precision = float(voted[admitted].mean()) if admitted.any() else float("nan")
     return {
         "greedy_accuracy": _accuracy(greedy, queries.labels),
-        "vote5_t0.7_accuracy": _accuracy(voted, queries.labels),
+        "vote5_t0.7_accuracy": float(voted.mean()),
+        "n1_t0.7_accuracy": n1,
+        "vote5_admitted_share": float(admitted.mean()),
+        "vote5_admitted_precision": precision,
+        "vote5_admitted_gain_over_n1": precision - n1,
     }
 
 
@@ -195,9 +215,6 @@ def evaluate(
     for key, (op, bound) in TARGETS.items():
         if key in found:
             value = found[key]
-            checks[key] = {
-                "target": f"{op} {bound}",
-                "value": value,
-                "met": value >= bound if op == ">=" else value <= bound,
-            }
+            shown = f"in [{bound[0]}, {bound[1]}]" if op == "in" else f"{op} {bound}"  # type: ignore[index]
+            checks[key] = {"target": shown, "value": value, "met": met(value, op, bound)}
     return {**found, "targets": checks, "passed": all(c["met"] for c in checks.values())}

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from icd.data import shapes
-from icd.miniworld import world
 from icd.method.prompts import build_prompt
+from icd.miniworld import world
 from icd.models import fixtures
 from icd.models.finetune import answer_loss, encode_answers
 
@@ -441,8 +441,10 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
     processor = AutoProcessor.from_pretrained(start)
     t0 = time.perf_counter()
     bank = render_glyph_bank(recipe.glyph_per_class, TRAIN_SEED + recipe.seed, bank)
-    log(f"rendered the glyph world ({world.N_CATEGORIES} categories) in "
-        f"{time.perf_counter() - t0:.1f}s")
+    log(
+        f"rendered the glyph world ({world.N_CATEGORIES} categories) in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     labels = world.label_pool()
     # Auxiliary class losses (training only): the vision tower's patches name every class
     # of both worlds, and the image tokens the language model reads are pulled together by
