@@ -155,8 +155,13 @@ def run(
     try:
         with bar, stream_mod.in_process_settings():
             _local_server()
+            # The flow resolves the same config from what the user gave (so the Prefect UI
+            # shows the real parameters, not a serialised config).
             summary = stream_mod.stream_flow_for(cfg)(
-                preset=None, overrides=None, config_json=cfg.model_dump_json(), run_id=run_id
+                preset=preset if (preset or config) else "smoke",
+                overrides=set_ or None,
+                config_file=str(config) if config else None,
+                run_id=run_id,
             )
     except _user_errors() as e:
         _fail(one_line(e))

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from icd.config import ConfigError, ModeName, load_config, parse_override, read_yaml
 from icd.data.registry import UnknownDataset, get_dataset
+from icd.flows import artifacts
 from icd.method.modes import mode_spec
 from icd.report import (
     BENCHMARK_FILE,
@@ -45,7 +46,13 @@ from icd.report import (
     build_benchmark_report,
     build_run_report,
 )
-from icd.report.tables import comparison_table, runs_table, summary_row, to_markdown
+from icd.report.tables import (
+    comparison_rows,
+    comparison_table,
+    runs_table,
+    summary_row,
+    to_markdown,
+)
 from icd.storage.runstate import atomic_write_text
 
 SUITE_DIR = Path(__file__).resolve().parent.parent / "presets" / "benchmarks"
@@ -312,6 +319,7 @@ def benchmark(
         "sweep_points": spec.sweep_points(),
     }
     atomic_write_text(folder / BENCHMARK_FILE, json.dumps(info, indent=2))
+    artifacts.name_flow_run(name=benchmark_id, tags=["icd", "benchmark", f"suite:{spec.name}"])
     log.info("benchmark %s: %d runs (parent MLflow run %s)", benchmark_id, len(settings), parent_id)
 
     try:
@@ -323,6 +331,12 @@ def benchmark(
         table_path = folder / COMPARISON_FILE
         table.write_parquet(table_path)
         markdown = to_markdown(table)
+        header, cells = comparison_rows(table)
+        artifacts.publish_table(
+            [dict(zip(header, row, strict=True)) for row in cells],
+            key=f"{benchmark_id}-comparison",
+            description=f"benchmark {benchmark_id}: mean ± std over stream orders",
+        )
         md_path = folder / COMPARISON_MD
         atomic_write_text(md_path, markdown)
         report = build_benchmark_report(folder)

@@ -37,6 +37,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from icd.config import Config, load_config
 from icd.data.stream import Stream, open_stream
 from icd.data.types import Chunk
+from icd.flows import artifacts
 from icd.method import metrics, steps
 from icd.method.policy import PolicyState
 from icd.pipeline.context import ChunkWork, ResumeState, RunContext, read_ledger
@@ -158,6 +159,7 @@ def run_stream(
     tracker = start_tracking(ctx=ctx, src=src, parent_mlflow_run_id=parent_mlflow_run_id)
     state = resume(ctx=ctx, tracker=tracker)
     runner = Runner(ctx, on_dask=_on_dask())
+    progress = show_run(ctx=ctx, state=state)  # the Prefect UI: name, tags, progress
     chunks = src.chunks(cfg.pipeline.chunk_size, start_chunk=state.next_chunk)
     for work in runner.window(chunks, start=lambda c: embed_and_score(runner, ctx, chunk=c)):
         zero_shot(runner, ctx, work=work, state=state)  # embeddings, answers, uncertainty
@@ -168,6 +170,7 @@ def run_stream(
         record_pool_commit(work=work, state=state, pooled=pooled)
         adapt(runner, ctx, work=work, state=state)  # finetune modes: LoRA steps on the pool
         evaluate_and_commit(ctx, work=work, state=state, tracker=tracker)
+        progress.update(state.counters["samples_seen"])
     return finish(ctx, state=state, tracker=tracker)
 
 
@@ -194,6 +197,19 @@ def start_tracking(*, ctx: RunContext, src: Stream, parent_mlflow_run_id: str | 
     )
     tracker.log_dataset(src.dataset_info())
     return tracker
+
+
+def show_run(*, ctx: RunContext, state: ResumeState) -> artifacts.Progress:
+    """Name the Prefect flow run after the ICD run id, tag it with the mode and dataset,
+    and start its progress artifact (where a resumed run stands)."""
+    cfg = ctx.cfg
+    artifacts.name_flow_run(
+        name=ctx.run_id,
+        tags=["icd", f"mode:{cfg.method.mode}", f"dataset:{cfg.data.dataset}"],
+    )
+    progress = artifacts.Progress(run_id=ctx.run_id, total=ctx.stream_length)
+    progress.update(state.counters.get("samples_seen", 0))
+    return progress
 
 
 def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
@@ -451,6 +467,14 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     tracker.log_artifact(pred_path)
     tracker.log_pool_manifest({int(k): v for k, v in state.manifest.items()})
     tracker.finish(summary)
+    artifacts.publish_run(
+        summary,
+        mlflow_url=artifacts.mlflow_run_url(
+            ctx.cfg.storage.resolved_tracking_uri(),
+            experiment_id=getattr(tracker, "experiment_id", None),
+            run_id=tracker.mlflow_run_id,
+        ),
+    )
     accuracy = summary.get("accuracy")
     cache = summary.get("student_image_cache_hit_rate")
     log.info(

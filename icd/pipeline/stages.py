@@ -161,6 +161,7 @@ def zero_shot_prompts(
 
 @task(
     name="extract_embeddings",
+    task_run_name="extract_embeddings-chunk{chunk.index}",
     cache_policy=stage_cache("models.embedder"),
     persist_result=True,
     **MODEL_RETRIES,
@@ -180,6 +181,7 @@ def _adapter_input(p: dict[str, Any]) -> Any:
 
 @task(
     name="score_student",
+    task_run_name="score_student-chunk{chunk.index}",
     cache_policy=stage_cache(
         "models.student", "method.list_classes_in_prompt", inputs=_adapter_input
     ),
@@ -210,6 +212,7 @@ def _annotate_inputs(p: dict[str, Any]) -> Any:
 
 @task(
     name="annotate_with_teacher",
+    task_run_name="annotate_with_teacher-chunk{chunk.index}",
     cache_policy=stage_cache("models.teacher", "seed", inputs=_annotate_inputs),
     persist_result=True,
     **MODEL_RETRIES,
@@ -255,6 +258,7 @@ def annotate_with_teacher(
 
 @task(
     name="update_pool",
+    task_run_name="update_pool-chunk{chunk.index}",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=0.5),
     cache_policy=NO_CACHE,  # it writes; an upsert is idempotent on the sample id
@@ -319,6 +323,7 @@ def _icl_inputs(p: dict[str, Any]) -> Any:
 
 @task(
     name="predict_icl",
+    task_run_name="predict_icl-chunk{chunk.index}",
     cache_policy=stage_cache(
         "models.student",
         "models.embedder",
@@ -408,6 +413,7 @@ def _adapt_inputs(p: dict[str, Any]) -> Any:
 
 @task(
     name="adapt_student",
+    task_run_name="adapt_student-chunk{chunk.index}",
     cache_policy=stage_cache("models.student", "method.finetune", "seed", inputs=_adapt_inputs),
     persist_result=True,
     **MODEL_RETRIES,

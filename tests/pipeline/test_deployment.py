@@ -166,6 +166,34 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
         assert runs.iloc[0]["status"] == "FINISHED"
         assert (root / "runs" / "deployed-run" / "predictions.parquet").exists()
 
+        # The Prefect UI shows the run under its ICD run id, tagged, with its artifacts: a
+        # progress bar at 100 %, the headline against the same-run baselines, the summary.
+        flow_runs = httpx.post(
+            f"{api}/flow_runs/filter",
+            json={"flow_runs": {"name": {"any_": ["deployed-run"]}}},
+            timeout=10,
+        ).json()
+        assert len(flow_runs) == 1, [r["name"] for r in flow_runs]
+        assert {"icd", "mode:icd", "dataset:shapes"} <= set(flow_runs[0]["tags"])
+        arts = httpx.post(
+            f"{api}/artifacts/filter",
+            json={"artifacts": {"flow_run_id": {"any_": [flow_runs[0]["id"]]}}},
+            timeout=10,
+        ).json()
+        by_type = {a["type"]: a for a in arts}
+        assert {"progress", "markdown", "table"} <= set(by_type), [a["type"] for a in arts]
+        assert float(by_type["progress"]["data"]) == 100.0
+        headline = by_type["markdown"]["data"]
+        assert "forwarding the teacher's labels" in headline and "the student alone" in headline
+        table = json.loads(by_type["table"]["data"])
+        assert {"metric": "run_id", "value": "deployed-run"} in table
+        tasks = httpx.post(
+            f"{api}/task_runs/filter",
+            json={"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}},
+            timeout=10,
+        ).json()
+        assert "predict_icl-chunk0" in {t["name"] for t in tasks}
+
     finally:
         if worker is not None:
             _stop(worker)

@@ -68,6 +68,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict
         "rices": ["method.mode=rices"],
         "pool_vote": ["method.mode=pool_vote"],
         "ungated": ["method.mode=teacher_forward", "method.policy.threshold=always"],
+        # one rule of the method broken (or switched off) at a time
+        "random_gate": ["method.mode=icd", "method.uncertainty=random"],
+        "most_similar_first": ["method.mode=icd", "method.selection.most_similar_last=false"],
+        "n1": ["method.mode=icd", "method.voting.n=1", "method.voting.include_greedy=false"],
+        "no_filter": ["method.mode=icd", "method.voting.a_min=0"],
     }
     return root, {name: _run(root, name, *sets) for name, sets in modes.items()}
 
@@ -110,6 +115,36 @@ def test_the_uncertainty_gate_sends_novel_classes_to_the_teacher(runs) -> None:
 
     assert novel_share("icd") >= 0.8
     assert novel_share("ungated") < 0.8  # the stream's own share of novel classes
+
+
+def _pool_precision(root: Path, run_id: str) -> float:
+    admitted = _predictions(root, run_id).filter(pl.col("accepted"))
+    truth = admitted["answers"].list.first()
+    return float((admitted["teacher_label"] == truth).mean())
+
+
+def test_the_gate_beats_querying_at_random(runs) -> None:
+    root, _ = runs
+    acc = {m: _split_accuracy(_predictions(root, m))["all"] for m in ("icd", "random_gate")}
+    assert acc["icd"] > acc["random_gate"] + 0.05, acc
+
+
+def test_the_most_similar_demo_nearest_the_query_is_no_worse(runs) -> None:
+    root, _ = runs
+    acc = {m: _split_accuracy(_predictions(root, m))["all"] for m in ("icd", "most_similar_first")}
+    assert acc["icd"] >= acc["most_similar_first"], acc
+
+
+def test_the_vote_and_the_agreement_filter_clean_the_pool(runs) -> None:
+    """The teacher is unsure where rings and crosses look like circles and squares: one
+    sampled answer (N=1) is wrong there more often than a vote of five, and the filter
+    drops the split votes."""
+    root, _ = runs
+    precision = {m: _pool_precision(root, m) for m in ("icd", "n1", "no_filter")}
+    assert precision["icd"] > precision["n1"] + 0.03, precision
+    assert precision["icd"] > precision["no_filter"], precision
+    acc = {m: _split_accuracy(_predictions(root, m))["all"] for m in ("icd", "n1")}
+    assert acc["icd"] > acc["n1"], acc
 
 
 def test_the_pool_holds_the_teachers_labels(runs) -> None:
