@@ -44,7 +44,6 @@ from icd.report import (
     RUNS_FILE,
     benchmarks_dir,
     build_benchmark_report,
-    build_run_report,
 )
 from icd.report.tables import (
     comparison_rows,
@@ -387,12 +386,11 @@ def _run_matrix(
     """Run every setting as a ``stream`` sub-flow; write the runs table after each one.
 
     A child that raises is recorded with its error and the matrix goes on. Each finished
-    child gets its plots and HTML report, attached to its own MLflow run, and its accuracy
+    child has its plots and HTML report (the stream flow makes and logs them), and its accuracy
     and annotation rate are logged on the parent (``DATASET.MODE.bRHO.metric``, step = seed).
     """
     rows: list[dict[str, Any]] = []
     children: list[dict[str, Any]] = []
-    tracking_uri = tracker.tracking_uri
     for i, s in enumerate(settings, 1):
         run_id = s.run_id(benchmark_id)
         log.info("[%d/%d] %s", i, len(settings), run_id)
@@ -417,7 +415,6 @@ def _run_matrix(
             child["mlflow_run_id"] = summary.get("mlflow_run_id")
             child["run_dir"] = summary.get("run_dir")
             rows.append(summary_row(asdict(s), summary))
-            _report_child(summary, tracking_uri, log)
             tracker.log_metrics(
                 {
                     _metric_key(s, m): summary[m]
@@ -429,15 +426,3 @@ def _run_matrix(
         children.append(child)
         runs_table(rows).write_parquet(folder / RUNS_FILE)
     return children
-
-
-def _report_child(summary: dict[str, Any], tracking_uri: str, log: Any) -> None:
-    """Write a child run's plots and HTML, and attach them to its MLflow run."""
-    from mlflow import MlflowClient
-
-    report = build_run_report(Path(summary["run_dir"]))
-    if summary.get("mlflow_run_id"):
-        client = MlflowClient(tracking_uri)
-        for path in (report.html, *report.plots.values()):
-            client.log_artifact(summary["mlflow_run_id"], str(path), "report")
-    log.info("run %s report: %s", summary.get("run_id"), report.html)

@@ -53,6 +53,7 @@ from icd.pipeline.stages import (
     score_student,
     update_pool,
 )
+from icd.report import build_run_report
 from icd.storage import results
 from icd.storage.pool import PoolError, PoolView
 from icd.storage.runstate import RunState, atomic_write_text
@@ -465,6 +466,10 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     )
     atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     tracker.log_artifact(pred_path)
+    tracker.log_artifact(ctx.run_dir / "config.json")  # the resolved config, as run
+    report = build_run_report(ctx.run_dir)  # plots and the HTML page, in MLflow too
+    for path in (report.html, *report.plots.values()):
+        tracker.log_artifact(path, "report")
     tracker.log_pool_manifest({int(k): v for k, v in state.manifest.items()})
     tracker.finish(summary)
     artifacts.publish_run(

@@ -23,6 +23,39 @@ _DPI = 110
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
+# One colour, marker and line style per mode, the same in every plot; other variants (an
+# ablation, a sweep point) get a style from their name, stable across plots and runs.
+_MODE_STYLES: dict[str, tuple[str, str, str]] = {
+    "icd": ("#d62728", "o", "-"),
+    "icd_oracle": ("#7f7f7f", "D", ":"),
+    "teacher_forward": ("#1f77b4", "s", "-"),
+    "student_zero_shot": ("#000000", "v", "--"),
+    "teacher_zero_shot": ("#9467bd", "^", "--"),
+    "rices": ("#2ca02c", "P", "-"),
+    "random_demos": ("#ff7f0e", "X", "-"),
+    "pool_vote": ("#8c564b", "*", "-"),
+    "finetune_lora": ("#17becf", "h", "-"),
+    "finetune_lora_icd": ("#e377c2", "p", "-"),
+}
+_EXTRA_COLORS = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+                 "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39")  # fmt: skip
+_EXTRA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
+
+
+def style(variant: str) -> dict[str, str]:
+    """Matplotlib ``color``, ``marker`` and ``ls`` of a mode or variant, fixed across plots."""
+    if variant in _MODE_STYLES:
+        color, marker, ls = _MODE_STYLES[variant]
+    else:
+        import zlib
+
+        h = zlib.crc32(variant.encode())
+        color = _EXTRA_COLORS[h % len(_EXTRA_COLORS)]
+        marker = _EXTRA_MARKERS[(h // len(_EXTRA_COLORS)) % len(_EXTRA_MARKERS)]
+        ls = "-."
+    return {"color": color, "marker": marker, "ls": ls}
+
+
 def _save(fig: Figure, path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +95,16 @@ def _floats(frame: pl.DataFrame, column: str) -> np.ndarray:
     return frame.get_column(column).cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
 
+def _coincide(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether two (x, y) series lie on top of each other (within 0.05 points)."""
+    if a[0].shape != b[0].shape:
+        return False
+    return all(
+        np.allclose(np.nan_to_num(u), np.nan_to_num(v), atol=0.05)
+        for u, v in zip(a, b, strict=True)
+    )
+
+
 def plot_accuracy_vs_annotation(
     table: pl.DataFrame, path: Path | str, title: str | None = None
 ) -> Path:
@@ -78,63 +121,82 @@ def plot_accuracy_vs_annotation(
     )
     ncols = max(1, min(3, len(datasets)))
     nrows = max(1, -(-len(datasets) // ncols))
-    fig = Figure(figsize=(5.2 * ncols, 4.0 * nrows), layout="constrained")
+    fig = Figure(figsize=(7.6 * ncols, 4.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     if not datasets:
         _empty(axes[0], "no benchmark runs")
-    variants = (
-        [] if table.height == 0 else list(dict.fromkeys(table.get_column("variant").to_list()))
-    )
-    color = {v: _COLORS[i % len(_COLORS)] for i, v in enumerate(variants)}
     for ax, dataset in zip(axes, datasets, strict=False):
         sub = table.filter(pl.col("dataset") == dataset)
         drawn = False
         ys: list[np.ndarray] = []  # every y drawn, for the axis limits
         budgeted = sub.filter(pl.col("budget").is_not_null()).sort("budget")
-        for variant in dict.fromkeys(budgeted.get_column("variant").to_list()):
+        names = list(dict.fromkeys(budgeted.get_column("variant").to_list()))
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for variant in names:
             rows = budgeted.filter(pl.col("variant") == variant)
-            x = _floats(rows, "annotation_rate_mean") * 100
-            y = _floats(rows, "accuracy_mean") * 100
+            curves[variant] = (
+                _floats(rows, "annotation_rate_mean") * 100,
+                _floats(rows, "accuracy_mean") * 100,
+            )
+        # Series that coincide (e.g. ICD and its oracle when the teacher's labels are all
+        # right) are all drawn, side by side, and the legend says which they coincide with.
+        same_as: dict[str, str] = {}
+        for i, a in enumerate(names):
+            for b in names[:i]:
+                if b not in same_as and _coincide(curves[a], curves[b]):
+                    same_as[a] = b
+                    break
+        span = max([np.nanmax(c[0]) for c in curves.values() if np.isfinite(c[0]).any()] or [1.0])
+        for j, variant in enumerate(names):
+            rows = budgeted.filter(pl.col("variant") == variant)
+            x, y = curves[variant]
             ok = ~(np.isnan(x) | np.isnan(y))
             if not ok.any():
                 continue
             xerr = np.nan_to_num(_floats(rows, "annotation_rate_std") * 100)[ok]
             yerr = np.nan_to_num(_floats(rows, "accuracy_std") * 100)[ok]
             ys += [y[ok] - yerr, y[ok] + yerr]
+            shift = 0.012 * span * (list(same_as).index(variant) + 1) if variant in same_as else 0.0
+            label = variant + (f" (= {same_as[variant]})" if variant in same_as else "")
             ax.errorbar(
-                x[ok], y[ok], xerr=xerr, yerr=yerr, marker="o", capsize=3,
-                color=color[variant], label=variant,
+                x[ok] + shift, y[ok], xerr=xerr, yerr=yerr, capsize=3, label=label,
+                markersize=6, alpha=0.9, zorder=3 + j, **style(variant),
             )  # fmt: skip
-            for xi, yi, b in zip(
-                x[ok], y[ok], rows.get_column("budget").to_numpy()[ok], strict=True
-            ):
-                ax.annotate(
-                    f"ρ={b:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7
-                )
             drawn = True
+        # The budget ρ of each setting, once per budget, under the axis.
+        budgets = budgeted.get_column("budget").unique().sort().to_list() if budgeted.height else []
+        for b in budgets:
+            xs = _floats(budgeted.filter(pl.col("budget") == b), "annotation_rate_mean") * 100
+            if np.isfinite(xs).any():
+                ax.annotate(
+                    f"ρ={b:g}", (float(np.nanmean(xs)), 0), xycoords=("data", "axes fraction"),
+                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7,
+                    color="0.35",
+                )  # fmt: skip
         for r in sub.filter(pl.col("budget").is_null()).iter_rows(named=True):
             if r["accuracy_mean"] is None:
                 continue
             rate = r["annotation_rate_mean"]
             label = r["variant"] + ("" if rate is None else f" (annotation {rate * 100:.0f}%)")
-            ax.axhline(
-                r["accuracy_mean"] * 100, ls="--", lw=1.2, color=color[r["variant"]], label=label
-            )
+            st = style(r["variant"])
+            ax.axhline(r["accuracy_mean"] * 100, ls="--", lw=1.2, color=st["color"], label=label)
             std = r["accuracy_std"] or 0.0
             lo, hi = (r["accuracy_mean"] - std) * 100, (r["accuracy_mean"] + std) * 100
             if std:
-                ax.axhspan(lo, hi, color=color[r["variant"]], alpha=0.12)
+                ax.axhspan(lo, hi, color=st["color"], alpha=0.12)
             ys.append(np.array([lo, hi]))
             drawn = True
         if not drawn:
             _empty(ax, f"{dataset}: no accuracy values")
             continue
-        ax.set_title(dataset)
+        seeds = sub.get_column("seeds").max() if "seeds" in sub.columns else None
+        orders = "" if not seeds else f", mean ± std over {seeds} stream order{'s' * (seeds > 1)}"
+        ax.set_title(f"{dataset}: accuracy vs teacher labels{orders}", fontsize=9)
         ax.set_xlabel("annotation rate (% of stream labelled by the teacher)")
         ax.set_ylabel("accuracy (%)")
         _percent_axis(ax, *ys)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     for ax in axes[len(datasets) :]:
         ax.set_visible(False)
     if title:
@@ -410,14 +472,13 @@ def plot_accuracy_vs_compute(
     )
     if not rows.height:
         _empty(ax, "no compute figures (runs without a student pass)")
-    variants = list(dict.fromkeys(rows.get_column("variant").to_list())) if rows.height else []
     for r in rows.iter_rows(named=True):
-        i = variants.index(r["variant"])
         budget = "" if r["budget"] is None else f" ρ={r['budget']:g}"
         y = (r["accuracy_mean"] or 0.0) * 100
+        st = style(r["variant"]) | {"ls": "none"}
         ax.errorbar(
             [r["compute_flops_mean"]], [y], yerr=[(r["accuracy_std"] or 0.0) * 100],
-            marker="o", capsize=3, color=_COLORS[i % len(_COLORS)], ls="none",
+            capsize=3, **st,
         )  # fmt: skip
         ax.annotate(
             f"{r['variant']}{budget}", (r["compute_flops_mean"], y),
