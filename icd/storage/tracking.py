@@ -207,6 +207,7 @@ class Tracker:
         self._params: dict[str, str] = {}
         self._steps: dict[str, set[int]] = {}
         self._known_keys: set[str] = set()
+        self._last_step = 0
         self._writer: ThreadPoolExecutor | None = None  # background metric writes, in order
         self._pending: list[Future[None]] = []  # background writes not waited on yet
 
@@ -307,15 +308,17 @@ class Tracker:
         return kid
 
     def finish(self, summary: dict[str, Any] | None = None, status: str = "FINISHED") -> None:
-        """Record the run summary (numbers as ``summary.*`` metrics, the whole dict as
-        ``summary.json``) and mark the run ``status`` (FINISHED | FAILED | KILLED)."""
+        """Record the run summary and mark the run ``status`` (FINISHED | FAILED | KILLED).
+
+        Each number of the summary is logged once under its own name, as the final point
+        of its series (step: the samples of the run): a metric that already has a curve
+        (``accuracy``) gets no second series, and one that has none (``gain_from_icl``)
+        gets its one value. The whole dict goes to ``summary.json``."""
         rid = self._require_run()
         self.flush()
         if summary:
-            numbers = {
-                f"summary.{k}": float(v) for k, v in flatten(summary).items() if _is_number(v)
-            }
-            step = int(summary.get("samples") or 0)
+            numbers = {k: float(v) for k, v in flatten(summary).items() if _is_number(v)}
+            step = int(summary.get("samples") or self._last_step)
             self.log_metrics(numbers, step)
             plain = json.loads(json.dumps(summary, default=_plain))
             self.client.log_dict(rid, plain, "summary.json")
@@ -371,6 +374,7 @@ class Tracker:
                 continue
             out.append(Metric(key, float(value), now, int(step)))
             steps.add(int(step))
+            self._last_step = max(self._last_step, int(step))
         for part in _batches(out, MAX_METRICS_PER_BATCH):
             if background:
                 if self._writer is None:

@@ -73,8 +73,8 @@ def test_captioning_run_writes_predictions_and_corpus_metrics(
     # ... and logged to MLflow with the rest of the summary.
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
-    assert metrics["summary.cider"] == pytest.approx(summary["cider"])
-    assert metrics["summary.bleu1"] == pytest.approx(summary["bleu1"])
+    assert metrics["cider"] == pytest.approx(summary["cider"])
+    assert metrics["bleu1"] == pytest.approx(summary["bleu1"])
 
 
 def test_teacher_captions_are_voted_by_consensus_and_feed_the_pool(
