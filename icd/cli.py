@@ -31,6 +31,25 @@ app.add_typer(pool_app, name="pool")
 console = Console()
 err = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        from icd import __version__
+
+        console.print(f"icd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Online In-Context Distillation for small vision-language models."""
+
+
 PresetOpt = Annotated[
     str | None,
     typer.Option("--preset", "-p", help="Shipped preset to start from (see `icd presets`)."),
@@ -123,6 +142,9 @@ def run(
         typer.Option("--run-id", "-r", help="Run id; reuse an existing one to resume that run."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print every number of the summary.")
+    ] = False,
 ) -> None:
     """Run the `stream` flow in this process (Prefect ephemeral mode, no server needed).
 
@@ -167,10 +189,12 @@ def run(
         _fail(one_line(e))
     finally:
         stream_mod.CHUNK_HOOKS.remove(hook)
-    from icd.report import print_summary
+    from icd.report import print_headline, print_summary
 
-    print_summary(summary, console=console)
-    console.print(f"results: [bold]{summary['run_dir']}[/]")
+    if verbose:
+        print_summary(summary, console=console)
+    print_headline(summary, console=console)
+    console.print(f"results: [bold]{summary['run_dir']}[/] (icd report {summary['run_id']})")
     console.print(
         f"MLflow:  {cfg.storage.resolved_tracking_uri()} (run {summary['mlflow_run_id']})"
     )
@@ -381,7 +405,7 @@ def benchmark(
 
     from icd.flows.benchmark import benchmark as benchmark_flow
     from icd.flows.stream import in_process_settings
-    from icd.report import print_summary
+    from icd.report import print_comparison
 
     _quiet_prefect()
     try:
@@ -391,8 +415,8 @@ def benchmark(
     except _user_errors() as e:
         _fail(one_line(e))
         return
-    print_summary(pl.read_parquet(result["table"]), console=console)
-    console.print(f"table:  {result['markdown_path']}")
+    print_comparison(pl.read_parquet(result["table"]), console=console)
+    console.print(f"table:  {result['markdown_path']} (every column)")
     console.print(f"report: [bold]{result['report']}[/]")
 
 

@@ -368,3 +368,56 @@ def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | Non
         for k, v in _flat_summary(summary).items():
             table.add_row(k, _fmt_value(k, v))
     console.print(table)
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * float(x):.1f}%"
+
+
+def print_headline(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The run's headline: accuracy against its same-run baselines (what applies to the
+    mode), teacher use, time, and where the results are. ``print_summary`` prints it all."""
+    console = console or Console()
+    acc = summary.get("accuracy")
+    lines = [
+        f"[bold]ICD run {summary.get('run_id')}[/] — mode {summary.get('mode')} on "
+        f"{summary.get('dataset')}, {summary.get('samples', 0):.0f} samples"
+        + (f" ({summary['skipped']:.0f} skipped)" if summary.get("skipped") else ""),
+        f"  accuracy                      [bold]{_pct(acc)}[/]",
+    ]
+
+    def versus(label: str, key: str) -> None:
+        base = summary.get(key)
+        if base is not None and acc is not None:
+            lines.append(f"  {label:<30}{_pct(base)}  ({100 * (acc - base):+.1f} points)")
+
+    versus("the student alone", "zs_accuracy")
+    versus("forwarding the teacher labels", "forward_accuracy")
+    if summary.get("queried"):
+        lines.append(
+            f"  teacher labelled              {_pct(summary.get('annotation_rate'))} of samples "
+            f"({summary.get('queried', 0):.0f} queried, {summary.get('accepted', 0):.0f} pooled, "
+            f"{summary.get('teacher_calls', 0):.0f} answers)"
+        )
+    if summary.get("demo_accuracy") is not None:
+        lines.append(f"  demos of the query's class    {_pct(summary.get('demo_accuracy'))}")
+    seconds = summary.get("seconds")
+    if isinstance(seconds, dict) and seconds:
+        lines.append(f"  stage time                    {sum(map(float, seconds.values())):.1f} s")
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+# The benchmark columns a terminal shows (``icd report`` and the markdown have them all).
+COMPACT_COLUMNS = ("accuracy %", "not queried %", "annotation rate %", "demo accuracy %")
+
+
+def print_comparison(table: pl.DataFrame, console: Console | None = None) -> None:
+    """A benchmark's comparison table with the columns that fit 100 columns."""
+    console = console or Console()
+    header, rows = comparison_rows(table)
+    keep = [i for i, h in enumerate(header) if h in ("mode", "budget ρ", "seeds", *COMPACT_COLUMNS)]
+    out = Table(*(header[i] for i in keep), title="ICD benchmark (mean ± std over orders)")
+    for row in rows:
+        out.add_row(*(row[i] for i in keep))
+    console.print(out)
