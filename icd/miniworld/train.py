@@ -71,7 +71,7 @@ class Recipe:
     # and squares (1,200 steps: greedy 0.915, but its five sampled answers almost always
     # agreed, so votes and the agreement filter had nothing to do).
     teacher_steps: int = 500
-    student_steps: int = 6000
+    student_steps: int = 7000
     glyph_per_class: int = 12  # training images per glyph-world category
     # Supervised contrast on the image tokens the student's LM reads (same class close).
     token_contrast_weight: float = 0.2
@@ -353,7 +353,7 @@ def render_glyph_bank(per_class: int, seed: int, bank: Bank) -> Bank:
 
 # Episode kinds and their proportions (see the module docstring).
 _KINDS = ("zs_base", "zs_novel", "icl_glyph", "icl_shapes", "icl_base")
-_MIX = (2, 1, 5, 2, 2)
+_MIX = (2, 1, 4, 3, 2)
 
 
 def _related(c: int) -> tuple[list[int], list[int]]:
@@ -418,14 +418,15 @@ def student_episode(
         if c != q_class:
             demo_classes.append(c)
     rng.shuffle(demo_classes)
-    # Every class in the episode gets a label drawn at random from the pool, except that an
-    # icl_base episode shows shapes-world demos under their real names (as the pipeline does).
+    # A base class shows under its real name (as in the pipeline: the student knows it);
+    # every other class in the episode — glyphs and the shapes world's novel classes — gets
+    # a label drawn at random, so a novel class's name is never a label, let alone a target,
+    # and whether a context's labels look familiar tells nothing about whether to copy.
     drawn = iter(world.draw_labels(rng, labels, len(set(demo_classes))))
     names: dict[int, str] = {}
     for c in demo_classes:
         if c not in names:
-            real = kind == "icl_base" and c < N_SHAPES
-            names[c] = shapes.CLASS_NAMES[c] if real else next(drawn)
+            names[c] = shapes.CLASS_NAMES[c] if c in _BASE else next(drawn)
     demos = [(pick(c, avoid=query), names[c]) for c in demo_classes]
     target = shapes.CLASS_NAMES[q_class] if kind == "icl_base" else names[q_class]
     return Episode(query, demos, target, kind)

@@ -60,6 +60,11 @@ def test_student_episodes_follow_the_recipe():
         labels = {}
         for d, label in ep.demos:  # one label per class within an episode
             assert labels.setdefault(bank.labels[d], label) == label
+            # a base class shows under its name; a novel class's name is never a label
+            c = bank.labels[d]
+            real = c < N_SHAPES and label == shapes.CLASS_NAMES[c]
+            assert real == (c < N_SHAPES and shapes.CLASS_NAMES[c] in base)
+            assert label not in shapes.NOVEL_CLASSES
         if ep.kind == "zs_base":
             assert not ep.demos and ep.target == truth
         elif ep.kind == "zs_novel":
