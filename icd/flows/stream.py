@@ -19,6 +19,7 @@ chunk.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import torch
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
@@ -193,8 +195,23 @@ def start_tracking(*, ctx: RunContext, src: Stream, parent_mlflow_run_id: str | 
             "git.commit": _git_commit(),
             "icd.mode": cfg.method.mode,
             "icd.dataset": cfg.data.dataset,
+            # MLflow's own columns (Source, User) and the run page's description
+            "mlflow.source.name": "icd/stream (Prefect flow)",
+            "mlflow.source.type": "JOB",
+            "mlflow.source.git.commit": _git_commit(),
+            "mlflow.user": getpass.getuser(),
+            "mlflow.note.content": (
+                f"ICD run `{ctx.run_id}`: mode `{cfg.method.mode}` on `{cfg.data.dataset}`. "
+                f"Prefect flow run `{_flow_run_id()}`. Plots and the HTML report are under "
+                "Artifacts → report; `predictions_table.json` previews the predictions."
+            ),
         },
         parent_mlflow_run_id=parent_mlflow_run_id,
+        # a benchmark cell leads with its setting (dataset--mode--budget--order), not the
+        # benchmark id every sibling shares
+        run_name=ctx.run_id.split("--", 1)[1]
+        if parent_mlflow_run_id and "--" in ctx.run_id
+        else None,
     )
     tracker.log_dataset(src.dataset_info())
     return tracker
@@ -467,6 +484,7 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     tracker.log_artifact(pred_path)
     tracker.log_artifact(ctx.run_dir / "config.json")  # the resolved config, as run
+    tracker.log_table(_preview(df), "predictions_table.json")
     report = build_run_report(ctx.run_dir)  # plots and the HTML page, in MLflow too
     for path in (report.html, *report.plots.values()):
         tracker.log_artifact(path, "report")
@@ -495,6 +513,20 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
 
 
 # ---------------------------------------------------------------------------- helpers
+_PREVIEW = ("sample_id", "stream_pos", "question", "answers", "zs_answer", "queried",
+            "teacher_label", "agreement", "demo_labels", "final_answer", "final_source",
+            "score", "skip_reason")  # fmt: skip
+
+
+def _preview(df: pl.DataFrame) -> pl.DataFrame:
+    """The predictions' columns a reader scans first, lists joined into text (MLflow's
+    table view shows them as cells)."""
+    cols = [c for c in _PREVIEW if c in df.columns]
+    return df.select(cols).with_columns(
+        pl.col(c).list.join(" | ") for c in cols if isinstance(df.schema[c], pl.List)
+    )
+
+
 def _count_image_cache(state: ResumeState, *, run: Any, result: dict[str, Any]) -> None:
     """Add a student stage's image-cache hits and misses to the run's counters (not those
     of a result from the task cache: another run's)."""

@@ -249,8 +249,10 @@ class Tracker:
         tags: dict[str, Any] | None = None,
         parent_mlflow_run_id: str | None = None,
         models: dict[str, dict[str, Any]] | None = None,
+        run_name: str | None = None,
     ) -> str:
-        """Create the MLflow run of ICD run ``run_id`` — or reopen it if one is tagged with
+        """Create the MLflow run of ICD run ``run_id`` (shown as ``run_name``, default the
+        run id) — or reopen it if one is tagged with
         that id (a resumed run continues the same MLflow run). Logs ``config`` flattened as
         params, ``tags`` (e.g. Prefect flow-run id, git commit), and the models (default:
         the ``models`` section of ``config``) as external logged models. Returns the MLflow
@@ -262,13 +264,13 @@ class Tracker:
         self.run_id = run_id
         self._steps = {}
         if existing is None:
-            run_tags = {RUN_ID_TAG: run_id, RUN_NAME_TAG: run_id, **tags}
+            run_tags = {RUN_ID_TAG: run_id, RUN_NAME_TAG: run_name or run_id, **tags}
             if parent_mlflow_run_id is not None:
                 run_tags[PARENT_TAG] = parent_mlflow_run_id
             run = self.client.create_run(
                 self.experiment_id,
                 tags={k: _tag_value(v) for k, v in run_tags.items()},
-                run_name=run_id,
+                run_name=run_name or run_id,
             )
             self.mlflow_run_id = run.info.run_id
             self.resumed = False
@@ -415,6 +417,12 @@ class Tracker:
         ]
         tags = [InputTag(DATASET_CONTEXT_TAG, "stream"), *extra]
         self.client.log_inputs(rid, [DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+    def log_table(self, frame: Any, artifact_file: str) -> None:
+        """A table the MLflow UI previews (``mlflow.log_table``'s JSON layout); ``frame`` is
+        a polars or pandas frame."""
+        data = frame.to_pandas() if hasattr(frame, "to_pandas") else frame
+        self.client.log_table(self._require_run(), data=data, artifact_file=artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file or folder into the run's artifacts (re-logging overwrites)."""

@@ -1,0 +1,79 @@
+"""What a user sees in the MLflow UI for a finished run, read through the UI server's own
+REST API (a real `mlflow ui` on loopback): the run named after the ICD run, its key
+metrics once each, the plots and HTML report, the resolved config, a previewable
+predictions table and a description."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from icd.config import load_config
+from icd.flows.stream import stream
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> None:
+    cfg = load_config(
+        "smoke", overrides=[f"storage.root={tmp_path}", "data.limit=48", "pipeline.chunk_size=16"]
+    )
+    summary = stream(config_json=cfg.model_dump_json(), run_id="ui-run")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "mlflow ui did not start"
+            time.sleep(0.5)
+        exp = httpx.get(f"{api}/experiments/get-by-name", params={"experiment_name": "icd"})
+        runs = httpx.post(
+            f"{api}/runs/search",
+            json={"experiment_ids": [exp.json()["experiment"]["experiment_id"]]},
+        ).json()["runs"]
+        (run,) = [r for r in runs if r["info"]["run_name"] == "ui-run"]
+        rid = run["info"]["run_id"]
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert "ui-run" in tags["mlflow.note.content"]
+        assert tags["mlflow.source.name"].startswith("icd/stream") and tags["mlflow.user"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["accuracy"] == pytest.approx(summary["accuracy"])
+        assert "gain_from_icl" in metrics and not any(k.startswith("summary.") for k in metrics)
+
+        def listed(path: str = "") -> set[str]:
+            params = {"run_id": rid, **({"path": path} if path else {})}
+            files = httpx.get(f"{api}/artifacts/list", params=params).json().get("files", [])
+            return {f["path"] for f in files}
+
+        top = listed()
+        assert {"config.json", "predictions.parquet", "predictions_table.json"} <= top, top
+        report = listed("report")
+        assert {"report/report.html", "report/running.png", "report/uncertainty.png"} <= report
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
