@@ -42,5 +42,6 @@ clean:
 	rm -rf .icd
 
 mlflow-ui: $(STAMP)
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'import mlflow; e = mlflow.MlflowClient("sqlite:///$(CURDIR)/.icd/mlflow.db").get_experiment_by_name("icd"); print(e.experiment_id if e else 1)' 2>/dev/null)/runs"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.icd/mlflow.db \
 		--host 127.0.0.1 --port 5000 --workers 1

@@ -12,6 +12,7 @@ Secrets never reach MLflow: config keys that hold keys/tokens/passwords are drop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -54,6 +55,12 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"
 MODEL_TAG = "icd.model."
 _SECRET = re.compile(r"(api_?key|secret|password|passwd|credential|(^|_)token$|^auth)", re.I)
 _SECRET_VALUE = re.compile(r"^(sk-|hf_|ghp_|xox[bp]-)[A-Za-z0-9_\-]{8,}")
+
+
+# The MLflow UI opens an experiment of this kind on its runs table (the "Model training"
+# view), not on the GenAI traces overview that an untagged experiment may land on.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(RuntimeError):
@@ -215,13 +222,19 @@ class Tracker:
         try:
             found = self.client.get_experiment_by_name(self.experiment)
             if found is not None:
+                if found.tags.get(EXPERIMENT_KIND_TAG) is None:
+                    self._mark_kind(found.experiment_id)
                 return found.experiment_id
             location = None
             if self.artifact_root is not None:
                 safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.experiment)
                 location = (self.artifact_root / safe).as_uri()
             try:
-                return self.client.create_experiment(self.experiment, artifact_location=location)
+                return self.client.create_experiment(
+                    self.experiment,
+                    artifact_location=location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
             except MlflowException:
                 found = self.client.get_experiment_by_name(self.experiment)  # created meanwhile
                 if found is None:
@@ -229,6 +242,11 @@ class Tracker:
                 return found.experiment_id
         except Exception as e:  # any store failure is reported as one line
             raise TrackingError(f"tracking store {self.tracking_uri!r}: {one_line(e)}") from None
+
+    def _mark_kind(self, experiment_id: str) -> None:
+        # a read-only store still tracks; the UI just opens on another view
+        with contextlib.suppress(MlflowException):
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     # -- run lifecycle -------------------------------------------------------------------
 
