@@ -239,7 +239,7 @@ def check(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = Non
 
 
 fixtures_app = typer.Typer(
-    help="The offline mini-world: the shapes dataset and the tiny trained models (DESIGN §7).",
+    help="The offline mini-world: the shapes dataset and the tiny trained models (docs/design.md §7).",
     invoke_without_command=True,
 )
 app.add_typer(fixtures_app, name="fixtures")

@@ -103,7 +103,7 @@ class ModelConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    """When the teacher is asked (DESIGN §2.3)."""
+    """When the teacher is asked (docs/design.md §2.3)."""
 
     threshold: Literal["adaptive", "fixed", "always", "never"] = "adaptive"
     tau: float = Field(0.5, description="Fixed threshold on the uncertainty")
@@ -113,7 +113,7 @@ class PolicyConfig(_Strict):
 
 
 class VotingConfig(_Strict):
-    """Teacher test-time scaling (DESIGN §2.4)."""
+    """Teacher test-time scaling (docs/design.md §2.4)."""
 
     n: int = Field(5, ge=1, description="Teacher answers per queried sample")
     temperature: float = Field(0.7, ge=0.0)
@@ -129,7 +129,7 @@ class VotingConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Demonstration selection (DESIGN §2.6)."""
+    """Demonstration selection (docs/design.md §2.6)."""
 
     strategy: Literal["random", "rices", "cross_modal", "combined", "cascade"] = "combined"
     k: int = Field(3, ge=0)

@@ -1,7 +1,7 @@
 """The stream flow (Prefect flow ``icd``, deployment ``icd/stream``): online ICD over one
 benchmark stream.
 
-Per chunk (DESIGN §4)::
+Per chunk (docs/design.md §4)::
 
     embed ─> score ─> select for annotation ─> teacher (vote) ─┬─> pool update ─┐
                                                                └─> student ICL ─┴─> [adapt] ─> evaluate, log

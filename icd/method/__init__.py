@@ -1,6 +1,6 @@
 """The ICD method core: pure functions over arrays and records (no Prefect, LanceDB or MLflow).
 
-Modules: ``uncertainty`` (DESIGN §2.2), ``policy`` (§2.3), ``voting`` (§2.4), ``selection``
+Modules: ``uncertainty`` (docs/design.md §2.2), ``policy`` (§2.3), ``voting`` (§2.4), ``selection``
 (§2.6), ``prompts`` (§2.7), ``metrics`` (§2.9), ``modes`` (§2.10), ``steps`` (the chunk-level
 functions the pipeline wires), ``types`` (records shared with the model backends).
 """

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN §2.9): per-sample scores, demonstration accuracy, per-chunk summaries.
+"""Evaluation (docs/design.md §2.9): per-sample scores, demonstration accuracy, per-chunk summaries.
 
 - Classification: the prediction is mapped onto the class list exactly as teacher votes are
   (:func:`icd.method.voting.map_to_class`: normalisation, synonyms, fuzzy and containment

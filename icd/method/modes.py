@@ -1,4 +1,4 @@
-"""What each run mode runs (DESIGN §2.10): the baselines and full ICD share one flow.
+"""What each run mode runs (docs/design.md §2.10): the baselines and full ICD share one flow.
 
 The oracle upper bound is not a mode: it is mode ``icd`` with the oracle teacher backend.
 """

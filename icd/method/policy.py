@@ -1,4 +1,4 @@
-"""When to ask the teacher: uncertainty threshold + budget (DESIGN §2.3).
+"""When to ask the teacher: uncertainty threshold + budget (docs/design.md §2.3).
 
 Budget. The total budget is ``budget_count`` when set; otherwise ``floor(budget * L)`` when
 the stream length ``L`` is known; otherwise, after ``seen`` samples, at most

@@ -1,4 +1,4 @@
-"""Chat prompts for the student and the teacher (DESIGN §2.7).
+"""Chat prompts for the student and the teacher (docs/design.md §2.7).
 
 A prompt is a Hugging Face chat: each demonstration is a user turn (its image, then the
 templated question) followed by an assistant turn holding its answer; the query is the final

@@ -1,4 +1,4 @@
-"""Demonstration selection over the pool's vectors, batched over queries (DESIGN §2.6).
+"""Demonstration selection over the pool's vectors, batched over queries (docs/design.md §2.6).
 
 Inputs are row matrices of L2-normalised embeddings (so cosine similarity is a dot product):
 ``query_img [B, D]`` (the queries' images), ``query_txt [B, D]`` or None (the text embedding of

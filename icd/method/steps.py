@@ -1,6 +1,6 @@
 """Chunk-level steps of ICD as pure functions; the pipeline's tasks wire them and do the I/O.
 
-Per chunk (DESIGN §4): :func:`student_outputs` (zero-shot answers → uncertainty) →
+Per chunk (docs/design.md §4): :func:`student_outputs` (zero-shot answers → uncertainty) →
 :func:`select_queries` (policy) → the teacher annotates → :func:`vote_annotations` →
 :func:`pool_mask` (which annotations enter the pool) → :func:`choose_demos` against the pool's
 vectors → the student answers with demos (:func:`icl_mask` says for which samples) →

@@ -1,4 +1,4 @@
-"""Student uncertainty from the answer tokens' distributions (DESIGN §2.2).
+"""Student uncertainty from the answer tokens' distributions (docs/design.md §2.2).
 
 Every measure maps a batch of :class:`Generation` records to one finite float per answer;
 larger means less certain. The per-token statistics are padded into ``[B, T]`` arrays with

@@ -1,4 +1,4 @@
-"""Teacher test-time scaling: normalise N answers, map them onto the classes, vote (DESIGN §2.4);
+"""Teacher test-time scaling: normalise N answers, map them onto the classes, vote (docs/design.md §2.4);
 for captions, pick the consensus caption.
 
 Normalisation (:func:`normalize_answer`), as in the standard VQA evaluation: unicode NFKC +
