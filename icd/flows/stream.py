@@ -57,7 +57,7 @@ from icd.pipeline.stages import (
 )
 from icd.report import build_run_report
 from icd.storage import results
-from icd.storage.pool import PoolError, PoolView
+from icd.storage.pool import DEFAULT_TABLE, PoolError, PoolView
 from icd.storage.runstate import RunState, atomic_write_text
 from icd.storage.tracking import Tracker
 
@@ -488,7 +488,11 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     report = build_run_report(ctx.run_dir)  # plots and the HTML page, in MLflow too
     for path in (report.html, *report.plots.values()):
         tracker.log_artifact(path, "report")
-    tracker.log_pool_manifest({int(k): v for k, v in state.manifest.items()})
+    tracker.log_pool_manifest(
+        {int(k): v for k, v in state.manifest.items()},
+        pool_uri=ctx.pool_uri,
+        table=DEFAULT_TABLE,
+    )
     tracker.finish(summary)
     artifacts.publish_run(
         summary,
