@@ -175,12 +175,15 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="aircraft",
-            source="hf:HuggingFaceM4/FGVC-Aircraft",
+            # HuggingFaceM4/FGVC-Aircraft's main revision is a loading script, which datasets
+            # >= 4 refuses; its parquet conversion exists only on an open PR. The mteb copy is
+            # parquet, split test, label column variant (100 variants), pinned here.
+            source="hf:mteb/FGVCAircraft",
+            revision="3ae0e4e94e37c610c26df758ec3255fa90d80e67",
             split="test",
             label_column="variant",
             question="Which aircraft model is shown in the image?",
-            note="FGVC-Aircraft, 100 variants (the card also has 'family' and 'manufacturer' "
-            "label columns). " + _UNVERIFIED,
+            note="FGVC-Aircraft, 100 variants (mteb's parquet copy). " + _UNVERIFIED,
         ),
         DatasetSpec(
             name="cars",
@@ -219,7 +222,10 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="eurosat",
-            source="hf:tanganke/eurosat",
+            # tanganke/eurosat renames the classes ("annual crop land", "brushland or
+            # shrubland", ...); timm/eurosat-rgb keeps the raw AnnualCrop ... SeaLake names
+            # these synonyms are keyed on (5,400 test images).
+            source="hf:timm/eurosat-rgb",
             split="test",
             label_column="label",
             question="What kind of land cover is shown in this satellite image?",
@@ -240,7 +246,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="vqav2",
-            source="hf:lmms-lab/VQAv2",
+            source="hf:lmms-lab-encoder/VQAv2",  # lmms-eval moved lmms-lab/* here
             split="validation",
             task="vqa",
             question_column="question",
@@ -251,7 +257,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="okvqa",
-            source="hf:lmms-lab/OK-VQA",
+            source="hf:lmms-lab-encoder/OK-VQA",  # lmms-eval moved lmms-lab/* here
             split="val2014",
             task="vqa",
             question_column="question",
@@ -261,7 +267,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="textvqa",
-            source="hf:lmms-lab/textvqa",
+            source="hf:lmms-lab-encoder/textvqa",  # lmms-eval moved lmms-lab/* here
             split="validation",
             task="vqa",
             question_column="question",
@@ -271,16 +277,41 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             name="flickr30k",
-            source="hf:nlphuji/flickr30k",
+            # nlphuji/flickr30k's main revision is a loading script (refused by datasets >= 4);
+            # lmms-lab-encoder/flickr30k is its parquet copy: split test, 31,783 rows,
+            # columns caption (5 per image) and img_id, no Karpathy split column.
+            source="hf:lmms-lab-encoder/flickr30k",
             split="test",
             task="captioning",
             answers_column="caption",
             id_column="img_id",
             question="What is shown in the image?",
-            note="Flickr30k, 5 captions per image. The hub's single 'test' split holds all "
-            "31,783 images; the Karpathy split is the row's 'split' column (the stream does "
-            "not filter on it: use data.limit, or a parquet of the 1,000 test rows via "
-            "data.source). " + _UNVERIFIED,
+            note="Flickr30k, 5 captions per image, all 31,783 images in one 'test' split (use "
+            "data.limit, or a parquet of the 1,000 Karpathy test rows via data.source). "
+            + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="vizwiz",
+            source="hf:lmms-lab-encoder/VizWiz-VQA",
+            split="val",
+            task="vqa",
+            question_column="question",
+            answers_column="answers",
+            id_column="question_id",
+            note="VizWiz-VQA val, 4,319 questions asked by blind people about their photos; "
+            "'unanswerable' is a valid answer (scored by VQA accuracy like any other). "
+            + _UNVERIFIED,
+        ),
+        DatasetSpec(
+            name="nocaps",
+            source="hf:lmms-lab-encoder/NoCaps",
+            split="validation",
+            task="captioning",
+            answers_column="annotations_captions",
+            id_column="image_id",
+            question="What is shown in the image?",
+            note="NoCaps validation, 4,500 images of novel objects, ~10 captions each (CIDEr). "
+            + _UNVERIFIED,
         ),
         DatasetSpec(
             name="coco_karpathy",
