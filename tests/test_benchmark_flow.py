@@ -134,6 +134,7 @@ def smoke_benchmark(tmp_path_factory):
     result = benchmark(
         suite="smoke",
         overrides=[f"storage.root={root}", "pipeline.chunk_size=32", "benchmark.limit=64",
+                   "benchmark.seeds=[0]",
                    f"benchmark.budgets={list(BUDGETS)}", "benchmark.modes=[student_zero_shot, icd]"],
         benchmark_id="smoke-test",
     )  # fmt: skip
