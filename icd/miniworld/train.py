@@ -72,6 +72,10 @@ class Recipe:
     # agreed, so votes and the agreement filter had nothing to do).
     teacher_steps: int = 500
     student_steps: int = 7000
+    # A warm restart after the first cycle: the in-context matching was still improving
+    # when the first cycle's learning rate had decayed.
+    student_cycle2_steps: int = 3000
+    cycle2_lr: float = 1e-3
     glyph_per_class: int = 12  # training images per glyph-world category
     # Supervised contrast on the image tokens the student's LM reads (same class close).
     token_contrast_weight: float = 0.2
@@ -91,6 +95,7 @@ class Recipe:
             teacher_steps=max(2, int(self.teacher_steps * factor)),
             student_steps=max(2, int(self.student_steps * factor)),
             checkpoint_every=max(1, int(self.checkpoint_every * factor)),
+            student_cycle2_steps=int(self.student_cycle2_steps * factor),
             glyph_per_class=max(2, int(self.glyph_per_class * factor)),
         )
 
@@ -245,7 +250,10 @@ class _Tap:
         self.hidden = hidden
         self.drop_cls = drop_cls
         self.pooled: torch.Tensor | None = None
-        module.register_forward_hook(self._hook)
+        self.handle = module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
 
     def _hook(self, module: Any, args: Any, output: Any) -> None:
         h = getattr(output, "last_hidden_state", output)
@@ -433,14 +441,16 @@ def student_episode(
 
 
 def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Log) -> dict:
-    """Base classes by name, anything else from matching demonstrations (module docstring).
-    Resumable: every ``recipe.checkpoint_every`` steps the model, optimizer, schedule and
-    random state go to ``out``'s checkpoint file; a run with the same recipe continues from
-    it."""
+    """Base classes by name, anything else from matching demonstrations (module docstring),
+    in two cosine cycles: ``recipe.student_steps`` at ``recipe.lr`` (k up to 3 for its
+    first fifth, then up to 5), then a warm restart of ``recipe.student_cycle2_steps`` at
+    ``recipe.cycle2_lr`` with a fresh optimizer, auxiliary head and episode stream (so it
+    can also be run on saved weights alone). Resumable within a cycle: every
+    ``recipe.checkpoint_every`` steps the model, optimizer, schedule and random state go to
+    the cycle's checkpoint file next to ``out``; a run with the same recipe continues."""
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
     torch.manual_seed(recipe.seed + 2)
-    rng = random.Random(recipe.seed + 3)
     model = Idefics3ForConditionalGeneration.from_pretrained(start).train()
     processor = AutoProcessor.from_pretrained(start)
     t0 = time.perf_counter()
@@ -449,7 +459,33 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
         f"rendered the glyph world ({world.N_CATEGORIES} categories) in "
         f"{time.perf_counter() - t0:.1f}s"
     )
+    info: dict[str, Any] = {"model": fixtures.STUDENT, "recipe": asdict(recipe)}
+    info.update(
+        student_cycle(
+            model, processor=processor, bank=bank, recipe=recipe, out=out, cycle=1, log=log
+        )
+    )
+    if recipe.student_cycle2_steps:
+        info["cycle2"] = student_cycle(
+            model, processor=processor, bank=bank, recipe=recipe, out=out, cycle=2, log=log
+        )
+    _save(model, processor, out, info)
+    return info
+
+
+def student_cycle(
+    model: Any, *, processor: Any, bank: Bank, recipe: Recipe, out: Path, cycle: int, log: Log
+) -> dict[str, Any]:
+    """One cosine cycle of the student's training on ``bank`` (the shapes world extended by
+    the glyph world); returns its seconds and loss curve. The model keeps its weights."""
+    first_cycle = cycle == 1
+    steps = recipe.student_steps if first_cycle else recipe.student_cycle2_steps
+    lr = recipe.lr if first_cycle else recipe.cycle2_lr
+    if not first_cycle:  # a fresh, seeded start: the cycle depends on the weights alone
+        torch.manual_seed(recipe.seed + 12)
+    rng = random.Random(recipe.seed + (3 if first_cycle else 13))
     labels = world.label_pool()
+    model.train()
     # Auxiliary class losses (training only): the vision tower's patches name every class
     # of both worlds, and the image tokens the language model reads are pulled together by
     # class (supervised contrast), so matching a query to its demo is close to an equality
@@ -458,10 +494,11 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
     tower_tap = _Tap(tower, hidden=tower.config.hidden_size)
     token_tap = _Tap(connector, hidden=model.config.text_config.hidden_size)
     head = torch.nn.Linear(tower.config.hidden_size, len(bank.by_class))
-    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), recipe.lr, recipe.student_steps)
+    opt, sched = _optimizer(torch.nn.ModuleList([model, head]), lr, steps)
     params = [*model.parameters(), *head.parameters()]
-    meter = _Meter("student", recipe.student_steps, log)
-    ckpt = out.parent / f".{out.name}.ckpt.pt"
+    meter = _Meter("student" if first_cycle else f"student (cycle {cycle})", steps, log)
+    suffix = "" if first_cycle else f".cycle{cycle}"
+    ckpt = out.parent / f".{out.name}{suffix}.ckpt.pt"
     first = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -474,37 +511,42 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
             torch.set_rng_state(state["torch_rng"])
             first = state["step"]
             meter.curve = state["curve"]
-            log(f"student: resumed at step {first}")
-    for step in range(first, recipe.student_steps):
-        max_k = 3 if step < recipe.student_steps // 5 else 5
-        eps = [student_episode(rng, bank, max_k, labels=labels) for _ in range(recipe.batch_size)]
-        loss = answer_loss(model, encode_episodes(processor, bank, eps))
-        seen = torch.as_tensor(bank.labels[[i for ep in eps for i in _images_of(ep)]])
-        loss = loss + recipe.aux_weight * F.cross_entropy(head(tower_tap.pooled), seen)
-        if recipe.token_contrast_weight:
-            loss = loss + recipe.token_contrast_weight * _supcon(token_tap.pooled, seen)
-        _step(opt, sched, loss, params)
-        meter.add(step, loss.item())
-        if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.student_steps:
-            state = {
-                "recipe": asdict(recipe),
-                "step": step + 1,
-                "model": model.state_dict(),
-                "head": head.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "curve": meter.curve,
-            }
-            torch.save(state, ckpt.with_suffix(".tmp"))
-            ckpt.with_suffix(".tmp").replace(ckpt)
-            _save(model, processor, out, {"model": fixtures.STUDENT, "partial": step + 1})
-            model.train()
-    info = {"model": fixtures.STUDENT, "recipe": asdict(recipe), **meter.info()}
-    _save(model, processor, out, info)
+            log(f"student: resumed cycle {cycle} at step {first}")
+    try:
+        for step in range(first, steps):
+            max_k = 3 if first_cycle and step < steps // 5 else 5
+            eps = [
+                student_episode(rng, bank, max_k, labels=labels) for _ in range(recipe.batch_size)
+            ]
+            loss = answer_loss(model, encode_episodes(processor, bank, eps))
+            seen = torch.as_tensor(bank.labels[[i for ep in eps for i in _images_of(ep)]])
+            loss = loss + recipe.aux_weight * F.cross_entropy(head(tower_tap.pooled), seen)
+            if recipe.token_contrast_weight:
+                loss = loss + recipe.token_contrast_weight * _supcon(token_tap.pooled, seen)
+            _step(opt, sched, loss, params)
+            meter.add(step, loss.item())
+            if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
+                state = {
+                    "recipe": asdict(recipe),
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "head": head.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                    "curve": meter.curve,
+                }
+                torch.save(state, ckpt.with_suffix(".tmp"))
+                ckpt.with_suffix(".tmp").replace(ckpt)
+                partial = {"model": fixtures.STUDENT, "partial": step + 1, "cycle": cycle}
+                _save(model, processor, out, partial)
+                model.train()
+    finally:
+        tower_tap.remove()
+        token_tap.remove()
     ckpt.unlink(missing_ok=True)
-    return info
+    return meter.info()
 
 
 # ---------------------------------------------------------------------------- all

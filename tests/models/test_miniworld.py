@@ -20,6 +20,7 @@ def test_a_short_schedule_trains_every_model_and_the_loss_falls(tmp_path):
         embedder_steps=30,
         teacher_steps=30,
         student_steps=30,
+        student_cycle2_steps=10,
         checkpoint_every=10,
     )
     report = train_all(tmp_path, recipe=recipe, log=lambda _: None)
@@ -29,6 +30,8 @@ def test_a_short_schedule_trains_every_model_and_the_loss_falls(tmp_path):
         assert len(curve) >= 3 and curve[-1] < curve[0], (name, curve)
         marker = json.loads((tmp_path / name / MARKER).read_text())
         assert marker["recipe"]["student_steps"] == 30 and marker["seconds"] > 0
+    cycle2 = report[STUDENT]["cycle2"]["loss_curve"]  # the warm restart ran and learns
+    assert len(cycle2) >= 2 and all(loss > 0 for _, loss in cycle2)
     # What was written loads through the real backends.
     from icd.models.hf import HFVLM, HFEmbedder
 
@@ -87,7 +90,9 @@ def test_an_interrupted_student_run_resumes_from_its_checkpoint(tmp_path):
     uninterrupted run ends with."""
     import torch
 
-    recipe = Recipe(per_class=3, glyph_per_class=2, student_steps=6, checkpoint_every=3)
+    recipe = Recipe(
+        per_class=3, glyph_per_class=2, student_steps=6, student_cycle2_steps=0, checkpoint_every=3
+    )
     whole = train_all(tmp_path / "whole", recipe=recipe, names=[STUDENT], log=lambda _: None)
 
     class Killed(Exception):
@@ -103,7 +108,7 @@ def test_an_interrupted_student_run_resumes_from_its_checkpoint(tmp_path):
     assert (tmp_path / "cut" / f".{STUDENT}.ckpt.pt").exists()
     seen: list[str] = []
     resumed = train_all(tmp_path / "cut", recipe=recipe, names=[STUDENT], log=seen.append)
-    assert any("resumed at step 3" in m for m in seen)
+    assert any("resumed cycle 1 at step 3" in m for m in seen)
     assert not (tmp_path / "cut" / f".{STUDENT}.ckpt.pt").exists()
     from safetensors.torch import load_file
 
