@@ -476,7 +476,8 @@ def reproduce(
     minutes = (time.perf_counter() - t0) / 60
     novel = shapes.NOVEL_CLASSES if preset == "smoke" else None
     table, rows = build_claims(folders, novel=novel)
-    command = " ".join(["icd reproduce", f"--preset {preset}", *(f"--set {o}" for o in set_ or [])])
+    shown = [o for o in set_ or [] if not o.startswith("storage.")]  # no local paths
+    command = " ".join(["icd reproduce", f"--preset {preset}", *(f"--set {o}" for o in shown)])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# Claims of the paper, measured\n\n"
