@@ -106,8 +106,9 @@ def headline(summary: Mapping[str, Any], *, mlflow_url: str | None = None) -> st
         f"- gain from in-context learning: {_points(summary.get('gain_from_icl'))}; from the "
         f"forwarded teacher labels: {_points(summary.get('gain_from_teacher_labels'))}",
         f"- teacher labelled {_pct(summary.get('annotation_rate'))} of the samples "
-        f"({summary.get('queried', 0):.0f} queried, {summary.get('accepted', 0):.0f} admitted to "
-        f"the pool, {summary.get('teacher_calls', 0):.0f} teacher answers generated)",
+        f"({summary.get('queried') or 0:.0f} queried, {summary.get('accepted') or 0:.0f} "
+        f"admitted to the pool, {summary.get('teacher_calls') or 0:.0f} teacher answers "
+        "generated)",
     ]
     if summary.get("demo_accuracy") is not None:
         lines.append(f"- demonstrations of the query's class: {_pct(summary.get('demo_accuracy'))}")

@@ -374,6 +374,10 @@ def _pct(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):.1f}%"
 
 
+def _count(x: Any) -> str:
+    return "–" if x is None else f"{float(x):.0f}"
+
+
 def print_headline(summary: dict[str, Any], console: Console | None = None) -> None:
     """The run's headline: accuracy against its same-run baselines (what applies to the
     mode), teacher use, time, and where the results are. ``print_summary`` prints it all."""
@@ -381,8 +385,8 @@ def print_headline(summary: dict[str, Any], console: Console | None = None) -> N
     acc = summary.get("accuracy")
     lines = [
         f"[bold]ICD run {summary.get('run_id')}[/] — mode {summary.get('mode')} on "
-        f"{summary.get('dataset')}, {summary.get('samples', 0):.0f} samples"
-        + (f" ({summary['skipped']:.0f} skipped)" if summary.get("skipped") else ""),
+        f"{summary.get('dataset')}, {_count(summary.get('samples'))} samples"
+        + (f" ({_count(summary['skipped'])} skipped)" if summary.get("skipped") else ""),
         f"  accuracy                      [bold]{_pct(acc)}[/]",
     ]
 
@@ -396,8 +400,8 @@ def print_headline(summary: dict[str, Any], console: Console | None = None) -> N
     if summary.get("queried"):
         lines.append(
             f"  teacher labelled              {_pct(summary.get('annotation_rate'))} of samples "
-            f"({summary.get('queried', 0):.0f} queried, {summary.get('accepted', 0):.0f} pooled, "
-            f"{summary.get('teacher_calls', 0):.0f} answers)"
+            f"({_count(summary.get('queried'))} queried, {_count(summary.get('accepted'))} "
+            f"pooled, {_count(summary.get('teacher_calls'))} answers)"
         )
     if summary.get("demo_accuracy") is not None:
         lines.append(f"  demos of the query's class    {_pct(summary.get('demo_accuracy'))}")
