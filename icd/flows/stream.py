@@ -187,18 +187,19 @@ def start_tracking(*, ctx: RunContext, src: Stream, parent_mlflow_run_id: str | 
         cfg.storage.experiment,
         artifact_root=Path(cfg.storage.root).absolute() / "mlartifacts",
     )
+    commit = _git_commit()
     tracker.start(
         ctx.run_id,
         config=cfg.model_dump(mode="json"),
         tags={
             "prefect.flow_run_id": _flow_run_id(),
-            "git.commit": _git_commit(),
+            "git.commit": commit,
             "icd.mode": cfg.method.mode,
             "icd.dataset": cfg.data.dataset,
             # MLflow's own columns (Source, User) and the run page's description
             "mlflow.source.name": "icd/stream (Prefect flow)",
             "mlflow.source.type": "JOB",
-            "mlflow.source.git.commit": _git_commit(),
+            "mlflow.source.git.commit": commit,
             "mlflow.user": getpass.getuser(),
             "mlflow.note.content": (
                 f"ICD run `{ctx.run_id}`: mode `{cfg.method.mode}` on `{cfg.data.dataset}`. "

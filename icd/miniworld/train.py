@@ -11,19 +11,23 @@ not saved) makes the tiny vision towers learn shapes quickly.
 Training images are drawn from the shapes world with seeds ``TRAIN_SEED + seed`` and up,
 never the seeds of the benchmark streams, so every evaluation is on held-out images.
 
-The student's episodes (one prompt each):
+The student's episodes (one prompt each), over the shapes world and the glyph world
+(:mod:`icd.miniworld.world`, 600 categories that are not the evaluation world):
 
 - ``zs_base``: a base-class image, no demos → its class name;
 - ``zs_novel``: a novel-class image, no demos → a random base class name (so the student
   answers novel classes wrongly and, across episodes, uncertainly);
-- ``icl_novel``: a novel-class query and k demos, exactly one of its class, the others
-  distractors that share its colour, its shape, or nothing → that demo's label. Novel shape
-  names are permuted at random per episode (demos and target alike), so the only way to
-  answer is to read the label off the matching demo — names cannot be memorised;
+- ``icl_glyph``: a glyph query and k demos, one (sometimes two) of its category, the others
+  sharing its colour, its template, or nothing → the label its demo carries;
+- ``icl_shapes``: the same with a novel shapes-world query;
 - ``icl_base``: a base-class query with k demos, with or without one of its class → its
   class name (demos must not wreck what the student knows).
 
-k follows a curriculum: 1–2 demos first, 1–4 later.
+Labels: a base class shows under its real name; every other class gets a label drawn at
+random per episode from thousands of names (:func:`icd.miniworld.world.label_pool`), so no
+label can be memorised, a novel class's name is never a label or a target, and the only
+way to answer is to read the label of the demo whose image matches. k follows a
+curriculum: 1–3 demos for the first fifth, then 1–5.
 """
 
 from __future__ import annotations
