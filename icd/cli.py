@@ -451,7 +451,8 @@ def reproduce(
     """Run every analysis of the paper and its reviewers (the `claims` and `claims-budget`
     suites: baselines, gate, selection, k, demo order, teacher N and a_min, oracle, LoRA,
     budgets; three stream orders each) and write the claims report: one row per claim, its
-    numbers (mean ± std) and whether it holds. Rerunning resumes the finished runs."""
+    numbers (mean ± std) and whether it holds. Rerunning resumes the finished runs. At paper
+    scale: --preset paper --set "benchmark.datasets=[cub200,flowers102]" (GPU, hub access)."""
     import time
 
     from icd.data import shapes
