@@ -77,7 +77,10 @@ def resolve_target(target: str, root: Path) -> tuple[str, Path]:
     latest = latest_benchmark(target, root)
     if latest is not None:
         return "benchmark", latest
-    raise ReportError(f"no run or benchmark {target!r} under {Path(root).absolute()}")
+    raise ReportError(
+        f"no run or benchmark {target!r} under {Path(root).absolute()} "
+        "(a run written elsewhere: --root STORAGE_ROOT, or the run's folder as the target)"
+    )
 
 
 def latest_benchmark(suite: str, root: Path) -> Path | None:

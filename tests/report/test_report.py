@@ -285,7 +285,7 @@ def test_resolve_target(tmp_path):
     assert resolve_target("nightly-a", tmp_path) == ("benchmark", old)
     assert resolve_target("nightly", tmp_path) == ("benchmark", new)  # suite name: the latest
     assert resolve_target(str(old), tmp_path / "other") == ("benchmark", old)
-    with pytest.raises(ReportError, match="no run or benchmark 'nope'"):
+    with pytest.raises(ReportError, match="no run or benchmark 'nope'.*--root"):
         build_report("nope", tmp_path)
 
 
