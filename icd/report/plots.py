@@ -432,15 +432,10 @@ def plot_sweep(
                 + ("" if budget is None else f" ρ={budget:g}")
                 + (f" ({dataset})" if len({k[0] for k in lines}) > 1 else "")
             )
-            ax.errorbar(
-                x[ok],
-                y[ok],
-                yerr=err[ok],
-                marker="o",
-                capsize=3,
-                color=_COLORS[i % len(_COLORS)],
-                label=label,
-            )
+            st = style(base)
+            if len(lines) > 1 and len({k[1] for k in lines}) < len(lines):
+                st["color"] = _COLORS[i % len(_COLORS)]  # one mode at several budgets/datasets
+            ax.errorbar(x[ok], y[ok], yerr=err[ok], capsize=3, label=label, **st)
             drawn = True
         if not drawn:
             _empty(ax, f"no {metric} values")
