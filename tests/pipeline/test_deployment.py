@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,38 +18,11 @@ import httpx
 import mlflow
 import pytest
 
+from tests.loopback import REPO, free_port, start, stop, wait_healthy
+
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    # Own process group, so the whole tree (worker + flow-run subprocess) stops together.
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> str:
@@ -61,7 +32,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> str:
 
 
 def test_deploy_run_and_schedule(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     root = tmp_path / "icd"
     env = {
@@ -74,7 +45,7 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
         # The scheduler's loop (60 s by default), shortened so the test need not wait a minute.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
     }
-    server = _start(
+    server = start(
         [
             PREFECT,
             "server",
@@ -91,16 +62,7 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
     )
     worker = None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "Prefect server did not become healthy"
-            time.sleep(0.5)
+        wait_healthy(f"{api}/health", server, tmp_path / "server.log")
 
         _run([PREFECT, "work-pool", "create", "icd", "--type", "process", "--overwrite"], env)
         _run([PREFECT, "--no-prompt", "deploy", "--all"], env)
@@ -124,7 +86,7 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
                 break
             time.sleep(5)
         assert scheduled, "the scheduler created no run for the nightly cron schedule"
-        worker = _start(
+        worker = start(
             [PREFECT, "worker", "start", "--pool", "icd", "--install-policy", "never"],
             env,
             tmp_path / "worker.log",
@@ -196,5 +158,5 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
 
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(server)
+            stop(worker)
+        stop(server)

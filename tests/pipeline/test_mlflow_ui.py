@@ -6,10 +6,7 @@ predictions table and a description."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,14 +14,9 @@ import pytest
 
 from icd.config import load_config
 from icd.flows.stream import stream
+from tests.loopback import free_port, start, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> None:
@@ -32,25 +24,18 @@ def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> No
         "smoke", overrides=[f"storage.root={tmp_path}", "data.limit=48", "pipeline.chunk_size=16"]
     )
     summary = stream(config_json=cfg.model_dump_json(), run_id="ui-run")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
+    log = tmp_path / "mlflow-ui.log"
+    server = start(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
          f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env, log,
     )  # fmt: skip
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "mlflow ui did not start"
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}/health", server, log, timeout=90)
         exp = httpx.get(f"{api}/experiments/get-by-name", params={"experiment_name": "icd"})
         runs = httpx.post(
             f"{api}/runs/search",
@@ -75,5 +60,4 @@ def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> No
         report = listed("report")
         assert {"report/report.html", "report/running.png", "report/uncertainty.png"} <= report
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
