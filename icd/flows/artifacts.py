@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
+from icd.report.tables import fmt_count, fmt_pct
+
 log = logging.getLogger(__name__)
 
 
@@ -76,10 +78,6 @@ class Progress:
             self.artifact = None
 
 
-def _pct(x: Any) -> str:
-    return "–" if x is None else f"{100 * float(x):.1f}%"
-
-
 def _points(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):+.1f} pts"
 
@@ -93,25 +91,27 @@ def headline(summary: Mapping[str, Any], *, mlflow_url: str | None = None) -> st
         "",
         "| | accuracy |",
         "|---|---|",
-        f"| **this run ({summary.get('mode')})** | **{_pct(summary.get('accuracy'))}** |",
+        f"| **this run ({summary.get('mode')})** | **{fmt_pct(summary.get('accuracy'))}** |",
     ]
     if summary.get("zs_accuracy") is not None:
-        lines.append(f"| the student alone (zero-shot) | {_pct(summary.get('zs_accuracy'))} |")
+        lines.append(f"| the student alone (zero-shot) | {fmt_pct(summary.get('zs_accuracy'))} |")
     if summary.get("forward_accuracy") is not None:
         lines.append(
-            f"| forwarding the teacher's labels, no ICL | {_pct(summary.get('forward_accuracy'))} |"
+            f"| forwarding the teacher's labels, no ICL | {fmt_pct(summary.get('forward_accuracy'))} |"
         )
     lines += [
         "",
         f"- gain from in-context learning: {_points(summary.get('gain_from_icl'))}; from the "
         f"forwarded teacher labels: {_points(summary.get('gain_from_teacher_labels'))}",
-        f"- teacher labelled {_pct(summary.get('annotation_rate'))} of the samples "
-        f"({summary.get('queried') or 0:.0f} queried, {summary.get('accepted') or 0:.0f} "
-        f"admitted to the pool, {summary.get('teacher_calls') or 0:.0f} teacher answers "
+        f"- teacher labelled {fmt_pct(summary.get('annotation_rate'))} of the samples "
+        f"({fmt_count(summary.get('queried'))} queried, {fmt_count(summary.get('accepted'))} "
+        f"admitted to the pool, {fmt_count(summary.get('teacher_calls'))} teacher answers "
         "generated)",
     ]
     if summary.get("demo_accuracy") is not None:
-        lines.append(f"- demonstrations of the query's class: {_pct(summary.get('demo_accuracy'))}")
+        lines.append(
+            f"- demonstrations of the query's class: {fmt_pct(summary.get('demo_accuracy'))}"
+        )
     seconds = summary.get("seconds")
     if isinstance(seconds, Mapping):
         total = sum(float(v) for v in seconds.values())

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from icd.method.modes import mode_spec
 from icd.report import html, plots
-from icd.report.tables import comparison_rows
+from icd.report.tables import comparison_rows, fmt_count, fmt_pct
 
 BENCHMARK_FILE = "benchmark.json"
 RUNS_FILE = "runs.parquet"
@@ -373,14 +373,6 @@ def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | Non
     console.print(table)
 
 
-def _pct(x: Any) -> str:
-    return "–" if x is None else f"{100 * float(x):.1f}%"
-
-
-def _count(x: Any) -> str:
-    return "–" if x is None else f"{float(x):.0f}"
-
-
 def print_headline(summary: dict[str, Any], console: Console | None = None) -> None:
     """The run's headline: accuracy against its same-run baselines (what applies to the
     mode), teacher use, time, and where the results are. ``print_summary`` prints it all."""
@@ -388,26 +380,26 @@ def print_headline(summary: dict[str, Any], console: Console | None = None) -> N
     acc = summary.get("accuracy")
     lines = [
         f"[bold]ICD run {summary.get('run_id')}[/] — mode {summary.get('mode')} on "
-        f"{summary.get('dataset')}, {_count(summary.get('samples'))} samples"
-        + (f" ({_count(summary['skipped'])} skipped)" if summary.get("skipped") else ""),
-        f"  accuracy                      [bold]{_pct(acc)}[/]",
+        f"{summary.get('dataset')}, {fmt_count(summary.get('samples'))} samples"
+        + (f" ({fmt_count(summary['skipped'])} skipped)" if summary.get("skipped") else ""),
+        f"  accuracy                      [bold]{fmt_pct(acc)}[/]",
     ]
 
     def versus(label: str, key: str) -> None:
         base = summary.get(key)
         if base is not None and acc is not None:
-            lines.append(f"  {label:<30}{_pct(base)}  ({100 * (acc - base):+.1f} points)")
+            lines.append(f"  {label:<30}{fmt_pct(base)}  ({100 * (acc - base):+.1f} points)")
 
     versus("the student alone", "zs_accuracy")
     versus("forwarding the teacher labels", "forward_accuracy")
     if summary.get("queried"):
         lines.append(
-            f"  teacher labelled              {_pct(summary.get('annotation_rate'))} of samples "
-            f"({_count(summary.get('queried'))} queried, {_count(summary.get('accepted'))} "
-            f"pooled, {_count(summary.get('teacher_calls'))} answers)"
+            f"  teacher labelled              {fmt_pct(summary.get('annotation_rate'))} of samples "
+            f"({fmt_count(summary.get('queried'))} queried, {fmt_count(summary.get('accepted'))} "
+            f"pooled, {fmt_count(summary.get('teacher_calls'))} answers)"
         )
     if summary.get("demo_accuracy") is not None:
-        lines.append(f"  demos of the query's class    {_pct(summary.get('demo_accuracy'))}")
+        lines.append(f"  demos of the query's class    {fmt_pct(summary.get('demo_accuracy'))}")
     seconds = summary.get("seconds")
     if isinstance(seconds, dict) and seconds:
         lines.append(f"  stage time                    {sum(map(float, seconds.values())):.1f} s")

@@ -190,6 +190,16 @@ _MD_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def fmt_pct(x: Any) -> str:
+    """A rate as a percentage with one decimal ("42.0%"); "–" when missing."""
+    return "–" if x is None else f"{100 * float(x):.1f}%"
+
+
+def fmt_count(x: Any) -> str:
+    """A count as a whole number; "–" when missing."""
+    return "–" if x is None else f"{float(x):.0f}"
+
+
 def mean_std(mean: float | None, std: float | None, kind: str = "num") -> str:
     """Format ``mean ± std`` ("pct" scales by 100, one decimal); "–" when the mean is missing."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
