@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from icd.method.metrics import score
+from icd.report.tables import mean_std
 
 CLAIMS_SUITE = "claims"
 BUDGET_SUITE = "claims-budget"
@@ -38,10 +39,7 @@ class Stat:
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else math.nan
 
     def pct(self) -> str:
-        if not self.values:
-            return "–"
-        std = "" if math.isnan(self.std) else f" ± {100 * self.std:.1f}"
-        return f"{100 * self.mean:.1f}{std}"
+        return mean_std(self.mean, self.std, "pct")
 
     def num(self, fmt: str = "{:.3g}") -> str:
         if not self.values:
