@@ -39,13 +39,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from icd.bench.scale import STAGES, bench_config, cpu_seconds, quiet_logs, timed_flow
+from icd.bench.scale import bench_config, cpu_seconds, quiet_logs, timed_flow
 from icd.config import Config
 from icd.data.stream import open_stream
 from icd.method import metrics, modes, steps
 from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
 from icd.models import load_embedder, load_student, load_teacher
+from icd.tasks.runner import STAGES
 
 RSS_SOURCE = "fixture:shapes?n=10000"
 
@@ -64,7 +65,7 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
     src = open_stream(cfg.data)
     task, class_names, synonyms = src.task, src.class_names, src.synonyms
     prompt_classes = class_names if cfg.method.list_classes_in_prompt else None
-    sel = modes.selection_config(cfg.method)
+    plan = modes.plan(cfg.method)
     embedder = load_embedder(cfg.models.embedder)
     student = load_student(cfg.models.student)
     teacher = load_teacher(cfg.models.teacher, class_names)
@@ -107,11 +108,16 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
 
         votes: dict[str, Any] = {}
         mask, state = steps.teacher_queries(
-            len(valid), uncertainties=zs_unc, state=state, cfg=cfg.method, stream_length=src.length
+            len(valid),
+            queries=plan.queries,
+            uncertainties=zs_unc,
+            state=state,
+            policy=cfg.method.policy,
+            stream_length=src.length,
         )
         asked = [s for s, q in zip(valid, mask, strict=True) if q]
         if asked:
-            voting = steps.annotation_voting(cfg.method)
+            voting = plan.voting
             prompts = [build_prompt(s.question, s.image, task=task) for s in asked]
             anns = teacher.annotate(
                 asked, prompts, voting.n, voting.temperature, voting.include_greedy, cfg.seed
@@ -121,7 +127,8 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
         lap("annotate")
 
         before = len(pool_labels)  # demos come from the pool as it was before this chunk
-        admit = steps.pool_mask([votes.get(s.sample_id) for s in valid], cfg.method)
+        admit = steps.pool_mask([votes.get(s.sample_id) for s in valid])
+        admit &= plan.pool
         added = [(int(i), votes[valid[i].sample_id]) for i in np.flatnonzero(admit)]
         if added:
             pool_img = np.concatenate([pool_img, vecs[[i for i, _ in added]]])
@@ -131,19 +138,22 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
         lap("pool")
 
         icl_answers: list[str | None] = [None] * len(valid)
-        need = steps.icl_mask([votes.get(s.sample_id) for s in valid], cfg.method)
+        need = steps.icl_mask(
+            [votes.get(s.sample_id) for s in valid], forward_labels=plan.forward_labels
+        )
+        need &= plan.uses_icl
         rows = [i for i, n in enumerate(need) if n]
         if rows:
             query_txt = None
-            if steps.needs_query_text(sel, pool_size=before):
+            if steps.needs_query_text(plan.selection, pool_size=before):
                 query_txt = embedder.embed_texts([zs_answers[i] for i in rows])
             chosen = steps.choose_demos(
-                query_img=vecs[rows],
-                query_txt=query_txt,
-                pool_img=pool_img[:before],
-                pool_txt=pool_txt[:before],
-                pool_labels=np.array(pool_labels[:before], dtype=object),
-                cfg=cfg.method,
+                vecs[rows],
+                query_txt,
+                pool_img[:before],
+                pool_txt[:before],
+                np.array(pool_labels[:before], dtype=object),
+                selection=plan.selection,
                 seed=cfg.seed,
                 query_ids=[valid[i].sample_id for i in rows],
             )
@@ -163,7 +173,7 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
         lap("icl")
 
         finals = steps.final_answers(
-            cfg.method, zs_answers, icl_answers, [votes.get(s.sample_id) for s in valid]
+            plan, zs_answers, icl_answers, [votes.get(s.sample_id) for s in valid]
         )
         for s, (final, _) in zip(valid, finals, strict=True):
             records.append(

@@ -40,8 +40,9 @@ from rich.console import Console
 from rich.table import Table
 
 from icd.config import Config, load_config
+from icd.tasks.runner import STAGES as RUNNER_STAGES
 
-STAGES = ("embed", "score", "annotate", "pool", "icl", "evaluate")
+STAGES = tuple(s for s in RUNNER_STAGES if s != "adapt")  # no fine-tuning in these benches
 
 
 def quiet_logs() -> None:

@@ -84,11 +84,6 @@ def data_files(path: Path) -> list[str]:
     return [str(Path(path) / _DATA_FILE)]
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """The ``shapes.json`` of a built dataset: arguments, class names, synonyms, corrupt ids."""
-    return json.loads((Path(path) / _META_FILE).read_text())
-
-
 def build_shapes_dataset(
     root: Path, n: int = 2000, seed: int = 0, corrupt_every: int = 500, size: int = 32
 ) -> Path:

@@ -202,16 +202,6 @@ class Stream:
             return chunk
         raise IndexError(f"chunk {index} is past the end of stream {self.name!r}")
 
-    def chunk_ids(self, index: int, chunk_size: int) -> list[str]:
-        """Sample ids of chunk ``index`` without decoding any image (cheap cache keys)."""
-        start = index * chunk_size
-        ids = []
-        for pos, row_index, row in self._source.rows(start):
-            if pos >= start + chunk_size:
-                break
-            ids.append(self._sample_id(row_index, row))
-        return ids
-
     def dataset_info(self) -> dict[str, Any]:
         """Lineage record: name, source, split, task, num_rows, digest, order_seed, limit."""
         return {

@@ -22,7 +22,7 @@ class Sample:
     stream_pos: int
     question: str
     answers: list[str]
-    image: Image.Image | None = None
+    image: Image.Image | None = None  # decoded; None only for a skipped sample
     image_bytes: bytes = b""
     skip_reason: str | None = None
 

@@ -60,9 +60,10 @@ class Progress:
             try:
                 from prefect.artifacts import create_progress_artifact
 
-                self.artifact = create_progress_artifact(
+                made = create_progress_artifact(
                     0.0, key=artifact_key(f"{run_id}-progress"), description=f"{run_id}: samples"
                 )
+                self.artifact = made if isinstance(made, UUID) else None  # sync: a UUID
             except Exception as e:  # noqa: BLE001
                 log.warning("no Prefect progress artifact: %s", e)
 

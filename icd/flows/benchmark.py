@@ -125,12 +125,13 @@ class BenchmarkConfig(BaseModel):
     @model_validator(mode="after")
     def _unique(self) -> BenchmarkConfig:
         names = [v.name for v in self.variants()]
-        for label, values in (
+        columns: list[tuple[str, list[Any]]] = [
             ("mode", names),
-            ("dataset", self.datasets),
-            ("budget", self.budgets),
-            ("seed", self.seeds),
-        ):
+            ("dataset", list(self.datasets)),
+            ("budget", list(self.budgets)),
+            ("seed", list(self.seeds)),
+        ]
+        for label, values in columns:
             dup = {x for x in values if values.count(x) > 1}
             if dup:
                 raise ValueError(f"duplicate {label} in the suite: {sorted(dup, key=str)}")
@@ -241,7 +242,8 @@ def expand(suite: BenchmarkConfig) -> list[Setting]:
 
 def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
     """``benchmark.FIELD=v`` items change the suite; the rest go to every stream run."""
-    suite, runs = [], []
+    suite: list[str] = []
+    runs: list[str] = []
     for item in overrides or []:
         (suite if item.startswith("benchmark.") else runs).append(item.removeprefix("benchmark."))
     return suite, runs
@@ -323,7 +325,15 @@ def benchmark(
 
     try:
         children = _run_matrix(
-            stream, spec, settings, common, benchmark_id, parent_id, folder, tracker, log
+            stream,
+            spec=spec,
+            settings=settings,
+            common=common,
+            benchmark_id=benchmark_id,
+            parent_id=parent_id,
+            folder=folder,
+            tracker=tracker,
+            log=log,
         )
         runs = pl.read_parquet(folder / RUNS_FILE)
         table = comparison_table(runs)
@@ -374,6 +384,7 @@ def benchmark(
 
 def _run_matrix(
     stream: Any,
+    *,
     spec: BenchmarkConfig,
     settings: list[Setting],
     common: list[str],

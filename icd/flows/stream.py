@@ -1,16 +1,17 @@
 """The stream flow (Prefect flow ``icd``, deployment ``icd/stream``): online ICD over one
 benchmark stream.
 
-Per chunk (docs/design.md §4)::
+Per chunk (docs/design.md §4), one stage per module of :mod:`icd.tasks`::
 
-    embed ─> score ─> select for annotation ─> teacher (vote) ─┬─> pool update ─┐
-                                                               └─> student ICL ─┴─> [adapt] ─> evaluate, log
-    (the student's demos come from the pool as it was before this chunk; [adapt]: the LoRA
-    modes' training steps on the pool, used by the next chunks' student passes)
+    embed ─> score ─> annotate (policy, teacher votes) ─┬─> pool ─┐
+                                                        └─> icl ──┴─> [adapt] ─> evaluate ─> commit
+    (icl: the student's demos come from the pool as it was before this chunk; adapt: the
+    LoRA modes' training steps on the pool, used by the next chunks' student passes)
 
 Embedding and zero-shot scoring do not depend on the pool (except scoring by an adapting
-student), so with ``pipeline.lookahead`` > 0 they are submitted for the next chunks while the current chunk's sequential stages run
-(with 0 they run in order, in the flow's thread). The pool update runs in the background
+student), so with ``pipeline.lookahead`` > 0 they are submitted for the next chunks while
+the current chunk's sequential stages run (with 0 they run in order, in the flow's
+thread). The pool update runs in the background
 while the student answers with demonstrations, which come from the pool as it was before
 the chunk. A chunk is committed (predictions parquet, pool version, policy state) before
 the next one starts its sequential stages; a killed run restarts after its last committed
@@ -23,7 +24,6 @@ import getpass
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -32,34 +32,26 @@ from typing import Any
 import polars as pl
 import torch
 from prefect import flow, get_run_logger
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from icd import tasks
 from icd.config import Config, load_config
 from icd.data.stream import Stream, open_stream
 from icd.data.types import Chunk
 from icd.flows import artifacts
-from icd.method import metrics, steps
-from icd.method.policy import PolicyState
-from icd.pipeline.context import ChunkWork, ResumeState, RunContext, read_ledger
-from icd.pipeline.runner import Runner, fresh_seconds, is_fresh
-from icd.pipeline.stages import (
-    adapt_student,
-    annotate_with_teacher,
-    evaluate_chunk,
-    extract_embeddings,
-    open_pool,
-    pool_key,
-    predict_icl,
-    score_student,
-    update_pool,
-)
+from icd.method import accounting
+from icd.method.accounting import Made
 from icd.report import build_run_report
 from icd.storage import results
-from icd.storage.pool import DEFAULT_TABLE, PoolError, PoolView
+from icd.storage.pool import DEFAULT_TABLE, PoolError
 from icd.storage.runstate import RunState, atomic_write_text
 from icd.storage.tracking import Tracker
+from icd.tasks import adapt, annotate, embed, evaluate, icl, pool, score
+from icd.tasks.base import open_pool
+from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.runner import Runner
 
 # Called after each committed chunk with (chunks_done, samples_done, total_samples or None);
 # the CLI registers a rich progress bar here.
@@ -67,7 +59,7 @@ ChunkHook = Callable[[int, int, int | None], None]
 CHUNK_HOOKS: list[ChunkHook] = []
 
 
-@flow(name="icd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="icd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
 def stream(
     preset: str | None = "smoke",
     overrides: list[str] | None = None,
@@ -105,20 +97,18 @@ def _runner_fits(cfg: Config, *, on_dask: bool) -> bool:
     a thread pool of ``max_workers``."""
     if cfg.pipeline.task_runner == "dask":
         return on_dask
-    try:
-        runner = get_run_context().task_runner
-    except Exception:
+    run = FlowRunContext.get()
+    if run is None:
         return True
+    runner = run.task_runner
     # ThreadPoolTaskRunner keeps its size in `_max_workers` (Prefect 3.x; no public field).
     workers = getattr(runner, "_max_workers", cfg.pipeline.max_workers)
     return on_dask or workers == cfg.pipeline.max_workers
 
 
 def _on_dask() -> bool:
-    try:
-        return type(get_run_context().task_runner).__name__ == "DaskTaskRunner"
-    except Exception:
-        return False
+    run = FlowRunContext.get()
+    return run is not None and type(run.task_runner).__name__ == "DaskTaskRunner"
 
 
 def _api_for_workers() -> AbstractContextManager[Any]:
@@ -161,23 +151,40 @@ def run_stream(
     ctx = RunContext.create(cfg, src, run_id=run_id)
     tracker = start_tracking(ctx=ctx, src=src, parent_mlflow_run_id=parent_mlflow_run_id)
     state = resume(ctx=ctx, tracker=tracker)
-    runner = Runner(ctx, on_dask=_on_dask())
+    runner = Runner(
+        lookahead=cfg.pipeline.lookahead,
+        on_dask=_on_dask(),
+        cache_dir=ctx.cache_dir,
+        books=state.books,
+    )
     progress = show_run(ctx=ctx, state=state)  # the Prefect UI: name, tags, progress
     chunks = src.chunks(cfg.pipeline.chunk_size, start_chunk=state.next_chunk)
-    for work in runner.window(chunks, start=lambda c: embed_and_score(runner, ctx, chunk=c)):
-        zero_shot(runner, ctx, work=work, state=state)  # embeddings, answers, uncertainty
-        ask_teacher(runner, ctx, work=work, state=state)  # budgeted policy -> votes
-        view = demo_view(ctx, work=work)  # the pool as it was before this chunk
-        pooled = add_to_pool(runner, ctx, work=work)  # one pool commit, in the background
-        answer_with_demos(runner, ctx, work=work, state=state, view=view)
-        record_pool_commit(work=work, state=state, pooled=pooled)
-        adapt(runner, ctx, work=work, state=state)  # finetune modes: LoRA steps on the pool
-        evaluate_and_commit(ctx, work=work, state=state, tracker=tracker)
+    for work in runner.window(chunks, start=lambda c: start_chunk(runner, ctx, chunk=c)):
+        embed.collect(runner, work=work)
+        score.collect(runner, ctx, work=work, state=state)  # answers, uncertainty
+        annotate.run(runner, ctx, work=work, state=state)  # budgeted policy -> votes
+        view = icl.demo_view(ctx, work=work)  # the pool as it was before this chunk
+        pooling = pool.submit(runner, ctx, work=work)  # one pool commit, in the background
+        icl.run(runner, ctx, work=work, state=state, view=view)
+        pool.collect(runner, work=work, state=state, pending=pooling)
+        adapt.run(runner, ctx, work=work, state=state)  # finetune modes: LoRA on the pool
+        evaluate.run(runner, ctx, work=work, state=state)
+        commit(ctx, work=work, state=state, tracker=tracker)
         progress.update(state.counters["samples_seen"])
     return finish(ctx, state=state, tracker=tracker)
 
 
-# ---------------------------------------------------------------------------- the stages
+def start_chunk(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> ChunkWork:
+    """Start the chunk's pool-independent stages, which may run ahead of the current
+    chunk: its embeddings and (unless the student adapts to the pool) its zero-shot
+    answers."""
+    work = ChunkWork(chunk)
+    work.embedding = embed.submit(runner, ctx, chunk=chunk)
+    work.scoring = score.submit(runner, ctx, chunk=chunk)
+    return work
+
+
+# ---------------------------------------------------------------------------- the run
 def start_tracking(*, ctx: RunContext, src: Stream, parent_mlflow_run_id: str | None) -> Tracker:
     """The run's MLflow run (created, or reopened when resuming) with its config, lineage
     tags and dataset."""
@@ -236,9 +243,12 @@ def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
     (the tracker skips steps it already has, so a kill between commit and log loses none)."""
     log = get_run_logger()
     for st in RunState(ctx.run_dir).all():
-        numbers = _accounted(st["running"], st["counters"], ctx.stream_length)
+        made = Made(**st.get("made", {}))
+        numbers = accounting.running_numbers(
+            st["running"], counters=st["counters"], made=made, pool_size=st.get("pool_size", 0)
+        )
         tracker.log_metrics(_loggable(numbers), step=st["samples_seen"])
-    state = ResumeState.load(ctx)
+    state = ResumeState.load(ctx, counters=tasks.COUNTERS)
     if state.next_chunk:
         done = state.counters["samples_seen"]
         log.info(
@@ -250,179 +260,24 @@ def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
     else:
         n = ctx.stream_length if ctx.stream_length is not None else "unknown"
         log.info(
-            "run %s: mode %s on %s (%s samples)", ctx.run_id, ctx.mode.name, ctx.cfg.data.dataset, n
+            "run %s: mode %s on %s (%s samples)", ctx.run_id, ctx.plan.mode, ctx.cfg.data.dataset, n
         )
     return state
 
 
-def embed_and_score(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> ChunkWork:
-    """Start the chunk's pool-independent stages: image embeddings and the student's
-    zero-shot answers (they may run ahead of the current chunk; not the answers of a
-    student that adapts to the pool, which wait for the previous chunk's adapter)."""
-    work = ChunkWork(chunk)
-    work.embedded = runner.ahead(extract_embeddings, ctx=ctx, chunk=chunk)
-    if ctx.mode.student_zero_shot and not ctx.mode.adapt_student:
-        work.scored = runner.ahead(score_student, ctx=ctx, chunk=chunk)
-    return work
-
-
-def zero_shot(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """Wait for the chunk's embeddings and zero-shot answers (an adapting student answers
-    now, with the adapter after the previous chunk); the answers' uncertainty."""
-    if ctx.mode.adapt_student and ctx.mode.student_zero_shot:
-        work.scored = runner.now(score_student, ctx=ctx, chunk=work.chunk, adapter=state.adapter)
-    emb = work.embedded.result()
-    work.image_vecs = emb["image_vecs"]
-    state.seconds["embed"] += fresh_seconds(work.embedded, emb)
-    zs = work.scored.result() if work.scored is not None else None
-    if zs is None or not zs["generations"]:  # teacher zero-shot mode: the student is idle
-        work.zs_answers = [None] * len(work.valid)
-        return
-    state.seconds["score"] += fresh_seconds(work.scored, zs)
-    _count_image_cache(state, run=work.scored, result=zs)
-    state.counters["student_params"] = zs.get("params", 0)
-    work.zs_prompt_tokens = [g.prompt_tokens or None for g in zs["generations"]]
-    work.student_errors = [g.error for g in zs["generations"]]
-    work.zs_answers, work.zs_unc = steps.student_outputs(
-        zs["generations"], ctx.cfg.method.uncertainty
-    )
-
-
-def ask_teacher(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """The policy picks samples (a plain call: microseconds); the teacher answers them N
-    times each and the answers are voted."""
-    mask, policy = steps.teacher_queries(
-        len(work.valid),
-        uncertainties=work.zs_unc,
-        state=PolicyState.from_dict(state.policy_state),
-        cfg=ctx.cfg.method,
-        stream_length=ctx.stream_length,
-    )
-    state.policy_state = policy.to_dict()
-    work.queried_ids = [s.sample_id for s, q in zip(work.valid, mask, strict=True) if q]
-    if not work.queried_ids:
-        return
-    t0 = time.perf_counter()
-    voting = steps.annotation_voting(ctx.cfg.method)
-    run = runner.now(
-        annotate_with_teacher,
-        ctx=ctx,
-        chunk=work.chunk,
-        queried_ids=work.queried_ids,
-        voting=voting,
-    )
-    ann = run.result()
-    (work.teacher_zs if ctx.mode.teacher_on_all else work.votes).update(ann["votes"])
-    work.service = ann.get("service") or {}
-    counters = state.counters
-    counters["teacher_requests"] += ann["requests"]
-    counters["teacher_samples"] += ann["samples"]
-    if run.name == "Cached" and work.chunk.key not in state.ledgered:  # another run's answers
-        counters["teacher_requests_reused"] += ann["requests"]
-        counters["teacher_samples_reused"] += ann["samples"]
-    state.seconds["annotate"] += time.perf_counter() - t0
-
-
-def demo_view(ctx: RunContext, *, work: ChunkWork) -> PoolView | None:
-    """The pool as it was before this chunk, when the mode answers with demonstrations
-    (taken before this chunk's pool commit, which holds the pool's lock)."""
-    if not (ctx.mode.use_icl and work.valid):
-        return None
-    return open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=work.chunk.index)
-
-
-def add_to_pool(runner: Runner, ctx: RunContext, *, work: ChunkWork) -> Any:
-    """Start the chunk's pool commit (its admitted annotations) in the background."""
-    if not (ctx.mode.use_pool and work.votes):
-        return None
-    return runner.background(
-        update_pool,
-        ctx=ctx,
-        chunk=work.chunk,
-        votes=work.votes,
-        image_vecs=work.image_vecs,
-        uncertainties=work.zs_unc,
-    )
-
-
-def answer_with_demos(
-    runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState, view: PoolView | None
-) -> None:
-    """The student answers again, with demonstrations chosen from ``view``, for the samples
-    whose final answer needs it."""
-    if view is None:
-        return
-    need = steps.icl_mask([work.votes.get(s.sample_id) for s in work.valid], ctx.cfg.method)
-    work.icl_rows = [i for i, n in enumerate(need) if n]
-    t0 = time.perf_counter()
-    run = runner.now(
-        predict_icl,
-        ctx=ctx,
-        chunk=work.chunk,
-        rows=work.icl_rows,
-        image_vecs=work.image_vecs,
-        zs_answers=work.zs_answers,
-        view=view,
-        pool_key=pool_key(view, lineage=state.lineage),
-        adapter=state.adapter,
-    )
-    work.icl = run.result()
-    _count_image_cache(state, run=run, result=work.icl)
-    state.seconds["icl"] += time.perf_counter() - t0
-
-
-def record_pool_commit(*, work: ChunkWork, state: ResumeState, pooled: Any) -> None:
-    """Wait for the chunk's pool commit; its version goes into the run's manifest."""
-    if pooled is None:
-        return
-    out = pooled.result()  # a future, or the final state on Dask
-    state.manifest[str(work.chunk.index)] = out["version"]
-    state.seconds["pool"] += out["seconds"]
-
-
-def adapt(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """In the fine-tuning modes: LoRA steps on the pool as it is after this chunk; the next
-    chunks' student passes use the new adapter (committed with the chunk)."""
-    if not ctx.mode.adapt_student:
-        return
-    view = open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=work.chunk.index + 1)
-    lineage = ResumeState.chain(state.lineage, work.chunk.key)
-    run = runner.now(
-        adapt_student,
-        ctx=ctx,
-        chunk=work.chunk,
-        start=state.adapter,
-        view=view,
-        pool_key=pool_key(view, lineage=lineage),
-    )
-    out = run.result()
-    state.adapter = out["adapter"]
-    state.seconds["adapt"] += fresh_seconds(run, out)
-    for k in ("steps", "tokens", "flops"):
-        state.adapt[k] = state.adapt.get(k, 0) + out[k]
-    state.adapt["peak_rss_mb"] = max(state.adapt.get("peak_rss_mb", 0.0), out["peak_rss_mb"])
-
-
-def evaluate_and_commit(
-    ctx: RunContext, *, work: ChunkWork, state: ResumeState, tracker: Tracker
-) -> None:
-    """Score the chunk, write its predictions, commit it (the run resumes after it), and
-    log its metrics."""
-    t0 = time.perf_counter()
-    pool_size = open_pool(ctx.pool_uri).count(ctx.run_id) if ctx.mode.use_pool else 0
-    chunk_m = evaluate_chunk(ctx=ctx, work=work, pool_size=pool_size)
-    counters = state.counters
-    state.running = running = metrics.merge_metrics(state.running, chunk_m)
-    counters["samples_seen"] += len(work.chunk.samples)
-    state.seconds["evaluate"] += time.perf_counter() - t0
-    running.update(
-        teacher_requests=counters["teacher_requests"], teacher_samples=counters["teacher_samples"]
-    )
+def commit(ctx: RunContext, *, work: ChunkWork, state: ResumeState, tracker: Tracker) -> None:
+    """Commit the chunk (the run resumes after it) and log its running numbers."""
+    pool_size = open_pool(ctx.pool_uri).count(ctx.run_id) if ctx.plan.pool else 0
+    state.pool_size = pool_size
     state.extend_lineage(work.chunk.key)
     state.commit(ctx, work=work)
-    numbers = _accounted(running, counters, ctx.stream_length)
-    tracker.log_metrics(_loggable(numbers), step=counters["samples_seen"], background=True)
-    accuracy = running.get("accuracy")
+    assert state.running is not None
+    numbers = accounting.running_numbers(
+        state.running, counters=state.counters, made=state.made, pool_size=pool_size
+    )
+    samples = state.counters["samples_seen"]
+    tracker.log_metrics(_loggable(numbers), step=samples, background=True)
+    accuracy = numbers.get("accuracy")
     get_run_logger().info(
         "chunk %d: %d samples, %d queried, accuracy so far %s, pool %d",
         work.chunk.index,
@@ -432,38 +287,41 @@ def evaluate_and_commit(
         pool_size,
     )
     for hook in CHUNK_HOOKS:
-        hook(work.chunk.index + 1, counters["samples_seen"], ctx.stream_length)
+        hook(work.chunk.index + 1, samples, ctx.stream_length)
 
 
 def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str, Any]:
     """Compact the pool, write the predictions and the summary, log them with the pool
     manifest to MLflow, and return the summary."""
     log = get_run_logger()
-    pool = open_pool(ctx.pool_uri)
-    if ctx.mode.use_pool and state.manifest:
+    table = open_pool(ctx.pool_uri)
+    if ctx.plan.pool and state.manifest:
         # Short runs never reach `compact_every` commits: compact once at the end too.
         try:
-            pool.compact()
+            table.compact()
         except PoolError as e:  # maintenance: the rows are unaffected; the next run retries
             log.warning("pool compaction skipped: %s", e)
     df = results.read_predictions(ctx.run_dir)
     pred_path = ctx.run_dir / "predictions.parquet"
     df.write_parquet(pred_path)
-    running = state.running or {}
-    summary = results.summarize(
+    totals = accounting.RunTotals(
+        run_id=ctx.run_id,
+        mode=ctx.cfg.method.mode,
+        dataset=ctx.cfg.data.dataset,
+        counters=dict(state.counters),
+        made=state.made,
+        seconds=state.books.seconds,
+        cached=state.books.cached,
+        adapt=state.adapt,
+        student_params=state.student_params,
+        pool_size=table.count(ctx.run_id) if ctx.plan.pool else 0,
+        chunks_in_flight_peak=state.books.in_flight_peak,
+    )
+    summary = accounting.summarize(
         df,
-        {
-            "run_id": ctx.run_id,
-            "mode": ctx.cfg.method.mode,
-            "dataset": ctx.cfg.data.dataset,
-            "zs_accuracy": running.get("zs_accuracy"),
-            "forward_accuracy": running.get("forward_accuracy"),
-            "pool_size": pool.count(ctx.run_id) if ctx.mode.use_pool else 0,
-            "seconds": state.seconds,
-            "adapt": state.adapt,
-            "student_params": state.counters.get("student_params", 0),
-        },
-        ctx.score,
+        totals,
+        sums=state.running,
+        score_fn=ctx.score,
         groups=ctx.class_groups,
         task=ctx.task_type,  # captioning runs add corpus BLEU / CIDEr
     )
@@ -472,16 +330,7 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
         from icd.models.openai import summarize_stats
 
         summary.update({f"teacher_{k}": v for k, v in summarize_stats(calls).items()})
-    made = read_ledger(ctx.ledger)
-    summary.update(_accounted(summary, state.counters, ctx.stream_length))
-    summary.update(
-        # Generated by this run (its ledger, every attempt of the run) vs reused from the
-        # cache; answers used = the two together (a chunk redone after a kill is one use).
-        teacher_calls=sum(int(r["samples"]) for r in made),
-        teacher_requests=sum(int(r["requests"]) for r in made),
-        run_dir=str(ctx.run_dir),
-        mlflow_run_id=tracker.mlflow_run_id,
-    )
+    summary.update(run_dir=str(ctx.run_dir), mlflow_run_id=tracker.mlflow_run_id)
     atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     tracker.log_artifact(pred_path)
     tracker.log_artifact(ctx.run_dir / "config.json")  # the resolved config, as run
@@ -532,15 +381,6 @@ def _preview(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _count_image_cache(state: ResumeState, *, run: Any, result: dict[str, Any]) -> None:
-    """Add a student stage's image-cache hits and misses to the run's counters (not those
-    of a result from the task cache: another run's)."""
-    cache = result.get("image_cache") or {}
-    if cache and is_fresh(run):
-        state.counters["image_cache_hits"] += cache["hits"]
-        state.counters["image_cache_misses"] += cache["misses"]
-
-
 def _git_commit() -> str:
     try:
         out = subprocess.run(
@@ -556,50 +396,8 @@ def _git_commit() -> str:
 
 
 def _flow_run_id() -> str:
-    try:
-        return str(get_run_context().flow_run.id)
-    except Exception:
-        return "none"
-
-
-def _accounted(
-    numbers: dict[str, Any], counters: dict[str, Any], stream_length: int | None
-) -> dict[str, Any]:
-    """Teacher accounting and the annotation rate as the budget counts them.
-
-    ``teacher_answers_used`` counts every teacher answer behind this run's labels;
-    ``teacher_calls_reused`` those that came from the task cache (made by another run), so
-    ``teacher_calls`` (made by this run) is the difference. ``annotation_rate`` divides the
-    queried samples by the denominator the budget uses: every stream sample, skipped ones
-    included, when the stream length is known (``annotation_rate_of``: ``samples``); the
-    valid samples seen otherwise (``valid_samples``). ``student_image_cache_hit_rate``
-    (with its hits and misses): the share of the images in the hf student's prompts that
-    its processed-image cache held (absent without the cache)."""
-    out = dict(numbers)
-    used = int(counters.get("teacher_samples", 0))
-    reused = int(counters.get("teacher_samples_reused", 0))
-    out.update(
-        teacher_answers_used=used,
-        teacher_calls_reused=reused,
-        teacher_calls=used - reused,
-        teacher_requests_reused=int(counters.get("teacher_requests_reused", 0)),
-    )
-    hits, misses = (int(counters.get(f"image_cache_{k}", 0)) for k in ("hits", "misses"))
-    if hits + misses:  # the hf student's processed-image cache
-        out.update(
-            student_image_cache_hits=hits,
-            student_image_cache_misses=misses,
-            student_image_cache_hit_rate=hits / (hits + misses),
-        )
-    samples = int(numbers.get("samples") or 0)
-    valid = samples - int(numbers.get("skipped") or 0)
-    denominator, of = (
-        (samples, "samples") if stream_length is not None else (valid, "valid_samples")
-    )
-    queried = int(numbers.get("queried") or 0)
-    out["annotation_rate"] = queried / denominator if denominator else 0.0
-    out["annotation_rate_of"] = of
-    return out
+    run = FlowRunContext.get()
+    return str(run.flow_run.id) if run is not None and run.flow_run is not None else "none"
 
 
 def _loggable(running: dict[str, Any]) -> dict[str, float]:

@@ -1,12 +1,14 @@
 """The ICD method core: pure functions over arrays and records (no Prefect, LanceDB or MLflow).
 
-Modules: ``uncertainty`` (docs/design.md §2.2), ``policy`` (§2.3), ``voting`` (§2.4), ``selection``
-(§2.6), ``prompts`` (§2.7), ``metrics`` (§2.9), ``modes`` (§2.10), ``steps`` (the chunk-level
-functions the pipeline wires), ``types`` (records shared with the model backends).
+Modules: ``uncertainty`` (docs/design.md §2.2), ``policy`` (§2.3), ``voting`` (§2.4),
+``selection`` (§2.6), ``prompts`` (§2.7), ``metrics`` (§2.9: scores), ``accounting``
+(§2.9: every run-level number), ``modes`` (§2.10: a run's :class:`Plan`), ``steps`` (the
+chunk-level functions the stages wire), ``types`` (records shared with the model backends).
 """
 
-from icd.method.metrics import chunk_metrics, demo_accuracy, merge_metrics, score, vqa_accuracy
-from icd.method.modes import MODES, ModeSpec, mode_spec, selection_config
+from icd.method.accounting import chunk_metrics, merge_metrics
+from icd.method.metrics import demo_accuracy, score, vqa_accuracy
+from icd.method.modes import MODES, ModeSpec, Plan, mode_spec, plan
 from icd.method.policy import PolicyState, budget_cap, decide_queries
 from icd.method.prompts import build_prompt, format_question
 from icd.method.selection import scores, select_demos
@@ -19,6 +21,7 @@ __all__ = [
     "MODES",
     "Generation",
     "ModeSpec",
+    "Plan",
     "PolicyState",
     "Prompt",
     "VoteResult",
@@ -32,11 +35,11 @@ __all__ = [
     "map_to_class",
     "merge_metrics",
     "mode_spec",
+    "plan",
     "normalize_answer",
     "score",
     "scores",
     "select_demos",
-    "selection_config",
     "uncertainty",
     "vqa_accuracy",
 ]

@@ -22,19 +22,16 @@
   :func:`corpus_cider` (pycocoevalcap's CIDEr-D scorer, on the COCO-evaluation scale: papers
   print it ×100), computed once over all of a run's captions.
 
-Chunk metrics are sums and counts (so chunks merge exactly with :func:`merge_metrics`)
-plus the derived rates.
+A run's numbers built from these scores (sums, rates, gains, costs) are defined in
+:mod:`icd.method.accounting`.
 """
 
 from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from icd.method.voting import map_to_class, normalize_answer
-
-_SOURCES = ("teacher", "student_icl", "pool_vote", "student_zs", "teacher_zs", "student_fallback")
 
 
 def _accepted_names(
@@ -97,7 +94,8 @@ def corpus_bleu(
     ]
     hyps = [p or "" for p in preds]
     bleu = BLEU(lowercase=True, max_ngram_order=max_order)
-    return float(bleu.corpus_score(hyps, streams).score)
+    # sacrebleu takes None for a sample with fewer references than the widest one
+    return float(bleu.corpus_score(hyps, streams).score)  # type: ignore[arg-type]
 
 
 def caption_tokens(caption: str) -> str:
@@ -175,140 +173,3 @@ def demo_accuracy(
     truth = [true_labels] if isinstance(true_labels, str) else list(true_labels)
     names = _accepted_names(truth, synonyms)
     return sum(normalize_answer(d) in names for d in demo_labels) / len(demo_labels)
-
-
-def _mean(total: float, n: int) -> float | None:
-    return total / n if n else None
-
-
-def chunk_metrics(
-    rows: Sequence[Mapping[str, Any]],
-    task: str,
-    n_votes: int,
-    pool_size: int,
-    synonyms: Mapping[str, Sequence[str]] | None = None,
-    class_names: Sequence[str] | None = None,
-    fuzzy_threshold: float = 0.85,
-) -> dict[str, Any]:
-    """Summary numbers for one chunk's prediction rows (the predictions-table fields).
-
-    Zero-shot and ICL answers are scored by :func:`score` (mapped onto ``class_names`` as
-    teacher votes are).
-
-    Reads per row: ``skip_reason``, ``answers``, ``score`` (None: unscored), ``zs_answer``,
-    ``icl_answer``, ``queried``, ``accepted``, ``agreement``, ``teacher_error``,
-    ``demo_accuracy``, ``final_source``. Teacher calls count every one of the ``n_votes``
-    answers of each queried sample (failed ones too) plus one per teacher zero-shot answer.
-    Returns counts and sums (mergeable) and the derived rates (None when undefined).
-    """
-    m: dict[str, Any] = {
-        "samples": len(rows),
-        "skipped": 0,
-        "scored": 0,
-        "score_sum": 0.0,
-        "zs_scored": 0,
-        "zs_score_sum": 0.0,
-        "forward_score_sum": 0.0,
-        "icl_scored": 0,
-        "icl_score_sum": 0.0,
-        "queried": 0,
-        "accepted": 0,
-        "teacher_calls": 0,
-        "teacher_errors": 0,
-        "agreement_n": 0,
-        "agreement_sum": 0.0,
-        "agreement_min": None,
-        "demo_n": 0,
-        "demo_sum": 0.0,
-        "pool_size": pool_size,
-    }
-    m.update({f"source_{s}": 0 for s in _SOURCES})
-    for r in rows:
-        if r.get("skip_reason"):
-            m["skipped"] += 1
-            continue
-        answers = r.get("answers") or []
-        if r.get("score") is not None:
-            m["scored"] += 1
-            m["score_sum"] += float(r["score"])
-        if r.get("zs_answer") is not None:
-            m["zs_scored"] += 1
-            zs = score(r["zs_answer"], answers, task, synonyms, class_names, fuzzy_threshold)
-            m["zs_score_sum"] += zs
-            # what forwarding this run's teacher labels (no ICL) scores on the same samples
-            label = r.get("teacher_label") if r.get("queried") else None
-            m["forward_score_sum"] += (
-                zs
-                if label is None
-                else score(label, answers, task, synonyms, class_names, fuzzy_threshold)
-            )
-        if r.get("icl_answer") is not None:
-            m["icl_scored"] += 1
-            m["icl_score_sum"] += score(
-                r["icl_answer"], answers, task, synonyms, class_names, fuzzy_threshold
-            )
-        if r.get("queried"):
-            m["queried"] += 1
-            m["teacher_calls"] += n_votes
-            m["accepted"] += bool(r.get("accepted"))
-            m["teacher_errors"] += r.get("teacher_error") is not None
-            if r.get("agreement") is not None:
-                a = float(r["agreement"])
-                m["agreement_n"] += 1
-                m["agreement_sum"] += a
-                m["agreement_min"] = a if m["agreement_min"] is None else min(m["agreement_min"], a)
-        source = r.get("final_source")
-        if source == "teacher_zs":
-            m["teacher_calls"] += 1
-        if source in _SOURCES:
-            m[f"source_{source}"] += 1
-        if r.get("demo_accuracy") is not None:
-            m["demo_n"] += 1
-            m["demo_sum"] += float(r["demo_accuracy"])
-    return _derive(m)
-
-
-def _derive(m: dict[str, Any]) -> dict[str, Any]:
-    valid = m["samples"] - m["skipped"]
-    m["accuracy"] = _mean(m["score_sum"], m["scored"])
-    m["zs_accuracy"] = _mean(m["zs_score_sum"], m["zs_scored"])
-    m["forward_accuracy"] = _mean(m["forward_score_sum"], m["zs_scored"])
-    m["icl_accuracy"] = _mean(m["icl_score_sum"], m["icl_scored"])
-    m["annotation_rate"] = _mean(m["queried"], valid)
-    m["acceptance_rate"] = _mean(m["accepted"], m["queried"])
-    m["mean_agreement"] = _mean(m["agreement_sum"], m["agreement_n"])
-    m["demo_accuracy"] = _mean(m["demo_sum"], m["demo_n"])
-    return m
-
-
-_ADDITIVE = [
-    "samples",
-    "skipped",
-    "scored",
-    "score_sum",
-    "zs_scored",
-    "zs_score_sum",
-    "forward_score_sum",
-    "icl_scored",
-    "icl_score_sum",
-    "queried",
-    "accepted",
-    "teacher_calls",
-    "teacher_errors",
-    "agreement_n",
-    "agreement_sum",
-    "demo_n",
-    "demo_sum",
-] + [f"source_{s}" for s in _SOURCES]
-
-
-def merge_metrics(running: Mapping[str, Any] | None, chunk: Mapping[str, Any]) -> dict[str, Any]:
-    """The running summary after ``chunk``: sums add up, ``pool_size`` is the latest,
-    ``agreement_min`` the minimum, rates recomputed. ``running=None`` starts a run."""
-    if running is None:
-        return _derive(dict(chunk))
-    m = {key: running[key] + chunk[key] for key in _ADDITIVE}
-    m["pool_size"] = chunk["pool_size"]
-    mins = [x for x in (running.get("agreement_min"), chunk.get("agreement_min")) if x is not None]
-    m["agreement_min"] = min(mins) if mins else None
-    return _derive(m)

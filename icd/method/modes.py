@@ -6,8 +6,9 @@ The oracle upper bound is not a mode: it is mode ``icd`` with the oracle teacher
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from icd.config import MethodConfig, SelectionConfig
+from icd.config import MethodConfig, SelectionConfig, VotingConfig
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,65 @@ def selection_config(cfg: MethodConfig) -> SelectionConfig:
     return cfg.selection.model_copy(update={"strategy": spec.selection})
 
 
-def uses_teacher_label(cfg: MethodConfig) -> bool:
-    """Whether a queried sample's teacher label becomes its final answer in this config."""
+@dataclass(frozen=True)
+class Plan:
+    """What one run does, decided once from its method config (:func:`plan`); the stages
+    and steps read these fields instead of re-deriving them from the mode's name.
+
+    - ``score``: the student answers each sample zero-shot; ``score_ahead``: those answers
+      may be computed before the previous chunk finishes (not for a student that adapts to
+      the pool).
+    - ``queries``: who the teacher answers: ``budget`` (the samples the budgeted policy
+      picks), ``all`` (every sample, one greedy answer, outside any budget: teacher
+      zero-shot), or ``none``. ``voting`` is how it answers them.
+    - ``pool``: admitted annotations enter the demonstration pool.
+    - ``icl``: how demonstrations answer: ``student`` (a second student pass with them in
+      the prompt), ``demo_vote`` (their majority label) or ``none``; ``selection`` chooses
+      them.
+    - ``forward_labels``: a sample with a teacher label takes it as its final answer.
+    - ``adapt``: LoRA steps on the pool after each chunk.
+    """
+
+    mode: str
+    score: bool
+    score_ahead: bool
+    queries: Literal["budget", "all", "none"]
+    voting: VotingConfig
+    pool: bool
+    icl: Literal["student", "demo_vote", "none"]
+    selection: SelectionConfig
+    forward_labels: bool
+    adapt: bool
+
+    @property
+    def uses_icl(self) -> bool:
+        """Whether demonstrations are chosen from the pool to answer samples."""
+        return self.icl != "none"
+
+
+def plan(cfg: MethodConfig) -> Plan:
+    """The :class:`Plan` of a method config (``ValueError`` on an unknown mode)."""
     spec = mode_spec(cfg.mode)
-    return spec.query_teacher and (spec.final_from_teacher or cfg.final_from_teacher)
+    voting = cfg.voting
+    if spec.teacher_on_all:  # one greedy answer per sample, always accepted
+        voting = voting.model_copy(
+            update={"n": 1, "temperature": 0.0, "include_greedy": True, "a_min": 0.0}
+        )
+    queries: Literal["budget", "all", "none"] = (
+        "all" if spec.teacher_on_all else "budget" if spec.query_teacher else "none"
+    )
+    icl: Literal["student", "demo_vote", "none"] = (
+        "none" if not spec.use_icl else "demo_vote" if spec.demo_vote else "student"
+    )
+    return Plan(
+        mode=spec.name,
+        score=spec.student_zero_shot,
+        score_ahead=spec.student_zero_shot and not spec.adapt_student,
+        queries=queries,
+        voting=voting,
+        pool=spec.use_pool,
+        icl=icl,
+        selection=selection_config(cfg),
+        forward_labels=spec.query_teacher and (spec.final_from_teacher or cfg.final_from_teacher),
+        adapt=spec.adapt_student,
+    )

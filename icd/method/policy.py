@@ -81,11 +81,6 @@ class PolicyState:
             raise ValueError("invalid policy state: bad uncertainty history")
         return state
 
-    @property
-    def rate(self) -> float:
-        """Realised query rate so far."""
-        return self.queried / self.seen if self.seen else 0.0
-
 
 def _as_fraction(x: float) -> Fraction:
     return Fraction(repr(float(x)))
@@ -143,6 +138,7 @@ def decide_queries(
     total = total_budget(cfg, stream_length)
     running = total is None and cfg.budget is not None
     if running:
+        assert cfg.budget is not None
         frac = _as_fraction(cfg.budget)
         num, den = frac.numerator, frac.denominator
 
@@ -165,6 +161,7 @@ def decide_queries(
         elif mode == "fixed":
             ask = x > cfg.tau
         else:
+            assert rate is not None  # checked above for the adaptive threshold
             deficit = rate * seen - queried
             working = min(1.0, max(0.0, rate + deficit / state.pace))
             n = len(ordered)

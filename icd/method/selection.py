@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import overload
 
 import numpy as np
 
@@ -59,6 +60,12 @@ def strategy_weights(cfg: SelectionConfig) -> tuple[float, float, float]:
     return cfg.w_ii, cfg.w_it, cfg.w_tt
 
 
+@overload
+def _f32(x: np.ndarray, name: str) -> np.ndarray: ...
+@overload
+def _f32(x: None, name: str) -> None: ...
+@overload
+def _f32(x: np.ndarray | None, name: str) -> np.ndarray | None: ...
 def _f32(x: np.ndarray | None, name: str) -> np.ndarray | None:
     if x is None:
         return None
@@ -316,26 +323,24 @@ def select_demos(
     qt = _f32(query_txt, "query_txt")
     n_queries = qi.shape[0]
     n_pool = len(pool_labels)
-    pi = _f32(pool_img, "pool_img") if n_pool else None
-    pt = _f32(pool_txt, "pool_txt") if n_pool else None
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown selection strategy {cfg.strategy!r}")
     if qt is not None and qt.shape[0] != n_queries:
         raise ValueError("query_txt must have one row per query")
     if query_ids is not None and len(query_ids) != n_queries:
         raise ValueError("query_ids must have one id per query")
-    if n_pool and (pi.shape[0] != n_pool or pt.shape[0] != n_pool):
+    k = cfg.k
+    if k == 0 or n_pool == 0 or n_queries == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(n_queries)]
+    pi, pt = _f32(pool_img, "pool_img"), _f32(pool_txt, "pool_txt")
+    if pi.shape[0] != n_pool or pt.shape[0] != n_pool:
         raise ValueError("pool_img, pool_txt and pool_labels must have the same number of rows")
-    if cfg.strategy != "random" and n_pool:
+    if cfg.strategy != "random":
         dims = {qi.shape[1], pi.shape[1], pt.shape[1]} | (
             {qt.shape[1]} if qt is not None else set()
         )
         if len(dims) > 1:
             raise ValueError("query and pool vectors must have the same dimension")
-
-    k = cfg.k
-    if k == 0 or n_pool == 0 or n_queries == 0:
-        return [np.zeros(0, dtype=np.int64) for _ in range(n_queries)]
 
     labels = _LabelCodes(pool_labels)
     if cfg.strategy == "random":

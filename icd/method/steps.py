@@ -4,7 +4,8 @@ Per chunk (docs/design.md §4): :func:`student_outputs` (zero-shot answers → u
 :func:`select_queries` (policy) → the teacher annotates → :func:`vote_annotations` →
 :func:`pool_mask` (which annotations enter the pool) → :func:`choose_demos` against the pool's
 vectors → the student answers with demos (:func:`icl_mask` says for which samples) →
-:func:`final_answers`. Each respects the run's mode (:mod:`icd.method.modes`).
+:func:`final_answers`. What a run's mode runs is decided once, in its
+:class:`icd.method.modes.Plan`; these functions take its fields as explicit inputs.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from icd.config import MethodConfig, SelectionConfig, VotingConfig
-from icd.method.modes import mode_spec, selection_config, uses_teacher_label
+from icd.config import PolicyConfig, SelectionConfig, VotingConfig
+from icd.method.modes import Plan
 from icd.method.policy import PolicyState, decide_queries
 from icd.method.selection import select_demos
 from icd.method.types import Generation
@@ -45,24 +46,22 @@ def student_outputs(
 def select_queries(
     uncertainties: np.ndarray,
     state: PolicyState,
-    cfg: MethodConfig,
+    policy: PolicyConfig,
     stream_length: int | None,
     valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, PolicyState]:
-    """Which samples of the chunk the teacher labels, and the policy state after the chunk.
+    """Which samples of the chunk the budgeted policy sends to the teacher, and the policy
+    state after the chunk.
 
     Only ``valid`` samples (all when None) are seen by the policy; the values of the others
-    are ignored (they may be NaN) and they are never queried. Modes that do not query the
-    teacher return all False and the state unchanged.
+    are ignored (they may be NaN) and they are never queried.
     """
     u = np.asarray(uncertainties, dtype=np.float64).ravel()
     ok = np.ones(len(u), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     if ok.shape != u.shape:
         raise ValueError("valid must align with uncertainties")
     out = np.zeros(len(u), dtype=bool)
-    if not mode_spec(cfg.mode).query_teacher:
-        return out, state
-    decided, new_state = decide_queries(u[ok], state, cfg.policy, stream_length)
+    decided, new_state = decide_queries(u[ok], state, policy, stream_length)
     out[ok] = decided
     return out, new_state
 
@@ -70,33 +69,23 @@ def select_queries(
 def teacher_queries(
     n: int,
     *,
+    queries: str,
     uncertainties: np.ndarray | None,
     state: PolicyState,
-    cfg: MethodConfig,
+    policy: PolicyConfig,
     stream_length: int | None,
 ) -> tuple[np.ndarray, PolicyState]:
     """Which of a chunk's ``n`` valid samples the teacher answers, and the policy state
-    after the chunk: all of them in the teacher zero-shot mode (outside any budget), those
-    the budgeted policy picks (:func:`select_queries`) in modes that query, none otherwise.
-    Samples whose uncertainty is NaN (the student failed to answer) are not seen by the
-    policy and never queried."""
-    spec = mode_spec(cfg.mode)
-    if spec.teacher_on_all:
+    after the chunk: all of them when ``queries`` is ``all`` (teacher zero-shot, outside any
+    budget), those the budgeted policy picks (:func:`select_queries`) when it is ``budget``,
+    none otherwise (:class:`icd.method.modes.Plan`). Samples whose uncertainty is NaN (the
+    student failed to answer) are not seen by the policy and never queried."""
+    if queries == "all":
         return np.ones(n, dtype=bool), state
-    if not spec.query_teacher or n == 0 or uncertainties is None:
+    if queries != "budget" or n == 0 or uncertainties is None:
         return np.zeros(n, dtype=bool), state
     u = np.asarray(uncertainties, dtype=np.float64)
-    return select_queries(u, state, cfg, stream_length, valid=~np.isnan(u))
-
-
-def annotation_voting(cfg: MethodConfig) -> VotingConfig:
-    """How the teacher answers a queried sample: ``cfg.voting``; in the teacher zero-shot
-    mode one greedy answer, always accepted."""
-    if not mode_spec(cfg.mode).teacher_on_all:
-        return cfg.voting
-    return cfg.voting.model_copy(
-        update={"n": 1, "temperature": 0.0, "include_greedy": True, "a_min": 0.0}
-    )
+    return select_queries(u, state, policy, stream_length, valid=~np.isnan(u))
 
 
 def vote_annotations(
@@ -118,22 +107,17 @@ def vote_annotations(
     return out
 
 
-def pool_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarray:
-    """Which voted samples enter the demonstration pool: accepted with a label, and the mode
-    keeps a pool."""
-    if not mode_spec(cfg.mode).use_pool:
-        return np.zeros(len(votes), dtype=bool)
+def pool_mask(votes: Sequence[VoteResult | None]) -> np.ndarray:
+    """Which voted samples may enter the demonstration pool: accepted, with a label."""
     return np.array([v is not None and v.accepted and bool(v.label) for v in votes], dtype=bool)
 
 
-def icl_mask(votes: Sequence[VoteResult | None], cfg: MethodConfig) -> np.ndarray:
-    """Which samples need a student ICL answer for their final answer: the mode uses ICL,
-    and the sample does not already take its teacher's label as final."""
-    if not mode_spec(cfg.mode).use_icl:
-        return np.zeros(len(votes), dtype=bool)
-    forward = uses_teacher_label(cfg)
+def icl_mask(votes: Sequence[VoteResult | None], *, forward_labels: bool) -> np.ndarray:
+    """Which samples need an answer from demonstrations for their final answer: all but
+    those that take their teacher label as final (``forward_labels``)."""
     return np.array(
-        [not (forward and v is not None and v.label is not None) for v in votes], dtype=bool
+        [not (forward_labels and v is not None and v.label is not None) for v in votes],
+        dtype=bool,
     )
 
 
@@ -149,26 +133,15 @@ def choose_demos(
     pool_img: np.ndarray,
     pool_txt: np.ndarray,
     pool_labels: Sequence[str] | np.ndarray,
-    cfg: MethodConfig,
+    *,
+    selection: SelectionConfig,
     seed: int,
     query_ids: Sequence[str] | None = None,
 ) -> list[np.ndarray]:
-    """Demo pool rows for each query row (ordered for the prompt), with the mode's strategy.
-
-    Modes without ICL get no demos. See :func:`icd.method.selection.select_demos`.
-    """
-    n = np.asarray(query_img).shape[0]
-    if not mode_spec(cfg.mode).use_icl:
-        return [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    """Demo pool rows for each query row (ordered for the prompt) by ``selection``; see
+    :func:`icd.method.selection.select_demos`."""
     return select_demos(
-        query_img,
-        query_txt,
-        pool_img,
-        pool_txt,
-        pool_labels,
-        selection_config(cfg),
-        seed,
-        query_ids,
+        query_img, query_txt, pool_img, pool_txt, pool_labels, selection, seed, query_ids
     )
 
 
@@ -187,32 +160,33 @@ def demo_vote(labels: Sequence[str], *, most_similar_last: bool = True) -> str |
 
 
 def final_answers(
-    cfg: MethodConfig,
+    plan: Plan,
     zs_answers: Sequence[str | None],
     icl_answers: Sequence[str | None] | None = None,
     votes: Sequence[VoteResult | None] | None = None,
     teacher_zs: Sequence[VoteResult | None] | None = None,
 ) -> list[tuple[str | None, str | None]]:
-    """Each sample's final answer and its source, aligned with ``zs_answers``.
+    """Each sample's final answer and its source under ``plan``, aligned with
+    ``zs_answers``.
 
-    Sources: ``teacher`` (the voted label, when the mode/config forwards it), ``student_icl``
-    (``pool_vote`` in that mode: the demos' majority label),
-    ``student_zs``, ``teacher_zs`` (teacher zero-shot mode), ``student_fallback`` (the
-    teacher was to provide the answer but failed: the student's answer instead). Missing
-    answers are None; a sample with no answer at all gets ``(None, None)``.
+    Sources: ``teacher`` (the voted label, when the plan forwards labels), ``student_icl``
+    (``pool_vote`` when the demos' majority label answers), ``student_zs``, ``teacher_zs``
+    (the teacher answers every sample), ``student_fallback`` (the teacher was to provide
+    the answer but failed: the student's answer instead). Missing answers are None; a
+    sample with no answer at all gets ``(None, None)``.
     """
-    spec = mode_spec(cfg.mode)
     n = len(zs_answers)
     icl = list(icl_answers) if icl_answers is not None else [None] * n
     vs = list(votes) if votes is not None else [None] * n
     tzs = list(teacher_zs) if teacher_zs is not None else [None] * n
     if not (len(icl) == len(vs) == len(tzs) == n):
         raise ValueError("final_answers inputs must align")
-    forward = uses_teacher_label(cfg)
+    forward = plan.forward_labels
+    icl_source = "pool_vote" if plan.icl == "demo_vote" else "student_icl"
 
     out: list[tuple[str | None, str | None]] = []
     for zs, ic, v, t in zip(zs_answers, icl, vs, tzs, strict=True):
-        if spec.teacher_on_all:
+        if plan.queries == "all":
             if t is not None and t.label is not None:
                 out.append((t.label, "teacher_zs"))
             elif zs is not None:
@@ -223,8 +197,8 @@ def final_answers(
         if forward and v is not None and v.label is not None:
             out.append((v.label, "teacher"))
             continue
-        if spec.use_icl and ic is not None:
-            answer, source = ic, "pool_vote" if spec.demo_vote else "student_icl"
+        if plan.uses_icl and ic is not None:
+            answer, source = ic, icl_source
         elif zs is not None:
             answer, source = zs, "student_zs"
         else:

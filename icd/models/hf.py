@@ -266,6 +266,7 @@ class HFVLM:
     def __init__(
         self,
         model_id: str,
+        *,
         revision: str = "main",
         dtype: str = "float32",
         device: str = "cpu",
@@ -545,6 +546,7 @@ class HFEmbedder:
     def __init__(
         self,
         model_id: str,
+        *,
         revision: str = "main",
         dtype: str = "float32",
         device: str = "cpu",

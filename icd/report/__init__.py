@@ -122,9 +122,9 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     preds = _run_predictions(run_dir)
     summary = _read_json(run_dir / "summary.json")
     if not summary:
-        from icd.storage.results import summarize
+        from icd.method.accounting import RunTotals, summarize
 
-        summary = summarize(preds, {"run_id": run_dir.name})
+        summary = summarize(preds, RunTotals(run_id=run_dir.name))
     config = _read_json(run_dir / "config.json")
     method = config.get("method", {})
     mode = method.get("mode")

@@ -18,7 +18,6 @@ _WHERE = {
     "PREDICTION_SCHEMA": "results",
     "completed_chunks": "results",
     "read_predictions": "results",
-    "summarize": "results",
     "write_chunk_predictions": "results",
 }
 
@@ -31,7 +30,6 @@ __all__ = [
     "TrackingError",
     "completed_chunks",
     "read_predictions",
-    "summarize",
     "write_chunk_predictions",
 ]
 

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -314,19 +314,6 @@ class Tracker:
             self.log_models(models)
         return self.mlflow_run_id
 
-    def child(
-        self,
-        run_id: str,
-        config: dict[str, Any],
-        tags: dict[str, Any] | None = None,
-        models: dict[str, dict[str, Any]] | None = None,
-    ) -> Tracker:
-        """A tracker for ICD run ``run_id`` nested under this tracker's run (resumable too)."""
-        parent = self._require_run()
-        kid = Tracker(self.tracking_uri, self.experiment, self.artifact_root)
-        kid.start(run_id, config, tags, parent_mlflow_run_id=parent, models=models)
-        return kid
-
     def finish(self, summary: dict[str, Any] | None = None, status: str = "FINISHED") -> None:
         """Record the run summary and mark the run ``status`` (FINISHED | FAILED | KILLED).
 
@@ -371,7 +358,7 @@ class Tracker:
         return changed
 
     def log_metrics(
-        self, metrics: dict[str, float | None], step: int, background: bool = False
+        self, metrics: Mapping[str, float | None], step: int, background: bool = False
     ) -> int:
         """Log ``metrics`` at ``step`` (samples seen) in batched calls; None values and
         steps already recorded for a key (a resumed run) are skipped. Returns how many
@@ -445,10 +432,6 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file or folder into the run's artifacts (re-logging overwrites)."""
         self.client.log_artifact(self._require_run(), str(path), artifact_path)
-
-    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        """Write ``data`` as a JSON (or YAML, by extension) artifact."""
-        self.client.log_dict(self._require_run(), data, artifact_file)
 
     def log_pool_manifest(
         self, manifest: dict[int, int], pool_uri: str | None = None, table: str | None = None

@@ -98,13 +98,6 @@ def test_resume_yields_the_same_chunks_without_decoding_earlier_ones(root, decod
         stream.chunk(10, 16)
 
 
-def test_chunk_ids_match_chunks_without_decoding(root, decode_count):
-    stream = shapes_stream(root, order_seed=5)
-    ids = stream.chunk_ids(2, 20)
-    assert decode_count == []
-    assert ids == [s.sample_id for s in stream.chunk(2, 20).samples]
-
-
 def test_order_seed_permutes_the_same_ids(root):
     plain = flat(shapes_stream(root).chunks(50))
     a = flat(shapes_stream(root, order_seed=1).chunks(50))

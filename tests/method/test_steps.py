@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from icd.config import MethodConfig, PolicyConfig
-from icd.method.modes import MODES, mode_spec, selection_config
+from icd.method.modes import MODES, mode_spec, plan
 from icd.method.policy import PolicyState
 from icd.method.steps import (
     choose_demos,
@@ -43,20 +43,28 @@ def test_every_mode_has_a_spec():
     assert set(modes) == set(MODES)
     with pytest.raises(ValueError, match="unknown mode"):
         mode_spec("oracle")
-    assert selection_config(MethodConfig(mode="random_demos")).strategy == "random"
-    assert selection_config(MethodConfig(mode="rices")).strategy == "rices"
-    assert selection_config(MethodConfig(mode="icd")).strategy == "combined"
-    assert not mode_spec("teacher_forward").use_icl and mode_spec("teacher_forward").query_teacher
-    assert mode_spec("teacher_zero_shot").teacher_on_all
+    assert plan(MethodConfig(mode="random_demos")).selection.strategy == "random"
+    assert plan(MethodConfig(mode="rices")).selection.strategy == "rices"
+    assert plan(MethodConfig(mode="icd")).selection.strategy == "combined"
+    forward = plan(MethodConfig(mode="teacher_forward"))
+    assert not forward.uses_icl and forward.queries == "budget" and forward.forward_labels
+    teacher = plan(MethodConfig(mode="teacher_zero_shot"))
+    assert teacher.queries == "all" and not teacher.score and teacher.voting.n == 1
+    assert plan(MethodConfig(mode="pool_vote")).icl == "demo_vote"
+    lora = plan(MethodConfig(mode="finetune_lora"))
+    assert lora.adapt and lora.score and not lora.score_ahead and not lora.uses_icl
 
 
-def test_select_queries_skips_invalid_and_respects_the_mode():
-    cfg = MethodConfig(policy=PolicyConfig(threshold="always", budget=None))
+def test_select_queries_skips_invalid_and_queries_follow_the_plan():
+    policy = PolicyConfig(threshold="always", budget=None)
     u = np.array([0.1, np.nan, 0.3])
-    q, state = select_queries(u, PolicyState(), cfg, None, valid=np.array([True, False, True]))
+    q, state = select_queries(u, PolicyState(), policy, None, valid=np.array([True, False, True]))
     assert q.tolist() == [True, False, True] and state.seen == 2
-    q, state2 = select_queries(u, state, MethodConfig(mode="student_zero_shot"), None)
+    args = {"uncertainties": u, "state": state, "policy": policy, "stream_length": None}
+    q, state2 = teacher_queries(3, queries="none", **args)
     assert not q.any() and state2 == state
+    q, state3 = teacher_queries(3, queries="all", **args)
+    assert q.all() and state3 == state
 
 
 def test_vote_annotations_and_pool_mask():
@@ -70,8 +78,7 @@ def test_vote_annotations_and_pool_mask():
     assert [v.label for v in votes] == ["cat", "dog", None]
     assert [v.accepted for v in votes] == [True, False, False]
     assert votes[2].error == "HTTP 500 after 5 retries"
-    assert pool_mask([*votes, None], cfg).tolist() == [True, False, False, False]
-    assert not pool_mask(votes, MethodConfig(mode="teacher_forward")).any()
+    assert pool_mask([*votes, None]).tolist() == [True, False, False, False]
 
 
 def test_final_answers_icd():
@@ -82,55 +89,66 @@ def test_final_answers_icd():
         None,
     ]
     zs, icl = ["dog", "cow", "bird", None], ["dog2", "cow2", "bird2", None]
-    got = final_answers(MethodConfig(), zs, icl, votes)
+    got = final_answers(plan(MethodConfig()), zs, icl, votes)
     assert got == [
         ("cat", "teacher"),
         ("cow2", "student_icl"),
         ("bird2", "student_fallback"),
         (None, None),
     ]
-    assert icl_mask(votes, MethodConfig()).tolist() == [False, True, True, True]
-    keep_student = MethodConfig(final_from_teacher=False)
+    assert icl_mask(votes, forward_labels=True).tolist() == [False, True, True, True]
+    keep_student = plan(MethodConfig(final_from_teacher=False))
+    assert not keep_student.forward_labels
     assert final_answers(keep_student, zs, icl, votes)[0] == ("dog2", "student_icl")
-    assert icl_mask(votes, keep_student).all()
+    assert icl_mask(votes, forward_labels=False).all()
 
 
 def test_final_answers_baselines():
     votes = [VoteResult("cat", ["cat"], 1.0, True), None, VoteResult(None, error="x")]
     zs, icl = ["dog", "cow", "bird"], [None, None, None]
-    forward = MethodConfig(mode="teacher_forward", final_from_teacher=False)
+    forward = plan(MethodConfig(mode="teacher_forward", final_from_teacher=False))
     assert final_answers(forward, zs, icl, votes) == [
         ("cat", "teacher"),
         ("cow", "student_zs"),
         ("bird", "student_fallback"),
     ]
-    assert not icl_mask(votes, forward).any()
-    assert final_answers(MethodConfig(mode="student_zero_shot"), zs, ["a", "b", "c"]) == [
+    assert forward.forward_labels and not forward.uses_icl
+    assert final_answers(plan(MethodConfig(mode="student_zero_shot")), zs, ["a", "b", "c"]) == [
         ("dog", "student_zs"),
         ("cow", "student_zs"),
         ("bird", "student_zs"),
     ]
     tzs = [VoteResult("cat", ["cat"], 1.0, True), VoteResult(None, error="x"), None]
-    got = final_answers(MethodConfig(mode="teacher_zero_shot"), [None, "cow", None], teacher_zs=tzs)
+    teacher = plan(MethodConfig(mode="teacher_zero_shot"))
+    got = final_answers(teacher, [None, "cow", None], teacher_zs=tzs)
     assert got == [("cat", "teacher_zs"), ("cow", "student_fallback"), (None, None)]
     with pytest.raises(ValueError):
-        final_answers(MethodConfig(), ["a"], ["a", "b"])
+        final_answers(plan(MethodConfig()), ["a"], ["a", "b"])
 
 
-def test_choose_demos_by_mode():
+def test_choose_demos_by_the_plans_selection():
     rng = np.random.default_rng(0)
     q, pool = (
         rng.standard_normal((3, 4)).astype(np.float32),
         rng.standard_normal((10, 4)).astype(np.float32),
     )
     labels = [str(i % 3) for i in range(10)]
-    rices = choose_demos(q, None, pool, pool, labels, MethodConfig(mode="rices"), seed=0)
+
+    def sel(mode: str):
+        return plan(MethodConfig(mode=mode)).selection
+
+    rices = choose_demos(q, None, pool, pool, labels, selection=sel("rices"), seed=0)
     want = np.argsort(-(q @ pool.T), axis=1)[:, :3][:, ::-1]
     assert [r.tolist() for r in rices] == want.tolist()
-    none = choose_demos(q, None, pool, pool, labels, MethodConfig(mode="teacher_forward"), seed=0)
-    assert all(len(r) == 0 for r in none)
     rnd = choose_demos(
-        q, None, pool, pool, labels, MethodConfig(mode="random_demos"), 0, ["a", "b", "c"]
+        q,
+        None,
+        pool,
+        pool,
+        labels,
+        selection=sel("random_demos"),
+        seed=0,
+        query_ids=["a", "b", "c"],
     )
     assert all(len(r) == 3 for r in rnd) and [r.tolist() for r in rnd] != want.tolist()
 
@@ -155,7 +173,7 @@ def test_demo_vote_is_the_majority_with_ties_to_the_best_ranked_demo(labels, las
 
 
 def test_pool_vote_mode_selects_demos_and_answers_from_them() -> None:
-    cfg = MethodConfig(mode="pool_vote")
+    cfg = plan(MethodConfig(mode="pool_vote"))
     spec = mode_spec("pool_vote")
     assert spec.use_icl and spec.use_pool and spec.query_teacher and spec.demo_vote
     assert spec.uses_budget
@@ -171,8 +189,28 @@ def test_a_failed_student_answer_is_skipped_by_the_policy() -> None:
     failed = Generation("", np.zeros(0), np.zeros(0), error="student_error: 500 after 5 retries")
     answers, unc = student_outputs([gen("cat", 5.0), failed, gen("dog", 9.0)], "entropy_mean")
     assert answers == ["cat", None, "dog"] and np.isnan(unc[1])
-    cfg = MethodConfig(policy=PolicyConfig(threshold="always", budget=1.0))
+    policy = PolicyConfig(threshold="always", budget=1.0)
     mask, _ = teacher_queries(
-        3, uncertainties=unc, state=PolicyState(), cfg=cfg, stream_length=None
+        3,
+        queries="budget",
+        uncertainties=unc,
+        state=PolicyState(),
+        policy=policy,
+        stream_length=None,
     )
     assert mask.tolist() == [True, False, True]
+
+
+def test_config_literals_are_the_registries() -> None:
+    """The config's allowed values are the method's registries, nothing more or less."""
+    from typing import get_args
+
+    from icd.config import SelectionConfig
+    from icd.method.selection import STRATEGIES
+    from icd.method.uncertainty import MEASURES, RANDOM
+
+    assert set(get_args(MethodConfig.model_fields["mode"].annotation)) == set(MODES)
+    measures = set(get_args(MethodConfig.model_fields["uncertainty"].annotation))
+    assert measures == {*MEASURES, RANDOM}
+    strategies = get_args(SelectionConfig.model_fields["strategy"].annotation)
+    assert set(strategies) == set(STRATEGIES)

@@ -16,7 +16,7 @@ from icd.config import ModelConfig, load_config
 from icd.data import shapes
 from icd.data.stream import open_stream
 from icd.data.types import Chunk, Sample
-from icd.pipeline import stages
+from icd.tasks import base as stages
 from tests.pipeline.test_stream import _count_model_calls, _pool_rows, _run
 
 pytestmark = pytest.mark.slow
@@ -84,8 +84,8 @@ def test_smoke_then_default_shapes_source_on_one_root(
     new = list(plain_src.chunks(16))
     changed = sum(a.key != b.key for a, b in zip(old, new, strict=True))
     assert changed >= 1  # the two sources differ somewhere in the first 112 samples
-    assert calls[("extract_embeddings", "embed_images")] == changed
-    assert calls[("score_student", "generate")] == changed
+    assert calls[("embed", "embed_images")] == changed
+    assert calls[("score", "generate")] == changed
     df = pl.read_parquet(Path(summary["run_dir"]) / "predictions.parquet")
     expected = {s.sample_id: s.skip_reason for c in new for s in c.samples}
     assert dict(zip(df["sample_id"], df["skip_reason"], strict=True)) == expected

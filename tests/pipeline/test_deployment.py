@@ -154,7 +154,7 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
             json={"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}},
             timeout=10,
         ).json()
-        assert "predict_icl-chunk0" in {t["name"] for t in tasks}
+        assert "icl-chunk0" in {t["name"] for t in tasks}
 
     finally:
         if worker is not None:

@@ -19,7 +19,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from icd.config import load_config
 from icd.flows.stream import dask_cluster_kwargs, stream
-from icd.pipeline import runner as runner_mod
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +35,9 @@ N_CHUNKS = 6
 
 def _run(root: Path, run_id: str, *sets: str) -> tuple[dict[str, Any], int]:
     """Run the flow in this process; return its summary and the most chunks in flight."""
-    runner_mod.IN_FLIGHT_PEAK[0] = 0
     cfg = load_config("smoke", overrides=[f"storage.root={root}", *SETS, *sets])
     summary = stream(config_json=cfg.model_dump_json(), run_id=run_id)
-    return summary, runner_mod.IN_FLIGHT_PEAK[0]
+    return summary, summary["chunks_in_flight_peak"]
 
 
 def _outcome(root: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -159,5 +157,5 @@ def test_dask_cluster_matches_sequential(sequential: tuple[Path, dict[str, Any]]
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
     done = [t.name for t in task_runs if t.state is not None and t.state.is_completed()]
-    assert sum(n.startswith("extract_embeddings") for n in done) == N_CHUNKS
-    assert sum(n.startswith("score_student") for n in done) == N_CHUNKS
+    assert sum(n.startswith("embed-") for n in done) == N_CHUNKS
+    assert sum(n.startswith("score-") for n in done) == N_CHUNKS

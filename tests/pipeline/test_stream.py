@@ -20,7 +20,7 @@ import pytest
 from icd.config import load_config
 from icd.flows.stream import stream
 from icd.models.base import Annotation
-from icd.pipeline import stages
+from icd.tasks import adapt, annotate, embed, icl, pool, score
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -137,8 +137,10 @@ def _count_model_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
         return load
 
-    for name in ("load_student", "load_embedder", "load_teacher"):
-        monkeypatch.setattr(stages, name, wrap(getattr(stages, name)))
+    for stage in (embed, score, annotate, pool, icl, adapt):
+        for name in ("load_student", "load_embedder", "load_teacher"):
+            if hasattr(stage, name):
+                monkeypatch.setattr(stage, name, wrap(getattr(stage, name)))
     return calls
 
 
@@ -165,17 +167,17 @@ def test_changing_k_recomputes_only_selection_and_prediction(
     sets = ("data.limit=96", "pipeline.chunk_size=32", "seed=7", "data.order_seed=4242")
     first = _count_model_calls(monkeypatch)
     _run(tmp_path, "k2", *sets, "method.selection.k=2")
-    assert first[("extract_embeddings", "embed_images")] == 3
-    assert first[("score_student", "generate")] == 3
+    assert first[("embed", "embed_images")] == 3
+    assert first[("score", "generate")] == 3
     monkeypatch.undo()
     second = _count_model_calls(monkeypatch)
     _run(tmp_path, "k3", *sets, "method.selection.k=3")
-    assert second[("extract_embeddings", "embed_images")] == 0
-    assert second[("score_student", "generate")] == 0
-    assert second[("annotate_with_teacher", "annotate")] == 0  # same queries: teacher reused
+    assert second[("embed", "embed_images")] == 0
+    assert second[("score", "generate")] == 0
+    assert second[("annotate", "annotate")] == 0  # same queries: teacher reused
     # Chunk 0 sees an empty pool (same view for any k, so it is reused); later chunks have
     # demos, and k changes their selection and prediction.
-    assert second[("predict_icl", "generate")] >= 1
+    assert second[("icl", "generate")] >= 1
 
 
 class _FlakyTeacher:
@@ -203,14 +205,14 @@ def test_teacher_faults_fall_back_to_student(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     flaky: dict[str, _FlakyTeacher] = {}
-    real = stages.load_teacher
+    real = annotate.load_teacher
 
     def load(cfg: Any, class_names: Any = None) -> _FlakyTeacher:
         if "t" not in flaky:
             flaky["t"] = _FlakyTeacher(real(cfg, class_names))
         return flaky["t"]
 
-    monkeypatch.setattr(stages, "load_teacher", load)
+    monkeypatch.setattr(annotate, "load_teacher", load)
     summary = _run(
         tmp_path,
         "faults",

@@ -152,11 +152,16 @@ def test_resume_continues_the_same_run_without_duplicate_steps(store: str) -> No
 def test_child_runs_nest_under_the_parent(store: str) -> None:
     suite = Tracker(store, "icd")
     parent = suite.start("suite-1", {"suite": "smoke"}, {})
-    kids = [suite.child(f"suite-1-{m}", config(), {"mode": m}) for m in ("icd", "rices")]
+    kids = []
+    for m in ("icd", "rices"):
+        kid = Tracker(store, "icd")
+        kid.start(f"suite-1-{m}", config(), {"mode": m}, parent_mlflow_run_id=parent)
+        kids.append(kid)
     for kid in kids:
         assert kid.client.get_run(kid.mlflow_run_id).data.tags["mlflow.parentRunId"] == parent
         kid.finish({"samples": 10, "accuracy": 0.5})
-    again = suite.child("suite-1-icd", config())
+    again = Tracker(store, "icd")
+    again.start("suite-1-icd", config(), parent_mlflow_run_id=parent)
     assert again.mlflow_run_id == kids[0].mlflow_run_id and again.resumed
 
 

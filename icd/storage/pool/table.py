@@ -250,10 +250,6 @@ class DemoPool:
             return False
         return True
 
-    def tag(self, name: str, version: int) -> None:
-        """Name a version (``checkout(name)`` then works; tags survive compaction)."""
-        self._require_table().tags.create(name, version)
-
     # -- reading -------------------------------------------------------------------------
 
     def view(self, run_id: str, before_chunk: int | None = None) -> PoolView:

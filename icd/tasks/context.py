@@ -10,21 +10,25 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from icd.config import Config, SelectionConfig
+from icd.config import Config
 from icd.data.stream import Stream
-from icd.data.types import Chunk
+from icd.data.types import Chunk, Sample
 from icd.method import metrics, modes
-from icd.method.modes import ModeSpec
+from icd.method.accounting import Made
+from icd.method.modes import Plan
 from icd.method.policy import PolicyState
 from icd.method.voting import VoteResult
 from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
+from icd.tasks.runner import Books, Pending
 
-# Stages whose seconds a run reports, in pipeline order.
-STAGES = ("embed", "score", "annotate", "pool", "icl", "adapt", "evaluate")
+if TYPE_CHECKING:
+    from icd.tasks.embed import Embedded
+    from icd.tasks.icl import Demonstrated
+    from icd.tasks.score import Scored
 
 
 def new_run_id(cfg: Config) -> str:
@@ -36,14 +40,13 @@ def new_run_id(cfg: Config) -> str:
 @dataclass(frozen=True)
 class RunContext:
     """The facts of one run that every stage reads: the resolved config, the stream's task
-    and classes, the mode, where things live, and the cache scope. Plain data (it travels
-    to Dask workers with each task)."""
+    and classes, the run's plan (what its mode runs, decided once), where things live, and
+    the cache scope. Plain data (it travels to Dask workers with each task)."""
 
     cfg: Config
     run_id: str
     run_dir: Path
-    mode: ModeSpec
-    selection: SelectionConfig  # the mode's effective demo selection
+    plan: Plan
     task_type: str
     class_names: list[str] | None
     synonyms: dict[str, list[str]] | None
@@ -70,8 +73,7 @@ class RunContext:
             cfg=cfg,
             run_id=run_id,
             run_dir=run_dir,
-            mode=modes.mode_spec(cfg.method.mode),
-            selection=modes.selection_config(cfg.method),
+            plan=modes.plan(cfg.method),
             task_type=stream.task,
             class_names=stream.class_names,
             synonyms=stream.synonyms,
@@ -83,7 +85,7 @@ class RunContext:
             cache_dir=cfg.storage.resolved_cache_dir(),
         )
 
-    def score(self, answer: str, answers: list[str]) -> float:
+    def score(self, answer: str | None, answers: list[str]) -> float:
         """One answer's score against the ground truth, as the run's evaluation scores it."""
         return metrics.score(
             answer,
@@ -115,8 +117,8 @@ class ChunkWork:
     arrays and lists follow ``chunk.valid``."""
 
     chunk: Chunk
-    embedded: Any = None  # the embedding stage's future or final state
-    scored: Any = None  # the zero-shot stage's future or final state (None: no student)
+    embedding: Pending[Embedded] | None = None  # submitted ahead of the sequential stages
+    scoring: Pending[Scored] | None = None  # likewise (None: the student answers later)
     image_vecs: np.ndarray | None = None
     zs_answers: list[str | None] = field(default_factory=list)
     zs_unc: np.ndarray | None = None
@@ -124,14 +126,22 @@ class ChunkWork:
     student_errors: list[str | None] = field(default_factory=list)  # a remote student's
     queried_ids: list[str] = field(default_factory=list)
     votes: dict[str, VoteResult] = field(default_factory=dict)  # budgeted teacher labels
-    teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # teacher zero-shot mode
+    teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # the teacher on all
     service: dict[str, Any] = field(default_factory=dict)  # a remote teacher's accounting
     icl_rows: list[int] = field(default_factory=list)
-    icl: dict[str, Any] | None = None
+    icl: Demonstrated | None = None
 
     @property
-    def valid(self) -> list[Any]:
+    def valid(self) -> list[Sample]:
         return self.chunk.valid
+
+
+class Counters(dict[str, int]):
+    """The stages' counters by name (each stage module declares its own in ``COUNTERS``);
+    they appear under these names in the summary and in MLflow."""
+
+    def add(self, name: str, n: int) -> None:
+        self[name] = self.get(name, 0) + int(n)
 
 
 @dataclass
@@ -140,52 +150,50 @@ class ResumeState:
     resumes from the state of its last committed chunk (:class:`RunState` on disk)."""
 
     next_chunk: int = 0
-    policy_state: dict[str, Any] = field(default_factory=lambda: PolicyState().to_dict())
-    counters: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            (
-                "samples_seen",
-                "teacher_requests",
-                "teacher_samples",
-                "teacher_samples_reused",
-                "teacher_requests_reused",
-                "image_cache_hits",  # the student's processed-image cache, fresh stages only
-                "image_cache_misses",
-            ),
-            0,
-        )
-    )
-    running: dict[str, Any] | None = None  # merged metrics of the committed chunks
+    policy: PolicyState = field(default_factory=PolicyState)
+    counters: Counters = field(default_factory=Counters)
+    running: dict[str, Any] | None = None  # merged sums and ratios of the committed chunks
     manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    books: Books = field(default_factory=Books)  # seconds and cache hits per stage
     lineage: str = ""  # hash chain of the committed chunks' content keys
     adapter: str | None = None  # the student's LoRA adapter after the last chunk (finetune modes)
     # What adapting the student cost so far: steps, tokens, FLOPs, peak memory.
     adapt: dict[str, float] = field(default_factory=dict)
-    # Not committed: chunk keys with a teacher round in this run's ledger (cache reuse
-    # accounting), read from the ledger when the run starts.
+    student_params: int = 0
+    pool_size: int = 0  # the run's pool rows after the last committed chunk
+    # Not committed, read from the run's teacher ledger when it starts: the teacher work it
+    # made, and the chunks it made it for (cache reuse accounting).
+    made: Made = Made()
     ledgered: set[str] = field(default_factory=set)
 
     @classmethod
-    def load(cls, ctx: RunContext) -> ResumeState:
-        """The state after the run's last committed chunk (a fresh one for a new run)."""
+    def load(cls, ctx: RunContext, *, counters: tuple[str, ...]) -> ResumeState:
+        """The state after the run's last committed chunk (a fresh one for a new run), its
+        ``counters`` starting at 0."""
+        rounds = read_ledger(ctx.ledger)
+        state = cls(
+            counters=Counters(dict.fromkeys(counters, 0)),
+            made=Made(
+                answers=sum(int(r["samples"]) for r in rounds),
+                requests=sum(int(r["requests"]) for r in rounds),
+            ),
+            ledgered={r["chunk_key"] for r in rounds},
+        )
         last = RunState(ctx.run_dir).last()
-        state = cls(ledgered={r["chunk_key"] for r in read_ledger(ctx.ledger)})
         if last is None:
             return state
-        # Teacher answers used (`teacher_samples`) are generated by this run (recorded in its
-        # ledger, across resumes) or reused from the task cache (another run made them).
         state.counters.update(last["counters"])
         state.next_chunk = last["chunk"] + 1
-        state.policy_state = last["policy_state"]
+        state.policy = PolicyState.from_dict(last["policy_state"])
         state.running = last["running"]
         state.manifest = dict(last["manifest"])
-        state.seconds = dict(last["seconds"])
+        state.books.seconds.update(last["seconds"])
+        state.books.cached.update(last.get("cached", {}))
         state.lineage = last.get("lineage", "")
         state.adapter = last.get("adapter")
         state.adapt = dict(last.get("adapt", {}))
-        for stage in STAGES:
-            state.seconds.setdefault(stage, 0.0)
+        state.student_params = int(last.get("student_params", 0))
+        state.pool_size = int(last.get("pool_size", 0))
         return state
 
     def commit(self, ctx: RunContext, *, work: ChunkWork) -> None:
@@ -195,15 +203,19 @@ class ResumeState:
             work.chunk.index,
             {
                 "samples_seen": self.counters["samples_seen"],
-                "policy_state": self.policy_state,
-                "counters": self.counters,
+                "policy_state": self.policy.to_dict(),
+                "counters": dict(self.counters),
                 "running": self.running,
                 "manifest": self.manifest,
-                "seconds": self.seconds,
+                "seconds": self.books.seconds,
+                "cached": self.books.cached,
                 "service": work.service,
                 "lineage": self.lineage,
                 "adapter": self.adapter,
                 "adapt": self.adapt,
+                "student_params": self.student_params,
+                "pool_size": self.pool_size,
+                "made": {"answers": self.made.answers, "requests": self.made.requests},
             },
         )
 

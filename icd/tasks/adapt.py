@@ -1,0 +1,107 @@
+"""Stage ``adapt`` (the fine-tuning modes): LoRA steps on the pool as it is after the
+chunk; the next chunks' student passes use the new adapter (committed with the chunk)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from icd.data.images import load_image
+from icd.data.types import Chunk
+from icd.method.prompts import build_prompt
+from icd.models import load_student
+from icd.storage.pool import PoolView
+from icd.tasks.base import MODEL_RETRIES, open_pool, stage, stage_cache
+from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.icl import pool_key
+from icd.tasks.runner import Runner
+
+COUNTERS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Adapted:
+    adapter: str  # the adapter's folder
+    steps: int
+    tokens: int
+    flops: float
+    peak_rss_mb: float
+
+
+def _adapt_inputs(p: dict[str, Any]) -> Any:
+    return [p["ctx"].run_id, p["pool_key"], p["start"]]
+
+
+@stage(
+    "adapt",
+    cache_policy=stage_cache("models.student", "method.finetune", "seed", inputs=_adapt_inputs),
+    **MODEL_RETRIES,
+)
+def adapt(
+    *, ctx: RunContext, chunk: Chunk, start: str | None, view: PoolView, pool_key: str
+) -> Adapted:
+    """LoRA steps on ``view``, the run's pool after this chunk's commit (all its rows, or the
+    latest ``method.finetune.window``; ``pool_key`` stands for it in the cache key), starting
+    from the adapter at ``start``; the adapter is saved under the run's
+    ``adapters/chunk-NNNNN``. Each training round is appended to the run's adaptation ledger
+    (``adapt_calls.jsonl``), so a resumed run can show it trained no chunk twice."""
+    from icd.models.finetune import train_adapter
+
+    fcfg = ctx.cfg.method.finetune
+    table = open_pool(ctx.pool_uri)
+    ids = [str(i) for i in view.ids]
+    if fcfg.replay == "window":
+        ids = ids[-fcfg.window :]
+    rows = table.fetch(sorted(ids), ctx.run_id) if ids else []
+    examples = [
+        (
+            build_prompt(
+                r["question"], load_image(r["image"]), task=ctx.task_type,
+                class_names=ctx.prompt_classes,
+            ),
+            r["label"],
+        )
+        for r in rows
+    ]  # fmt: skip
+    out = ctx.run_dir / "adapters" / f"chunk-{chunk.index:05d}"
+    student = load_student(ctx.cfg.models.student)
+    cost = train_adapter(
+        vlm=student,
+        examples=examples,
+        start=Path(start) if start else None,
+        out=out,
+        cfg=fcfg,
+        seed=ctx.cfg.seed * 100_003 + chunk.index,
+    )
+    with (ctx.run_dir / "adapt_calls.jsonl").open("a") as f:
+        f.write(json.dumps({"chunk": chunk.index, "chunk_key": chunk.key, **cost}) + "\n")
+    return Adapted(
+        adapter=str(out),
+        steps=int(cost["steps"]),
+        tokens=int(cost["tokens"]),
+        flops=float(cost["flops"]),
+        peak_rss_mb=float(cost["peak_rss_mb"]),
+    )
+
+
+def run(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
+    """In the plans that adapt: train on the pool after this chunk; the adapter and its
+    cost go into the run's state."""
+    if not ctx.plan.adapt:
+        return
+    view = open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=work.chunk.index + 1)
+    lineage = state.chain(state.lineage, work.chunk.key)
+    out = runner.now(
+        adapt,
+        ctx=ctx,
+        chunk=work.chunk,
+        start=state.adapter,
+        view=view,
+        pool_key=pool_key(view, lineage=lineage),
+    ).value
+    state.adapter = out.adapter
+    for k, v in (("steps", out.steps), ("tokens", out.tokens), ("flops", out.flops)):
+        state.adapt[k] = state.adapt.get(k, 0) + v
+    state.adapt["peak_rss_mb"] = max(state.adapt.get("peak_rss_mb", 0.0), out.peak_rss_mb)

@@ -1,0 +1,111 @@
+"""Stage ``annotate``: the budgeted query policy picks samples (a plain call:
+microseconds), and the teacher answers each of them N times; the answers are voted."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icd.config import VotingConfig
+from icd.data.types import Chunk
+from icd.method import steps
+from icd.method.accounting import Made
+from icd.method.voting import VoteResult
+from icd.models import load_teacher
+from icd.tasks.base import MODEL_RETRIES, stage, stage_cache, zero_shot_prompts
+from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.runner import Runner
+
+COUNTERS = (
+    "teacher_answers_used",  # answers behind this run's labels
+    "teacher_requests_used",
+    "teacher_calls_reused",  # of those, answers another run made (the task cache)
+    "teacher_requests_reused",
+)
+
+
+@dataclass(frozen=True)
+class Annotated:
+    votes: dict[str, VoteResult]  # by sample id
+    answers: int  # teacher answers returned
+    requests: int  # requests sent (a request may return several answers)
+    service: dict[str, Any] = field(default_factory=dict)  # a remote teacher's accounting
+
+
+def _annotate_inputs(p: dict[str, Any]) -> Any:
+    return [p["queried_ids"], p["voting"].model_dump(mode="json")]
+
+
+@stage(
+    "annotate",
+    cache_policy=stage_cache("models.teacher", "seed", inputs=_annotate_inputs),
+    **MODEL_RETRIES,
+)
+def annotate(
+    *, ctx: RunContext, chunk: Chunk, queried_ids: list[str], voting: VotingConfig
+) -> Annotated:
+    """Label the queried samples: N teacher answers each, aggregated into one vote each.
+
+    Each real teacher round is appended to the run's ledger file (one JSON line) before the
+    result is persisted, so a run's teacher spend can be audited across resumes.
+    """
+    wanted = set(queried_ids)
+    samples = [s for s in chunk.valid if s.sample_id in wanted]
+    if not samples:
+        return Annotated({}, 0, 0)
+    model = load_teacher(ctx.cfg.models.teacher, ctx.class_names)
+    prompts = zero_shot_prompts(samples, task_type=ctx.task_type, class_names=None)
+    args = (samples, prompts, voting.n, voting.temperature, voting.include_greedy, ctx.cfg.seed)
+    anns = model.annotate(*args)
+    service = getattr(anns, "service", {})  # a remote teacher's retries and latency
+    votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms, task=ctx.task_type)
+    requests = sum(a.requests for a in anns)
+    returned = sum(len(a.generations) for a in anns)
+    record = {
+        "chunk_key": chunk.key,
+        "sample_ids": [s.sample_id for s in samples],
+        "requests": requests,
+        "samples": returned,
+        "time": time.time(),
+    }
+    with Path(ctx.ledger).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    votes_by_id = {s.sample_id: v for s, v in zip(samples, votes, strict=True)}
+    return Annotated(votes_by_id, returned, requests, service)
+
+
+def run(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
+    """Pick the chunk's samples for the teacher (the plan's ``queries``), have them
+    labelled, and count the teacher answers used, reused and made."""
+    mask, state.policy = steps.teacher_queries(
+        len(work.valid),
+        queries=ctx.plan.queries,
+        uncertainties=work.zs_unc,
+        state=state.policy,
+        policy=ctx.cfg.method.policy,
+        stream_length=ctx.stream_length,
+    )
+    work.queried_ids = [s.sample_id for s, q in zip(work.valid, mask, strict=True) if q]
+    if not work.queried_ids:
+        return
+    run = runner.now(
+        annotate,
+        ctx=ctx,
+        chunk=work.chunk,
+        queried_ids=work.queried_ids,
+        voting=ctx.plan.voting,
+    )
+    ann = run.value
+    (work.teacher_zs if ctx.plan.queries == "all" else work.votes).update(ann.votes)
+    work.service = ann.service
+    counters = state.counters
+    counters.add("teacher_answers_used", ann.answers)
+    counters.add("teacher_requests_used", ann.requests)
+    if not run.cached:  # this run's round, in its ledger
+        state.made = Made(state.made.answers + ann.answers, state.made.requests + ann.requests)
+    elif work.chunk.key not in state.ledgered:  # another run's answers
+        counters.add("teacher_calls_reused", ann.answers)
+        counters.add("teacher_requests_reused", ann.requests)

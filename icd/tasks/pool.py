@@ -1,0 +1,119 @@
+"""Stage ``pool``: the chunk's admitted annotations enter the demonstration pool, as one
+pool commit, in the background while the student answers with the pool as it was before
+the chunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from icd.config import ModelConfig
+from icd.data.types import Chunk
+from icd.method import steps
+from icd.method.voting import VoteResult
+from icd.models import load_embedder
+from icd.tasks.base import open_pool, stage
+from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.runner import Pending, Runner
+
+COUNTERS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pooled:
+    version: int  # the pool's version after the commit
+    added: int  # rows upserted
+
+
+def teacher_provenance(cfg: ModelConfig) -> str:
+    """Who labels a pool row: ``oracle(noise=0.1)`` for the ground-truth oracle,
+    ``MODEL_ID@REVISION`` for a Hugging Face teacher, ``openai:MODEL_ID@BASE_URL`` for an
+    OpenAI-compatible endpoint."""
+    if cfg.backend == "oracle":
+        from icd.models.oracle import provenance
+
+        return provenance(cfg.noise)
+    if cfg.backend == "openai":
+        return f"openai:{cfg.model_id}@{cfg.base_url or 'https://api.openai.com/v1'}"
+    return f"{cfg.model_id}@{cfg.revision}"
+
+
+@stage(
+    "pool",
+    cache_policy=NO_CACHE,  # it writes; an upsert is idempotent on the sample id
+    persist=False,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=0.5),
+)
+def pool(
+    *,
+    ctx: RunContext,
+    chunk: Chunk,
+    votes: dict[str, VoteResult],
+    image_vecs: np.ndarray,
+    uncertainties: np.ndarray | None,
+) -> Pooled:
+    """Upsert the chunk's annotations that the method admits to the pool
+    (:func:`icd.method.steps.pool_mask`) as one pool commit, embedding each label with the
+    embedder's text tower and recording the teacher (:func:`teacher_provenance`) as each
+    row's provenance."""
+    table = open_pool(ctx.pool_uri)
+    valid = chunk.valid
+    admit = steps.pool_mask([votes.get(s.sample_id) for s in valid])
+    accepted = [(int(i), votes[valid[i].sample_id]) for i in np.flatnonzero(admit)]
+    if not accepted:
+        return Pooled(table.version(), 0)
+    labels = [v.label or "" for _, v in accepted]
+    label_vecs = load_embedder(ctx.cfg.models.embedder).embed_texts(labels)
+    now = datetime.now(UTC)
+    teacher = teacher_provenance(ctx.cfg.models.teacher)
+    rows = [
+        {
+            "sample_id": valid[i].sample_id,
+            "run_id": ctx.run_id,
+            "chunk": chunk.index,
+            "stream_pos": valid[i].stream_pos,
+            "image": valid[i].image_bytes,
+            "question": valid[i].question,
+            "image_vec": image_vecs[i],
+            "label": v.label,
+            "label_vec": label_vec,
+            "votes": v.votes,
+            "agreement": v.agreement,
+            "uncertainty": float(uncertainties[i]) if uncertainties is not None else None,
+            "teacher": teacher,
+            "created_at": now,
+        }
+        for (i, v), label_vec in zip(accepted, label_vecs, strict=True)
+    ]
+    version = table.upsert(rows)
+    table.maybe_compact(ctx.cfg.storage.compact_every)
+    return Pooled(version, len(rows))
+
+
+def submit(runner: Runner, ctx: RunContext, *, work: ChunkWork) -> Pending[Pooled] | None:
+    """Start the chunk's pool commit in the background (when the plan keeps a pool and the
+    teacher labelled something)."""
+    if not (ctx.plan.pool and work.votes):
+        return None
+    return runner.background(
+        pool,
+        ctx=ctx,
+        chunk=work.chunk,
+        votes=work.votes,
+        image_vecs=work.image_vecs,
+        uncertainties=work.zs_unc,
+    )
+
+
+def collect(
+    runner: Runner, *, work: ChunkWork, state: ResumeState, pending: Pending[Pooled] | None
+) -> None:
+    """Wait for the chunk's pool commit; its version goes into the run's manifest."""
+    if pending is None:
+        return
+    state.manifest[str(work.chunk.index)] = runner.wait(pending).value.version
