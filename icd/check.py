@@ -12,8 +12,10 @@ Checks, without loading any weights or reading the stream:
 - ``teacher api``: for an OpenAI-compatible teacher, the API key variable is set (required
   for api.openai.com) and ``base_url`` answers ``GET /models`` listing the model;
 - ``storage``: the storage root is writable;
-- ``dataset``: the dataset resolves (registry entry; local path exists; fixture; hub dataset
-  in the cache or the hub reachable).
+- ``dataset``: one line per dataset (the config's, plus those of the shipped benchmark
+  suites built on the preset): its source, the pinned revision (or the branch resolved at
+  run start) and whether it is reachable (registry entry; local path exists; fixture; hub
+  dataset in the cache or the hub reachable, and not a bare loading script).
 
 :func:`run_checks` returns :class:`Check` rows; the command exits 0 only if all pass.
 """
@@ -302,42 +304,96 @@ def check_storage(cfg: Config) -> Check:
     return Check("storage", True, f"{root} is writable")
 
 
-def check_dataset(cfg: Config) -> Check:
-    from icd.data.registry import DatasetSpec, UnknownDataset, get_dataset
+def preset_datasets(cfg: Config, preset: str | None = None) -> list[str]:
+    """The datasets a check covers: the config's own, then those of the shipped benchmark
+    suites built on ``preset`` (their ``base_preset``), each once, in that order."""
+    from icd.config import PRESET_DIR, read_yaml
 
-    name = "dataset"
+    names = [cfg.data.dataset]
+    if preset is not None:
+        for path in sorted((PRESET_DIR / "benchmarks").glob("*.yaml")):
+            suite = read_yaml(path)
+            if suite.get("base_preset", "smoke") == preset:
+                names += [str(n) for n in suite.get("datasets") or []]
+    return list(dict.fromkeys(names))
+
+
+def _revision_label(revision: str | None, resolved: str | None = None) -> str:
+    from icd.data.revisions import DEFAULT_BRANCH, is_commit
+
+    if is_commit(revision):
+        return f"{str(revision)[:12]} (pinned)"
+    branch = revision or DEFAULT_BRANCH
+    if resolved:
+        return f"{branch} -> {resolved[:12]} (unpinned)"
+    return f"{branch} (unpinned; resolved at run start)"
+
+
+def check_dataset(cfg: Config, name: str | None = None) -> Check:
+    """One line for dataset ``name`` (default: the config's): its source, for a hub source
+    the revision (pinned commit, or the branch resolved at run start), and whether it can be
+    read here (local path exists; fixture; hub dataset in the cache or the hub reachable).
+    A hub revision that is only a loading script fails with the fix, not a traceback. The
+    config's own dataset takes ``data.source``/``data.revision`` into account."""
+    from icd.data.registry import DatasetSpec, RegistryFileError, UnknownDataset, get_dataset
+    from icd.data.revisions import SCRIPT_FIX, repo_files, resolve_revision, script_only
+
+    own = name is None or name == cfg.data.dataset
+    name = name or cfg.data.dataset
+    revision: str | None = None
     try:
-        spec = get_dataset(cfg.data.dataset)
-        source = cfg.data.source or spec.source
+        spec = get_dataset(name, cfg.data.registry)
+        source = (cfg.data.source if own else None) or spec.source
+        revision = (cfg.data.revision if own else None) or spec.revision
+    except RegistryFileError as e:
+        return Check("dataset", False, one_line(e))
     except UnknownDataset as e:
-        if cfg.data.source is None:
-            return Check(name, False, one_line(e))
-        source = cfg.data.source
+        if not own or cfg.data.source is None:
+            return Check("dataset", False, one_line(e))
+        source, revision = cfg.data.source, cfg.data.revision
     try:
-        probe = DatasetSpec(name=cfg.data.dataset, source=source, split="x", label_column="l")
+        probe = DatasetSpec(name=name, source=source, split="x", label_column="l")
     except ValueError as e:
-        return Check(name, False, str(e))
+        return Check("dataset", False, str(e))
     kind, target = probe.kind, probe.target
-    label = f"{cfg.data.dataset!r} ({source})"
-    if kind == "fixture":
-        return Check(name, True, f"{label}: built locally")
-    if kind in ("parquet", "imagefolder"):
-        found = glob.glob(os.path.expanduser(target))
-        if not found:
-            return Check(name, False, f"{label}: {target} does not exist")
-        return Check(name, True, f"{label}: found")
+    if kind != "hf":
+        label = f"{name!r} ({source})"
+        if kind == "fixture":
+            return Check("dataset", True, f"{label}: built locally")
+        if not glob.glob(os.path.expanduser(target)):
+            return Check("dataset", False, f"{label}: {target} does not exist")
+        return Check("dataset", True, f"{label}: found")
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    cached = Path(HF_HUB_CACHE) / f"datasets--{target.replace('/', '--')}"
-    if cached.is_dir():
-        return Check(name, True, f"{label}: in the Hugging Face cache")
-    if _hub_reachable():
-        return Check(name, True, f"{label}: the hub is reachable")
-    return Check(name, False, f"{label}: not in the Hugging Face cache, and " + _unreachable())
+    label = f"{name!r} ({source} @ {_revision_label(revision)})"
+    if not _hub_reachable():
+        cached = Path(HF_HUB_CACHE) / f"datasets--{target.replace('/', '--')}"
+        if cached.is_dir():
+            return Check("dataset", True, f"{label}: in the Hugging Face cache")
+        return Check(
+            "dataset", False, f"{label}: not in the Hugging Face cache, and " + _unreachable()
+        )
+    resolved = resolve_revision(target, revision, warn=False)
+    label = f"{name!r} ({source} @ {_revision_label(revision, resolved.commit)})"
+    if resolved.status == "unresolved":
+        return Check("dataset", False, f"{label}: the hub does not serve it ({resolved.reason})")
+    try:
+        files = repo_files(target, resolved.effective)
+    except Exception as e:
+        return Check("dataset", False, f"{label}: cannot list its files ({one_line(e)})")
+    if script_only(files):
+        return Check(
+            "dataset",
+            False,
+            f"{label}: a loading script, which datasets >= 4 refuses; {SCRIPT_FIX}",
+        )
+    return Check("dataset", True, f"{label}: the hub is reachable")
 
 
-def run_checks(cfg: Config) -> list[Check]:
-    """Every check for ``cfg``, in display order."""
+def run_checks(cfg: Config, preset: str | None = None) -> list[Check]:
+    """Every check for ``cfg``, in display order; one ``dataset`` line per dataset of
+    :func:`preset_datasets` (the config's, and for a shipped ``preset`` those of the
+    benchmark suites built on it)."""
     roles = _roles(cfg)
     checks: list[Check] = []
     configs: dict[str, Any] = {}
@@ -360,5 +416,5 @@ def run_checks(cfg: Config) -> list[Check]:
     if cfg.models.student.backend == "openai":  # the same endpoint checks for a served student
         checks += check_teacher_api(cfg.models.student)
     checks.append(check_storage(cfg))
-    checks.append(check_dataset(cfg))
+    checks += [check_dataset(cfg, name) for name in preset_datasets(cfg, preset)]
     return checks

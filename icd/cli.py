@@ -219,11 +219,13 @@ def show_config(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
 @app.command("check")
 def check(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Before a long run: one line per check (packages, model ids, devices, teacher
-    endpoint and key, storage, dataset), loading no weights. Exits 0 only if all pass."""
+    endpoint and key, storage, and each dataset of the preset and of the benchmark suites
+    built on it: source, revision, reachable), loading no weights. Exits 0 only if all
+    pass."""
     from icd.check import run_checks
 
     cfg = _resolve(preset, config, set_)
-    results = run_checks(cfg)
+    results = run_checks(cfg, preset=preset if (preset or config) else "smoke")
     for c in results:
         console.print(
             c.line(),

@@ -47,6 +47,16 @@ class DataConfig(_Strict):
         description="Column holding each sample's question (default: the registry's; for an "
         "unregistered source, 'question' when the source has one, else a fixed question)",
     )
+    revision: str | None = Field(
+        None,
+        description="Hub commit, branch or tag to read (default: the registry's; a branch is "
+        "resolved to its commit at the start of a run when the Hub is reachable)",
+    )
+    registry: str | None = Field(
+        None,
+        description="YAML file of extra dataset entries (a 'datasets:' mapping, see "
+        "docs/datasets.md); its names are looked up before the built-in registry",
+    )
 
 
 class ModelConfig(_Strict):

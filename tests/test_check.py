@@ -153,3 +153,58 @@ def test_hosted_teacher_without_key_fails(monkeypatch, tmp_path):
     assert (
         not checks["teacher key"].ok and "OPENAI_API_KEY is not set" in checks["teacher key"].detail
     )
+
+
+def test_paper_preset_reports_each_dataset_source_revision_and_reachability(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from icd.config import PRESET_DIR, read_yaml
+    from icd.data.registry import get_dataset
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    res = _invoke(["--preset", "paper", "--set", f"storage.root={tmp_path / 'root'}"])
+    rows = [line for line in res.stdout.splitlines() if line.split()[1:2] == ["dataset"]]
+    suite = read_yaml(PRESET_DIR / "benchmarks" / "paper.yaml")["datasets"]
+    assert len(rows) == len(suite)  # one line each; the preset's own (cub200) is among them
+    for name, row in zip(suite, rows, strict=True):
+        spec = get_dataset(name)
+        assert row.startswith(f"FAIL  dataset          {name!r} ({spec.source} @ ")
+        if spec.revision is not None:
+            assert f"@ {spec.revision[:12]} (pinned))" in row
+        else:
+            assert "@ main (unpinned; resolved at run start))" in row
+        assert row.endswith("the hub is unreachable (HF_HUB_OFFLINE is set)")
+
+
+def test_a_script_only_hub_dataset_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    import icd.check as check
+    from icd.data import revisions
+
+    class StandInHfApi:  # the Hub is unreachable here: answers as it does for a script repo
+        def dataset_info(self, repo_id, *, revision=None, timeout=None, **kw):
+            files = ["README.md", "birds.py"]
+            return SimpleNamespace(
+                sha="c" * 40, siblings=[SimpleNamespace(rfilename=f) for f in files]
+            )
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", StandInHfApi)
+    monkeypatch.setattr(revisions, "hub_offline", lambda: False)
+    monkeypatch.setattr(check, "_hub_reachable", lambda: True)
+    sets = ["data.dataset=cub200", "data.source=null", f"storage.root={tmp_path}"]
+    cfg = load_config("smoke", overrides=sets)
+    (line,) = [c for c in run_checks(cfg) if c.name == "dataset"]
+    assert not line.ok and "\n" not in line.detail
+    assert "'cub200' (hf:bentrevett/caltech-ucsd-birds-200-2011 @ main -> cccccccccccc" in (
+        line.detail
+    )
+    assert "loading script" in line.detail and "data.revision=refs/convert/parquet" in line.detail
+
+    StandInHfApi.dataset_info = lambda self, repo_id, **kw: SimpleNamespace(  # type: ignore[method-assign]
+        sha="c" * 40, siblings=[SimpleNamespace(rfilename="data/test-0.parquet")]
+    )
+    (line,) = [c for c in run_checks(cfg) if c.name == "dataset"]
+    assert line.ok and line.detail.endswith("the hub is reachable")

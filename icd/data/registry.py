@@ -7,12 +7,22 @@ layouts of the public sets were taken from their Hugging Face dataset cards but 
 be loaded on the offline machine this was written on, so they are marked
 ``verified=False`` with a note saying so; ``icd`` reports a one-line error naming the id
 when one cannot be opened.
+
+Every hub entry names its ``revision``: a commit sha where public evidence pins one (the
+comment next to it says where), else ``None`` (the default branch), which
+:func:`icd.data.revisions.resolve_revision` turns into its commit at the start of a run when
+the Hub is reachable. Golden schema tests (``tests/data/schemas``) hold each entry's columns
+and split names as its dataset card states them.
+
+More datasets can be registered without editing Python: a YAML file with a ``datasets:``
+mapping (:func:`load_registry_file`), named by ``data.registry``; see docs/datasets.md.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from icd.data import shapes
@@ -45,7 +55,8 @@ class DatasetSpec:
     ``001.Black_footed_Albatross`` or ``AnnualCrop`` into ``Black footed Albatross`` /
     ``Annual Crop``. ``class_groups`` names groups of classes whose accuracy is reported
     apart (``base``: classes the student already knows, ``novel``: those it must learn in
-    context).
+    context). ``revision`` is the hub commit (or branch; None: ``main``) a hub source is read
+    at; ``config`` its configuration name.
     """
 
     name: str
@@ -188,6 +199,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             name="cars",
             source="hf:tanganke/stanford_cars",
+            # pinned in public code that checked it against the Hub (16,185 images, labels 0-195)
+            revision="9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40",
             split="test",
             label_column="label",
             question="What car model is shown in the image?",
@@ -205,6 +218,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             name="food101",
             source="hf:ethz/food101",
+            # the revision mteb pins (Food101Classification, split validation)
+            revision="e06acf2a88084f04bce4d4a525165d68e0a36c38",
             split="validation",
             label_column="label",
             question="What dish is shown in the image?",
@@ -214,6 +229,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             name="dtd",
             source="hf:tanganke/dtd",
+            # the revision mteb pins (DTDClassification, split test)
+            revision="d2afa97d9f335b1a6b3b09c637aef667f98f966e",
             split="test",
             label_column="label",
             question="What texture is shown in the image?",
@@ -226,6 +243,8 @@ DATASETS: dict[str, DatasetSpec] = {
             # shrubland", ...); timm/eurosat-rgb keeps the raw AnnualCrop ... SeaLake names
             # these synonyms are keyed on (5,400 test images).
             source="hf:timm/eurosat-rgb",
+            # the revision mteb pins (EuroSATClassification, split test)
+            revision="b4e28552cd5f3932b6abc37eb20d3e84901ad728",
             split="test",
             label_column="label",
             question="What kind of land cover is shown in this satellite image?",
@@ -330,11 +349,127 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_dataset(name: str) -> DatasetSpec:
-    """The registered spec called ``name``; :class:`UnknownDataset` if there is none."""
+def get_dataset(name: str, registry_file: str | Path | None = None) -> DatasetSpec:
+    """The spec called ``name``: from ``registry_file`` (a YAML registry, see
+    :func:`load_registry_file`) when given and it has one, else the built-in registry;
+    :class:`UnknownDataset` if neither has it, :class:`RegistryFileError` for a bad file."""
+    extra = load_registry_file(registry_file) if registry_file is not None else {}
+    if name in extra:
+        return extra[name]
     try:
         return DATASETS[name]
     except KeyError:
-        raise UnknownDataset(
-            f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})"
+        known = ", ".join(sorted({*DATASETS, *extra}))
+        raise UnknownDataset(f"unknown dataset {name!r} (known: {known})") from None
+
+
+# -- YAML registry files ---------------------------------------------------------------
+
+
+class RegistryFileError(ValueError):
+    """A dataset registry file that cannot be read or has an invalid entry (one line)."""
+
+
+def _entry_model() -> type[Any]:
+    """The pydantic model of one YAML entry: DatasetSpec's fields less ``name``, no others."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class DatasetEntry(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        source: str
+        split: str
+        task: Literal["classification", "vqa", "captioning"] = "classification"
+        image_column: str = "image"
+        question_column: str | None = None
+        question: str = "What is shown in the image?"
+        label_column: str | None = None
+        answers_column: str | None = None
+        id_column: str | None = None
+        class_names: list[str] | None = None
+        synonyms: dict[str, list[str]] = Field(default_factory=dict)
+        class_groups: dict[str, list[str]] = Field(default_factory=dict)
+        prompt: str = "{question}"
+        config: str | None = None
+        revision: str | None = None
+        readable_names: bool = True
+        shuffle_buffer: int = 10_000
+        note: str = ""
+
+    return DatasetEntry
+
+
+def load_registry_file(path: str | Path) -> dict[str, DatasetSpec]:
+    """The datasets a YAML registry file declares, by name.
+
+    The file holds ``datasets:``, a mapping from a name to an entry with
+    :class:`DatasetSpec`'s fields (``source`` and ``split`` required; unknown keys are
+    errors). A relative ``parquet:`` or ``imagefolder:`` path is taken relative to the
+    file's folder. Raises :class:`RegistryFileError` with a one-line message naming the
+    file, the dataset and the key.
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    file = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(file.read_text())
+    except OSError as e:
+        raise RegistryFileError(
+            f"dataset registry {str(file)!r}: cannot read it ({e.strerror})"
         ) from None
+    except yaml.YAMLError as e:
+        raise RegistryFileError(
+            f"dataset registry {str(file)!r}: not valid YAML ({type(e).__name__})"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("datasets"), dict):
+        raise RegistryFileError(
+            f"dataset registry {str(file)!r}: expected a top-level 'datasets:' mapping of "
+            "name -> entry"
+        )
+    unknown_top = set(data) - {"datasets"}
+    if unknown_top:
+        raise RegistryFileError(
+            f"dataset registry {str(file)!r}: unknown top-level key(s) "
+            f"{', '.join(sorted(map(str, unknown_top)))}"
+        )
+    model = _entry_model()
+    out: dict[str, DatasetSpec] = {}
+    for name, raw in data["datasets"].items():
+        where = f"dataset registry {str(file)!r}: dataset {str(name)!r}"
+        if not isinstance(raw, dict):
+            raise RegistryFileError(f"{where}: expected a mapping of fields")
+        try:
+            entry = model.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                raise RegistryFileError(f"{where}: unknown key {key!r}") from None
+            raise RegistryFileError(f"{where}: {key}: {err['msg']}") from None
+        values = entry.model_dump()
+        values["source"] = _relative_to(values["source"], file.parent)
+        values["class_names"] = (
+            tuple(values["class_names"]) if values["class_names"] is not None else None
+        )
+        values["synonyms"] = {k: tuple(v) for k, v in values["synonyms"].items()}
+        values["class_groups"] = {k: tuple(v) for k, v in values["class_groups"].items()}
+        assert {f.name for f in fields(DatasetSpec)} >= set(values)
+        try:
+            out[str(name)] = DatasetSpec(name=str(name), **values)
+        except ValueError as e:
+            raise RegistryFileError(
+                f"{where}: {e}".replace(f"dataset {str(name)!r}: ", "")
+            ) from None
+    return out
+
+
+def _relative_to(source: str, folder: Path) -> str:
+    kind, _, target = source.partition(":")
+    if (
+        kind in ("parquet", "imagefolder")
+        and target
+        and not Path(target).expanduser().is_absolute()
+    ):
+        return f"{kind}:{folder / target}"
+    return source

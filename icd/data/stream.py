@@ -34,8 +34,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from icd.config import DataConfig
-from icd.data import images, shapes
-from icd.data.registry import DatasetSpec, get_dataset, readable_name
+from icd.data import images, revisions, shapes
+from icd.data.registry import DatasetSpec, get_dataset, load_registry_file, readable_name
 from icd.data.types import Chunk, Sample
 from icd.errors import one_line
 
@@ -60,7 +60,10 @@ def open_stream(
 
     The dataset is ``spec`` if given, else the registry entry ``cfg.dataset``; ``cfg.source``
     and ``cfg.split`` override the entry's source and split, ``cfg.question_column`` its
-    question column. An unregistered name with a ``cfg.source`` is read as a plain
+    question column, ``cfg.revision`` its hub revision; ``cfg.registry`` names a YAML
+    registry file whose entries come before the built-in ones. A hub source's revision is
+    resolved to its commit here (:func:`icd.data.revisions.resolve_revision`), before
+    anything is read. An unregistered name with a ``cfg.source`` is read as a plain
     classification set: columns ``image`` and ``label``, and the question from a ``question``
     column when the source has one (else "What is shown in the image?"). A registered
     dataset read from another source does not demand the columns that source may lack: its
@@ -73,7 +76,7 @@ def open_stream(
     """
     optional: set[str] = set()
     if spec is None:
-        if cfg.source is not None and cfg.dataset not in _registered():
+        if cfg.source is not None and cfg.dataset not in _registered(cfg.registry):
             spec = DatasetSpec(
                 name=cfg.dataset,
                 source=cfg.source,
@@ -83,7 +86,7 @@ def open_stream(
             )
             optional.add("question_column")
         else:
-            spec = get_dataset(cfg.dataset)
+            spec = get_dataset(cfg.dataset, cfg.registry)
     overrides: dict[str, Any] = {}
     if cfg.source is not None and cfg.source != spec.source:
         overrides["source"] = cfg.source
@@ -92,6 +95,8 @@ def open_stream(
             overrides["label_column"] = "label"  # the folder names
     if cfg.split is not None and cfg.split != spec.split:
         overrides["split"] = cfg.split
+    if cfg.revision is not None and cfg.revision != spec.revision:
+        overrides["revision"] = cfg.revision
     if cfg.question_column is not None:
         overrides["question_column"] = cfg.question_column
         optional.discard("question_column")  # named explicitly: it must be there
@@ -102,10 +107,11 @@ def open_stream(
     )
 
 
-def _registered() -> set[str]:
+def _registered(registry_file: str | None = None) -> set[str]:
     from icd.data.registry import DATASETS
 
-    return set(DATASETS)
+    extra = load_registry_file(registry_file) if registry_file is not None else {}
+    return {*DATASETS, *extra}
 
 
 class Stream:
@@ -135,6 +141,7 @@ class Stream:
         self._root = Path(root) if root is not None else fixtures_root()
         self._digest: str | None = None
         self._files: list[str] = []
+        self.revision: revisions.Revision | None = None
         if spec.kind == "hf":
             self._source: _TableSource | _IterSource = self._open_hf()
         else:
@@ -203,10 +210,16 @@ class Stream:
         raise IndexError(f"chunk {index} is past the end of stream {self.name!r}")
 
     def dataset_info(self) -> dict[str, Any]:
-        """Lineage record: name, source, split, task, num_rows, digest, order_seed, limit."""
+        """Lineage record: name, source, split, task, num_rows, digest, order_seed, limit,
+        and for a hub source ``revision`` (the commit read, or the branch when it could not
+        be resolved) and ``revision_status`` (``pinned``, ``resolved``, ``unresolved`` or
+        ``local``)."""
+        rev = self.revision
         return {
             "name": self.name,
             "source": self.spec.source,
+            "revision": rev.effective if rev is not None else None,
+            "revision_status": rev.status if rev is not None else None,
             "split": self.split,
             "task": self.task,
             "num_rows": self.length,
@@ -220,12 +233,18 @@ class Stream:
     @property
     def digest(self) -> str:
         """Stable hash of the source: file names, sizes and head/tail bytes for local data,
-        the hub id, config, split and revision for a hub dataset."""
+        the hub id, config, split and revision for a hub dataset (the resolved commit when
+        there is one, so a branch that moved gives a new digest; an unresolved branch is
+        keyed as ``<branch>?unresolved``)."""
         if self._digest is None:
             if self.spec.kind == "hf":
-                key = json.dumps(
-                    [self.spec.target, self.spec.config, self.split, self.spec.revision]
+                rev = self.revision
+                revision = (
+                    self.spec.revision
+                    if rev is None or rev.status != "unresolved"
+                    else f"{rev.requested or revisions.DEFAULT_BRANCH}?unresolved"
                 )
+                key = json.dumps([self.spec.target, self.spec.config, self.split, revision])
                 self._digest = hashlib.sha256(key.encode()).hexdigest()[:32]
             else:
                 self._digest = _files_digest(self._files, self.split)
@@ -300,6 +319,9 @@ class Stream:
     def _open_hf(self) -> _IterSource:
         import datasets
 
+        self.revision = revisions.resolve_revision(self.spec.target, self.spec.revision)
+        if self.revision.commit is not None:  # read the very commit the lineage records
+            self.spec = dataclasses.replace(self.spec, revision=self.revision.commit)
         spec = self.spec
         try:
             with _quiet():
@@ -311,6 +333,11 @@ class Stream:
                     revision=spec.revision,
                 )
         except Exception as e:
+            if "scripts are no longer supported" in str(e).lower():
+                raise DatasetUnavailable(
+                    f"hub dataset {spec.target!r} at {self.revision.label()} is a loading "
+                    f"script, which datasets >= 4 does not run: {revisions.SCRIPT_FIX}"
+                ) from None
             raise DatasetUnavailable(
                 f"cannot open hub dataset {spec.target!r} split {spec.split!r}: {one_line(e)}"
             ) from None

@@ -150,11 +150,14 @@ class StreamSource(DatasetSource):
         return cls(source_dict["uri"])
 
 
-def dataset_source(source: str, split: str | None = None) -> DatasetSource:
+def dataset_source(
+    source: str, split: str | None = None, revision: str | None = None
+) -> DatasetSource:
     """The MLflow source for an ICD stream source string (``hf:<id>``, ``parquet:<path>``,
-    ``imagefolder:<path>``, a plain path or URL, anything else kept verbatim)."""
+    ``imagefolder:<path>``, a plain path or URL, anything else kept verbatim); a hub
+    source carries its ``revision`` (the commit read, or the branch when unresolved)."""
     if source.startswith("hf:"):
-        return HuggingFaceDatasetSource(path=source[3:], split=split)
+        return HuggingFaceDatasetSource(path=source[3:], split=split, revision=revision)
     raw = source.split(":", 1)[1] if source.startswith(("parquet:", "imagefolder:")) else source
     try:
         with warnings.catch_warnings():
@@ -402,11 +405,15 @@ class Tracker:
 
     def log_dataset(self, info: dict[str, Any], df: pl.DataFrame | None = None) -> None:
         """Record the stream dataset as a run input (context ``stream``): ``info`` holds
-        ``name``, ``source`` and ``digest`` (other str/int entries become input tags); with
-        ``df`` its schema and profile are recorded too."""
+        ``name``, ``source`` and ``digest`` (other str/int entries become input tags; a
+        hub source's ``revision`` also goes into the input's source); with ``df`` its schema
+        and profile are recorded too."""
         rid = self._require_run()
+        revision = info.get("revision")
         source = dataset_source(
-            str(info.get("source") or info.get("name") or "unknown"), info.get("split")
+            str(info.get("source") or info.get("name") or "unknown"),
+            info.get("split"),
+            str(revision) if revision else None,
         )
         name = str(info.get("name") or "stream")
         digest = info.get("digest")

@@ -199,3 +199,26 @@ def test_background_metrics_are_all_stored_by_finish_and_failures_surface(store:
     broken.log_metrics({"bad\x00key": 1.0}, 64, background=True)  # MLflow rejects the name
     with pytest.raises(Exception, match="bad"):
         broken.flush()
+
+
+def test_a_hub_dataset_lineage_carries_the_commit_read(store: str) -> None:
+    tracker = Tracker(store, "icd")
+    mlflow_id = tracker.start("run-rev", config(), {})
+    commit = "3ae0e4e94e37c610c26df758ec3255fa90d80e67"
+    tracker.log_dataset(
+        {
+            "name": "aircraft",
+            "source": "hf:mteb/FGVCAircraft",
+            "revision": commit,
+            "revision_status": "pinned",
+            "split": "test",
+            "digest": "e" * 32,
+        }
+    )
+    (inp,) = tracker.client.get_run(mlflow_id).inputs.dataset_inputs
+    source = json.loads(inp.dataset.source)
+    assert source["path"] == "mteb/FGVCAircraft"
+    assert source["revision"] == commit and source["split"] == "test"
+    tags = {t.key: t.value for t in inp.tags}
+    assert tags["revision"] == commit and tags["revision_status"] == "pinned"
+    tracker.finish({})
