@@ -372,7 +372,10 @@ def fixtures_eval(
 def report(
     target: Annotated[
         str,
-        typer.Argument(help="A run id, a benchmark id, a suite name (its latest run) or a folder."),
+        typer.Argument(
+            help="A run id, `latest` (the newest run, as `icd runs` lists them first), "
+            "a benchmark id, a suite name (its latest benchmark) or a folder."
+        ),
     ],
     root: Annotated[
         Path | None,
@@ -400,6 +403,46 @@ def report(
     console.print(f"report: [bold]{paths.html}[/]")
     for name, p in paths.plots.items():
         console.print(f"plot:   {name}: {p}")
+
+
+@app.command("runs")
+def list_runs(
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Storage root to list (default: the config's storage.root)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Show at most N runs.")] = 20,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """List the runs under the storage root, newest first: mode, dataset, finished or how
+    many chunks are committed, accuracy, annotation rate, and when each last wrote.
+
+    The root is found as for `icd report`: --root, or the storage root of the config given
+    as for `icd run` (the `smoke` preset by default). An unfinished run shows its numbers
+    so far in italics; `icd report latest` reports the first run listed."""
+    from icd.report.runs import list_runs as find_runs
+    from icd.report.runs import runs_rich_table
+
+    if root is None:
+        root = Path(_resolve(preset, config, set_).storage.root)
+    runs = find_runs(root, limit=None)
+    if not runs:
+        console.print(
+            f"no runs under {root.absolute()} (start one with `icd run`, or give --root)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    shown = runs[: max(limit, 0)]
+    console.print(runs_rich_table(shown, width=console.width))
+    more = f"; {len(runs) - len(shown)} older not shown (--limit)" if len(runs) > len(shown) else ""
+    console.print(
+        f"{len(shown)} of {len(runs)} runs under {root.absolute()}{more}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

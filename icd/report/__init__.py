@@ -29,6 +29,7 @@ RUNS_FILE = "runs.parquet"
 COMPARISON_FILE = "comparison.parquet"
 COMPARISON_MD = "comparison.md"
 REPORT_DIR = "report"
+LATEST = "latest"  # the report target naming the newest run
 
 
 class ReportError(FileNotFoundError):
@@ -61,8 +62,9 @@ def resolve_target(target: str, root: Path) -> tuple[str, Path]:
 
     Tried in order: a folder path (a run folder has ``predictions/``, a benchmark folder
     ``benchmark.json``); a run id under ``ROOT/runs``; a benchmark id under
-    ``ROOT/benchmarks``; a benchmark suite name, which picks that suite's latest benchmark.
-    Raises :class:`ReportError` with a one-line message otherwise.
+    ``ROOT/benchmarks``; ``latest``, the newest run under ``ROOT/runs`` (see
+    :func:`icd.report.runs.latest_run`); a benchmark suite name, which picks that suite's
+    latest benchmark. Raises :class:`ReportError` with a one-line message otherwise.
     """
     path = Path(target)
     if path.is_dir():
@@ -74,6 +76,12 @@ def resolve_target(target: str, root: Path) -> tuple[str, Path]:
         return "run", runs_dir(root) / target
     if (benchmarks_dir(root) / target / BENCHMARK_FILE).exists():
         return "benchmark", benchmarks_dir(root) / target
+    if target == LATEST:
+        from icd.report.runs import latest_run
+
+        newest = latest_run(root)
+        if newest is not None:
+            return "run", newest
     latest = latest_benchmark(target, root)
     if latest is not None:
         return "benchmark", latest
