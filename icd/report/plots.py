@@ -244,7 +244,7 @@ def running_curves_figure(
                          label="pool size (teacher labels accepted)")  # fmt: skip
         ax_pool.set_ylabel("teacher labels")
         ax_pool.set_title("teacher labels: asked for and kept in the pool", fontsize=9)
-        ax_pool.legend(fontsize=8, loc="upper left")
+        ax_pool.legend(fontsize=8, loc="lower right")  # counts only grow: that corner is free
         rate = _floats(curves, "annotation_rate") * 100
         ax_rate.plot(x, rate, marker=marker, color="#2ca02c", label="annotation rate so far")
         if budget is not None:
