@@ -21,6 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Markdown: docstrings and help strings flow as paragraphs whatever their line breaks.
+    rich_markup_mode="markdown",
 )
 bench_app = typer.Typer(
     help="Benchmarks that print ratios against a baseline measured in the same run."
@@ -218,10 +220,11 @@ def show_config(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt
 
 @app.command("check")
 def check(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Before a long run: one line per check (packages, model ids, devices, teacher
-    endpoint and key, storage, and each dataset of the preset and of the benchmark suites
-    built on it: source, revision, reachable), loading no weights. Exits 0 only if all
-    pass."""
+    """Check a config before a long run, loading no weights.
+
+    One line per check (packages, model ids, devices, teacher endpoint and key, storage,
+    and each dataset of the preset and of the benchmark suites built on it: source,
+    revision, reachable). Exits 0 only if all pass."""
     from icd.check import run_checks
 
     cfg = _resolve(preset, config, set_)
@@ -241,7 +244,7 @@ def check(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = Non
 
 
 fixtures_app = typer.Typer(
-    help="The offline mini-world: the shapes dataset and the tiny trained models (docs/design.md §7).",
+    help="The offline mini-world: the shapes dataset and the tiny trained models.",
     invoke_without_command=True,
 )
 app.add_typer(fixtures_app, name="fixtures")
@@ -257,8 +260,10 @@ def fixtures(
     samples: Annotated[int, typer.Option(help="Samples in the shapes dataset.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the shapes dataset.")] = 0,
 ) -> None:
-    """Build the shapes dataset and list the shipped mini-world models (a tiny Idefics3
-    (SmolVLM) student, LLaVA teacher and CLIP embedder, trained by `icd fixtures train`)."""
+    """Build the shapes dataset and list the shipped mini-world models.
+
+    The models are a tiny Idefics3 (SmolVLM) student, LLaVA teacher and CLIP embedder,
+    trained by `icd fixtures train`."""
     if ctx.invoked_subcommand is not None:
         return
     import time
@@ -298,9 +303,10 @@ def fixtures_train(
     ] = 1.0,
     threads: Annotated[int, typer.Option(help="torch threads (1 is fastest at this size).")] = 1,
 ) -> None:
-    """Train the mini-world models from their untrained architectures (tens of minutes on
-    2 CPU cores): embedder, then teacher (starting from the embedder's vision tower), then
-    student. The teacher needs a trained embedder in --out."""
+    """Train the mini-world models from their untrained architectures.
+
+    Tens of minutes on 2 CPU cores: embedder, then teacher (starting from the embedder's
+    vision tower), then student. The teacher needs a trained embedder in --out."""
 
     from icd.miniworld.train import Recipe, train_all
     from icd.models.fixtures import NAMES, trained_dir
@@ -334,9 +340,10 @@ def fixtures_eval(
         typer.Option("--markdown", help="Also write the table as markdown here (for docs)."),
     ] = None,
 ) -> None:
-    """Measure the mini-world targets on held-out images through ICD's own backends (embedder
-    retrieval, teacher greedy and voted accuracy, student zero-shot, uncertainty AUROC and
-    in-context learning); exit 1 if a target is missed."""
+    """Measure the mini-world models against their targets; exit 1 if one is missed.
+
+    On held-out images, through ICD's own backends: embedder retrieval, teacher greedy and
+    voted accuracy, student zero-shot, uncertainty AUROC and in-context learning."""
     import json
 
     from icd.miniworld.evaluate import evaluate
@@ -374,7 +381,10 @@ def fixtures_eval(
 def report(
     target: Annotated[
         str,
-        typer.Argument(help="A run id, a benchmark id, a suite name (its latest run) or a folder."),
+        typer.Argument(
+            help="A run id, `latest` (the newest run, as `icd runs` lists them first), "
+            "a benchmark id, a suite name (its latest benchmark) or a folder."
+        ),
     ],
     root: Annotated[
         Path | None,
@@ -404,6 +414,46 @@ def report(
         console.print(f"plot:   {name}: {p}")
 
 
+@app.command("runs")
+def list_runs(
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Storage root to list (default: the config's storage.root)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Show at most N runs.")] = 20,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """List the runs under the storage root, newest first.
+
+    Each row: run id, mode, dataset, finished or how many chunks are committed, accuracy,
+    annotation rate, and when the run last wrote. The root is found as for `icd report`: --root, or the storage root of the config given
+    as for `icd run` (the `smoke` preset by default). An unfinished run shows its numbers
+    so far in italics; `icd report latest` reports the first run listed."""
+    from icd.report.runs import list_runs as find_runs
+    from icd.report.runs import runs_rich_table
+
+    if root is None:
+        root = Path(_resolve(preset, config, set_).storage.root)
+    runs = find_runs(root, limit=None)
+    if not runs:
+        console.print(
+            f"no runs under {root.absolute()} (start one with `icd run`, or give --root)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    shown = runs[: max(limit, 0)]
+    console.print(runs_rich_table(shown, width=console.width))
+    more = f"; {len(runs) - len(shown)} older not shown (--limit)" if len(runs) > len(shown) else ""
+    console.print(
+        f"{len(shown)} of {len(runs)} runs under {root.absolute()}{more}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def benchmark(
     suite: Annotated[
@@ -416,10 +466,12 @@ def benchmark(
         typer.Option("--id", help="Benchmark id; reuse an existing one to resume the suite."),
     ] = None,
 ) -> None:
-    """Run a benchmark suite (dataset x mode x budget x stream order) locally: every setting
-    is a `stream` subflow and an MLflow child run under one parent; prints the comparison
-    table (mean ± std over stream orders). `--set benchmark.FIELD=v` changes the suite,
-    any other `--set` goes to every run."""
+    """Run a benchmark suite locally and print its comparison table.
+
+    A suite is dataset × mode × budget × stream order: every setting is a `stream` subflow
+    and an MLflow child run under one parent, and the table shows mean ± std over stream
+    orders. `--set benchmark.FIELD=v` changes the suite, any other `--set` goes to every
+    run."""
     import polars as pl
 
     from icd.flows.benchmark import benchmark as benchmark_flow
@@ -450,11 +502,15 @@ def reproduce(
         "docs/claims.md"
     ),
 ) -> None:
-    """Run every analysis of the paper and its reviewers (the `claims` and `claims-budget`
-    suites: baselines, gate, selection, k, demo order, teacher N and a_min, oracle, LoRA,
-    budgets; three stream orders each) and write the claims report: one row per claim, its
-    numbers (mean ± std) and whether it holds. Rerunning resumes the finished runs. At paper
-    scale: --preset paper --set "benchmark.datasets=[cub200,flowers102]" (GPU, hub access)."""
+    """Run every analysis of the paper and its reviewers; write the claims report.
+
+    The `claims` and `claims-budget` suites: baselines, gate, selection, k, demo order,
+    teacher N and a_min, oracle, LoRA, budgets; three stream orders each. The report has one
+    row per claim, its numbers (mean ± std) and whether it holds. Rerunning resumes the
+    finished runs.
+
+    At paper scale: `--preset paper --set "benchmark.datasets=[cub200,flowers102]"` (GPU,
+    hub access)."""
     import time
 
     from icd.data import shapes
@@ -521,8 +577,10 @@ def pool_inspect(
 def bench_select(
     quick: Annotated[bool, typer.Option(help="Small pool sizes (seconds, not minutes).")] = False,
 ) -> None:
-    """Selection ms/query at pool sizes 1k/10k/100k vs numpy brute force; upsert ms/row;
-    fragment count after 100 chunk commits."""
+    """Demonstration selection speed against numpy brute force.
+
+    Selection ms/query at pool sizes 1k/10k/100k; upsert ms/row; fragment count after 100
+    chunk commits."""
     from icd.bench.select import print_select_bench, run_select_bench
 
     print_select_bench(run_select_bench(quick=quick))
@@ -536,8 +594,10 @@ def bench_overhead(
         int, typer.Option(help="Interleaved rounds of every row; each row keeps its fastest.")
     ] = 3,
 ) -> None:
-    """Samples/s of the full flow vs a plain Python loop over the same method and model
-    functions (no Prefect/LanceDB/MLflow), same samples, same run; peak RSS."""
+    """What the orchestration costs: the flow's samples/s against a plain loop.
+
+    The plain loop calls the same method and model functions without Prefect, LanceDB or
+    MLflow, on the same samples in the same process; peak RSS too."""
     from icd.bench.overhead import print_overhead_bench, run_overhead_bench
 
     print_overhead_bench(run_overhead_bench(samples=samples, chunk_size=chunk_size, rounds=rounds))
@@ -563,11 +623,13 @@ def bench_student(
         int, typer.Option(help="ICL prompts for SmolVLM's image processor alone (0: skip).")
     ] = 8,
 ) -> None:
-    """Student ICL prompts/s through the hf backend without and with its processed-image
-    cache, and through the openai backend (a local server on loopback); the processor's time
-    per prompt and share of hf time (the student's processor splits images into crops); how
-    well the top-k log-prob entropy estimate ranks samples against the exact entropy. Then
-    SmolVLM's image processor alone at its real settings, without and with the cache."""
+    """Student in-context prompts/s through the hf and openai backends.
+
+    The hf backend without and with its processed-image cache, and the openai backend (a
+    local server on loopback); the processor's time per prompt and share of hf time (the
+    student's processor splits images into crops); how well the top-k log-prob entropy
+    estimate ranks samples against the exact entropy. Then SmolVLM's image processor alone
+    at its real settings, without and with the cache."""
     from icd.bench import student
 
     student.print_student_bench(student.run_student_bench(prompts=prompts, batch_size=batch_size))
@@ -579,7 +641,7 @@ def bench_student(
 def bench_scale(
     samples: Annotated[int, typer.Option(help="Smoke samples to stream.")] = 512,
 ) -> None:
-    """Flow samples/s with lookahead 0 vs 2, thread runner vs a 2-worker local Dask cluster."""
+    """Flow samples/s with lookahead 0 vs 2, thread runner vs a 2-worker Dask cluster."""
     from icd.bench.scale import print_scale_bench, run_scale_bench
 
     print_scale_bench(run_scale_bench(samples=samples))

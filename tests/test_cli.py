@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -66,3 +69,50 @@ def test_config_errors_name_the_key() -> None:
         load_config("smoke", overrides=["pipeline.chunk_size=0"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config("smoke", overrides=["pipeline.chunk_size"])
+
+
+def _command_paths(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and group under ``group`` (a click-like group), as argument paths."""
+    paths = [prefix]
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            paths += _command_paths(command, (*prefix, name))
+        else:
+            paths.append((*prefix, name))
+    return paths
+
+
+def _help(path: tuple[str, ...]) -> list[str]:
+    out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "100"})
+    assert out.exit_code == 0, (path, out.output)
+    return out.output.splitlines()
+
+
+def test_every_help_text_flows_at_100_columns() -> None:
+    """Each command's description reads as paragraphs filled to the width: no line ends
+    where the next word would still have fitted, whatever the docstring's line breaks."""
+    paths = _command_paths(typer.main.get_command(app))
+    assert ("runs",) in paths and ("bench", "student") in paths
+    for path in paths:
+        lines = _help(path)
+        assert max(len(line) for line in lines) <= 100, path
+        start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+        end = next((i for i, line in enumerate(lines) if line.startswith("╭")), len(lines))
+        prose = [line.strip() for line in lines[start:end]]
+        for line, after in zip(prose, prose[1:], strict=False):
+            if line and after:  # two lines of one paragraph
+                fits = len(line) + 1 + len(after.split()[0]) <= 96
+                assert not fits, f"icd {' '.join(path)}: ragged line {line!r}"
+
+
+def test_command_lists_give_one_line_per_command() -> None:
+    for group in [(), ("fixtures",), ("bench",), ("pool",)]:
+        panel = _help(group)
+        start = next(i for i, line in enumerate(panel) if "Commands" in line)
+        rows = [line for line in panel[start + 1 :] if line.startswith("│")]
+        assert rows and all(row[2] != " " for row in rows), "\n".join(rows)
+
+
+def test_help_keeps_square_brackets() -> None:
+    text = " ".join(_help(("reproduce",)))
+    assert '"benchmark.datasets=[cub200,flowers102]"' in text

@@ -16,7 +16,7 @@ API returns, on the same answers, for k = 5 and 20.
 
 On this CPU the server runs the same model in one process, so the ``openai`` row shows
 the HTTP/JSON/base64 overhead, not vLLM's batching: on a GPU, serve the student with vLLM
-(README) and compare there.
+(docs/reference.md, "Serving the student with vLLM") and compare there.
 """
 
 from __future__ import annotations

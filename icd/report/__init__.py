@@ -29,6 +29,7 @@ RUNS_FILE = "runs.parquet"
 COMPARISON_FILE = "comparison.parquet"
 COMPARISON_MD = "comparison.md"
 REPORT_DIR = "report"
+LATEST = "latest"  # the report target naming the newest run
 
 
 class ReportError(FileNotFoundError):
@@ -61,8 +62,9 @@ def resolve_target(target: str, root: Path) -> tuple[str, Path]:
 
     Tried in order: a folder path (a run folder has ``predictions/``, a benchmark folder
     ``benchmark.json``); a run id under ``ROOT/runs``; a benchmark id under
-    ``ROOT/benchmarks``; a benchmark suite name, which picks that suite's latest benchmark.
-    Raises :class:`ReportError` with a one-line message otherwise.
+    ``ROOT/benchmarks``; ``latest``, the newest run under ``ROOT/runs`` (see
+    :func:`icd.report.runs.latest_run`); a benchmark suite name, which picks that suite's
+    latest benchmark. Raises :class:`ReportError` with a one-line message otherwise.
     """
     path = Path(target)
     if path.is_dir():
@@ -74,6 +76,12 @@ def resolve_target(target: str, root: Path) -> tuple[str, Path]:
         return "run", runs_dir(root) / target
     if (benchmarks_dir(root) / target / BENCHMARK_FILE).exists():
         return "benchmark", benchmarks_dir(root) / target
+    if target == LATEST:
+        from icd.report.runs import latest_run
+
+        newest = latest_run(root)
+        if newest is not None:
+            return "run", newest
     latest = latest_benchmark(target, root)
     if latest is not None:
         return "benchmark", latest
@@ -130,14 +138,24 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     mode = method.get("mode")
     budgeted = mode is not None and mode_spec(mode).uses_budget
     budget = method.get("policy", {}).get("budget") if budgeted else None
-    a_min = method.get("voting", {}).get("a_min")
+    voting, policy = method.get("voting", {}), method.get("policy", {})
+    a_min = voting.get("a_min")
     out = run_dir / REPORT_DIR
     name = summary.get("run_id") or run_dir.name
     paths = {
         "running": plots.plot_running_curves(preds, out / "running.png", title=name, budget=budget),
-        "uncertainty": plots.plot_uncertainty_hist(preds, out / "uncertainty.png", title=name),
+        "uncertainty": plots.plot_uncertainty_hist(
+            preds,
+            out / "uncertainty.png",
+            title=name,
+            measure=method.get("uncertainty"),
+            threshold=policy.get("threshold") if budgeted else None,
+            tau=policy.get("tau"),
+            budget=budget,
+            warmup=(policy.get("warmup") or 0) if budgeted else 0,
+        ),
         "agreement": plots.plot_agreement_hist(
-            preds, out / "agreement.png", a_min=a_min, title=name
+            preds, out / "agreement.png", a_min=a_min, title=name, votes=voting.get("n")
         ),
     }
     rows = [(k, _fmt_value(k, v)) for k, v in _flat_summary(summary).items()]
@@ -177,8 +195,8 @@ def build_run_report(run_dir: Path) -> ReportPaths:
 def build_benchmark_report(bench_dir: Path) -> ReportPaths:
     """Report of one benchmark folder: the main curve, running accuracy per dataset, HTML.
 
-    The per-dataset running-accuracy plot overlays every setting's first seed (stream
-    order), read from each child run's predictions.
+    The per-dataset running-accuracy plot overlays every setting: the mean over its
+    stream orders (seeds) with a ± std band, read from each child run's predictions.
     """
     bench_dir = Path(bench_dir)
     info = _read_json(bench_dir / BENCHMARK_FILE)
@@ -228,13 +246,11 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
             )
         )
     for dataset in dict.fromkeys(runs.get_column("dataset").to_list()):
-        first = (
-            runs.filter(pl.col("dataset") == dataset)
-            .sort("seed", nulls_last=True)
-            .unique(["variant", "budget"], keep="first", maintain_order=True)
-        )
-        frames, labels = [], {}
-        for r in first.iter_rows(named=True):
+        settings = runs.filter(pl.col("dataset") == dataset)
+        top = settings.group_by("variant").agg(pl.col("budget").max().alias("top"))
+        largest = dict(zip(top.get_column("variant"), top.get_column("top"), strict=True))
+        frames, labels, variants, dashed = [], {}, {}, set()
+        for r in settings.iter_rows(named=True):
             run_dir = Path(r["run_dir"]) if r["run_dir"] else None
             if run_dir is None or not run_dir.is_dir():
                 continue
@@ -242,15 +258,16 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
                 _run_predictions(run_dir).with_columns(pl.lit(r["run_id"]).alias("run_id"))
             )
             budget = "" if r["budget"] is None else f" ρ={r['budget']:g}"
-            labels[r["run_id"]] = f"{r['variant']}{budget}"
+            label = f"{r['variant']}{budget}"
+            labels[r["run_id"]], variants[label] = label, r["variant"]
+            if r["budget"] is not None and r["budget"] != largest[r["variant"]]:
+                dashed.add(label)
         preds = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
         key = f"running_{_slug(dataset)}"
         paths[key] = plots.plot_running_comparison(
-            preds,
-            out / f"{key}.png",
-            labels=labels,
-            title=f"{dataset}: running accuracy (first stream order)",
-        )
+            preds, out / f"{key}.png", labels=labels, title=f"{name}: {dataset}",
+            variants=variants, dashed=dashed,
+        )  # fmt: skip
         sections.append(html.section(f"{dataset}: over the stream", html.image(paths[key])))
     header, rows = comparison_rows(table)
     child_rows = [

@@ -9,13 +9,14 @@ touched and plotting is safe from worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from icd.report.tables import running_curves
 
@@ -204,16 +205,10 @@ def plot_accuracy_vs_annotation(
     return _save(fig, path)
 
 
-def plot_running_curves(
-    preds: pl.DataFrame, path: Path | str, title: str | None = None, budget: float | None = None
-) -> Path:
-    """One run over its stream: running accuracy, pool size and annotation rate per chunk.
-
-    ``preds`` is the run's predictions table. Three stacked panels sharing the x axis
-    (samples seen): running and per-chunk accuracy; pool size (accepted annotations so far)
-    with the cumulative queried count; cumulative annotation rate, with the budget ρ as a
-    dashed line when given.
-    """
+def running_curves_figure(
+    preds: pl.DataFrame, title: str | None = None, budget: float | None = None
+) -> Figure:
+    """The figure of :func:`plot_running_curves` (for callers that save it themselves)."""
     curves = running_curves(preds)
     fig = Figure(figsize=(7.5, 7.5), layout="constrained")
     ax_acc, ax_pool, ax_rate = fig.subplots(3, 1, sharex=True)
@@ -227,32 +222,124 @@ def plot_running_curves(
         if np.isnan(acc).all():
             _empty(ax_acc, "no scored samples")
         else:
-            ax_acc.plot(x, acc, marker=marker, label="running accuracy")
-            ax_acc.plot(x, _floats(curves, "chunk_accuracy") * 100, ls=":", marker=marker, alpha=0.6,
-                        label="accuracy of the chunk")  # fmt: skip
+            chunk_acc = _floats(curves, "chunk_accuracy") * 100
+            ax_acc.plot(x, chunk_acc, ls=":", marker=marker, color="0.55", ms=4,
+                        label="accuracy of each chunk")  # fmt: skip
+            ax_acc.plot(x, acc, marker=marker, color="#d62728", label="running accuracy")
             ax_acc.set_ylabel("accuracy (%)")
-            _percent_axis(ax_acc, acc, _floats(curves, "chunk_accuracy") * 100)
-            ax_acc.legend(fontsize=8)
+            ax_acc.set_title("accuracy so far and per chunk", fontsize=9)
+            _percent_axis(ax_acc, acc, chunk_acc)
+            ax_acc.legend(fontsize=8, loc="best")
         x0 = np.concatenate([[0], x])  # counts start from an empty pool at sample 0
-        ax_pool.plot(x0, np.concatenate([[0], curves.get_column("pool_size").to_numpy()]),
-                     marker=marker, label="pool size (accepted)")  # fmt: skip
-        ax_pool.plot(x0, np.concatenate([[0], curves.get_column("queried").cum_sum().to_numpy()]),
-                     marker=marker, ls="--", label="queried so far")  # fmt: skip
-        ax_pool.set_ylabel("annotations")
-        ax_pool.legend(fontsize=8)
+        pool = np.concatenate([[0], curves.get_column("pool_size").to_numpy()])
+        asked = np.concatenate([[0], curves.get_column("queried").cum_sum().to_numpy()])
+        if np.array_equal(pool, asked):
+            # One line, said so: two identical lines would hide one another.
+            ax_pool.plot(x0, pool, marker=marker, color="#1f77b4",
+                         label="queried = pooled (every teacher label accepted)")  # fmt: skip
+        else:
+            ax_pool.plot(x0, asked, marker=marker, ls="--", color="#ff7f0e", lw=2.5, alpha=0.7,
+                         label="queried so far")  # fmt: skip
+            ax_pool.plot(x0, pool, marker=marker, color="#1f77b4", ms=4,
+                         label="pool size (teacher labels accepted)")  # fmt: skip
+        ax_pool.set_ylabel("teacher labels")
+        ax_pool.set_title("teacher labels: asked for and kept in the pool", fontsize=9)
+        ax_pool.legend(fontsize=8, loc="lower right")  # counts only grow: that corner is free
         rate = _floats(curves, "annotation_rate") * 100
         ax_rate.plot(x, rate, marker=marker, color="#2ca02c", label="annotation rate so far")
         if budget is not None:
             ax_rate.axhline(budget * 100, ls="--", color="0.3", label=f"budget ρ={budget:g}")
         ax_rate.set_ylabel("annotation rate (%)")
+        ax_rate.set_title("share of the stream sent to the teacher", fontsize=9)
         _percent_axis(ax_rate, rate, np.array([budget * 100 if budget is not None else np.nan]))
-        ax_rate.legend(fontsize=8)
+        ax_rate.legend(fontsize=8, loc="best")
         for ax in (ax_acc, ax_pool, ax_rate):
             ax.grid(alpha=0.3)
         ax_rate.set_xlabel("samples seen")
     if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+        fig.suptitle(f"{title}: over the stream, chunk by chunk")
+    return fig
+
+
+def plot_running_curves(
+    preds: pl.DataFrame, path: Path | str, title: str | None = None, budget: float | None = None
+) -> Path:
+    """One run over its stream: running accuracy, teacher labels and annotation rate.
+
+    ``preds`` is the run's predictions table; ``title`` names the run. Three stacked panels
+    sharing the x axis (samples seen): running and per-chunk accuracy; teacher labels asked
+    for (queried) and kept (pool size) so far, one line when they are the same; the
+    cumulative annotation rate, with the budget ρ as a dashed line when given.
+    """
+    return _save(running_curves_figure(preds, title=title, budget=budget), path)
+
+
+def running_comparison_figure(
+    preds: pl.DataFrame,
+    labels: Mapping[str, str] | None = None,
+    title: str | None = None,
+    variants: Mapping[str, str] | None = None,
+    dashed: Collection[str] = (),
+) -> Figure:
+    """The figure of :func:`plot_running_comparison` (for callers that save it themselves)."""
+    fig = Figure(figsize=(9.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    run_ids = [] if preds.height == 0 else list(dict.fromkeys(preds.get_column("run_id").to_list()))
+    groups: dict[str, list[str]] = {}
+    for run_id in run_ids:
+        groups.setdefault((labels or {}).get(run_id, run_id), []).append(run_id)
+    means: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+    for label, members in groups.items():
+        curves = [running_curves(preds.filter(pl.col("run_id") == r)) for r in members]
+        curves = [c for c in curves if not np.isnan(_floats(c, "running_accuracy")).all()]
+        if not curves:
+            continue
+        n = min(c.height for c in curves)  # stream orders cut the same stream alike
+        x = curves[0].get_column("samples_seen").to_numpy()[:n]
+        acc = np.vstack([_floats(c, "running_accuracy")[:n] * 100 for c in curves])
+        std = np.nanstd(acc, axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
+        means[label] = (x, np.nanmean(acc, axis=0), std, len(curves))
+    same_as: dict[str, str] = {}
+    names = list(means)
+    for i, a in enumerate(names):
+        for b in names[:i]:
+            if b not in same_as and _coincide(means[a][:2], means[b][:2]):
+                same_as[a] = b
+                break
+    ys: list[np.ndarray] = []
+    bands = len(means) <= 4  # more bands than that only hide one another
+    last = max((float(m[0][-1]) for m in means.values()), default=0.0)
+    for i, (label, (x, mean, std, _)) in enumerate(means.items()):
+        variant = (variants or {}).get(label)
+        st = style(variant) if variant else {"color": _COLORS[i % len(_COLORS)], "marker": "o"}
+        ls = "--" if label in dashed else "-"
+        shown = label + (f" (= {same_as[label]})" if label in same_as else "")
+        marker = st["marker"] if len(x) <= 40 else None
+        ax.plot(x, mean, color=st["color"], marker=marker, ls=ls, label=shown, ms=5,
+                mfc="white" if label in dashed else st["color"], zorder=3 + i)  # fmt: skip
+        lo, hi = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)
+        if std.any() and bands:
+            ax.fill_between(x, lo, hi, color=st["color"], alpha=0.12, lw=0)
+        elif std.any():  # the end of the stream only, each line's bar a little apart
+            at = x[-1] + (i - (len(means) - 1) / 2) * 0.006 * last
+            ax.errorbar([at], [mean[-1]], yerr=[[mean[-1] - lo[-1]], [hi[-1] - mean[-1]]],
+                        color=st["color"], capsize=2, lw=1, zorder=2)  # fmt: skip
+        ys += [lo, hi]
+    orders = max((m[3] for m in means.values()), default=0)
+    head = "running accuracy over the stream"
+    if orders > 1:
+        where = "bands" if bands else "bars at the end"
+        head += f", mean ± std over {orders} stream orders ({where})"
+    if means:
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel("running accuracy (%)")
+        _percent_axis(ax, *ys)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    else:
+        _empty(ax, "no scored predictions")
+    ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
+    return fig
 
 
 def plot_running_comparison(
@@ -260,49 +347,62 @@ def plot_running_comparison(
     path: Path | str,
     labels: Mapping[str, str] | None = None,
     title: str | None = None,
+    variants: Mapping[str, str] | None = None,
+    dashed: Collection[str] = (),
 ) -> Path:
-    """Running accuracy over the stream of several runs on one axis, one line per run id.
+    """Running accuracy over the stream of several runs on one axis, one line per label.
 
     ``preds`` holds the predictions of all the runs (column ``run_id`` tells them apart);
-    ``labels`` maps run ids to legend labels (default: the run id).
+    ``labels`` maps run ids to legend labels (default: the run id). Runs that share a label
+    are stream orders of one setting: their mean is the line and ± their std a band.
+    ``variants`` maps a label to its mode variant, whose fixed :func:`style` colours the
+    line (default: a colour per line); labels in ``dashed`` are drawn dashed with hollow
+    markers (e.g. a mode's smaller budgets). Lines that coincide are all drawn and the
+    legend says which they coincide with; the legend sits outside the axes.
     """
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
-    run_ids = [] if preds.height == 0 else list(dict.fromkeys(preds.get_column("run_id").to_list()))
-    drawn = False
-    ys: list[np.ndarray] = []
-    for i, run_id in enumerate(run_ids):
-        curves = running_curves(preds.filter(pl.col("run_id") == run_id))
-        acc = _floats(curves, "running_accuracy") * 100
-        if np.isnan(acc).all():
-            continue
-        label = (labels or {}).get(run_id, run_id)
-        marker = "o" if curves.height <= 40 else None
-        ax.plot(curves.get_column("samples_seen").to_numpy(), acc, marker=marker, label=label,
-                color=_COLORS[i % len(_COLORS)], ls="-" if i < len(_COLORS) else "--")  # fmt: skip
-        ys.append(acc)
-        drawn = True
-    if drawn:
-        ax.set_xlabel("samples seen")
-        ax.set_ylabel("running accuracy (%)")
-        _percent_axis(ax, *ys)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    else:
-        _empty(ax, "no scored predictions")
-    if title:
-        ax.set_title(title)
+    fig = running_comparison_figure(
+        preds, labels=labels, title=title, variants=variants, dashed=dashed
+    )
     return _save(fig, path)
 
 
-def plot_uncertainty_hist(preds: pl.DataFrame, path: Path | str, title: str | None = None) -> Path:
-    """Student zero-shot uncertainty, histogram for queried vs not queried samples.
+# What each uncertainty measure (config ``method.uncertainty``) is, for axis labels.
+MEASURES: dict[str, str] = {
+    "entropy_mean": "mean token entropy of the answer (nats)",
+    "nll_mean": "mean negative log-probability of the answer tokens",
+    "entropy_first": "entropy of the first answer token (nats)",
+    "margin": "1 − (p1 − p2) of the first answer token",
+    "random": "random score (no model uncertainty)",
+}
 
-    Both groups share the bin edges; counts are drawn as overlapping step histograms so a
-    small queried group stays visible next to a large unqueried one. Rows with a null
-    uncertainty (skipped samples, modes without a student pass) are left out.
-    """
-    fig = Figure(figsize=(7, 4), layout="constrained")
+
+def query_threshold(
+    values: np.ndarray, threshold: str | None, tau: float | None, budget: float | None
+) -> tuple[float, str] | None:
+    """Where the query threshold sits on the uncertainty axis, and what it is, or None
+    (``always``/``never``, or not enough to say). ``fixed``: ``tau``. ``adaptive``: the
+    policy's running quantile tracks the value with a share ρ = ``budget`` of the
+    uncertainties above it, so this is that quantile of ``values`` (the run's own)."""
+    if threshold == "fixed" and tau is not None:
+        return float(tau), f"query threshold τ={tau:g}"
+    finite = values[np.isfinite(values)]
+    if threshold == "adaptive" and budget is not None and finite.size and 0 < budget < 1:
+        at = float(np.quantile(finite, 1.0 - budget))
+        return at, f"adaptive threshold ≈ {at:.3g} (top {budget:.0%} of this stream)"
+    return None
+
+
+def uncertainty_figure(
+    preds: pl.DataFrame,
+    title: str | None = None,
+    measure: str | None = None,
+    threshold: str | None = None,
+    tau: float | None = None,
+    budget: float | None = None,
+    warmup: int = 0,
+) -> Figure:
+    """The figure of :func:`plot_uncertainty_hist` (for callers that save it themselves)."""
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
     rows = (
         preds.filter(pl.col("zs_uncertainty").is_not_null() & pl.col("zs_uncertainty").is_not_nan())
@@ -314,35 +414,89 @@ def plot_uncertainty_hist(preds: pl.DataFrame, path: Path | str, title: str | No
         _empty(ax, "no student uncertainties")
     else:
         queried = rows.get_column("queried").fill_null(False).to_numpy().astype(bool)
+        early = _floats(rows, "stream_pos") < warmup
         edges = np.histogram_bin_edges(values, bins=min(30, max(5, int(np.sqrt(values.size)) * 2)))
-        for mask, label, color in (
-            (~queried, "not queried", "#1f77b4"),
-            (queried, "queried", "#d62728"),
-        ):
-            n = int(mask.sum())
-            if n:
-                ax.hist(values[mask], bins=edges, histtype="stepfilled", alpha=0.45, color=color,
-                        edgecolor=color, label=f"{label} (n={n})")  # fmt: skip
-            else:
-                ax.plot([], [], color=color, label=f"{label} (n=0)")
-        ax.set_xlabel("student zero-shot uncertainty")
-        ax.set_ylabel("samples")
+        n_rest = int((~queried).sum())
+        if n_rest:
+            ax.hist(values[~queried], bins=edges, histtype="stepfilled", alpha=0.45,
+                    color="#1f77b4", edgecolor="#1f77b4", lw=1.5,
+                    label=f"not queried (n={n_rest})")  # fmt: skip
+        else:
+            ax.plot([], [], color="#1f77b4", label="not queried (n=0)")
+        # The queried samples, stacked: above the threshold, then the unconditional warm-up.
+        parts = [(queried & ~early, "queried", "#d62728")]
+        if (queried & early).any():
+            parts.append((queried & early, f"queried in the warm-up (first {warmup})", "#ff7f0e"))
+        ax.hist([values[m] for m, _, _ in parts], bins=edges, histtype="stepfilled", stacked=True,
+                alpha=0.6, color=[c for *_, c in parts], edgecolor="0.2", lw=0.6,
+                label=[f"{lbl} (n={int(m.sum())})" for m, lbl, _ in parts])  # fmt: skip
+        line = query_threshold(values, threshold, tau, budget)
+        if line is not None:
+            ax.axvline(line[0], ls="--", color="0.15", lw=1.2, label=line[1])
+        elif threshold in ("always", "never"):
+            ax.plot([], [], " ", label=f"threshold: {threshold} (no line)")
+        # Linear to 10, logarithmic above: a handful of queried samples stays visible.
+        top = max(1, int(np.histogram(values, bins=edges)[0].max()))
+        ax.set_yscale("symlog", linthresh=10, linscale=1.5)
+        ticks = [
+            t for t in (0, 2, 4, 6, 8, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= top
+        ]
+        ticks += [t * 10**k for k in range(4, 9) for t in (1, 2, 5) if t * 10**k <= top]
+        ax.set_yticks(ticks, [str(t) for t in ticks])
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_ylim(0, top * 1.3)
+        name = MEASURES.get(measure or "", measure or "uncertainty")
+        ax.set_xlabel(f"student zero-shot uncertainty: {name}" if measure else name)
+        ax.set_ylabel("samples (log scale above 10)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2,
+                  frameon=False)  # fmt: skip
+    head = "student uncertainty of queried and not queried samples"
+    ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
+    return fig
+
+
+def plot_uncertainty_hist(
+    preds: pl.DataFrame,
+    path: Path | str,
+    title: str | None = None,
+    measure: str | None = None,
+    threshold: str | None = None,
+    tau: float | None = None,
+    budget: float | None = None,
+    warmup: int = 0,
+) -> Path:
+    """Student zero-shot uncertainty, histogram for queried vs not queried samples.
+
+    The x axis names the measure (``measure``, config ``method.uncertainty``). Both groups
+    share the bin edges, drawn as overlapping step histograms on a count axis that is
+    linear to 10 and logarithmic above, so a small queried group stays visible next to a
+    large unqueried one; samples queried unconditionally in the first ``warmup`` stream
+    positions are a group of their own. The query threshold (``threshold``: the policy
+    kind, with ``tau`` and ``budget``; see :func:`query_threshold`) is a dashed line.
+    Rows with a null uncertainty (skipped samples, modes without a student pass) are left
+    out.
+    """
+    fig = uncertainty_figure(
+        preds, title=title, measure=measure, threshold=threshold, tau=tau, budget=budget,
+        warmup=warmup,
+    )  # fmt: skip
     return _save(fig, path)
 
 
 def plot_agreement_hist(
-    preds: pl.DataFrame, path: Path | str, a_min: float | None = None, title: str | None = None
+    preds: pl.DataFrame,
+    path: Path | str,
+    a_min: float | None = None,
+    title: str | None = None,
+    votes: int | None = None,
 ) -> Path:
     """Teacher vote agreement (winner votes / N) over queried samples.
 
-    One bar per distinct agreement value (they are multiples of 1/N), stacked by whether
-    the annotation entered the pool (accepted) or was filtered out; ``a_min`` is drawn as
-    a dashed line when given. Samples whose teacher call failed have no agreement and are
-    counted in the legend only.
+    One bar per distinct agreement value (they are multiples of 1/N; ``votes`` is N when
+    known, for the title), stacked by whether the annotation entered the pool (accepted)
+    or was filtered out; ``a_min`` is drawn as a dashed line when given. Samples whose
+    teacher call failed have no agreement and are counted in the legend only.
     """
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
@@ -372,12 +526,14 @@ def plot_agreement_hist(
         if a_min is not None:
             ax.axvline(a_min, ls="--", color="0.2", label=f"a_min={a_min:g}")
         ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(0, max(1.0, float((acc_counts + rej_counts).max())) * 1.15)
         ax.set_xlabel("agreement (winner votes / N)")
         ax.set_ylabel("queried samples")
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
+        ax.legend(fontsize=8, loc="upper left")
+    head = "agreement of the teacher's votes on queried samples"
+    head += f" (N={votes})" if votes else ""
+    ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
     return _save(fig, path)
 
 
@@ -452,13 +608,25 @@ def plot_sweep(
     return _save(fig, path)
 
 
-def plot_accuracy_vs_compute(
-    table: pl.DataFrame, path: Path | str, title: str | None = None
-) -> Path:
-    """Accuracy against the compute a run spent on the student (adaptation + inference
-    FLOPs, log scale): one point per (dataset, mode variant, budget), mean ± std over
-    stream orders — in-context learning pays in longer prompts, fine-tuning in training."""
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+def _spread(x: np.ndarray, span: float, step: float = 0.02) -> np.ndarray:
+    """Offsets (in log10 units) that set apart points whose x (log10) lie within
+    ``step * span`` of each other, centred on their place, so their error bars show."""
+    offsets = np.zeros_like(x)
+    order = np.argsort(x, kind="stable")
+    group: list[int] = []
+    for i in [*order, None]:
+        if i is not None and group and abs(x[i] - x[group[0]]) <= step * span:
+            group.append(int(i))
+            continue
+        for k, j in enumerate(group):
+            offsets[j] = (k - (len(group) - 1) / 2) * step * span
+        group = [] if i is None else [int(i)]
+    return offsets
+
+
+def accuracy_vs_compute_figure(table: pl.DataFrame, title: str | None = None) -> Figure:
+    """The figure of :func:`plot_accuracy_vs_compute` (for callers that save it themselves)."""
+    fig = Figure(figsize=(8.4, 4.6), layout="constrained")
     ax = fig.subplots()
     rows = (
         table.filter(pl.col("compute_flops_mean").is_not_null())
@@ -467,23 +635,48 @@ def plot_accuracy_vs_compute(
     )
     if not rows.height:
         _empty(ax, "no compute figures (runs without a student pass)")
-    for r in rows.iter_rows(named=True):
-        budget = "" if r["budget"] is None else f" ρ={r['budget']:g}"
-        y = (r["accuracy_mean"] or 0.0) * 100
-        st = style(r["variant"]) | {"ls": "none"}
-        ax.errorbar(
-            [r["compute_flops_mean"]], [y], yerr=[(r["accuracy_std"] or 0.0) * 100],
-            capsize=3, **st,
-        )  # fmt: skip
-        ax.annotate(
-            f"{r['variant']}{budget}", (r["compute_flops_mean"], y),
-            textcoords="offset points", xytext=(5, 4), fontsize=7,
-        )  # fmt: skip
-    if rows.height:
+    else:
+        budgets = sorted({b for b in rows.get_column("budget").to_list() if b is not None})
+        x = np.log10(_floats(rows, "compute_flops_mean"))
+        span = max(float(np.nanmax(x) - np.nanmin(x)), 0.3)
+        placed = 10 ** (x + _spread(x, span))
+        ys: list[np.ndarray] = []
+        several_datasets = rows.get_column("dataset").n_unique() > 1
+        for i, r in enumerate(rows.iter_rows(named=True)):
+            y = (r["accuracy_mean"] or 0.0) * 100
+            err = (r["accuracy_std"] or 0.0) * 100
+            st = style(r["variant"]) | {"ls": "none"}
+            # The smaller budgets hollow, the largest (and budget-free modes) filled.
+            hollow = r["budget"] is not None and r["budget"] != budgets[-1]
+            label = r["variant"] + ("" if r["budget"] is None else f" ρ={r['budget']:g}")
+            label += f" ({r['dataset']})" if several_datasets else ""
+            ax.errorbar(
+                [placed[i]], [y], yerr=[err], capsize=3, markersize=7, label=label,
+                mfc="white" if hollow else st["color"], mew=1.5, **st,
+            )  # fmt: skip
+            ys.append(np.array([y - err, y + err]))
         ax.set_xscale("log")
-        ax.set_xlabel("student compute (FLOPs: adaptation + inference)")
+        ax.set_xlabel("student compute per run (FLOPs: adaptation + inference, log scale)")
         ax.set_ylabel("accuracy (%)")
+        _percent_axis(ax, *ys)
         ax.grid(alpha=0.3, which="both")
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    seeds = table.get_column("seeds").max() if "seeds" in table.columns and table.height else None
+    orders = f", mean ± std over {seeds} stream orders" if seeds and seeds > 1 else ""
+    head = f"accuracy vs student compute{orders}"
+    ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
+    return fig
+
+
+def plot_accuracy_vs_compute(
+    table: pl.DataFrame, path: Path | str, title: str | None = None
+) -> Path:
+    """Accuracy against the compute a run spent on the student (adaptation + inference
+    FLOPs, log scale): one point per (dataset, mode variant, budget), mean ± std over
+    stream orders — in-context learning pays in longer prompts, fine-tuning in training.
+
+    Each mode keeps its fixed :func:`style`; of one mode's budgets the largest is a filled
+    marker and the smaller ones hollow, all named in the legend (outside the axes). Points
+    at (nearly) the same compute are set side by side so each error bar shows.
+    """
+    return _save(accuracy_vs_compute_figure(table, title=title), path)

@@ -131,3 +131,73 @@ def test_plots_depend_on_data(tmp_path):
     assert a != b
     assert a == c  # and the same input gives the same file
     assert np.frombuffer(a, dtype=np.uint8).size > 5_000
+
+
+# ---------------------------------------------------------------------------- what they show
+
+
+def _legend(ax) -> list[str]:  # noqa: ANN001
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
+
+
+def test_running_curves_say_when_queried_and_pooled_coincide():
+    preds = make_predictions(n=96, seed=0)
+    all_kept = preds.with_columns(pl.col("queried").alias("accepted"))
+    pool_ax = plots.running_curves_figure(all_kept, title="r").axes[1]
+    assert _legend(pool_ax) == ["queried = pooled (every teacher label accepted)"]
+    assert len(pool_ax.get_lines()) == 1
+    some_rejected = plots.running_curves_figure(preds).axes[1]
+    assert preds["accepted"].sum() < preds["queried"].sum()
+    assert len(some_rejected.get_lines()) == 2
+    assert "queried so far" in _legend(some_rejected)
+
+
+def test_uncertainty_names_its_measure_and_draws_the_threshold():
+    preds = make_predictions(n=200, seed=1)
+    fixed = plots.uncertainty_figure(preds, measure="margin", threshold="fixed", tau=0.7).axes[0]
+    assert "1 − (p1 − p2)" in fixed.get_xlabel()
+    lines = [ln for ln in fixed.get_lines() if ln.get_linestyle() == "--"]
+    assert [ln.get_xdata()[0] for ln in lines] == [0.7]
+    assert "query threshold τ=0.7" in _legend(fixed)
+    adaptive = plots.uncertainty_figure(
+        preds, measure="entropy_mean", threshold="adaptive", budget=0.1, warmup=5
+    ).axes[0]
+    values = preds["zs_uncertainty"].drop_nulls().to_numpy()
+    (line,) = [ln for ln in adaptive.get_lines() if ln.get_linestyle() == "--"]
+    assert line.get_xdata()[0] == pytest.approx(np.quantile(values, 0.9))
+    assert (values > line.get_xdata()[0]).mean() == pytest.approx(0.1, abs=0.01)
+    warm = int(preds.filter(pl.col("queried") & (pl.col("stream_pos") < 5)).height)
+    assert f"queried in the warm-up (first 5) (n={warm})" in _legend(adaptive)
+    assert "mean token entropy" in adaptive.get_xlabel()
+    assert plots.query_threshold(values, "always", None, 0.1) is None
+
+
+def test_compute_points_at_the_same_compute_are_set_apart():
+    table = _table(
+        [("shapes", v, "icd", b, s, 0.4 + 0.01 * s, b) for v in ("icd", "rices")
+         for b in (0.04, 0.08) for s in (0, 1, 2)]
+    ).with_columns(pl.lit(5e9).alias("compute_flops_mean"))  # fmt: skip
+    ax = plots.accuracy_vs_compute_figure(table, title="bench").axes[0]
+    assert _legend(ax) == ["icd ρ=0.04", "icd ρ=0.08", "rices ρ=0.04", "rices ρ=0.08"]
+    xs = [ln.get_xdata()[0] for ln in ax.get_lines() if ln.get_marker() not in ("_", "None")]
+    assert len(set(np.round(xs, 3))) == 4  # four points, four places
+    assert "mean ± std over 3 stream orders" in ax.get_title()
+
+
+def test_running_comparison_averages_stream_orders_and_marks_coinciding_lines():
+    runs = [make_predictions(run_id=f"icd-{s}", n=64, seed=s) for s in range(3)]
+    twin = runs[0].with_columns(pl.lit("twin").alias("run_id"))
+    preds = pl.concat([*runs, twin])
+    labels = {f"icd-{s}": "icd" for s in range(3)} | {"twin": "rices"}
+    ax = plots.running_comparison_figure(preds, labels=labels, variants={"icd": "icd"}).axes[0]
+    assert _legend(ax) == ["icd", "rices"]
+    icd_line = ax.get_lines()[0]
+    finals = [r.filter(pl.col("score").is_not_null())["score"].mean() * 100 for r in runs]
+    assert icd_line.get_ydata()[-1] == pytest.approx(np.mean(finals))
+    assert icd_line.get_color() == plots.style("icd")["color"]
+    assert "mean ± std over 3 stream orders (bands)" in ax.get_title()
+    same = plots.running_comparison_figure(
+        pl.concat([runs[0], twin]), labels={"icd-0": "icd", "twin": "rices"}
+    ).axes[0]
+    assert _legend(same) == ["icd", "rices (= icd)"]
