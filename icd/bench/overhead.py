@@ -39,14 +39,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from icd.bench.scale import bench_config, cpu_seconds, quiet_logs, timed_flow
+from icd.bench.scale import STAGES, bench_config, cpu_seconds, quiet_logs, timed_flow
 from icd.config import Config
 from icd.data.stream import open_stream
 from icd.method import metrics, modes, steps
 from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
 from icd.models import load_embedder, load_student, load_teacher
-from icd.tasks.runner import STAGES
 
 RSS_SOURCE = "fixture:shapes?n=10000"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -53,8 +54,11 @@ class Progress:
     """A progress artifact of the run (0–100 %), advanced per chunk; inert outside a flow
     run or when the stream's length is unknown."""
 
+    EVERY_S = 2.0
+
     def __init__(self, *, run_id: str, total: int | None) -> None:
         self.total = total
+        self._updated = float("-inf")
         self.artifact: UUID | None = None
         if total and _flow_run_id() is not None:
             try:
@@ -68,8 +72,14 @@ class Progress:
                 log.warning("no Prefect progress artifact: %s", e)
 
     def update(self, samples: int) -> None:
+        """Advance to ``samples`` done: at most once every ``EVERY_S`` seconds (each update
+        is a call to the Prefect API), and always at the end."""
         if self.artifact is None or not self.total:
             return
+        now = time.monotonic()
+        if now - self._updated < self.EVERY_S and samples < self.total:
+            return
+        self._updated = now
         try:
             from prefect.artifacts import update_progress_artifact
 

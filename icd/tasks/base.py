@@ -48,7 +48,9 @@ def stage_cache(
     def key(context: Any, parameters: dict[str, Any]) -> str:
         ctx: RunContext = parameters["ctx"]
         chunk: Chunk = parameters["chunk"]
-        weights = [weights_identity(getattr(ctx.cfg.models, f.split(".")[1])) for f in models]
+        weights = [
+            ctx.memo(("weights", f), lambda f=f: weights_identity(_section(ctx, f))) for f in models
+        ]
         own = json.dumps(inputs(parameters), sort_keys=True, default=str)
         text = "|".join([ctx.fingerprint(fields), *weights, chunk.key, own, ctx.scope])
         return hashlib.sha256(text.encode()).hexdigest()
@@ -61,6 +63,10 @@ def stage_cache(
 # also covers a digest of the folder's files.
 _WEIGHTS: dict[tuple[Any, ...], str] = {}
 _WEIGHTS_LOCK = threading.Lock()
+
+
+def _section(ctx: RunContext, field: str) -> ModelConfig:
+    return getattr(ctx.cfg.models, field.split(".")[1])
 
 
 def weights_identity(cfg: ModelConfig) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,13 @@ class RunContext:
     def prompt_classes(self) -> list[str] | None:
         """The class names listed in prompts (``method.list_classes_in_prompt``), or None."""
         return self.class_names if self.cfg.method.list_classes_in_prompt else None
+
+    def memo(self, key: tuple[str, ...], make: Callable[[], str]) -> str:
+        """``make()``, computed once per run and key (the identity of a model's local weights
+        is part of every stage's cache key: read once, when the run first needs it)."""
+        if key not in self._fingerprints:
+            self._fingerprints[key] = make()
+        return self._fingerprints[key]
 
     def fingerprint(self, fields: tuple[str, ...]) -> str:
         """A digest of the config ``fields`` and of the stream's task and classes (memoised:

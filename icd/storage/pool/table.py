@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -55,6 +55,9 @@ DEFAULT_TABLE = "demos"
 # checkout-able (a run's manifest maps chunk -> version).
 _KEEP_VERSIONS = timedelta(days=365 * 100)
 _IN_LIST_BATCH = 512
+# Rows :meth:`DemoPool.fetch` keeps in memory (image bytes counted): a demo shown again in
+# a later chunk is not read from LanceDB again.
+ROW_CACHE_BYTES = 128 * 2**20
 
 
 def _sql_str(value: str) -> str:
@@ -89,6 +92,9 @@ class DemoPool:
         self.table_name = table
         self._lock = threading.RLock()
         self._caches: dict[str, RunCache] = {}
+        self._rows: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._row_bytes = 0
+        self._rows_lock = threading.Lock()
         self._commits = 0
         self._commits_at_compact = 0
         if must_exist and _is_local(self.uri):
@@ -208,6 +214,10 @@ class DemoPool:
             version = int(result.version)
             self._commits += 1
             foreign = version != self._known_version + 1
+            # the rows as fetch() reads them back: the next chunks' demos come from memory
+            readable = [n for n in table.column_names if n != MERGE_KEY and n not in VECTOR_FIELDS]
+            for row in table.select(readable).to_pylist():
+                self._remember_row((str(row["run_id"]), str(row["sample_id"])), row)
             for run_id, batch in batches.items():
                 cache = self._caches.get(run_id)
                 if cache is not None:
@@ -275,28 +285,63 @@ class DemoPool:
         self, ids: Sequence[str], run_id: str, with_vectors: bool = False
     ) -> list[dict[str, Any]]:
         """Full rows (image bytes, question, label, votes, ...) of ``run_id``'s ``ids``, in the
-        order of ``ids``. Vectors are left out unless ``with_vectors``. An id that is not in
-        the pool raises ``KeyError``."""
+        order of ``ids``. Vectors are left out unless ``with_vectors``; rows without them are
+        kept in memory (up to ``ROW_CACHE_BYTES`` of images, dropped when the rows change),
+        so a demo shown again is not read again. An id that is not in the pool raises
+        ``KeyError``."""
         if not ids:
             return []
+        wanted = list(dict.fromkeys(str(i) for i in ids))
+        found: dict[str, dict[str, Any]] = {}
+        if not with_vectors:  # rows without vectors are served from memory when held
+            with self._rows_lock:  # not the pool's lock: a commit may be under way
+                for sid in wanted:
+                    row = self._rows.get((run_id, sid))
+                    if row is not None:
+                        self._rows.move_to_end((run_id, sid))
+                        found[sid] = row
+            wanted = [sid for sid in wanted if sid not in found]
+        if wanted:  # read from LanceDB (its schema, too, costs a lookup)
+            self._read_rows(wanted, run_id, found, with_vectors=with_vectors)
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in pool run {run_id!r}, e.g. {missing[0]!r}")
+        if not with_vectors:
+            for sid in wanted:
+                self._remember_row((run_id, sid), found[sid])
+        return [dict(found[str(i)]) for i in ids]
+
+    def _read_rows(
+        self,
+        wanted: list[str],
+        run_id: str,
+        found: dict[str, dict[str, Any]],
+        *,
+        with_vectors: bool,
+    ) -> None:
         tbl = self._require_table()
         columns = [
             f.name
             for f in tbl.schema
             if f.name != MERGE_KEY and (with_vectors or f.name not in VECTOR_FIELDS)
         ]
-        wanted = list(dict.fromkeys(str(i) for i in ids))
-        found: dict[str, dict[str, Any]] = {}
         for lo in range(0, len(wanted), _IN_LIST_BATCH):
             part = wanted[lo : lo + _IN_LIST_BATCH]
             keys = ", ".join(_sql_str(row_key(run_id, sid)) for sid in part)
             where = f"{MERGE_KEY} IN ({keys})"
             for row in tbl.search().where(where).select(columns).limit(None).to_arrow().to_pylist():
                 found[row["sample_id"]] = row
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            raise KeyError(f"{len(missing)} id(s) not in pool run {run_id!r}, e.g. {missing[0]!r}")
-        return [found[str(i)] for i in ids]
+
+    def _remember_row(self, key: tuple[str, str], row: dict[str, Any]) -> None:
+        with self._rows_lock:
+            old = self._rows.pop(key, None)
+            if old is not None:
+                self._row_bytes -= len(old.get("image") or b"")
+            self._rows[key] = row
+            self._row_bytes += len(row.get("image") or b"")
+            while self._row_bytes > ROW_CACHE_BYTES and self._rows:
+                _, old = self._rows.popitem(last=False)
+                self._row_bytes -= len(old.get("image") or b"")
 
     def checkout(self, version: int | str, run_id: str | None = None) -> PoolView:
         """The pool table as it was at ``version`` (a number or a tag), read through a
@@ -437,6 +482,9 @@ class DemoPool:
             self._drop_stale_caches()
 
     def _drop_stale_caches(self) -> None:
+        with self._rows_lock:  # another handle wrote: rows may have changed
+            self._rows.clear()
+            self._row_bytes = 0
         for run_id in list(self._caches):
             if self.count(run_id) != self._caches[run_id].n:
                 del self._caches[run_id]
