@@ -21,7 +21,11 @@ from icd.tasks.base import MODEL_RETRIES, open_pool, stage, stage_cache
 from icd.tasks.context import ChunkWork, ResumeState, RunContext
 from icd.tasks.runner import Runner
 
-COUNTERS = ("student_image_cache_hits", "student_image_cache_misses")
+COUNTERS = (
+    "student_image_cache_hits",
+    "student_image_cache_misses",
+    "icl_prompts",  # student prompts with demonstrations this run sent (not cached results)
+)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,8 @@ def run(
         adapter=state.adapter,
     )
     work.icl = done.value
+    if ctx.plan.icl == "student" and not done.cached:
+        state.counters.add("icl_prompts", len(work.icl_rows))
     cache = done.value.image_cache
     if cache and not done.cached:
         state.counters.add("student_image_cache_hits", cache["hits"])

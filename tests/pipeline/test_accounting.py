@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import polars as pl
 import pytest
 
 from icd.storage.pool import DemoPool
@@ -49,3 +50,47 @@ def test_cached_teacher_answers_are_not_counted_as_calls(tmp_path: Path) -> None
     pool = _pool_rows(tmp_path, "second")
     assert pool.height > 0 and set(pool["teacher"]) == {"oracle(noise=0.2)"}
     assert DemoPool(tmp_path / "pool").fragment_count() == 1
+
+
+def test_every_number_is_the_same_in_the_summary_mlflow_and_the_report(tmp_path: Path) -> None:
+    """One run's numbers, read where users read them: the summary file, the MLflow run (its
+    final values and the last point of each running curve) and the HTML report's table."""
+    import html
+    import json
+    import math
+    import re
+
+    from icd.report import _flat_summary, _fmt_value
+
+    summary = _run(tmp_path, "same", *SETS)
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = client.get_run(summary["mlflow_run_id"]).data.metrics
+    flat = _flat_summary(summary)
+    numbers = {
+        k: v
+        for k, v in flat.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
+    }
+    assert {"accuracy", "annotation_rate", "teacher_calls", "gain_from_icl"} <= numbers.keys()
+    for key, value in numbers.items():
+        assert logged[key] == pytest.approx(value), key
+    # the running curves end on the final numbers (one definition, per chunk and at the end)
+    for key in ("accuracy", "zs_accuracy", "annotation_rate", "queried", "teacher_calls"):
+        history = client.get_metric_history(summary["mlflow_run_id"], key)
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        assert last.step == summary["samples"]
+        assert last.value == pytest.approx(numbers[key]), key
+    page = (run_dir / "report" / "report.html").read_text()
+    shown = {
+        html.unescape(k): html.unescape(v)
+        for k, v in re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", page)
+    }
+    for key, value in flat.items():
+        assert shown[key] == _fmt_value(key, value), key
+    # a stage's counter reaches all three under its own name
+    preds = pl.read_parquet(run_dir / "predictions.parquet")
+    sent = preds["icl_prompt_tokens"].is_not_null().sum()
+    assert summary["icl_prompts"] == logged["icl_prompts"] == sent > 0
+    assert shown["icl_prompts"] == str(sent)
