@@ -48,9 +48,7 @@ def stage_cache(
     def key(context: Any, parameters: dict[str, Any]) -> str:
         ctx: RunContext = parameters["ctx"]
         chunk: Chunk = parameters["chunk"]
-        weights = [
-            ctx.memo(("weights", f), lambda f=f: weights_identity(_section(ctx, f))) for f in models
-        ]
+        weights = [ctx.memo(("weights", f), _weights_of(ctx, f)) for f in models]
         own = json.dumps(inputs(parameters), sort_keys=True, default=str)
         text = "|".join([ctx.fingerprint(fields), *weights, chunk.key, own, ctx.scope])
         return hashlib.sha256(text.encode()).hexdigest()
@@ -65,8 +63,9 @@ _WEIGHTS: dict[tuple[Any, ...], str] = {}
 _WEIGHTS_LOCK = threading.Lock()
 
 
-def _section(ctx: RunContext, field: str) -> ModelConfig:
-    return getattr(ctx.cfg.models, field.split(".")[1])
+def _weights_of(ctx: RunContext, field: str) -> Callable[[], str]:
+    section: ModelConfig = getattr(ctx.cfg.models, field.split(".")[1])
+    return lambda: weights_identity(section)
 
 
 def weights_identity(cfg: ModelConfig) -> str:
