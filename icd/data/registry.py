@@ -21,7 +21,7 @@ mapping (:func:`load_registry_file`), named by ``data.registry``; see docs/datas
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -371,32 +371,28 @@ class RegistryFileError(ValueError):
 
 
 def _entry_model() -> type[Any]:
-    """The pydantic model of one YAML entry: DatasetSpec's fields less ``name``, no others."""
-    from pydantic import BaseModel, ConfigDict, Field
+    """The pydantic model of one YAML entry, derived from :class:`DatasetSpec`: its fields
+    less ``name`` (the entry's key) and ``verified`` (said of shipped entries only), with
+    their types and defaults; no other keys."""
+    from typing import get_type_hints
 
-    class DatasetEntry(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    from pydantic import ConfigDict, Field, create_model
 
-        source: str
-        split: str
-        task: Literal["classification", "vqa", "captioning"] = "classification"
-        image_column: str = "image"
-        question_column: str | None = None
-        question: str = "What is shown in the image?"
-        label_column: str | None = None
-        answers_column: str | None = None
-        id_column: str | None = None
-        class_names: list[str] | None = None
-        synonyms: dict[str, list[str]] = Field(default_factory=dict)
-        class_groups: dict[str, list[str]] = Field(default_factory=dict)
-        prompt: str = "{question}"
-        config: str | None = None
-        revision: str | None = None
-        readable_names: bool = True
-        shuffle_buffer: int = 10_000
-        note: str = ""
+    hints = get_type_hints(DatasetSpec)
 
-    return DatasetEntry
+    def default(f: Any) -> Any:
+        if f.default is not MISSING:
+            return f.default
+        if f.default_factory is not MISSING:
+            return Field(default_factory=f.default_factory)
+        return ...  # required
+
+    entry: dict[str, Any] = {
+        f.name: (hints[f.name], default(f))
+        for f in fields(DatasetSpec)
+        if f.name not in ("name", "verified")
+    }
+    return create_model("DatasetEntry", __config__=ConfigDict(extra="forbid"), **entry)
 
 
 def load_registry_file(path: str | Path) -> dict[str, DatasetSpec]:
@@ -447,14 +443,8 @@ def load_registry_file(path: str | Path) -> dict[str, DatasetSpec]:
             if err["type"] == "extra_forbidden":
                 raise RegistryFileError(f"{where}: unknown key {key!r}") from None
             raise RegistryFileError(f"{where}: {key}: {err['msg']}") from None
-        values = entry.model_dump()
+        values = entry.model_dump()  # tuples where DatasetSpec has them
         values["source"] = _relative_to(values["source"], file.parent)
-        values["class_names"] = (
-            tuple(values["class_names"]) if values["class_names"] is not None else None
-        )
-        values["synonyms"] = {k: tuple(v) for k, v in values["synonyms"].items()}
-        values["class_groups"] = {k: tuple(v) for k, v in values["class_groups"].items()}
-        assert {f.name for f in fields(DatasetSpec)} >= set(values)
         try:
             out[str(name)] = DatasetSpec(name=str(name), **values)
         except ValueError as e:
