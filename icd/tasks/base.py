@@ -159,3 +159,8 @@ def stage(
         )(timed(fn))
 
     return declare
+
+
+def finite_or_none(x: float) -> float | None:
+    """An uncertainty as stored: None for NaN (the student failed to answer)."""
+    return None if x != x else float(x)

@@ -169,8 +169,9 @@ class ResumeState:
     adapt: dict[str, float] = field(default_factory=dict)
     student_params: int = 0
     pool_size: int = 0  # the run's pool rows after the last committed chunk
-    # Not committed, read from the run's teacher ledger when it starts: the teacher work it
-    # made, and the chunks it made it for (cache reuse accounting).
+    # Read from the run's teacher ledger when it starts (the ledger is the truth; ``made``
+    # is also committed with each chunk so a resumed run can re-log that chunk's numbers):
+    # the teacher work the run made, and the chunks it made it for (cache reuse accounting).
     made: Made = Made()
     ledgered: set[str] = field(default_factory=set)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from icd.method import accounting, metrics, steps
 from icd.storage import results
+from icd.tasks.base import finite_or_none
 from icd.tasks.context import ChunkWork, ResumeState, RunContext
 from icd.tasks.runner import Runner
 
@@ -58,7 +59,7 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
             demo_labels = from_icl("demo_labels", i, [])
             rec.update(
                 zs_answer=work.zs_answers[i],
-                zs_uncertainty=_number(work.zs_unc[i]) if work.zs_unc is not None else None,
+                zs_uncertainty=finite_or_none(work.zs_unc[i]) if work.zs_unc is not None else None,
                 zs_prompt_tokens=work.zs_prompt_tokens[i] if work.zs_prompt_tokens else None,
                 queried=vote is not None,
                 teacher_votes=list(v.votes) if v else [],
@@ -94,10 +95,6 @@ def run(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState)
     chunk_m = runner.call("evaluate", evaluate, ctx=ctx, work=work)
     state.running = accounting.merge_metrics(state.running, chunk_m)
     state.counters.add("samples_seen", len(work.chunk.samples))
-
-
-def _number(x: float) -> float | None:
-    return None if x != x else float(x)  # NaN: no uncertainty (the student failed)
 
 
 def _demo_accuracy(ctx: RunContext, demo_labels: list[str], answers: list[str]) -> float | None:

@@ -17,7 +17,7 @@ from icd.method import steps
 from icd.method.prompts import build_prompt
 from icd.models import counting_image_cache, load_embedder, load_student
 from icd.storage.pool import PoolView
-from icd.tasks.base import MODEL_RETRIES, open_pool, stage, stage_cache
+from icd.tasks.base import MODEL_RETRIES, finite_or_none, open_pool, stage, stage_cache
 from icd.tasks.context import ChunkWork, ResumeState, RunContext
 from icd.tasks.runner import Runner
 
@@ -61,10 +61,6 @@ def pool_key(view: PoolView, *, lineage: str) -> str:
 
 def _icl_inputs(p: dict[str, Any]) -> Any:
     return [p["rows"], p["pool_key"], p.get("adapter")]
-
-
-def _number(x: float) -> float | None:
-    return None if np.isnan(x) else float(x)
 
 
 @stage(
@@ -144,7 +140,7 @@ def icl(
         demo_ids=demo_ids,
         demo_labels=[[by_id[d]["label"] for d in ids] for ids in demo_ids],
         answers=answers,
-        uncertainties=[_number(x) for x in unc],
+        uncertainties=[finite_or_none(x) for x in unc],
         prompt_tokens=[g.prompt_tokens or None for g in gens],
         errors=[g.error for g in gens],
         image_cache=cache or None,

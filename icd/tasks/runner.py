@@ -110,28 +110,25 @@ class Runner:
             )
         return self._bound[task]
 
-    def now(self, task: Task[..., Timed[T]], **kwargs: Any) -> StageRun[T]:
-        """Run ``task`` here and now, and book it."""
-        args = {k: quote(v) for k, v in kwargs.items()}
-        return self.wait(Pending(task.name, self._task(task)(**args, return_state=True)))
-
-    def _submit(self, task: Task[..., Timed[T]], **kwargs: Any) -> Pending[T]:
-        args = kwargs if self.on_dask else {k: quote(v) for k, v in kwargs.items()}
-        return Pending(task.name, self._task(task).submit(**args))
-
-    def ahead(self, task: Task[..., Timed[T]], **kwargs: Any) -> Pending[T]:
-        """Run ``task`` ahead of the sequential stages when lookahead is on."""
-        if self.lookahead:
-            return self._submit(task, **kwargs)
+    def _here(self, task: Task[..., Timed[T]], kwargs: dict[str, Any]) -> Pending[T]:
         args = {k: quote(v) for k, v in kwargs.items()}
         return Pending(task.name, self._task(task)(**args, return_state=True))
 
+    def _submit(self, task: Task[..., Timed[T]], kwargs: dict[str, Any]) -> Pending[T]:
+        args = kwargs if self.on_dask else {k: quote(v) for k, v in kwargs.items()}
+        return Pending(task.name, self._task(task).submit(**args))
+
+    def now(self, task: Task[..., Timed[T]], **kwargs: Any) -> StageRun[T]:
+        """Run ``task`` here and now, and book it."""
+        return self.wait(self._here(task, kwargs))
+
+    def ahead(self, task: Task[..., Timed[T]], **kwargs: Any) -> Pending[T]:
+        """Run ``task`` ahead of the sequential stages when lookahead is on."""
+        return self._submit(task, kwargs) if self.lookahead else self._here(task, kwargs)
+
     def background(self, task: Task[..., Timed[T]], **kwargs: Any) -> Pending[T]:
         """Run ``task`` while the flow goes on (in order on Dask)."""
-        if self.on_dask:
-            args = {k: quote(v) for k, v in kwargs.items()}
-            return Pending(task.name, self._task(task)(**args, return_state=True))
-        return self._submit(task, **kwargs)
+        return self._here(task, kwargs) if self.on_dask else self._submit(task, kwargs)
 
     def wait(self, pending: Pending[T]) -> StageRun[T]:
         """The stage's result (raising its error), booked: its seconds when it ran, 0 when
