@@ -27,7 +27,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from icd.config import ConfigError, ModeName, load_config, parse_override, read_yaml
 from icd.data.registry import UnknownDataset, get_dataset
-from icd.flows import artifacts
+from icd.flows import artifacts, fanout
 from icd.method.modes import mode_spec
 from icd.report import (
     BENCHMARK_FILE,
@@ -114,6 +114,19 @@ class BenchmarkConfig(BaseModel):
     )
     limit: int | None = Field(None, ge=1, description="Samples per stream (data.limit)")
     sweep: Sweep | None = None
+    executor: Literal["local", "deployments"] = Field(
+        "local",
+        description="local: the cells run one after another in this process; deployments: "
+        "each cell is a run of the `deployment`, on whichever worker of its pool is free",
+    )
+    deployment: str = Field("icd/stream", description="Deployments executor: the stream deployment")
+    max_parallel: int = Field(
+        4, ge=1, description="Deployments executor: cells submitted and not finished at once"
+    )
+    work_queue: str | None = Field(
+        None, description="Deployments executor: the work queue cells go to (default: the pool's)"
+    )
+    poll_s: float = Field(5.0, gt=0, description="Deployments executor: seconds between polls")
 
     @field_validator("budgets")
     @classmethod
@@ -332,6 +345,7 @@ def benchmark(
             benchmark_id=benchmark_id,
             parent_id=parent_id,
             folder=folder,
+            root=Path(base.storage.root).absolute(),
             tracker=tracker,
             log=log,
         )
@@ -391,41 +405,38 @@ def _run_matrix(
     benchmark_id: str,
     parent_id: str,
     folder: Path,
+    root: Path,
     tracker: Any,
     log: Any,
 ) -> list[dict[str, Any]]:
-    """Run every setting as a ``stream`` sub-flow; write the runs table after each one.
+    """Run every setting as a ``stream`` run — a sub-flow here (``executor: local``) or a
+    run of the stream deployment on a worker (``deployments``, :mod:`icd.flows.fanout`) —
+    and return one child dict per setting, in the matrix's order.
 
-    A child that raises is recorded with its error and the matrix goes on. Each finished
-    child has its plots and HTML report (the stream flow makes and logs them), and its accuracy
-    and annotation rate are logged on the parent (``DATASET.MODE.bRHO.metric``, step = seed).
+    As each cell ends the runs table is rewritten, and its accuracy and annotation rate are
+    logged on the parent (``DATASET.MODE.bRHO.metric``, step = seed). A cell that fails is
+    recorded with its error and the matrix goes on. Each finished cell has its plots and
+    HTML report (the stream flow makes and logs them).
     """
-    rows: list[dict[str, Any]] = []
-    children: list[dict[str, Any]] = []
-    for i, s in enumerate(settings, 1):
-        run_id = s.run_id(benchmark_id)
-        log.info("[%d/%d] %s", i, len(settings), run_id)
-        child = asdict(s) | {
+    by_run = {s.run_id(benchmark_id): s for s in settings}
+    rows: dict[str, dict[str, Any]] = {}
+    children: dict[str, dict[str, Any]] = {}
+
+    def record(run_id: str, outcome: fanout.Outcome) -> None:
+        s = by_run[run_id]
+        summary = outcome.summary or {}
+        children[run_id] = asdict(s) | {
             "run_id": run_id,
-            "mlflow_run_id": None,
-            "run_dir": None,
-            "error": None,
+            "mlflow_run_id": summary.get("mlflow_run_id"),
+            "run_dir": summary.get("run_dir"),
+            "flow_run_id": outcome.flow_run_id,
+            "error": outcome.error,
         }
-        try:
-            summary = stream.with_options(flow_run_name=run_id)(
-                preset=spec.base_preset,
-                overrides=common + s.overrides(),
-                run_id=run_id,
-                parent_mlflow_run_id=parent_id,
-            )
-        except Exception as e:  # one broken cell must not lose the night's other results
-            log.error("run %s failed: %s: %s", run_id, type(e).__name__, e)
-            child["error"] = f"{type(e).__name__}: {e}"
-            rows.append(summary_row(asdict(s), {"run_id": run_id}, error=child["error"]))
+        if outcome.error is not None:
+            log.error("run %s failed: %s", run_id, outcome.error)
+            rows[run_id] = summary_row(asdict(s), {"run_id": run_id}, error=outcome.error)
         else:
-            child["mlflow_run_id"] = summary.get("mlflow_run_id")
-            child["run_dir"] = summary.get("run_dir")
-            rows.append(summary_row(asdict(s), summary))
+            rows[run_id] = summary_row(asdict(s), summary)
             tracker.log_metrics(
                 {
                     _metric_key(s, m): summary[m]
@@ -434,6 +445,48 @@ def _run_matrix(
                 },
                 step=s.seed,
             )
-        children.append(child)
-        runs_table(rows).write_parquet(folder / RUNS_FILE)
-    return children
+        done = [rows[r] for r in by_run if r in rows]  # in the matrix's order
+        runs_table(done).write_parquet(folder / RUNS_FILE)
+
+    if spec.executor == "deployments":
+        cells = [
+            fanout.Cell(
+                run_id=run_id,
+                parameters={
+                    "preset": spec.base_preset,
+                    # The workers write where the parent reads: the same storage root.
+                    "overrides": [*common, *s.overrides(), f"storage.root={root}"],
+                    "run_id": run_id,
+                    "parent_mlflow_run_id": parent_id,
+                },
+                tags=("icd", "benchmark-cell", f"benchmark:{benchmark_id}", f"mode:{s.variant}"),
+            )
+            for run_id, s in by_run.items()
+        ]
+        fanout.run_cells(
+            cells,
+            deployment=spec.deployment,
+            root=root,
+            folder=folder,
+            max_parallel=spec.max_parallel,
+            work_queue=spec.work_queue,
+            poll_s=spec.poll_s,
+            takeover_s=6 * spec.poll_s,
+            on_done=lambda cell, outcome: record(cell.run_id, outcome),
+            log=log,
+        )
+    else:
+        for i, (run_id, s) in enumerate(by_run.items(), 1):
+            log.info("[%d/%d] %s", i, len(settings), run_id)
+            try:
+                summary = stream.with_options(flow_run_name=run_id)(
+                    preset=spec.base_preset,
+                    overrides=common + s.overrides(),
+                    run_id=run_id,
+                    parent_mlflow_run_id=parent_id,
+                )
+            except Exception as e:  # one broken cell must not lose the night's other results
+                record(run_id, fanout.Outcome(None, f"{type(e).__name__}: {e}", None))
+            else:
+                record(run_id, fanout.Outcome(summary, None, None))
+    return [children[r] for r in by_run]
