@@ -78,10 +78,12 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from icd.data.registry import UnknownDataset
+    from icd.flows.fanout import FanoutError
     from icd.models import ModelLoadError, ModelOOMError
 
     return (
         ConfigError,
+        FanoutError,
         UnknownDataset,
         ModelLoadError,
         ModelOOMError,
@@ -466,20 +468,24 @@ def benchmark(
         typer.Option("--id", help="Benchmark id; reuse an existing one to resume the suite."),
     ] = None,
 ) -> None:
-    """Run a benchmark suite locally and print its comparison table.
+    """Run a benchmark suite and print its comparison table.
 
-    A suite is dataset × mode × budget × stream order: every setting is a `stream` subflow
-    and an MLflow child run under one parent, and the table shows mean ± std over stream
-    orders. `--set benchmark.FIELD=v` changes the suite, any other `--set` goes to every
-    run."""
+    A suite is dataset × mode × budget × stream order: every setting is a `stream` run and
+    an MLflow child run under one parent, and the table shows mean ± std over stream
+    orders. The settings run one after another in this process, or, with `--set
+    benchmark.executor=deployments` and `PREFECT_API_URL` naming a server, as runs of the
+    `icd/stream` deployment on its work pool's workers. `--set benchmark.FIELD=v` changes
+    the suite, any other `--set` goes to every run."""
     import polars as pl
 
     from icd.flows.benchmark import benchmark as benchmark_flow
+    from icd.flows.benchmark import plan_suite
     from icd.flows.stream import in_process_settings
     from icd.report import print_comparison
 
     _quiet_prefect()
     try:
+        plan_suite(suite, set_ or [])  # a bad suite fails here, in one line
         with in_process_settings():
             _local_server()
             result = benchmark_flow(suite, set_ or [], benchmark_id=bench_id)
@@ -645,6 +651,21 @@ def bench_scale(
     from icd.bench.scale import print_scale_bench, run_scale_bench
 
     print_scale_bench(run_scale_bench(samples=samples))
+
+
+@bench_app.command("fanout")
+def bench_fanout(
+    cells: Annotated[int, typer.Option(help="Cells of the suite (smoke streams).")] = 4,
+    samples: Annotated[int, typer.Option(help="Samples per cell.")] = 256,
+) -> None:
+    """A suite's wall time on a work pool of 1 worker against 2.
+
+    Starts a Prefect server on loopback, deploys `icd/stream` from the project folder and
+    runs the same suite with `benchmark.executor=deployments` on 1 and on 2 process workers
+    (fresh storage each, nothing cached); prints the wall times and their ratio."""
+    from icd.bench.fanout import print_fanout_bench, run_fanout_bench
+
+    print_fanout_bench(run_fanout_bench(cells=cells, limit=samples))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -308,3 +308,23 @@ def test_a_sweep_suite_runs_and_plots_its_metrics_against_the_value(tmp_path):
     tokens = dict(zip(table["variant"], table["icl_prompt_tokens_mean_mean"], strict=True))
     # k=0: the ICL pass has no demos, so its prompt is the zero-shot one; k=2 adds two turns.
     assert tokens["icd-k_2"] > tokens["icd-k_0"] > 0
+
+
+def test_fanning_out_without_a_server_is_a_one_line_error(tmp_path, monkeypatch):
+    """`benchmark.executor=deployments` needs a Prefect server with the stream deployment:
+    without one the command says so in one line, before running or writing anything."""
+    from typer.testing import CliRunner
+
+    from icd.cli import app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    root = tmp_path / "root"
+    out = CliRunner().invoke(
+        app,
+        ["benchmark", "smoke", "--set", "benchmark.executor=deployments",
+         "--set", f"storage.root={root}"],
+    )  # fmt: skip
+    assert out.exit_code == 2
+    assert "needs a Prefect server" in out.output and "PREFECT_API_URL" in out.output
+    assert "Traceback" not in out.output
+    assert not (root / "benchmarks").exists()

@@ -262,6 +262,27 @@ def _split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]
     return suite, runs
 
 
+def plan_suite(
+    suite: str | Path, overrides: list[str] | None
+) -> tuple[BenchmarkConfig, list[str], list[Setting]]:
+    """The suite, the overrides every run gets, and its cells, once every cell's config is
+    known to be valid and, for the deployments executor, the work pool can take them
+    (:class:`ConfigError` or :class:`~icd.flows.fanout.FanoutError` otherwise, in one line)."""
+    suite_overrides, run_overrides = _split_overrides(overrides)
+    spec = load_benchmark(suite, suite_overrides)
+    common = list(spec.overrides)
+    if spec.limit is not None:
+        common.append(f"data.limit={spec.limit}")
+    common += run_overrides
+    settings = expand(spec)
+    load_config(spec.base_preset, overrides=common)
+    for s in settings:
+        load_config(spec.base_preset, overrides=common + s.overrides())
+    if spec.executor == "deployments":
+        fanout.check_pool(spec.deployment)
+    return spec, common, settings
+
+
 def _metric_key(s: Setting, metric: str) -> str:
     budget = "all" if s.budget is None else f"b{s.budget:g}"
     return f"{s.dataset}.{s.variant}.{budget}.{metric}"
@@ -289,16 +310,8 @@ def benchmark(
     from icd.storage.tracking import Tracker
 
     log = get_run_logger()
-    suite_overrides, run_overrides = _split_overrides(overrides)
-    spec = load_benchmark(suite, suite_overrides)
-    common = list(spec.overrides)
-    if spec.limit is not None:
-        common.append(f"data.limit={spec.limit}")
-    common += run_overrides
+    spec, common, settings = plan_suite(suite, overrides)
     base = load_config(spec.base_preset, overrides=common)
-    settings = expand(spec)
-    for s in settings:  # every cell's config is valid before the first run starts
-        load_config(spec.base_preset, overrides=common + s.overrides())
 
     benchmark_id = benchmark_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = benchmarks_dir(Path(base.storage.root)) / benchmark_id

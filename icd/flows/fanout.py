@@ -90,7 +90,6 @@ def run_cells(
     ledger_path = folder / LEDGER_FILE
     ledger: dict[str, str] = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     with get_client(sync_client=True) as client:
-        _check_pool(client, deployment)
         todo: list[Cell] = []
         for cell in cells:
             summary = read_summary(root, cell.run_id)
@@ -133,7 +132,10 @@ def run_cells(
                 on_done(cell, _outcome(root, cell, run))
 
 
-def _check_pool(client: Any, deployment: str) -> None:
+def check_pool(deployment: str) -> None:
+    """Raise :class:`FanoutError` (one line) unless a Prefect server is configured and
+    knows ``deployment``."""
+    from prefect import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
@@ -143,7 +145,8 @@ def _check_pool(client: Any, deployment: str) -> None:
             "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)"
         )
     try:
-        client.read_deployment_by_name(deployment)
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(deployment)
     except ObjectNotFound:
         raise FanoutError(
             f"no deployment {deployment!r} on {PREFECT_API_URL.value()}: run "
