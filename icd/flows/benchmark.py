@@ -2,14 +2,17 @@
 ``stream`` runs — dataset × mode × budget ρ × stream order — and their comparison table.
 
 A suite is a YAML file (``icd/presets/benchmarks/NAME.yaml`` or any path) validated by
-:class:`BenchmarkConfig`. Each cell of the matrix is a sub-flow run of ``stream`` and its
-own MLflow child run under one parent run. Outputs, in ``ROOT/benchmarks/BENCH_ID/``:
+:class:`BenchmarkConfig`. Each cell of the matrix is a ``stream`` run — a sub-flow here
+(``executor: local``), or a run of the ``icd/stream`` deployment on a work pool's worker
+(``executor: deployments``, :mod:`icd.flows.fanout`) — and its own MLflow child run under
+one parent run. Outputs, in ``ROOT/benchmarks/BENCH_ID/``:
 
     benchmark.json       the suite, the planned settings, the parent MLflow run id
     runs.parquet         one row per child run (its summary metrics, run id, MLflow id)
     comparison.parquet   one row per setting, mean and std of each metric over seeds
     comparison.md        the same as a markdown table (mean ± std)
     report/              plots and the self-contained HTML report
+    cells.json           deployments executor: each cell's latest flow-run id
 
 Budgets only matter for modes whose teacher queries the policy rations (``icd``,
 ``teacher_forward``, ``random_demos``, ``rices`` and the oracle variants). Modes that
@@ -18,7 +21,8 @@ never consult the budget (``student_zero_shot``, ``teacher_zero_shot``) run once
 rerun identically for every ρ.
 
 Re-running with the same ``benchmark_id`` resumes: each child keeps its run id, so
-finished children return their summary at once and an interrupted one resumes.
+finished children return their summary at once (the deployments executor does not even
+submit them) and an interrupted one resumes.
 """
 
 from __future__ import annotations
