@@ -210,8 +210,8 @@ def test_stream_flow_end_to_end_with_the_openai_student(srv, tmp_path) -> None:
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlrun = client.get_run(summary["mlflow_run_id"])
     assert mlrun.data.params["models.student.backend"] == "openai"
-    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "accuracy")]
-    assert steps == [32, 64] and mlrun.data.metrics["accuracy"] == pytest.approx(
+    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "headline/accuracy")]
+    assert steps == [32, 64] and mlrun.data.metrics["headline/accuracy"] == pytest.approx(
         summary["accuracy"]
     )
     # A rerun of the finished run sends no student request: every chunk is committed.

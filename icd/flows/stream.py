@@ -338,6 +338,10 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     report = build_run_report(ctx.run_dir)  # plots and the HTML page, in MLflow too
     for path in (report.html, *report.plots.values()):
         tracker.log_artifact(path, "report")
+    # The run against its same-run baselines, among the charts of the run's page.
+    tracker.log_chart(
+        report.plots["running"], key="headline/accuracy_vs_baselines", step=int(summary["samples"])
+    )
     tracker.log_pool_manifest(
         {int(k): v for k, v in state.manifest.items()},
         pool_uri=ctx.pool_uri,

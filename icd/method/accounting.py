@@ -79,6 +79,36 @@ def ratios(sums: Mapping[str, Any]) -> dict[str, float | None]:
     return {name: ratio(sums[n], sums[d]) for name, (n, d) in RATIOS.items()}
 
 
+def baseline_scores(
+    row: Mapping[str, Any],
+    task: str | None,
+    *,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+    class_names: Sequence[str] | None = None,
+    fuzzy_threshold: float = 0.85,
+) -> tuple[float | None, float | None, float | None]:
+    """The scores a valid prediction row's same-run baselines get: its zero-shot answer (the
+    student alone), the forwarded answer (the teacher's label where queried, else the
+    zero-shot answer) and its ICL answer — each None where the row has no such answer or
+    ``task`` is None. Scored with :func:`icd.method.metrics.score`, mapped onto
+    ``class_names`` as teacher votes are."""
+    if task is None:
+        return None, None, None
+    answers = row.get("answers") or []
+
+    def scored(answer: str) -> float:
+        return score(answer, answers, task, synonyms, class_names, fuzzy_threshold)
+
+    zs = forward = icl = None
+    if row.get("zs_answer") is not None:
+        zs = scored(row["zs_answer"])
+        label = row.get("teacher_label") if row.get("queried") else None
+        forward = zs if label is None else scored(label)
+    if row.get("icl_answer") is not None:
+        icl = scored(row["icl_answer"])
+    return zs, forward, icl
+
+
 def chunk_metrics(
     rows: Sequence[Mapping[str, Any]],
     task: str | None,
@@ -91,35 +121,34 @@ def chunk_metrics(
 
     Reads per row: ``skip_reason``, ``answers``, ``score`` (None: unscored), ``zs_answer``,
     ``icl_answer``, ``teacher_label``, ``queried``, ``accepted``, ``agreement``,
-    ``teacher_error``, ``demo_accuracy``, ``final_source``. Zero-shot, forwarded and ICL
-    answers are scored with :func:`icd.method.metrics.score` for ``task`` (mapped onto
-    ``class_names`` as teacher votes are); with ``task`` None they are not scored.
+    ``teacher_error``, ``demo_accuracy``, ``final_source``. The zero-shot, forwarded and
+    ICL scores are the row's ``zs_score``, ``forward_score`` and ``icl_score`` when they are
+    set, else :func:`baseline_scores` for ``task`` (None: not scored).
     """
     m: dict[str, Any] = dict.fromkeys(ADDITIVE, 0)
     m["agreement_min"] = None
-
-    def scored(answer: str, answers: Sequence[str]) -> float:
-        assert task is not None
-        return score(answer, answers, task, synonyms, class_names, fuzzy_threshold)
-
     for r in rows:
         m["samples"] += 1
         if r.get("skip_reason"):
             m["skipped"] += 1
             continue
-        answers = r.get("answers") or []
         if r.get("score") is not None:
             m["scored"] += 1
             m["score_sum"] += float(r["score"])
-        if task is not None and r.get("zs_answer") is not None:
+        zs, forward, icl = r.get("zs_score"), r.get("forward_score"), r.get("icl_score")
+        if (zs is None and r.get("zs_answer") is not None) or (
+            icl is None and r.get("icl_answer") is not None
+        ):  # not scored when written (older predictions): score now
+            zs, forward, icl = baseline_scores(
+                r, task, synonyms=synonyms, class_names=class_names, fuzzy_threshold=fuzzy_threshold
+            )
+        if zs is not None:
             m["zs_scored"] += 1
-            zs = scored(r["zs_answer"], answers)
             m["zs_score_sum"] += zs
-            label = r.get("teacher_label") if r.get("queried") else None
-            m["forward_score_sum"] += zs if label is None else scored(label, answers)
-        if task is not None and r.get("icl_answer") is not None:
+            m["forward_score_sum"] += forward
+        if icl is not None:
             m["icl_scored"] += 1
-            m["icl_score_sum"] += scored(r["icl_answer"], answers)
+            m["icl_score_sum"] += icl
         if r.get("queried"):
             m["queried"] += 1
             m["accepted"] += bool(r.get("accepted"))

@@ -205,6 +205,27 @@ def plot_accuracy_vs_annotation(
     return _save(fig, path)
 
 
+def _plot_merged(
+    ax, x: np.ndarray, series: list[tuple[str, np.ndarray, dict[str, str]]], *, marker: str | None
+) -> list[np.ndarray]:
+    """Plot each (label, y, style) series; series that coincide are drawn once, their
+    labels joined with "=", so none hides under another. All-NaN series are left out.
+    Returns the y arrays drawn."""
+    groups: list[tuple[list[str], np.ndarray, dict[str, str]]] = []
+    for label, y, sty in series:
+        if np.isnan(y).all():
+            continue
+        same = next((g for g in groups if _coincide((x, g[1]), (x, y))), None)
+        if same is None:
+            groups.append(([label], y, sty))
+        else:
+            same[0].append(label)
+    for i, (labels, y, sty) in enumerate(groups):
+        ax.plot(x, y, color=sty["color"], ls=sty["ls"], marker=marker and sty["marker"],
+                lw=2.2 if i == 0 else 1.5, ms=5, label=" = ".join(labels))  # fmt: skip
+    return [g[1] for g in groups]
+
+
 def running_curves_figure(
     preds: pl.DataFrame, title: str | None = None, budget: float | None = None
 ) -> Figure:
@@ -222,13 +243,18 @@ def running_curves_figure(
         if np.isnan(acc).all():
             _empty(ax_acc, "no scored samples")
         else:
-            chunk_acc = _floats(curves, "chunk_accuracy") * 100
-            ax_acc.plot(x, chunk_acc, ls=":", marker=marker, color="0.55", ms=4,
-                        label="accuracy of each chunk")  # fmt: skip
-            ax_acc.plot(x, acc, marker=marker, color="#d62728", label="running accuracy")
-            ax_acc.set_ylabel("accuracy (%)")
-            ax_acc.set_title("accuracy so far and per chunk", fontsize=9)
-            _percent_axis(ax_acc, acc, chunk_acc)
+            mode = str(preds["mode"][0]) if "mode" in preds.columns else "this run"
+            series = [
+                (f"{mode} (this run)", acc, style(mode)),
+                ("the student alone", _floats(curves, "running_zs_accuracy") * 100,
+                 style("student_zero_shot")),
+                ("forwarding the teacher's labels",
+                 _floats(curves, "running_forward_accuracy") * 100, style("teacher_forward")),
+            ]  # fmt: skip
+            shown = _plot_merged(ax_acc, x, series, marker=marker)
+            ax_acc.set_ylabel("accuracy so far (%)")
+            ax_acc.set_title("accuracy so far: the run and its same-run baselines", fontsize=9)
+            _percent_axis(ax_acc, *shown)
             ax_acc.legend(fontsize=8, loc="best")
         x0 = np.concatenate([[0], x])  # counts start from an empty pool at sample 0
         pool = np.concatenate([[0], curves.get_column("pool_size").to_numpy()])
@@ -267,7 +293,9 @@ def plot_running_curves(
     """One run over its stream: running accuracy, teacher labels and annotation rate.
 
     ``preds`` is the run's predictions table; ``title`` names the run. Three stacked panels
-    sharing the x axis (samples seen): running and per-chunk accuracy; teacher labels asked
+    sharing the x axis (samples seen): the run's accuracy so far with its same-run baselines
+    (the student alone, forwarding the teacher's labels; coinciding lines drawn once with
+    their labels joined); teacher labels asked
     for (queried) and kept (pool size) so far, one line when they are the same; the
     cumulative annotation rate, with the budget ρ as a dashed line when given.
     """

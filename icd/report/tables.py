@@ -71,7 +71,10 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
     (mean score in the chunk); ``running_accuracy`` (mean score of all scored rows so far);
     ``queried``/``accepted`` per chunk; ``pool_size`` (accepted annotations so far — the
     run's own pool rows); ``annotation_rate`` (queried so far / rows so far, skipped ones
-    included: the denominator the budget uses).
+    included: the denominator the budget uses); ``running_zs_accuracy`` and
+    ``running_forward_accuracy``: the same run's baselines so far (the student alone, and
+    forwarding the teacher's labels), over the samples the student answered zero-shot
+    (null for predictions written without their ``zs_score`` / ``forward_score``).
     Accuracies are null where no row is scored yet. An empty frame gives an empty result.
     """
     if preds.height == 0:
@@ -87,8 +90,13 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
                 "accepted": pl.Int64,
                 "pool_size": pl.Int64,
                 "annotation_rate": pl.Float64,
+                "running_zs_accuracy": pl.Float64,
+                "running_forward_accuracy": pl.Float64,
             }
         )
+    for col in ("zs_score", "forward_score"):
+        if col not in preds.columns:
+            preds = preds.with_columns(pl.lit(None, dtype=pl.Float64).alias(col))
     per = (
         preds.group_by("chunk")
         .agg(
@@ -98,6 +106,9 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
             score_sum=pl.col("score").cast(pl.Float64).sum(),
             queried=pl.col("queried").fill_null(False).sum().cast(pl.Int64),
             accepted=pl.col("accepted").fill_null(False).sum().cast(pl.Int64),
+            zs_scored=pl.col("zs_score").is_not_null().sum().cast(pl.Int64),
+            zs_sum=pl.col("zs_score").cast(pl.Float64).sum(),
+            forward_sum=pl.col("forward_score").cast(pl.Float64).sum(),
         )
         .sort("chunk")
     )
@@ -113,6 +124,10 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
         pool_size=pl.col("accepted").cum_sum(),
         annotation_rate=_ratio(
             pl.col("queried").cum_sum().cast(pl.Float64), pl.col("samples").cum_sum()
+        ),
+        running_zs_accuracy=_ratio(pl.col("zs_sum").cum_sum(), pl.col("zs_scored").cum_sum()),
+        running_forward_accuracy=_ratio(
+            pl.col("forward_sum").cum_sum(), pl.col("zs_scored").cum_sum()
         ),
     )
 

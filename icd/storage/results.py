@@ -46,6 +46,11 @@ PREDICTION_SCHEMA = pl.Schema(
         "final_answer": pl.String,
         "final_source": pl.String,
         "score": pl.Float64,
+        # What the same run's baselines would have scored on the sample: the student alone,
+        # forwarding the teacher's label (else the zero-shot answer), the ICL answer.
+        "zs_score": pl.Float64,
+        "forward_score": pl.Float64,
+        "icl_score": pl.Float64,
     }
 )
 # Columns that may be null ("str?" / "float?" in the contract); all others are required.
@@ -66,6 +71,9 @@ NULLABLE = frozenset(
         "final_answer",
         "final_source",
         "score",
+        "zs_score",
+        "forward_score",
+        "icl_score",
     }
 )
 FINAL_SOURCES = frozenset(SOURCES)

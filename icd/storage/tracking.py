@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -363,8 +363,9 @@ class Tracker:
     def log_metrics(
         self, metrics: Mapping[str, float | None], step: int, background: bool = False
     ) -> int:
-        """Log ``metrics`` at ``step`` (samples seen) in batched calls; None values and
-        steps already recorded for a key (a resumed run) are skipped. Returns how many
+        """Log ``metrics`` at ``step`` (samples seen) in batched calls, each under its
+        :func:`metric_key`; None values and steps already recorded for a key (a resumed
+        run) are skipped. Returns how many
         metric values were written (or queued).
 
         With ``background`` the values are written by one background thread, in order, and
@@ -376,9 +377,10 @@ class Tracker:
         rid = self._require_run()
         now = int(time.time() * 1000)
         out: list[Metric] = []
-        for key, value in metrics.items():
+        for name, value in metrics.items():
             if value is None:
                 continue
+            key = metric_key(name)
             steps = self._logged_steps(key)
             if step in steps:
                 continue
@@ -440,6 +442,14 @@ class Tracker:
         """Copy a local file or folder into the run's artifacts (re-logging overwrites)."""
         self.client.log_artifact(self._require_run(), str(path), artifact_path)
 
+    def log_chart(self, path: str | Path, *, key: str, step: int) -> None:
+        """Show the PNG at ``path`` among the run's charts in the MLflow UI, as image
+        ``key`` at ``step`` (MLflow's stepped image logging)."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.client.log_image(self._require_run(), im.convert("RGB"), key=key, step=step)
+
     def log_pool_manifest(
         self, manifest: dict[int, int], pool_uri: str | None = None, table: str | None = None
     ) -> None:
@@ -494,6 +504,48 @@ class Tracker:
                 steps = {int(m.step) for m in history}
             self._steps[key] = steps
         return steps
+
+
+# MLflow chart sections (the UI groups charts by the key's first "/" part and orders the
+# groups by name): a run's headline numbers first, then the rest by what they describe.
+_HEADLINE = frozenset({
+    "accuracy", "accuracy_queried", "accuracy_not_queried", "zs_accuracy", "forward_accuracy",
+    "icl_accuracy", "gain_from_icl", "gain_from_teacher_labels", "annotation_rate",
+    "teacher_calls", "pool_size", "demo_accuracy", "compute_flops",
+})  # fmt: skip
+_SECTIONS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("headline", lambda k: k in _HEADLINE),
+    ("split", lambda k: k.endswith(("_base", "_novel"))),
+    ("sources", lambda k: k.startswith("source_")),
+    ("teacher", lambda k: k.startswith(("teacher_", "agreement_"))
+     or k in {"mean_agreement", "acceptance_rate", "queried", "accepted"}),
+    ("student_cost", lambda k: k.startswith(("student_", "icl_prompt", "zs_prompt",
+                                             "seconds_per_", "adapt_"))
+     or k.endswith("_flops") or k == "demos_per_icl_prompt"),
+    ("stream_counts", lambda k: k in {"samples", "samples_seen", "scored", "skipped",
+                                      "icl_scored", "zs_scored", "demo_n",
+                                      "chunks_in_flight_peak"}),
+)  # fmt: skip
+_NESTED = {"seconds": "stage_seconds", "cached_chunks": "stage_cached_chunks"}
+
+
+def metric_key(name: str) -> str:
+    """The MLflow key of a run number (a summary field name; a nested one is dotted).
+
+    Keys are ``SECTION/name``, and the MLflow UI shows one chart section per ``SECTION``,
+    in name order: ``headline/`` first (accuracy and its splits by queried, the same-run
+    baselines' accuracies, the gains, annotation rate, teacher calls, pool size, demo
+    accuracy, compute), then ``split/`` (by class group), ``sources/`` (of the final
+    answers), ``stage_cached_chunks/``, ``stage_seconds/``, ``stream_counts/``,
+    ``student_cost/`` and ``teacher/``. Names no rule knows (a captioning run's ``bleu``, a
+    benchmark parent's ``DATASET.MODE.bRHO.metric``) are kept."""
+    head, dot, rest = name.partition(".")
+    if dot and head in _NESTED:
+        return f"{_NESTED[head]}/{rest}"
+    for section, belongs in _SECTIONS:
+        if belongs(name):
+            return f"{section}/{name}"
+    return name
 
 
 def params_value(params: dict[str, Any], key: str) -> str:

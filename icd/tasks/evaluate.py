@@ -79,6 +79,13 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
                 final_source=source,
                 score=ctx.score(final, s.answers) if s.answers else None,
             )
+            rec["zs_score"], rec["forward_score"], rec["icl_score"] = accounting.baseline_scores(
+                rec,
+                ctx.task_type,
+                synonyms=ctx.synonyms,
+                class_names=ctx.class_names,
+                fuzzy_threshold=method.voting.fuzzy_threshold,  # answers map as votes do
+            )
         records.append(rec)
     results.write_chunk_predictions(ctx.run_dir, work.chunk.index, records)
     return accounting.chunk_metrics(

@@ -98,10 +98,12 @@ def test_end_to_end_outputs(finished: tuple[Path, dict[str, Any]]) -> None:
     )
     assert len(runs) == 1
     run = runs[0]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "accuracy")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "headline/accuracy")]
     assert steps == [32 * (i + 1) for i in range(7)]
     assert run.data.params["method.policy.budget"] == "0.1"
-    assert run.data.metrics["student_image_cache_hit_rate"] == pytest.approx(hits / shown)
+    assert run.data.metrics["student_cost/student_image_cache_hit_rate"] == pytest.approx(
+        hits / shown
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "predictions.parquet" in artifacts
     assert run.inputs.dataset_inputs
@@ -307,7 +309,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
     exp = client.get_experiment_by_name("icd").experiment_id
     runs = client.search_runs([exp], "tags.`icd.run_id` = 'victim'")
     assert len(runs) == 1
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "accuracy")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "headline/accuracy")]
     assert steps == sorted(set(steps)) and steps[-1] == 320
 
 

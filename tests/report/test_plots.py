@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from icd.report import plots
-from icd.report.tables import comparison_table, runs_table, summary_row
+from icd.report.tables import comparison_table, running_curves, runs_table, summary_row
 from tests.report import assert_png, empty_predictions, make_predictions
 
 
@@ -151,6 +151,33 @@ def test_running_curves_say_when_queried_and_pooled_coincide():
     assert preds["accepted"].sum() < preds["queried"].sum()
     assert len(some_rejected.get_lines()) == 2
     assert "queried so far" in _legend(some_rejected)
+
+
+def test_running_accuracy_shows_the_same_run_baselines_and_merges_coinciding_ones():
+    preds = make_predictions(n=96, seed=0)
+    rng = np.random.default_rng(1)
+    zs = (rng.random(preds.height) < 0.3).astype(float)
+    forward = np.where(preds["queried"].to_numpy(), 1.0, zs)
+    scored = preds.with_columns(zs_score=pl.Series(zs), forward_score=pl.Series(forward))
+    acc_ax = plots.running_curves_figure(scored).axes[0]
+    assert _legend(acc_ax) == [
+        "icd (this run)",
+        "the student alone",
+        "forwarding the teacher's labels",
+    ]
+    curves = running_curves(scored)
+    last = curves.tail(1)
+    assert last["running_zs_accuracy"][0] == pytest.approx(zs[~np.isnan(zs)].mean())
+    # A run that is its own baseline (the student alone) draws one line, saying so.
+    alone = scored.with_columns(
+        mode=pl.lit("student_zero_shot"), zs_score=pl.col("score"), forward_score=pl.col("score")
+    )
+    acc_ax = plots.running_curves_figure(alone).axes[0]
+    assert _legend(acc_ax) == [
+        "student_zero_shot (this run) = the student alone = forwarding the teacher's labels"
+    ]
+    # Predictions written before the baselines were scored: the run alone.
+    assert _legend(plots.running_curves_figure(preds).axes[0]) == ["icd (this run)"]
 
 
 def test_uncertainty_names_its_measure_and_draws_the_threshold():

@@ -45,6 +45,9 @@ CONTRACT_COLUMNS = [
     "final_answer",
     "final_source",
     "score",
+    "zs_score",
+    "forward_score",
+    "icl_score",
 ]
 
 

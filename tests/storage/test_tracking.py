@@ -65,15 +65,15 @@ def test_run_has_params_metrics_dataset_models_and_artifacts(store: str, tmp_pat
     assert params["pipeline.chunk_size"] == "64"
     assert params["models.student.model_id"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
     assert params["models.teacher.api_key_env"] == "OPENAI_API_KEY"
-    history = client.get_metric_history(mlflow_id, "accuracy")
+    history = client.get_metric_history(mlflow_id, "headline/accuracy")
     assert sorted(m.step for m in history) == [64, 128, 192]
     # the summary's numbers are final points of their own series, no summary.* copies
-    assert sorted(m.step for m in client.get_metric_history(mlflow_id, "accuracy")) == [
+    assert sorted(m.step for m in client.get_metric_history(mlflow_id, "headline/accuracy")) == [
         64,
         128,
         192,
     ]
-    assert run.data.metrics["seconds.embed"] == 1.5
+    assert run.data.metrics["stage_seconds/embed"] == 1.5  # a section of the UI's charts
     assert not any(k.startswith("summary.") for k in run.data.metrics)
 
     (inp,) = run.inputs.dataset_inputs
@@ -133,7 +133,7 @@ def test_resume_continues_the_same_run_without_duplicate_steps(store: str) -> No
     client = again.client
     runs = client.search_runs([again.experiment_id], "tags.`icd.run_id` = 'run-resume'")
     assert len(runs) == 1
-    history = client.get_metric_history(mlflow_id, "accuracy")
+    history = client.get_metric_history(mlflow_id, "headline/accuracy")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
         (64, 0.5),
         (128, 0.6),
@@ -189,7 +189,7 @@ def test_background_metrics_are_all_stored_by_finish_and_failures_surface(store:
     for step in range(64, 64 * 21, 64):
         assert tracker.log_metrics({"accuracy": step / 2000}, step, background=True) == 1
     tracker.finish({"samples": 64 * 20})  # waits for the queued writes
-    history = tracker.client.get_metric_history(mlflow_id, "accuracy")
+    history = tracker.client.get_metric_history(mlflow_id, "headline/accuracy")
     assert sorted((m.step, m.value) for m in history) == [
         (step, step / 2000) for step in range(64, 64 * 21, 64)
     ]
@@ -222,3 +222,23 @@ def test_a_hub_dataset_lineage_carries_the_commit_read(store: str) -> None:
     tags = {t.key: t.value for t in inp.tags}
     assert tags["revision"] == commit and tags["revision_status"] == "pinned"
     tracker.finish({})
+
+
+def test_metric_keys_put_the_headline_section_first_and_never_collide() -> None:
+    """MLflow shows one chart section per key prefix, in name order: the headline numbers
+    come first, every other summary number sits in a later section, and no two numbers share
+    a key."""
+    from icd.method.accounting import ADDITIVE, RATIOS
+    from icd.storage.tracking import metric_key
+
+    headline = ["accuracy", "zs_accuracy", "forward_accuracy", "gain_from_icl",
+                "annotation_rate", "teacher_calls", "pool_size"]  # fmt: skip
+    assert [metric_key(k) for k in headline] == [f"headline/{k}" for k in headline]
+    names = [*ADDITIVE, *RATIOS, "seconds.embed", "cached_chunks.icl", "accuracy_novel",
+             "gain_from_icl_base", "icl_prompts", "teacher_requests", "mean_agreement"]  # fmt: skip
+    keys = [metric_key(n) for n in names]
+    assert len(set(keys)) == len(set(names))
+    sections = {k.split("/")[0] for k in keys if "/" in k}
+    assert min(sections) == "headline" and len(sections) >= 6
+    assert metric_key("seconds.embed") == "stage_seconds/embed"
+    assert metric_key("shapes.icd.b0.08.accuracy") == "shapes.icd.b0.08.accuracy"  # parent's
