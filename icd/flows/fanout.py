@@ -10,10 +10,11 @@ file system, or object storage for the pool and a tracking server for MLflow).
 
 Resume: the parent records each cell's flow-run id in a ledger beside the benchmark's other
 files. Started again with the same benchmark id, it reuses every cell whose run folder has a
-summary and submits only the others. A cell that a previous parent left unfinished (its
-worker killed, or the parent itself) is taken over: its old flow run is cancelled — a live
-worker stops it; a dead one's run is marked cancelled after ``takeover_s`` — and a new run
-of the same ICD run id resumes after its last committed chunk.
+summary and submits only the others. A cell a previous parent submitted that is still
+queued is waited for; one that had started (on a worker since killed, or under a parent
+since killed) is taken over: its old flow run is cancelled — a live worker stops it; a dead
+one's run is marked cancelled after ``takeover_s`` — and a new run of the same ICD run id
+resumes after its last committed chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from uuid import UUID
 from icd.storage.runstate import atomic_write_text
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun, State
+    from prefect.client.schemas.objects import FlowRun
 
 LEDGER_FILE = "cells.json"  # ICD run id → Prefect flow-run id of its latest submission
 
@@ -97,15 +98,25 @@ def run_cells(
                 todo.append(cell)
             else:
                 on_done(cell, Outcome(summary, None, ledger.get(cell.run_id), reused=True))
-        stale = [UUID(ledger[c.run_id]) for c in todo if c.run_id in ledger]
-        if stale:
-            _take_over(client, stale, wait_s=takeover_s, poll_s=poll_s, log=log)
-        log.info(
-            "%d cells on deployment %s: %d finished before, %d to run (%d at a time)",
-            len(cells), deployment, len(cells) - len(todo), len(todo), max_parallel,
-        )  # fmt: skip
-
         active: dict[UUID, Cell] = {}
+        by_run = {UUID(ledger[c.run_id]): c for c in todo if c.run_id in ledger}
+        started: list[UUID] = []
+        for run in _read_runs(client, list(by_run)):
+            if run.state is None or run.state.is_final():
+                continue  # finished without a summary, failed or cancelled: run it again
+            if run.state.is_scheduled():  # still queued: any live worker takes it; wait
+                active[run.id] = by_run[run.id]
+                todo.remove(by_run[run.id])
+            else:  # pending or running under a previous parent: maybe on a dead worker
+                started.append(run.id)
+        if started:
+            _take_over(client, started, wait_s=takeover_s, poll_s=poll_s, log=log)
+        log.info(
+            "%d cells on deployment %s: %d finished before, %d still queued, %d to run "
+            "(%d at a time)",
+            len(cells), deployment, len(cells) - len(todo) - len(active), len(active),
+            len(todo), max_parallel,
+        )  # fmt: skip
         while todo or active:
             while todo and len(active) < max_parallel:
                 cell = todo.pop(0)
@@ -160,7 +171,7 @@ def _read_runs(client: Any, ids: list[UUID]) -> list[Any]:
     if not ids:
         return []
     runs: list[Any] = client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=len(ids)
     )
     return runs
 
@@ -177,19 +188,16 @@ def _outcome(root: Path, cell: Cell, run: Any) -> Outcome:
 
 
 def _take_over(client: Any, ids: list[UUID], *, wait_s: float, poll_s: float, log: Any) -> None:
-    """Cancel the unfinished runs a previous parent left: a live worker stops its run on
+    """Cancel the started runs a previous parent left: a live worker stops its run on
     Cancelling; a run still not final after ``wait_s`` (its worker is gone) is marked
     Cancelled."""
     from prefect.states import Cancelled, Cancelling
 
-    unfinished = [r for r in _read_runs(client, ids) if r.state and not r.state.is_final()]
-    for run in unfinished:
-        log.info("taking over %s (flow run %s, %s)", run.name, run.id, run.state.name)
-        started = run.state.is_running() or run.state.is_cancelling()
-        state: State = Cancelling() if started else Cancelled()
-        client.set_flow_run_state(run.id, state=state, force=True)
+    for rid in ids:
+        log.info("taking over flow run %s: cancelling it, then running its cell again", rid)
+        client.set_flow_run_state(rid, state=Cancelling(), force=True)
     deadline = time.monotonic() + wait_s
-    left = [r.id for r in unfinished]
+    left = list(ids)
     while left and time.monotonic() < deadline:
         time.sleep(poll_s)
         left = [r.id for r in _read_runs(client, left) if r.state and not r.state.is_final()]
