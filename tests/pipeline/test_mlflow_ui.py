@@ -47,8 +47,9 @@ def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> No
         assert "ui-run" in tags["mlflow.note.content"]
         assert tags["mlflow.source.name"].startswith("icd/stream") and tags["mlflow.user"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert metrics["accuracy"] == pytest.approx(summary["accuracy"])
-        assert "gain_from_icl" in metrics and not any(k.startswith("summary.") for k in metrics)
+        assert metrics["headline/accuracy"] == pytest.approx(summary["accuracy"])
+        assert "headline/gain_from_icl" in metrics
+        assert not any(k.startswith("summary.") for k in metrics)
 
         def listed(path: str = "") -> set[str]:
             params = {"run_id": rid, **({"path": path} if path else {})}
@@ -59,5 +60,7 @@ def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> No
         assert {"config.json", "predictions.parquet", "predictions_table.json"} <= top, top
         report = listed("report")
         assert {"report/report.html", "report/running.png", "report/uncertainty.png"} <= report
+        # the run against its baselines, among the run's charts (a stepped image)
+        assert any("accuracy_vs_baselines" in p for p in listed("images"))
     finally:
         stop(server)
