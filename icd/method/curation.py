@@ -57,10 +57,10 @@ class Curation:
 
 def curate(
     *,
-    ids: Sequence[str],
-    labels: Sequence[str],
+    ids: Sequence[str] | np.ndarray,
+    labels: Sequence[str] | np.ndarray,
     image_vecs: np.ndarray,
-    stream_pos: Sequence[int],
+    stream_pos: Sequence[int] | np.ndarray,
     rules: PoolConfig,
 ) -> Curation:
     """The curation of the live rows given (parallel sequences: ids unique, ``image_vecs``
@@ -178,7 +178,7 @@ def evict_redundant(
             left = np.array([i for i in rows if i not in gone], dtype=np.int64)
             out.extend(evict_oldest(ids, stream_pos, rows=left, n=n - len(out)))
             break
-        _, _, _, label, j = best
-        alive[label][j] = False
-        out.append(int(groups[label][j]))
+        label, pick = best[3], best[4]
+        alive[label][pick] = False
+        out.append(int(groups[label][pick]))
     return out
