@@ -192,7 +192,7 @@ class PoolConfig(_Strict):
         ge=0.0,
         lt=1.0,
         description="Audit: exclude a demo when more than this share of its audit_k nearest "
-        "neighbours (by image embedding) carry another label",
+        "neighbours (by image embedding) carry one and the same other label",
     )
 
     @property

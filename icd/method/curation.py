@@ -2,11 +2,16 @@
 
 After a chunk's admissions the pool's live rows go through two rules, in this order:
 
-1. **Label audit** (``method.pool.audit``): a demo is *excluded* when more than
-   ``audit_threshold`` of its ``audit_k`` nearest live neighbours (cosine of the image
-   embeddings) carry another label. Every live row is judged against the same live set at
-   once, so the verdict depends on the set of rows, not on their order. A row is judged
-   only when the pool holds at least ``audit_k`` other live rows.
+1. **Label audit** (``method.pool.audit``): a live demo is *excluded* when more than
+   ``audit_threshold`` of its ``audit_k`` nearest neighbours (cosine of the image
+   embeddings) carry one and the same other label — its neighbours say "X", it says "Y".
+   Neighbours of many different labels (a class with few demos yet) are no evidence.
+   Neighbours are every row of the run admitted so far, curated ones included: curation
+   takes a demo out of selection, not out of the evidence (without them, early
+   exclusions on thin evidence cascade — on the mini-world a noisy pool then lost more
+   right labels than wrong ones). Every live row is judged against the same set at once,
+   so the verdict depends on the set of rows, not on their order. A row is judged only
+   when at least ``audit_k`` other rows exist.
 2. **Cap** (``method.pool.max_rows``): while more than ``max_rows`` rows are left, one is
    *evicted* — ``oldest``: the earliest in the stream; ``redundant``: the older row of the
    closest pair of same-label rows (by image embedding). ``redundant`` never evicts the
@@ -15,12 +20,13 @@ After a chunk's admissions the pool's live rows go through two rules, in this or
 
 Ties (equal similarities, equal stream positions) are broken by sample id, and
 similarities are compared rounded to ``1e-9``, so the decision is a function of the rows'
-content alone. Cost: the audit compares every live row with every other (``O(P²·d)`` per
-admitting chunk, blocked); the cap bounds ``P``.
+content alone. Cost: the audit compares every live row with every admitted row
+(``O(L·N·d)`` per admitting chunk, blocked; the cap bounds ``L``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,23 +68,32 @@ def curate(
     image_vecs: np.ndarray,
     stream_pos: Sequence[int] | np.ndarray,
     rules: PoolConfig,
+    live: Sequence[bool] | np.ndarray | None = None,
 ) -> Curation:
-    """The curation of the live rows given (parallel sequences: ids unique, ``image_vecs``
-    an ``[n, d]`` matrix): the audit's exclusions, then the evictions that leave at most
-    ``rules.max_rows`` rows. Nothing is curated when ``rules`` curate nothing."""
+    """The curation of the run's rows given (parallel sequences: ids unique, ``image_vecs``
+    an ``[n, d]`` matrix; ``live`` marks those still selectable, all when None; the others
+    are audit evidence only): the audit's exclusions, then the evictions that leave at
+    most ``rules.max_rows`` live rows. Only live rows are curated; nothing is when
+    ``rules`` curate nothing."""
     ids_a = np.array([str(i) for i in ids], dtype=object)
     labels_a = np.array([str(lbl) for lbl in labels], dtype=object)
     pos = np.asarray(stream_pos, dtype=np.int64)
+    alive = np.ones(len(ids_a), dtype=bool) if live is None else np.asarray(live, dtype=bool)
     sims = _Similarity(image_vecs, ids_a)
     excluded: list[str] = []
     if rules.audit:
         excluded = audit_labels(
-            ids_a, labels_a, sims=sims, k=rules.audit_k, threshold=rules.audit_threshold
+            ids_a,
+            labels_a,
+            subjects=np.flatnonzero(alive),
+            sims=sims,
+            k=rules.audit_k,
+            threshold=rules.audit_threshold,
         )
     reason = EVICTED_REDUNDANT if rules.evict == "redundant" else EVICTED_OLDEST
     evicted: list[str] = []
     out_of_pool = set(excluded)
-    keep = np.array([i not in out_of_pool for i in ids_a], dtype=bool)
+    keep = alive & np.array([i not in out_of_pool for i in ids_a], dtype=bool)
     over = int(keep.sum()) - rules.max_rows if rules.max_rows is not None else 0
     if over > 0:
         rows = np.flatnonzero(keep)
@@ -108,23 +123,30 @@ class _Similarity:
 
 
 def audit_labels(
-    ids: np.ndarray, labels: np.ndarray, *, sims: _Similarity, k: int, threshold: float
+    ids: np.ndarray,
+    labels: np.ndarray,
+    *,
+    subjects: np.ndarray,
+    sims: _Similarity,
+    k: int,
+    threshold: float,
 ) -> list[str]:
-    """Ids whose label is carried by too few of their ``k`` nearest other rows: more than
-    ``threshold`` of those neighbours have another label (see the module docstring)."""
+    """Ids of the ``subjects`` (row indices) whose ``k`` nearest other rows contradict
+    their label: more than ``threshold`` of those neighbours carry one other label (see
+    the module docstring)."""
     n = len(ids)
     if n <= k:
         return []
     everyone = np.arange(n)
     out = []
-    for lo in range(0, n, _BLOCK):
-        rows = everyone[lo : lo + _BLOCK]
+    for lo in range(0, len(subjects), _BLOCK):
+        rows = subjects[lo : lo + _BLOCK]
         s = sims.block(rows, everyone)
         s[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
         for r, row in enumerate(rows):
             near = _nearest(s[r], sims.id_rank, k)
-            disagree = float(np.mean(labels[near] != labels[row]))
-            if disagree > threshold:
+            others = Counter(str(lbl) for lbl in labels[near] if lbl != labels[row])
+            if others and max(others.values()) / k > threshold:
                 out.append(str(ids[row]))
     return out
 

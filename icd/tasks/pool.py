@@ -113,18 +113,21 @@ class Curated:
 def curate(ctx: RunContext, *, chunk: int) -> Curated:
     """Apply ``method.pool``'s curation (:func:`icd.method.curation.curate`) to the run's
     pool after chunk ``chunk``'s admissions — the live rows before the chunk's own
-    curation, so a repeated chunk decides the same — and mark its decision in the pool."""
+    curation (so a repeated chunk decides the same), with every row admitted so far as the
+    audit's evidence — and mark its decision in the pool."""
     table = open_pool(ctx.pool_uri)
     rules = ctx.cfg.method.pool
     if not rules.curates:
         return Curated(table.version())
+    admitted = table.view(ctx.run_id, before_chunk=chunk + 1, curated_before=0)
     live = table.view(ctx.run_id, before_chunk=chunk + 1, curated_before=chunk)
     decided = curation.curate(
-        ids=live.ids,
-        labels=live.labels,
-        image_vecs=live.image_vecs,
-        stream_pos=live.stream_pos,
+        ids=admitted.ids,
+        labels=admitted.labels,
+        image_vecs=admitted.image_vecs,
+        stream_pos=admitted.stream_pos,
         rules=rules,
+        live=np.isin(admitted.ids, live.ids),
     )
     version = table.mark(ctx.run_id, chunk=chunk, reasons=decided.reasons)
     return Curated(version, decided.evicted, decided.excluded)
