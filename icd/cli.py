@@ -563,7 +563,8 @@ def pool_inspect(
         typer.Option(help="Only rows added by chunks 0..CHUNK: the pool as chunk CHUNK+1 saw it."),
     ] = None,
 ) -> None:
-    """Size, label histogram, agreement stats and versions of a demonstration pool."""
+    """Size (stored, live, evicted, excluded), label histogram, agreement stats and versions
+    of a demonstration pool."""
     from icd.storage.pool import inspect_pool
 
     try:

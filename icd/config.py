@@ -169,6 +169,38 @@ class FinetuneConfig(_Strict):
     window: int = Field(256, ge=1, description="Latest pool rows trained on (replay=window)")
 
 
+class PoolConfig(_Strict):
+    """Curation of the demonstration pool (docs/design.md §10), after each chunk's
+    admissions (:mod:`icd.method.curation`): a label audit, then a cap on the rows left
+    for selection. Curated rows stay in the table, marked, so every chunk's pool can be
+    checked out."""
+
+    max_rows: int | None = Field(
+        None, ge=1, description="Most rows the pool keeps for selection (None: unbounded)"
+    )
+    evict: Literal["oldest", "redundant"] = Field(
+        "oldest",
+        description="Which rows a capped pool evicts first: the oldest in the stream, or the "
+        "most redundant (the older of the closest same-label pair by image embedding)",
+    )
+    audit: bool = Field(
+        False, description="Exclude demos whose label disagrees with their neighbours' labels"
+    )
+    audit_k: int = Field(5, ge=1, description="Audit: nearest pool neighbours compared")
+    audit_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Audit: exclude a demo when more than this share of its audit_k nearest "
+        "neighbours (by image embedding) carry one and the same other label",
+    )
+
+    @property
+    def curates(self) -> bool:
+        """Whether any rule can take rows out of the pool."""
+        return self.max_rows is not None or self.audit
+
+
 # The run modes (icd.method.modes.MODES says what each runs).
 ModeName = Literal[
     "icd",
@@ -193,6 +225,7 @@ class MethodConfig(_Strict):
     voting: VotingConfig = VotingConfig()
     selection: SelectionConfig = SelectionConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    pool: PoolConfig = PoolConfig()
     final_from_teacher: bool = Field(
         True, description="Annotated samples take the teacher's voted label as final answer"
     )

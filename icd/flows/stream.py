@@ -41,7 +41,7 @@ from icd.config import Config, load_config
 from icd.data.stream import Stream, open_stream
 from icd.data.types import Chunk
 from icd.flows import artifacts
-from icd.method import accounting
+from icd.method import accounting, steps
 from icd.method.accounting import Made
 from icd.report import build_run_report
 from icd.storage import results
@@ -245,10 +245,17 @@ def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
     for st in RunState(ctx.run_dir).all():
         made = Made(**st.get("made", {}))
         numbers = accounting.running_numbers(
-            st["running"], counters=st["counters"], made=made, pool_size=st.get("pool_size", 0)
+            st["running"],
+            counters=st["counters"],
+            made=made,
+            pool_size=st.get("pool_size", 0),
+            pool_precision=st.get("pool_precision"),
         )
         tracker.log_metrics(_loggable(numbers), step=st["samples_seen"])
     state = ResumeState.load(ctx, counters=tasks.COUNTERS)
+    if ctx.plan.pool and state.next_chunk:
+        pooled = results.read_predictions(ctx.run_dir).filter(pl.col("accepted"))
+        state.pool_truth = dict(zip(pooled["sample_id"], pooled["answers"].to_list(), strict=True))
     if state.next_chunk:
         done = state.counters["samples_seen"]
         log.info(
@@ -267,13 +274,17 @@ def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
 
 def commit(ctx: RunContext, *, work: ChunkWork, state: ResumeState, tracker: Tracker) -> None:
     """Commit the chunk (the run resumes after it) and log its running numbers."""
-    pool_size = open_pool(ctx.pool_uri).count(ctx.run_id) if ctx.plan.pool else 0
+    pool_size, state.pool_precision = pool_numbers(ctx, work=work, state=state)
     state.pool_size = pool_size
     state.extend_lineage(work.chunk.key)
     state.commit(ctx, work=work)
     assert state.running is not None
     numbers = accounting.running_numbers(
-        state.running, counters=state.counters, made=state.made, pool_size=pool_size
+        state.running,
+        counters=state.counters,
+        made=state.made,
+        pool_size=pool_size,
+        pool_precision=state.pool_precision,
     )
     samples = state.counters["samples_seen"]
     tracker.log_metrics(_loggable(numbers), step=samples, background=True)
@@ -288,6 +299,22 @@ def commit(ctx: RunContext, *, work: ChunkWork, state: ResumeState, tracker: Tra
     )
     for hook in CHUNK_HOOKS:
         hook(work.chunk.index + 1, samples, ctx.stream_length)
+
+
+def pool_numbers(
+    ctx: RunContext, *, work: ChunkWork, state: ResumeState
+) -> tuple[int, float | None]:
+    """The run's pool after ``work``'s chunk: its rows left for selection and their label
+    precision (:func:`icd.method.accounting.pool_precision`)."""
+    if not ctx.plan.pool:
+        return 0, None
+    admitted = steps.pool_mask([work.votes.get(s.sample_id) for s in work.valid])
+    for s, pooled in zip(work.valid, admitted, strict=True):
+        if pooled:
+            state.pool_truth[s.sample_id] = list(s.answers)
+    live = open_pool(ctx.pool_uri).view(ctx.run_id)
+    truths = [state.pool_truth.get(str(i)) for i in live.ids]
+    return len(live), accounting.pool_precision(list(live.labels), truths, ctx.score)
 
 
 def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str, Any]:
@@ -314,7 +341,8 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
         cached=state.books.cached,
         adapt=state.adapt,
         student_params=state.student_params,
-        pool_size=table.count(ctx.run_id) if ctx.plan.pool else 0,
+        pool_size=state.pool_size,
+        pool_precision=state.pool_precision,
         chunks_in_flight_peak=state.books.in_flight_peak,
     )
     summary = accounting.summarize(

@@ -206,17 +206,37 @@ def cache_numbers(counters: Mapping[str, int]) -> dict[str, float | None]:
     }
 
 
+def pool_precision(
+    labels: Sequence[str],
+    truths: Sequence[Sequence[str] | None],
+    score_fn: Callable[[str, list[str]], float],
+) -> float | None:
+    """``pool_precision``: the mean score (``score_fn``, the run's scoring of an answer) of
+    the labels of the pool rows left for selection against their samples' true answers —
+    for classification, the share of selectable demos whose label is the true class. Rows
+    whose truth is unknown are not counted; None without rows."""
+    scores = [score_fn(lbl, list(t)) for lbl, t in zip(labels, truths, strict=True) if t]
+    return sum(scores) / len(scores) if scores else None
+
+
 def running_numbers(
-    running: Mapping[str, Any], *, counters: Mapping[str, int], made: Made, pool_size: int
+    running: Mapping[str, Any],
+    *,
+    counters: Mapping[str, int],
+    made: Made,
+    pool_size: int,
+    pool_precision: float | None = None,
 ) -> dict[str, Any]:
     """The numbers logged after each chunk: the running sums and ratios, the counters, the
-    teacher's and the cache's numbers, and the pool's size."""
+    teacher's and the cache's numbers, and the pool's size (rows left for selection) and
+    label precision (:func:`pool_precision`)."""
     return {
         **running,
         **counters,
         **teacher_numbers(made),
         **cache_numbers(counters),
         "pool_size": pool_size,
+        "pool_precision": pool_precision,
     }
 
 
@@ -239,7 +259,8 @@ class RunTotals:
     """What a run knows beyond its predictions table: its identity, its counters, the
     teacher work it made, each stage's seconds (0 for results from the task cache) and
     how many chunks' results came from the cache, the student's adaptation cost and size,
-    its pool's size, and the most chunks it had in flight at once."""
+    its pool's size and label precision (rows left for selection), and the most chunks it
+    had in flight at once."""
 
     run_id: str | None = None
     mode: str | None = None
@@ -251,6 +272,7 @@ class RunTotals:
     adapt: Mapping[str, float] = field(default_factory=dict)
     student_params: int = 0
     pool_size: int = 0
+    pool_precision: float | None = None
     chunks_in_flight_peak: int = 0
 
 
@@ -291,6 +313,7 @@ def summarize(
         "accuracy_not_queried": _mean(valid.filter(~pl.col("queried"))["score"]),
         "student_errors": int(df["student_error"].is_not_null().sum()) if len(df) else 0,
         "pool_size": totals.pool_size,
+        "pool_precision": totals.pool_precision,
         "seconds": seconds,
         "cached_chunks": dict(totals.cached),
         "chunks_in_flight_peak": totals.chunks_in_flight_peak,

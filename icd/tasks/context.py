@@ -168,7 +168,11 @@ class ResumeState:
     # What adapting the student cost so far: steps, tokens, FLOPs, peak memory.
     adapt: dict[str, float] = field(default_factory=dict)
     student_params: int = 0
-    pool_size: int = 0  # the run's pool rows after the last committed chunk
+    pool_size: int = 0  # the run's pool rows left for selection after the last committed chunk
+    pool_precision: float | None = None  # their label precision (accounting.pool_precision)
+    # The true answers of the run's pooled samples (not committed: rebuilt from the
+    # predictions when a run resumes), which the pool's label precision is scored against.
+    pool_truth: dict[str, list[str]] = field(default_factory=dict)
     # Read from the run's teacher ledger when it starts (the ledger is the truth; ``made``
     # is also committed with each chunk so a resumed run can re-log that chunk's numbers):
     # the teacher work the run made, and the chunks it made it for (cache reuse accounting).
@@ -203,6 +207,7 @@ class ResumeState:
         state.adapt = dict(last.get("adapt", {}))
         state.student_params = int(last.get("student_params", 0))
         state.pool_size = int(last.get("pool_size", 0))
+        state.pool_precision = last.get("pool_precision")
         return state
 
     def commit(self, ctx: RunContext, *, work: ChunkWork) -> None:
@@ -224,6 +229,7 @@ class ResumeState:
                 "adapt": self.adapt,
                 "student_params": self.student_params,
                 "pool_size": self.pool_size,
+                "pool_precision": self.pool_precision,
                 "made": {"answers": self.made.answers, "requests": self.made.requests},
             },
         )

@@ -1,6 +1,7 @@
 """Stage ``pool``: the chunk's admitted annotations enter the demonstration pool, as one
 pool commit, in the background while the student answers with the pool as it was before
-the chunk."""
+the chunk; then ``method.pool``'s curation (label audit, cap) marks the rows that leave
+selection, in commits of their own, so the next chunk sees at most ``max_rows`` rows."""
 
 from __future__ import annotations
 
@@ -13,20 +14,25 @@ from prefect.tasks import exponential_backoff
 
 from icd.config import ModelConfig
 from icd.data.types import Chunk
-from icd.method import steps
+from icd.method import curation, steps
 from icd.method.voting import VoteResult
 from icd.models import load_embedder
 from icd.tasks.base import open_pool, stage
 from icd.tasks.context import ChunkWork, ResumeState, RunContext
 from icd.tasks.runner import Pending, Runner
 
-COUNTERS: tuple[str, ...] = ()
+COUNTERS = (
+    "pool_evicted",  # rows evicted for method.pool.max_rows
+    "pool_excluded",  # rows excluded by the label audit
+)
 
 
 @dataclass(frozen=True)
 class Pooled:
-    version: int  # the pool's version after the commit
+    version: int  # the pool's version after the chunk's commits
     added: int  # rows upserted
+    evicted: int = 0  # rows the chunk's curation evicted (the cap)
+    excluded: int = 0  # rows the chunk's curation excluded (the label audit)
 
 
 def teacher_provenance(cfg: ModelConfig) -> str:
@@ -60,7 +66,8 @@ def pool(
     """Upsert the chunk's annotations that the method admits to the pool
     (:func:`icd.method.steps.pool_mask`) as one pool commit, embedding each label with the
     embedder's text tower and recording the teacher (:func:`teacher_provenance`) as each
-    row's provenance."""
+    row's provenance; then curate the pool (:func:`curate`). Run again for the same chunk
+    (a retry, a resumed run) it leaves the same rows and marks."""
     table = open_pool(ctx.pool_uri)
     valid = chunk.valid
     admit = steps.pool_mask([votes.get(s.sample_id) for s in valid])
@@ -91,8 +98,39 @@ def pool(
         for (i, v), label_vec in zip(accepted, label_vecs, strict=True)
     ]
     version = table.upsert(rows)
+    done = curate(ctx, chunk=chunk.index)
     table.maybe_compact(ctx.cfg.storage.compact_every)
-    return Pooled(version, len(rows))
+    return Pooled(max(version, done.version), len(rows), len(done.evicted), len(done.excluded))
+
+
+@dataclass(frozen=True)
+class Curated:
+    version: int  # the pool's version after the curation's commits
+    evicted: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+
+
+def curate(ctx: RunContext, *, chunk: int) -> Curated:
+    """Apply ``method.pool``'s curation (:func:`icd.method.curation.curate`) to the run's
+    pool after chunk ``chunk``'s admissions — the live rows before the chunk's own
+    curation (so a repeated chunk decides the same), with every row admitted so far as the
+    audit's evidence — and mark its decision in the pool."""
+    table = open_pool(ctx.pool_uri)
+    rules = ctx.cfg.method.pool
+    if not rules.curates:
+        return Curated(table.version())
+    admitted = table.view(ctx.run_id, before_chunk=chunk + 1, curated_before=0)
+    live = table.view(ctx.run_id, before_chunk=chunk + 1, curated_before=chunk)
+    decided = curation.curate(
+        ids=admitted.ids,
+        labels=admitted.labels,
+        image_vecs=admitted.image_vecs,
+        stream_pos=admitted.stream_pos,
+        rules=rules,
+        live=np.isin(admitted.ids, live.ids),
+    )
+    version = table.mark(ctx.run_id, chunk=chunk, reasons=decided.reasons)
+    return Curated(version, decided.evicted, decided.excluded)
 
 
 def submit(runner: Runner, ctx: RunContext, *, work: ChunkWork) -> Pending[Pooled] | None:
@@ -113,7 +151,11 @@ def submit(runner: Runner, ctx: RunContext, *, work: ChunkWork) -> Pending[Poole
 def collect(
     runner: Runner, *, work: ChunkWork, state: ResumeState, pending: Pending[Pooled] | None
 ) -> None:
-    """Wait for the chunk's pool commit; its version goes into the run's manifest."""
+    """Wait for the chunk's pool commit; its version goes into the run's manifest and its
+    curation into the run's counters."""
     if pending is None:
         return
-    state.manifest[str(work.chunk.index)] = runner.wait(pending).value.version
+    done = runner.wait(pending).value
+    state.manifest[str(work.chunk.index)] = done.version
+    state.counters.add("pool_evicted", done.evicted)
+    state.counters.add("pool_excluded", done.excluded)

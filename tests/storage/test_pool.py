@@ -292,3 +292,86 @@ def test_inspect_through_chunk_counts_the_pool_a_chunk_saw(pool: DemoPool) -> No
     assert inspect_pool(pool.uri, "r", through_chunk=1)["rows"] == 2 * CHUNK
     assert inspect_pool(pool.uri, "r")["rows"] == 3 * CHUNK
     assert inspect_pool(pool.uri, through_chunk=0)["runs"] == {"r": CHUNK, "other": CHUNK}
+
+
+# -- curation marks ---------------------------------------------------------------------
+
+
+def _ids(rows: list[dict], picks: list[int]) -> list[str]:
+    return [rows[i]["sample_id"] for i in picks]
+
+
+def test_marked_rows_leave_the_views_from_the_next_chunk_on(pool: DemoPool) -> None:
+    """A row curated by chunk 1 is in chunk 1's pool (it saw the pool before its own
+    curation) and out of chunk 2's; the checkout of chunk 1's version is chunk 2's pool."""
+    c0, c1 = chunk_rows("r", 0), chunk_rows("r", 1)
+    pool.upsert(c0)
+    pool.upsert(c1)
+    gone = {_ids(c0, [0])[0]: "evicted_oldest", _ids(c1, [2])[0]: "label_audit"}
+    before = pool.view("r", before_chunk=2)
+    version = pool.mark("r", chunk=1, reasons=gone)
+    assert len(before) == 2 * CHUNK  # a view taken earlier keeps what it saw
+    assert list(pool.view("r", before_chunk=1).ids) == ids_of(c0)
+    assert list(pool.view("r", before_chunk=2, curated_before=1).ids) == ids_of(c0 + c1)
+    after = [s for s in ids_of(c0 + c1) if s not in gone]
+    assert list(pool.view("r", before_chunk=2).ids) == after
+    assert list(pool.view("r").ids) == after
+    assert list(pool.checkout(version, run_id="r").ids) == after
+    assert pool.count("r") == 2 * CHUNK and pool.count("r", live=True) == 2 * CHUNK - 2
+    # a new handle (a resumed run) loads the marks from the table
+    fresh = DemoPool(pool.uri)
+    assert list(fresh.view("r", before_chunk=2).ids) == after
+    assert list(fresh.view("r", before_chunk=1).ids) == ids_of(c0)
+    info = inspect_pool(pool.uri, "r")
+    assert (info["rows"], info["live"], info["evicted"], info["excluded"]) == (16, 14, 1, 1)
+    assert inspect_pool(pool.uri, "r", through_chunk=0)["evicted"] == 0
+
+
+def test_marking_again_is_idempotent_and_a_new_decision_replaces_the_old(
+    pool: DemoPool,
+) -> None:
+    c0 = chunk_rows("r", 0)
+    pool.upsert(c0)
+    first = {s: "evicted_redundant" for s in _ids(c0, [0, 1])}
+    v = pool.mark("r", chunk=0, reasons=first)
+    assert pool.mark("r", chunk=0, reasons=first) == v  # nothing changed: no commit
+    # the chunk decided again (a retry): row 1 stays, row 2 goes
+    pool.mark("r", chunk=0, reasons={s: "evicted_redundant" for s in _ids(c0, [0, 2])})
+    expect = [s for s in ids_of(c0) if s not in _ids(c0, [0, 2])]
+    assert list(pool.view("r").ids) == list(DemoPool(pool.uri).view("r").ids) == expect
+    # a re-upsert of a chunk makes its rows live again (its curation then runs again)
+    pool.upsert(c0)
+    assert list(pool.view("r").ids) == ids_of(c0)
+    with pytest.raises(PoolError, match="not in pool run"):
+        pool.mark("r", chunk=0, reasons={"nope": "label_audit"})
+
+
+def test_another_handles_marks_are_seen(tmp_path: Path) -> None:
+    a = DemoPool(tmp_path / "pool")
+    c0 = chunk_rows("r", 0)
+    a.upsert(c0)
+    assert len(a.view("r")) == CHUNK
+    DemoPool(tmp_path / "pool").mark("r", chunk=0, reasons={c0[0]["sample_id"]: "label_audit"})
+    assert list(a.view("r").ids) == ids_of(c0)[1:]
+
+
+def test_a_pool_made_before_curation_opens_and_is_brought_up_to_date(tmp_path: Path) -> None:
+    """An old table (no curation columns): read-only tools read it as all live; a writer
+    adds the columns (one commit, rows unchanged) and can curate."""
+    uri = tmp_path / "pool"
+    rows = chunk_rows("r", 0)
+    pool = DemoPool(uri)
+    pool.upsert(rows)
+    tbl = lancedb.connect(str(uri)).open_table("demos")
+    tbl.drop_columns(["excluded_chunk", "excluded_reason"])
+    assert "excluded_chunk" not in tbl.schema.names
+    info = inspect_pool(str(uri), "r")
+    assert (info["rows"], info["live"], info["evicted"]) == (CHUNK, CHUNK, 0)
+    assert "excluded_chunk" not in lancedb.connect(str(uri)).open_table("demos").schema.names
+    writer = DemoPool(uri)
+    assert list(writer.view("r").ids) == ids_of(rows)
+    writer.mark("r", chunk=0, reasons={rows[3]["sample_id"]: "label_audit"})
+    writer.upsert(chunk_rows("r", 1))
+    assert len(writer.view("r")) == 2 * CHUNK - 1
+    assert len(DemoPool(uri).view("r", before_chunk=1)) == CHUNK - 1
+    assert len(DemoPool(uri).view("r", before_chunk=1, curated_before=0)) == CHUNK

@@ -4,6 +4,11 @@ Selection never scans the LanceDB table: a :class:`RunCache` holds one run's row
 by ``(chunk, stream_pos, sample_id)`` in growable float32 buffers, loaded once from the
 table and appended on every upsert, so "the pool before chunk c" is an O(1) prefix slice
 (:class:`PoolView`). LanceDB stays the source of truth (:mod:`icd.storage.pool.table`).
+
+Curated rows (:mod:`icd.method.curation`) stay in the cache with the chunk that took them
+out of selection (``excluded``; :data:`LIVE` while selectable): the view before chunk c
+leaves out the rows curated by chunks before c, so it is the pool as chunk c saw it
+whenever it is read — before or after chunk c's own commit, in a run or in its resume.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-# The columns a cache is loaded from.
+# The columns a cache is loaded from (plus ``excluded_chunk`` where the table has it).
 CACHE_COLUMNS = ["sample_id", "chunk", "stream_pos", "label", "image_vec", "label_vec"]
+# ``excluded`` of a row no curation took out of selection.
+LIVE = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,8 @@ class RunCache:
 
     Rows [0, n) are valid. Appends write past ``n`` (never into rows a view already
     covers); any other change builds new buffers, so a view handed out earlier is a
-    stable snapshot.
+    stable snapshot. ``excluded[i]`` is the chunk whose curation took row i out of
+    selection (:data:`LIVE` if none).
     """
 
     def __init__(self, dim: int, capacity: int = 1024) -> None:
@@ -73,6 +82,7 @@ class RunCache:
         self.labels = np.empty(cap, dtype=object)
         self.chunk = np.empty(cap, dtype=np.int64)
         self.stream_pos = np.empty(cap, dtype=np.int64)
+        self.excluded = np.full(cap, LIVE, dtype=np.int64)
         self.image_vecs = np.empty((cap, self.dim), dtype=np.float32)
         self.label_vecs = np.empty((cap, self.dim), dtype=np.float32)
 
@@ -91,6 +101,7 @@ class RunCache:
         cache.labels[:n] = np.array(t.column("label").to_pylist(), dtype=object)[order]
         cache.chunk[:n] = chunk[order]
         cache.stream_pos[:n] = pos[order]
+        cache.excluded[:n] = _excluded(t)[order]
         for name, dst in (("image_vec", cache.image_vecs), ("label_vec", cache.label_vecs)):
             column = t.column(name)
             if in_order:
@@ -105,18 +116,28 @@ class RunCache:
         cache.index = {sid: i for i, sid in enumerate(cache.ids[:n])}
         return cache
 
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return (
+            self.ids,
+            self.labels,
+            self.chunk,
+            self.stream_pos,
+            self.excluded,
+            self.image_vecs,
+            self.label_vecs,
+        )
+
     def _grow(self, need: int) -> None:
-        old = (self.ids, self.labels, self.chunk, self.stream_pos, self.image_vecs, self.label_vecs)
+        old = self._arrays()
         self._alloc(max(need, 2 * self.cap))
-        new = (self.ids, self.labels, self.chunk, self.stream_pos, self.image_vecs, self.label_vecs)
-        for src, dst in zip(old, new, strict=True):
+        for src, dst in zip(old, self._arrays(), strict=True):
             dst[: self.n] = src[: self.n]
 
     def _key(self, i: int) -> tuple[int, int, str]:
         return int(self.chunk[i]), int(self.stream_pos[i]), str(self.ids[i])
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        """Insert or replace rows (``batch`` arrays are already validated)."""
+        """Insert or replace rows (``batch`` arrays are already validated); they are live."""
         m = len(batch["ids"])
         if m == 0:
             return
@@ -132,6 +153,7 @@ class RunCache:
             self.labels[lo:hi] = batch["labels"]
             self.chunk[lo:hi] = batch["chunk"]
             self.stream_pos[lo:hi] = batch["stream_pos"]
+            self.excluded[lo:hi] = LIVE
             self.image_vecs[lo:hi] = batch["image_vecs"]
             self.label_vecs[lo:hi] = batch["label_vecs"]
             for j, sid in enumerate(batch["ids"]):
@@ -147,6 +169,7 @@ class RunCache:
         labels = np.concatenate([self.labels[: self.n][keep], batch["labels"]])
         chunk = np.concatenate([self.chunk[: self.n][keep], batch["chunk"]])
         pos = np.concatenate([self.stream_pos[: self.n][keep], batch["stream_pos"]])
+        excluded = np.concatenate([self.excluded[: self.n][keep], np.full(len(batch["ids"]), LIVE)])
         ivec = np.concatenate([self.image_vecs[: self.n][keep], batch["image_vecs"]])
         lvec = np.concatenate([self.label_vecs[: self.n][keep], batch["label_vecs"]])
         order = np.lexsort((ids.astype(str), pos, chunk))
@@ -156,24 +179,54 @@ class RunCache:
         self.labels[:n] = labels[order]
         self.chunk[:n] = chunk[order]
         self.stream_pos[:n] = pos[order]
+        self.excluded[:n] = excluded[order]
         self.image_vecs[:n] = ivec[order]
         self.label_vecs[:n] = lvec[order]
         self.n = n
         self.index = {sid: i for i, sid in enumerate(self.ids[:n])}
 
-    def view(self, before_chunk: int | None) -> PoolView:
-        """Rows with ``chunk < before_chunk`` (all if None): read-only views, not copies."""
+    def mark(self, excluded: dict[str, int]) -> None:
+        """Set rows' ``excluded`` chunk (:data:`LIVE` to return a row to selection), in a
+        new array: views handed out earlier keep what they saw."""
+        marks = self.excluded.copy()
+        for sid, chunk in excluded.items():
+            marks[self.index[sid]] = chunk
+        self.excluded = marks
+
+    def marked(self) -> int:
+        """Rows some curation took out of selection."""
+        return int((self.excluded[: self.n] != LIVE).sum())
+
+    def view(self, before_chunk: int | None, *, curated_before: int | None = None) -> PoolView:
+        """The live rows with ``chunk < before_chunk`` (all chunks if None): rows curated by
+        a chunk before ``curated_before`` (default ``before_chunk``; with both None, every
+        curated row) are left out. Read-only views when nothing is left out, else copies."""
         n = self.n
         if before_chunk is not None:
             n = int(np.searchsorted(self.chunk[: self.n], before_chunk, side="left"))
+        cut = curated_before if curated_before is not None else before_chunk
+        live = self.excluded[:n] >= (LIVE if cut is None else cut)
+        if live.all():
+            pick: slice | np.ndarray = slice(0, n)
+        else:
+            pick = np.flatnonzero(live)
         return PoolView(
-            ids=_readonly(self.ids[:n]),
-            image_vecs=_readonly(self.image_vecs[:n]),
-            label_vecs=_readonly(self.label_vecs[:n]),
-            labels=_readonly(self.labels[:n]),
-            chunk=_readonly(self.chunk[:n]),
-            stream_pos=_readonly(self.stream_pos[:n]),
+            ids=_readonly(self.ids[pick]),
+            image_vecs=_readonly(self.image_vecs[pick]),
+            label_vecs=_readonly(self.label_vecs[pick]),
+            labels=_readonly(self.labels[pick]),
+            chunk=_readonly(self.chunk[pick]),
+            stream_pos=_readonly(self.stream_pos[pick]),
         )
+
+
+def _excluded(t: pa.Table) -> np.ndarray:
+    """The ``excluded_chunk`` column of ``t`` with :data:`LIVE` for nulls (all live when
+    the table predates curation)."""
+    if "excluded_chunk" not in t.column_names:
+        return np.full(t.num_rows, LIVE, dtype=np.int64)
+    col = pc.fill_null(t.column("excluded_chunk"), LIVE)
+    return np.asarray(col.to_numpy(), dtype=np.int64)
 
 
 def empty_view(dim: int | None) -> PoolView:

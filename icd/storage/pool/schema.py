@@ -32,6 +32,11 @@ OPTIONAL_FIELDS = (
     "created_at",
 )
 VECTOR_FIELDS = ("image_vec", "label_vec")
+# Curation marks (icd.method.curation): the chunk whose commit took the row out of
+# selection and why; null while the row is live. Set by DemoPool.mark, never by an upsert
+# (an upsert writes them null). Tables made before curation lack them until first written.
+CURATION_FIELDS = ("excluded_chunk", "excluded_reason")
+CURATION_TYPES = {"excluded_chunk": pa.int64(), "excluded_reason": pa.string()}
 _ALLOWED = frozenset(REQUIRED_FIELDS) | frozenset(OPTIONAL_FIELDS)
 
 
@@ -59,6 +64,7 @@ def pool_schema(dim: int) -> pa.Schema:
             pa.field("uncertainty", pa.float64()),
             pa.field("teacher", pa.string()),
             pa.field("created_at", pa.timestamp("us", tz="UTC")),
+            *(pa.field(name, t) for name, t in CURATION_TYPES.items()),
         ]
     )
 
@@ -202,6 +208,8 @@ def rows_to_arrow(
         if f.name == MERGE_KEY:
             keys = map(row_key, cols.get("run_id", []), cols.get("sample_id", []))
             arrays.append(pa.array(list(keys), type=f.type))
+        elif f.name in CURATION_FIELDS:
+            arrays.append(pa.nulls(len(rows), f.type))
         elif f.name in VECTOR_FIELDS:
             arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(vecs[f.name].ravel()), dim))
         else:

@@ -14,6 +14,14 @@ Selection never scans the table: it reads each run's in-memory index
 LanceDB stays the source of truth: a new handle (a resumed run, another process) loads the
 index from the table, and commits by other processes to the same run are detected and
 reloaded. Rows are checked by :mod:`icd.storage.pool.schema` before anything is written.
+
+Curation (``method.pool``: a cap with eviction, a label audit) never deletes a row: it
+marks it (``excluded_chunk``, ``excluded_reason``) in a commit of its own (:meth:`DemoPool.mark`).
+Deleting would make the latest version forget what earlier chunks saw: a run resumed after
+a kill could no longer rebuild the pool its next chunk must see, ``icd pool inspect
+--chunk`` would undercount, and the table could not say why a demo left. With marks, the
+pool as chunk c saw it is "rows of chunks < c not curated before c" in any later version,
+and the version recorded for chunk c (checked out, live rows only) is the same set.
 """
 
 from __future__ import annotations
@@ -29,17 +37,23 @@ from typing import Any
 
 import lancedb
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from icd.errors import one_line
+from icd.method.curation import EVICTION_REASONS, LABEL_AUDIT
 from icd.storage.locks import file_lock
 from icd.storage.pool.index import (
     CACHE_COLUMNS,
+    LIVE,
     PoolView,
     RunCache,
     empty_view,
     view_from_arrow,
 )
 from icd.storage.pool.schema import (
+    CURATION_FIELDS,
+    CURATION_TYPES,
     MERGE_KEY,
     VECTOR_FIELDS,
     PoolError,
@@ -117,6 +131,8 @@ class DemoPool:
         else:
             with self._creation_lock():
                 self._ensure_primary_key()
+                if not must_exist:  # a writer brings a table made before curation up to date
+                    self._ensure_curation_columns()
             self.dim = self._table_dim()
             if dim is not None and dim != self.dim:
                 raise PoolError(
@@ -152,6 +168,25 @@ class DemoPool:
         meta = self._tbl.schema.field(MERGE_KEY).metadata or {}
         if not any(b"primary-key" in k for k in meta):
             self._tbl.set_unenforced_primary_key(MERGE_KEY)
+
+    def _ensure_curation_columns(self) -> None:
+        """Add the curation columns (all null: every row live) to a table made before them,
+        as one commit. Readers never need this: a table without them is all live."""
+        missing = [n for n in CURATION_FIELDS if n not in self._tbl.schema.names]
+        if not missing:
+            return
+        try:
+            self._tbl.add_columns(pa.schema([pa.field(n, CURATION_TYPES[n]) for n in missing]))
+        except Exception as e:
+            self._tbl.checkout_latest()
+            if any(n not in self._tbl.schema.names for n in missing):  # not another writer's
+                raise PoolError(
+                    f"cannot add curation columns to pool at {self.uri!r}: {one_line(e)}"
+                ) from None
+
+    def _curated(self, tbl: Any) -> bool:
+        """Whether ``tbl`` (a handle or a checked-out version) has the curation columns."""
+        return "excluded_chunk" in tbl.schema.names
 
     def _table_dim(self) -> int:
         field = self._tbl.schema.field("image_vec")
@@ -262,8 +297,14 @@ class DemoPool:
 
     # -- reading -------------------------------------------------------------------------
 
-    def view(self, run_id: str, before_chunk: int | None = None) -> PoolView:
-        """Rows of ``run_id`` with ``chunk < before_chunk`` (all rows if None), as a snapshot.
+    def view(
+        self, run_id: str, before_chunk: int | None = None, *, curated_before: int | None = None
+    ) -> PoolView:
+        """Live rows of ``run_id`` with ``chunk < before_chunk`` (all rows if None), as a
+        snapshot: the pool as chunk ``before_chunk`` saw it. Rows curated by a chunk before
+        ``curated_before`` (default ``before_chunk``; with both None, every curated row) are
+        left out, so ``view(r, c + 1, curated_before=c)`` is chunk c's pool after its
+        admissions, before its own curation.
 
         Served from the run's cache (loaded from LanceDB on first use); the result is the
         same whatever order the rows were written in.
@@ -275,11 +316,71 @@ class DemoPool:
                     return empty_view(self.dim)
                 self.dim = self._table_dim()
             self._check_foreign()
-            cache = self._caches.get(run_id)
-            if cache is None:
-                cache = self._load_cache(run_id)
-                self._caches[run_id] = cache
-            return cache.view(before_chunk)
+            return self._cache(run_id).view(before_chunk, curated_before=curated_before)
+
+    def _cache(self, run_id: str) -> RunCache:
+        cache = self._caches.get(run_id)
+        if cache is None:
+            cache = self._load_cache(run_id)
+            self._caches[run_id] = cache
+        return cache
+
+    def mark(self, run_id: str, *, chunk: int, reasons: dict[str, str]) -> int:
+        """Record chunk ``chunk``'s curation of ``run_id``: the rows of ``reasons`` (sample
+        id -> reason) leave selection at ``chunk``; rows an earlier attempt of the same chunk
+        (or a later chunk) marked that are not in ``reasons`` return to it. One commit per
+        reason that changes something (none when nothing changes); returns the latest
+        version. Marking again with the same ``reasons`` changes nothing."""
+        with self._lock:
+            tbl = self._require_table()
+            self._check_foreign()
+            if not self._curated(tbl):
+                with self._creation_lock():
+                    self._ensure_curation_columns()
+            cache = self._cache(run_id)
+            unknown = [sid for sid in reasons if sid not in cache.index]
+            if unknown:
+                raise PoolError(f"cannot curate {unknown[0]!r}: not in pool run {run_id!r}")
+            marks = cache.excluded
+            undo = [
+                str(sid)
+                for sid, at in zip(cache.ids[: cache.n], marks[: cache.n], strict=True)
+                if chunk <= at < LIVE and sid not in reasons
+            ]
+            by_reason: dict[str, list[str]] = {}
+            for sid, reason in sorted(reasons.items()):
+                if marks[cache.index[sid]] != chunk:
+                    by_reason.setdefault(reason, []).append(sid)
+            start = self.version()
+            commits = 0
+            try:
+                for reason, ids in by_reason.items():
+                    values = {"excluded_chunk": int(chunk), "excluded_reason": reason}
+                    tbl.update(where=self._keys_where(run_id, ids), values=values)
+                    commits += 1
+                if undo:
+                    nulls = {"excluded_chunk": "NULL", "excluded_reason": "NULL"}
+                    tbl.update(where=self._keys_where(run_id, undo), values_sql=nulls)
+                    commits += 1
+            except Exception as e:
+                self._caches.pop(run_id, None)  # reload what was written from the table
+                raise PoolError(f"pool curation failed at {self.uri!r}: {one_line(e)}") from None
+            cache.mark(
+                {
+                    **{sid: chunk for ids in by_reason.values() for sid in ids},
+                    **dict.fromkeys(undo, LIVE),
+                }
+            )
+            self._commits += commits
+            latest = self.version()
+            if latest != start + commits:
+                self._drop_stale_caches()
+            self._known_version = latest
+            return latest
+
+    @staticmethod
+    def _keys_where(run_id: str, ids: Sequence[str]) -> str:
+        return f"{MERGE_KEY} IN ({', '.join(_sql_str(row_key(run_id, s)) for s in ids)})"
 
     def fetch(
         self, ids: Sequence[str], run_id: str, with_vectors: bool = False
@@ -345,7 +446,8 @@ class DemoPool:
 
     def checkout(self, version: int | str, run_id: str | None = None) -> PoolView:
         """The pool table as it was at ``version`` (a number or a tag), read through a
-        separate read-only handle; rows of ``run_id`` only if given. Rows are ordered by
+        separate read-only handle: its live rows (curated ones left out), of ``run_id``
+        only if given. Rows are ordered by
         ``(run_id, chunk, stream_pos, sample_id)``; ``run_ids`` is filled."""
         self._require_table()
         try:
@@ -354,8 +456,11 @@ class DemoPool:
         except Exception as e:
             raise PoolError(f"cannot check out pool version {version!r}: {one_line(e)}") from None
         query = old.search().select(["run_id", *CACHE_COLUMNS]).limit(None)
-        if run_id is not None:
-            query = query.where(f"run_id = {_sql_str(run_id)}")
+        where = [] if run_id is None else [f"run_id = {_sql_str(run_id)}"]
+        if self._curated(old):
+            where.append("excluded_chunk IS NULL")
+        if where:
+            query = query.where(" AND ".join(where))
         t = query.to_arrow().sort_by(
             [
                 ("run_id", "ascending"),
@@ -392,13 +497,24 @@ class DemoPool:
             )
         return sorted(out, key=lambda v: v["version"])
 
-    def count(self, run_id: str | None = None) -> int:
-        """Rows in the pool (of ``run_id`` only if given), as of the latest version."""
+    def count(self, run_id: str | None = None, *, live: bool = False) -> int:
+        """Rows in the pool (of ``run_id`` only if given), as of the latest version; with
+        ``live``, only those left for selection (not curated)."""
         if self._tbl is None:
             return 0
-        if run_id is None:
+        where = [] if run_id is None else [f"run_id = {_sql_str(run_id)}"]
+        if live and self._curated(self._tbl):
+            where.append("excluded_chunk IS NULL")
+        if not where:
             return int(self._tbl.count_rows())
-        return int(self._tbl.count_rows(f"run_id = {_sql_str(run_id)}"))
+        return int(self._tbl.count_rows(" AND ".join(where)))
+
+    def curated(self, run_id: str) -> int:
+        """Rows of ``run_id`` curated out of selection, as of the latest version."""
+        if self._tbl is None or not self._curated(self._tbl):
+            return 0
+        where = f"run_id = {_sql_str(run_id)} AND excluded_chunk IS NOT NULL"
+        return int(self._tbl.count_rows(where))
 
     def fragment_count(self) -> int:
         """Data fragments in the latest version (compaction keeps this bounded)."""
@@ -412,9 +528,13 @@ class DemoPool:
         """A summary for inspection: size, per-run counts, label histogram, agreement
         statistics, versions and fragments (rows of ``run_id`` only, if given).
 
-        With ``through_chunk=c`` the rows counted are those added by chunks ``0..c``: a
-        run's pool as its chunk ``c+1`` saw it (upserts are idempotent, so a row's
-        ``chunk`` is the chunk that admitted it). Versions and fragments stay the latest.
+        ``rows`` counts every stored row; ``live`` those left for selection, which the
+        label histogram and agreement statistics describe; ``evicted`` and ``excluded``
+        those curation took out (for the cap, by the label audit; see
+        :mod:`icd.method.curation`). With ``through_chunk=c`` the rows counted are those
+        added by chunks ``0..c`` and curation by chunks ``0..c``: a run's pool as its chunk
+        ``c+1`` saw it (upserts are idempotent, so a row's ``chunk`` is the chunk that
+        admitted it). Versions and fragments stay the latest.
         """
         if self._tbl is None:
             return {"uri": self.uri, "table": self.table_name, "rows": 0, "dim": self.dim}
@@ -423,10 +543,17 @@ class DemoPool:
             where.append(f"run_id = {_sql_str(run_id)}")
         if through_chunk is not None:
             where.append(f"chunk <= {int(through_chunk)}")
-        query = self._tbl.search().select(["run_id", "label", "agreement"]).limit(None)
+        marks = ["excluded_chunk", "excluded_reason"] if self._curated(self._tbl) else []
+        query = self._tbl.search().select(["run_id", "label", "agreement", *marks]).limit(None)
         if where:
             query = query.where(" AND ".join(where))
-        t = query.to_arrow()
+        stored = query.to_arrow()
+        t, reasons = stored, Counter[str]()
+        if marks:
+            at = pc.fill_null(stored.column("excluded_chunk"), LIVE)
+            out = pc.less_equal(at, LIVE - 1 if through_chunk is None else int(through_chunk))
+            t = stored.filter(pc.invert(out))
+            reasons = Counter(stored.filter(out).column("excluded_reason").to_pylist())
         agreement = np.array(
             [a for a in t.column("agreement").to_pylist() if a is not None], dtype=float
         )
@@ -435,7 +562,10 @@ class DemoPool:
         return {
             "uri": self.uri,
             "table": self.table_name,
-            "rows": t.num_rows,
+            "rows": stored.num_rows,
+            "live": t.num_rows,
+            "evicted": sum(n for r, n in reasons.items() if r in EVICTION_REASONS),
+            "excluded": reasons.get(LABEL_AUDIT, 0),
             "dim": self.dim,
             "bytes": int(stats["total_bytes"]),
             "runs": dict(Counter(t.column("run_id").to_pylist()).most_common()),
@@ -463,10 +593,11 @@ class DemoPool:
         return self._tbl
 
     def _load_cache(self, run_id: str) -> RunCache:
+        marks = ["excluded_chunk"] if self._curated(self._tbl) else []
         t = (
             self._tbl.search()
             .where(f"run_id = {_sql_str(run_id)}")
-            .select(CACHE_COLUMNS)
+            .select([*CACHE_COLUMNS, *marks])
             .limit(None)
             .to_arrow()
         )
@@ -486,7 +617,8 @@ class DemoPool:
             self._rows.clear()
             self._row_bytes = 0
         for run_id in list(self._caches):
-            if self.count(run_id) != self._caches[run_id].n:
+            cache = self._caches[run_id]
+            if self.count(run_id) != cache.n or self.curated(run_id) != cache.marked():
                 del self._caches[run_id]
 
 
