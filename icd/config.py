@@ -122,6 +122,25 @@ class PolicyConfig(_Strict):
     warmup: int = Field(8, ge=0, description="First W samples queried unconditionally")
 
 
+class IclGateConfig(_Strict):
+    """Which samples get the student's second, in-context pass (docs/design.md §10)."""
+
+    mode: Literal["always", "uncertain"] = Field(
+        "always",
+        description="always: every sample not answered by the teacher (the paper); uncertain: "
+        "only those whose zero-shot uncertainty is high, the rest keep their zero-shot answer",
+    )
+    threshold: Literal["fixed", "adaptive"] = Field(
+        "adaptive",
+        description="fixed: ICL iff the uncertainty is above tau; adaptive: a running quantile "
+        "so that about icl_rate of the candidates get ICL (paced like the query policy)",
+    )
+    tau: float = Field(0.5, description="Fixed threshold on the zero-shot uncertainty")
+    icl_rate: float = Field(
+        0.5, ge=0.0, le=1.0, description="Adaptive: share of the candidates that get ICL"
+    )
+
+
 class VotingConfig(_Strict):
     """Teacher test-time scaling (docs/design.md §2.4)."""
 
@@ -222,6 +241,7 @@ class MethodConfig(_Strict):
         description="What gates teacher queries (random: the ungated baseline, same budget)",
     )
     policy: PolicyConfig = PolicyConfig()
+    icl_gate: IclGateConfig = IclGateConfig()
     voting: VotingConfig = VotingConfig()
     selection: SelectionConfig = SelectionConfig()
     finetune: FinetuneConfig = FinetuneConfig()

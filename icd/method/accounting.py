@@ -46,6 +46,7 @@ ADDITIVE: tuple[str, ...] = (
     "forward_score_sum",  # the teacher's labels where queried, else the zero-shot answer
     "icl_scored",  # samples answered from demonstrations
     "icl_score_sum",
+    "icl_prompts_saved",  # samples the ICL gate left with their zero-shot answer
     "queried",
     "accepted",
     "teacher_errors",
@@ -149,6 +150,7 @@ def chunk_metrics(
         if icl is not None:
             m["icl_scored"] += 1
             m["icl_score_sum"] += icl
+        m["icl_prompts_saved"] += bool(r.get("icl_gated"))
         if r.get("queried"):
             m["queried"] += 1
             m["accepted"] += bool(r.get("accepted"))
@@ -173,7 +175,8 @@ def merge_metrics(running: Mapping[str, Any] | None, chunk: Mapping[str, Any]) -
     minimum, ratios recomputed. ``running=None`` starts a run."""
     if running is None:
         return dict(chunk)
-    m: dict[str, Any] = {key: running[key] + chunk[key] for key in ADDITIVE}
+    # (.get: sums committed by an older version lack the sums added since)
+    m: dict[str, Any] = {key: running.get(key, 0) + chunk.get(key, 0) for key in ADDITIVE}
     mins = [x for x in (running.get("agreement_min"), chunk.get("agreement_min")) if x is not None]
     m["agreement_min"] = min(mins) if mins else None
     m.update(ratios(m))
@@ -307,7 +310,17 @@ def summarize(
         "run_id": totals.run_id if totals.run_id is not None else _first(df, "run_id"),
         "mode": totals.mode if totals.mode is not None else _first(df, "mode"),
         "dataset": totals.dataset if totals.dataset is not None else _first(df, "dataset"),
-        **{k: sums[k] for k in ("samples", "skipped", "queried", "accepted", "teacher_errors")},
+        **{
+            k: sums.get(k, 0)
+            for k in (
+                "samples",
+                "skipped",
+                "queried",
+                "accepted",
+                "teacher_errors",
+                "icl_prompts_saved",
+            )
+        },  # fmt: skip
         **ratios(sums),
         "accuracy_queried": _mean(valid.filter(pl.col("queried"))["score"]),
         "accuracy_not_queried": _mean(valid.filter(~pl.col("queried"))["score"]),
@@ -387,6 +400,7 @@ def _compute(valid: pl.DataFrame, totals: RunTotals) -> dict[str, float | None]:
         if c in valid.columns
     )
     inference = 2.0 * params * tokens if params else None
+    out_tokens = int(tokens)
     adapt_flops = float(adapt.get("flops", 0.0))
     return {
         "adapt_steps": int(adapt.get("steps", 0)),
@@ -395,6 +409,7 @@ def _compute(valid: pl.DataFrame, totals: RunTotals) -> dict[str, float | None]:
         "adapt_seconds": float(totals.seconds.get("adapt", 0.0)),
         "adapt_peak_rss_mb": adapt.get("peak_rss_mb"),
         "student_params": int(params),
+        "student_prompt_tokens": out_tokens,  # of every student pass, zero-shot and ICL
         "inference_flops": inference,
         "compute_flops": adapt_flops + inference if inference is not None else None,
     }

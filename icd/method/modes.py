@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from icd.config import MethodConfig, SelectionConfig, VotingConfig
+from icd.config import IclGateConfig, MethodConfig, SelectionConfig, VotingConfig
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ class Plan:
     - ``pool``: admitted annotations enter the demonstration pool.
     - ``icl``: how demonstrations answer: ``student`` (a second student pass with them in
       the prompt), ``demo_vote`` (their majority label) or ``none``; ``selection`` chooses
-      them.
+      them. ``icl_gate``: which of the samples the student pass would answer get it (None:
+      all of them; :mod:`icd.method.icl_gate`).
     - ``forward_labels``: a sample with a teacher label takes it as its final answer.
     - ``adapt``: LoRA steps on the pool after each chunk.
     """
@@ -117,6 +118,7 @@ class Plan:
     pool: bool
     icl: Literal["student", "demo_vote", "none"]
     selection: SelectionConfig
+    icl_gate: IclGateConfig | None
     forward_labels: bool
     adapt: bool
 
@@ -149,6 +151,8 @@ def plan(cfg: MethodConfig) -> Plan:
         pool=spec.use_pool,
         icl=icl,
         selection=selection_config(cfg),
+        # The gate saves student passes; a demo vote makes none.
+        icl_gate=cfg.icl_gate if icl == "student" and cfg.icl_gate.mode != "always" else None,
         forward_labels=spec.query_teacher and (spec.final_from_teacher or cfg.final_from_teacher),
         adapt=spec.adapt_student,
     )

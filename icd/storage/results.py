@@ -40,6 +40,7 @@ PREDICTION_SCHEMA = pl.Schema(
         "demo_labels": pl.List(pl.String),
         "demo_accuracy": pl.Float64,
         "icl_answer": pl.String,
+        "icl_gated": pl.Boolean,  # the ICL gate kept the zero-shot answer (no second pass)
         "icl_uncertainty": pl.Float64,
         "icl_prompt_tokens": pl.Int64,
         "student_error": pl.String,
@@ -65,6 +66,7 @@ NULLABLE = frozenset(
         "teacher_error",
         "demo_accuracy",
         "icl_answer",
+        "icl_gated",
         "icl_uncertainty",
         "icl_prompt_tokens",
         "student_error",

@@ -137,6 +137,7 @@ class ChunkWork:
     teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # the teacher on all
     service: dict[str, Any] = field(default_factory=dict)  # a remote teacher's accounting
     icl_rows: list[int] = field(default_factory=list)
+    icl_gated: list[int] = field(default_factory=list)  # kept their zero-shot answer (the gate)
     icl: Demonstrated | None = None
 
     @property
@@ -159,6 +160,7 @@ class ResumeState:
 
     next_chunk: int = 0
     policy: PolicyState = field(default_factory=PolicyState)
+    icl_gate: PolicyState = field(default_factory=PolicyState)  # the selective-ICL gate's
     counters: Counters = field(default_factory=Counters)
     running: dict[str, Any] | None = None  # merged sums and ratios of the committed chunks
     manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
@@ -198,6 +200,8 @@ class ResumeState:
         state.counters.update(last["counters"])
         state.next_chunk = last["chunk"] + 1
         state.policy = PolicyState.from_dict(last["policy_state"])
+        if "icl_gate_state" in last:
+            state.icl_gate = PolicyState.from_dict(last["icl_gate_state"])
         state.running = last["running"]
         state.manifest = dict(last["manifest"])
         state.books.seconds.update(last["seconds"])
@@ -218,6 +222,7 @@ class ResumeState:
             {
                 "samples_seen": self.counters["samples_seen"],
                 "policy_state": self.policy.to_dict(),
+                "icl_gate_state": self.icl_gate.to_dict(),
                 "counters": dict(self.counters),
                 "running": self.running,
                 "manifest": self.manifest,

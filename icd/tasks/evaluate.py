@@ -33,6 +33,7 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
     finals = steps.final_answers(
         ctx.plan, work.zs_answers, icl_answers=icl_answers, votes=votes, teacher_zs=teacher_zs
     )
+    gated = set(work.icl_gated)
     records: list[dict[str, Any]] = []
     valid = iter(range(n))
     for s in work.chunk.samples:
@@ -71,6 +72,7 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
                 demo_labels=demo_labels,
                 demo_accuracy=_demo_accuracy(ctx, demo_labels, s.answers),
                 icl_answer=icl_answers[i],
+                icl_gated=i in gated,
                 icl_uncertainty=from_icl("uncertainties", i),
                 icl_prompt_tokens=from_icl("prompt_tokens", i),
                 student_error=(work.student_errors[i] if work.student_errors else None)

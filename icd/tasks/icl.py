@@ -14,6 +14,7 @@ from PIL import Image
 from icd.data.images import image_id, load_image
 from icd.data.types import Chunk
 from icd.method import steps
+from icd.method.icl_gate import gate_icl
 from icd.method.prompts import build_prompt
 from icd.models import counting_image_cache, load_embedder, load_student
 from icd.storage.pool import PoolView
@@ -156,12 +157,17 @@ def run(
     view: PoolView | None,
 ) -> None:
     """Answer, with demonstrations chosen from ``view``, the samples whose final answer
-    needs them (not those that take their teacher label)."""
+    needs them (not those that take their teacher label, nor those the ICL gate leaves
+    with their zero-shot answer)."""
     if view is None:
         return
     votes = [work.votes.get(s.sample_id) for s in work.valid]
     need = steps.icl_mask(votes, forward_labels=ctx.plan.forward_labels)
     work.icl_rows = [i for i, n in enumerate(need) if n]
+    if ctx.plan.icl_gate is not None:  # the confident ones keep their zero-shot answer
+        work.icl_rows, work.icl_gated, state.icl_gate = gate_icl(
+            work.icl_rows, work.zs_unc, state=state.icl_gate, gate=ctx.plan.icl_gate
+        )
     done = runner.now(
         icl,
         ctx=ctx,

@@ -39,6 +39,7 @@ CONTRACT_COLUMNS = [
     "demo_labels",
     "demo_accuracy",
     "icl_answer",
+    "icl_gated",
     "icl_uncertainty",
     "icl_prompt_tokens",
     "student_error",
