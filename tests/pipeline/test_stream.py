@@ -248,6 +248,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
         "pipeline.cache=false",
         "method.policy.budget=0.1",
         f"method.mode={mode}",
+        # ICD with the selective-ICL gate: its state is resumed like the query policy's.
+        *(["method.icl_gate.mode=uncertain"] if mode == "icd" else []),
     ]
     reference = _run(tmp_path / "ref", "ref", *sets)
     ref_df = pl.read_parquet(Path(reference["run_dir"]) / "predictions.parquet")
@@ -291,10 +293,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
         "teacher_label",
         "accepted",
         "demo_ids",
+        "icl_gated",
         "final_answer",
         "score",
     ]
     assert df.select(cols).equals(ref_df.select(cols))
+    if mode == "icd":
+        assert 0 < df["icl_gated"].sum() < df.height
     # No teacher call twice, and as many as the uninterrupted run made.
     calls = _ledger_calls(root / "runs" / "victim")
     assert max(calls.values(), default=1) == 1
