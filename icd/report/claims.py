@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from icd.method.metrics import score
 from icd.report.tables import mean_std
 
 CLAIMS_SUITE = "claims"
@@ -49,9 +48,9 @@ class Stat:
 
 
 def run_metrics(summary_row: dict, *, novel: Sequence[str] | None) -> dict[str, float]:
-    """Metrics of one run: its summary's plus what the claims read off its predictions —
-    ``queried_novel_share`` (share of teacher-queried samples of a novel class) and
-    ``pool_precision`` (share of labels admitted to the pool that are right)."""
+    """Metrics of one run: its summary's (``pool_precision`` among them: the share of the
+    pool's selectable labels that are right) plus what the claims read off its predictions:
+    ``queried_novel_share`` (share of teacher-queried samples of a novel class)."""
     out = {k: v for k, v in summary_row.items() if isinstance(v, float)}
     path = Path(summary_row["run_dir"] or "") / "predictions.parquet"
     if not path.exists():
@@ -62,20 +61,6 @@ def run_metrics(summary_row: dict, *, novel: Sequence[str] | None) -> dict[str, 
         novel_set = set(novel)
         out["queried_novel_share"] = float(
             np.mean([a[0] in novel_set for a in queried["answers"].to_list()])
-        )
-    admitted = queried.filter(pl.col("accepted"))
-    if len(admitted):
-        out["pool_precision"] = float(
-            np.mean(
-                [
-                    score(label, answers, "classification")
-                    for label, answers in zip(
-                        admitted["teacher_label"].to_list(),
-                        admitted["answers"].to_list(),
-                        strict=True,
-                    )
-                ]
-            )
         )
     return out
 

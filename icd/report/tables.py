@@ -29,6 +29,7 @@ METRICS: tuple[str, ...] = (
     "teacher_answers_used",
     "teacher_errors",
     "pool_size",
+    "pool_precision",
     "mean_agreement",
     "demo_accuracy",
     "seconds",
@@ -42,6 +43,9 @@ METRICS: tuple[str, ...] = (
     "adapt_flops",
     "inference_flops",
     "compute_flops",
+    "icl_prompts",
+    "icl_prompts_saved",
+    "student_prompt_tokens",
 )
 
 # Columns identifying one benchmark setting (one row of the comparison table).
@@ -199,6 +203,7 @@ _MD_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("teacher answers used", "teacher_answers_used", "num"),
     ("made by the run", "teacher_calls", "num"),
     ("pool size", "pool_size", "num"),
+    ("pool precision %", "pool_precision", "pct"),
     ("agreement %", "mean_agreement", "pct"),
     ("demo accuracy %", "demo_accuracy", "pct"),
     ("seconds", "seconds", "num"),
