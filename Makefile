@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint clean mlflow-ui smoke-report
+.PHONY: run test install lint clean mlflow-ui smoke-report compute-report
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ smoke-report: $(STAMP)
 	mkdir -p docs/smoke
 	cp .icd/smoke-report/benchmarks/smoke-report/comparison.md docs/smoke/comparison.md
 	cp .icd/smoke-report/benchmarks/smoke-report/report/accuracy_vs_annotation.png docs/smoke/
+
+compute-report: $(STAMP)
+	rm -rf .icd/compute-report
+	$(BIN)/icd benchmark compute --id compute-report --set storage.root=$(CURDIR)/.icd/compute-report
+	mkdir -p docs/compute
+	cp .icd/compute-report/benchmarks/compute-report/comparison.md docs/compute/comparison.md
+	cp .icd/compute-report/benchmarks/compute-report/report/accuracy_vs_compute.png docs/compute/
 
 lint: $(STAMP)
 	$(BIN)/ruff format icd tests

@@ -206,8 +206,12 @@ _MD_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("pool precision %", "pool_precision", "pct"),
     ("agreement %", "mean_agreement", "pct"),
     ("demo accuracy %", "demo_accuracy", "pct"),
+    ("ICL prompts saved", "icl_prompts_saved", "num"),
+    ("student GFLOPs", "compute_flops", "giga"),
     ("seconds", "seconds", "num"),
 )
+# Columns left out of a table in which no row has a non-zero value (a feature not in use).
+_ONLY_WHEN_USED = frozenset({"icl_prompts_saved"})
 
 
 def fmt_pct(x: Any) -> str:
@@ -221,10 +225,11 @@ def fmt_count(x: Any) -> str:
 
 
 def mean_std(mean: float | None, std: float | None, kind: str = "num") -> str:
-    """Format ``mean ± std`` ("pct" scales by 100, one decimal); "–" when the mean is missing."""
+    """Format ``mean ± std`` ("pct" scales by 100, "giga" by 1e-9; one decimal); "–" when
+    the mean is missing."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    scale, fmt = (100.0, "{:.1f}") if kind == "pct" else (1.0, "{:.1f}")
+    scale, fmt = {"pct": (100.0, "{:.1f}"), "giga": (1e-9, "{:.1f}")}.get(kind, (1.0, "{:.1f}"))
     text = fmt.format(mean * scale)
     if std is not None and not math.isnan(std):
         text += " ± " + fmt.format(std * scale)
@@ -234,12 +239,17 @@ def mean_std(mean: float | None, std: float | None, kind: str = "num") -> str:
 def comparison_rows(table: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of a comparison table (shared by markdown and HTML). A
     metric column no row has a value for (e.g. ``novel %`` on a dataset without class
-    groups) is left out."""
-    columns = [
-        (h, m, kind)
-        for h, m, kind in _MD_COLUMNS
-        if f"{m}_mean" in table.columns and table[f"{m}_mean"].is_not_null().any()
-    ]
+    groups), or no non-zero one for a feature not in use (ICL prompts saved), is left out."""
+
+    def shown(m: str) -> bool:
+        col = f"{m}_mean"
+        if col not in table.columns:
+            return False
+        if m in _ONLY_WHEN_USED:
+            return bool((table[col].fill_null(0) != 0).any())
+        return bool(table[col].is_not_null().any())
+
+    columns = [(h, m, kind) for h, m, kind in _MD_COLUMNS if shown(m)]
     header = ["dataset", "mode", "budget ρ", "seeds", "samples"] + [h for h, _, _ in columns]
     rows: list[list[str]] = []
     for r in table.iter_rows(named=True):
