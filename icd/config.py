@@ -155,7 +155,7 @@ class SelectionConfig(_Strict):
         description="Pool rows from which rices/combined/cascade rank an approximate index's "
         "shortlist (icd.storage.pool.ann); below it, and with None or 0, selection is exact",
     )
-    ann_nprobe: int = Field(32, ge=1, description="Index lists searched per query")
+    ann_nprobe: int = Field(64, ge=1, description="Index lists searched per query")
     ann_retrain_growth: float = Field(
         2.0, gt=1.0, description="Retrain the index's clusters when the pool grows this much"
     )
