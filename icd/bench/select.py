@@ -352,7 +352,7 @@ def _ann_size(
     def approx(cfg: SelectionConfig) -> Callable[[], list[np.ndarray]]:
         def run() -> list[np.ndarray]:
             cand = ann.candidates(view, q_img, q_txt, cfg, registry=registry)
-            return select_demos(q_img, q_txt, img, txt, codes, cfg, seed, ids, cand)
+            return select_demos(q_img, q_txt, img, txt, codes, cfg, seed, ids, candidates=cand)
 
         return run
 

@@ -409,6 +409,7 @@ def select_demos(
     cfg: SelectionConfig,
     seed: int = 0,
     query_ids: Sequence[str] | None = None,
+    *,
     candidates: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """For each of the B queries, the pool rows to show as demos, ordered for the prompt.

@@ -144,7 +144,7 @@ def choose_demos(
     :func:`icd.method.selection.select_demos`."""
     return select_demos(
         query_img, query_txt, pool_img, pool_txt, pool_labels, selection, seed, query_ids,
-        candidates,
+        candidates=candidates,
     )  # fmt: skip
 
 
