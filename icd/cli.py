@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -583,14 +583,40 @@ def pool_inspect(
 @bench_app.command("select")
 def bench_select(
     quick: Annotated[bool, typer.Option(help="Small pool sizes (seconds, not minutes).")] = False,
+    sizes: Annotated[
+        list[int] | None, typer.Option("--size", help="LanceDB pool size (repeatable).")
+    ] = None,
+    ann_sizes: Annotated[
+        list[int] | None, typer.Option("--ann-size", help="ANN section pool size (repeatable).")
+    ] = None,
+    ann_data: Annotated[
+        list[str] | None, typer.Option(help="ANN section data: random, clustered (repeatable).")
+    ] = None,
+    ann_min_rows: Annotated[
+        int | None, typer.Option(help="ANN threshold (default: min(config default, size)).")
+    ] = None,
+    pool: Annotated[bool, typer.Option(help="Run the LanceDB pool section.")] = True,
+    ann: Annotated[bool, typer.Option(help="Run the ANN section.")] = True,
 ) -> None:
-    """Demonstration selection speed against numpy brute force.
+    """Demonstration selection speed against numpy brute force, and approximate selection.
 
     Selection ms/query at pool sizes 1k/10k/100k; upsert ms/row; fragment count after 100
-    chunk commits."""
-    from icd.bench.select import print_select_bench, run_select_bench
+    chunk commits. ANN section: recall@k against exact selection, ms/query against the
+    exact path, index build time and memory at 100k and 1M rows, random and clustered."""
+    from icd.bench import select
 
-    print_select_bench(run_select_bench(quick=quick))
+    if pool:
+        kw = {"sizes": tuple(sizes)} if sizes else {}
+        select.print_select_bench(select.run_select_bench(quick=quick, **kw))
+    if ann:
+        opts: dict[str, Any] = {"ann_min_rows": ann_min_rows}
+        if quick:
+            opts |= {"sizes": (2_000,), "dim": 64, "budget_s": 0.05, "min_rounds": 2}
+        if ann_sizes:
+            opts["sizes"] = tuple(ann_sizes)
+        if ann_data:
+            opts["data"] = tuple(ann_data)
+        select.print_ann_bench(select.run_ann_bench(**opts))
 
 
 @bench_app.command("overhead")

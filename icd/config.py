@@ -168,6 +168,16 @@ class SelectionConfig(_Strict):
     shortlist: int = Field(32, ge=1, description="Cascade: K_it rows shortlisted by image→text")
     per_label_cap: int | None = Field(None, ge=1, description="At most m demos per label")
     most_similar_last: bool = True
+    ann_min_rows: int | None = Field(
+        200_000,
+        ge=0,
+        description="Pool rows from which rices/combined/cascade rank an approximate index's "
+        "shortlist (icd.storage.pool.ann); below it, and with None or 0, selection is exact",
+    )
+    ann_nprobe: int = Field(64, ge=1, description="Index lists searched per query")
+    ann_retrain_growth: float = Field(
+        2.0, gt=1.0, description="Retrain the index's clusters when the pool grows this much"
+    )
 
 
 class FinetuneConfig(_Strict):

@@ -12,6 +12,14 @@ every path alike, it times per query (batches of ``batch`` queries):
   with numpy directly (two matmuls) plus ``argpartition``;
 - ``lancedb``: LanceDB's batched flat vector search on the same table, for reference.
 
+The ANN section (:func:`run_ann_bench`) measures approximate selection
+(:mod:`icd.storage.pool.ann`) on in-memory views of ``random`` unit vectors (the worst case
+for an index) and ``clustered`` ones (a mixture of Gaussian clusters, each cluster one
+label, as real embeddings are): recall@k of the demos against exact selection for
+``rices``, ``combined`` and ``cascade``; ms per query of ``rices`` and ``combined`` through
+the index against the exact path and numpy brute force, interleaved round by round; the
+index's build time (train + add), its size and the process RSS it added.
+
 It also reports the cold cache load (first view of a fresh handle), the upsert cost per row
 for 64-row chunk commits, and the fragment count after ``commits`` chunk commits without
 compaction and with compaction every ``compact_every`` commits.
@@ -245,6 +253,236 @@ def run_select_bench(
                 _bench_size(Path(tmp), size, dim, batch, k, commits, compact_every, budget_s, seed)
             )
     return pl.DataFrame(rows)
+
+
+def _ann_data(
+    kind: str, rng: np.random.Generator, n: int, dim: int, n_clusters: int = 1_000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Callable[[int], tuple[np.ndarray, np.ndarray]]]:
+    """Pool ``(image_vecs, label_vecs, labels)`` of ``kind`` and a query maker (images and
+    student-answer texts drawn like the pool's). ``random``: every vector uniform on the
+    sphere, one label per row. ``clustered``: image vectors scattered around ``n_clusters``
+    centres (cosine ≈ 0.86 to their centre), each cluster one label whose text vector its
+    rows share."""
+    if kind == "random":
+        labels = np.arange(n)
+        img, txt = _unit(rng, n, dim), _unit(rng, n, dim)
+
+        def queries(b: int) -> tuple[np.ndarray, np.ndarray]:
+            return _unit(rng, b, dim), _unit(rng, b, dim)
+
+        return img, txt, labels, queries
+    if kind != "clustered":
+        raise ValueError(f"unknown ANN bench data {kind!r}")
+    centres, label_txt = _unit(rng, n_clusters, dim), _unit(rng, n_clusters, dim)
+    spread = np.float32(0.6 / np.sqrt(dim))
+
+    def around(cl: np.ndarray) -> np.ndarray:
+        x = centres[cl] + rng.standard_normal((len(cl), dim), dtype=np.float32) * spread
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    labels = rng.integers(0, n_clusters, n)
+    img = np.empty((n, dim), dtype=np.float32)
+    for lo in range(0, n, 100_000):
+        img[lo : lo + 100_000] = around(labels[lo : lo + 100_000])
+    txt = label_txt[labels]
+
+    def queries(b: int) -> tuple[np.ndarray, np.ndarray]:
+        cl = rng.integers(0, n_clusters, b)
+        return around(cl), label_txt[cl]
+
+    return img, txt, labels, queries
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _recall(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """Mean over queries of |approximate demos ∩ exact demos| / |exact demos|."""
+    return float(
+        np.mean([len(set(g) & set(w)) / max(1, len(w)) for g, w in zip(got, want, strict=True)])
+    )
+
+
+def _ann_size(
+    kind: str,
+    size: int,
+    *,
+    dim: int,
+    batch: int,
+    k: int,
+    ann_min_rows: int,
+    nprobe: int,
+    budget_s: float,
+    min_rounds: int,
+    seed: int,
+) -> dict[str, Any]:
+    from icd.storage.pool import ann
+    from icd.storage.pool.index import PoolView
+
+    rng = np.random.default_rng(seed)
+    img, txt, codes, make_queries = _ann_data(kind, rng, size, dim)
+    view = PoolView(
+        ids=np.array([f"s{i:07d}" for i in range(size)], dtype=object),
+        image_vecs=img,
+        label_vecs=txt,
+        labels=codes,
+        chunk=np.arange(size) // 64,
+        stream_pos=np.arange(size),
+    )
+    q_img, q_txt = make_queries(batch)
+    ids = [f"q{i}" for i in range(batch)]
+    opts = {"k": k, "ann_min_rows": ann_min_rows, "ann_nprobe": nprobe}
+    cfgs = {s: SelectionConfig(strategy=s, **opts) for s in ("rices", "combined", "cascade")}
+
+    registry = ann.IndexRegistry()
+    rss0 = _rss_bytes()
+    entry = registry.get(view, cfgs["rices"])
+    rss_mb = (_rss_bytes() - rss0) / 2**20
+
+    def exact(cfg: SelectionConfig) -> Callable[[], list[np.ndarray]]:
+        def run() -> list[np.ndarray]:
+            return select_demos(q_img, q_txt, img, txt, codes, cfg, seed, ids)
+
+        return run
+
+    def approx(cfg: SelectionConfig) -> Callable[[], list[np.ndarray]]:
+        def run() -> list[np.ndarray]:
+            cand = ann.candidates(view, q_img, q_txt, cfg, registry=registry)
+            return select_demos(q_img, q_txt, img, txt, codes, cfg, seed, ids, candidates=cand)
+
+        return run
+
+    row: dict[str, Any] = {
+        "data": kind,
+        "pool_size": size,
+        "trained_on": entry.trained_on,
+        "lists": entry.lists,
+        "nprobe": nprobe,
+        "k": k,
+        "build_s": entry.build_s,
+        "index_mb": entry.nbytes() / 2**20,
+        "rss_mb": rss_mb,
+        "pool_mb": (img.nbytes + txt.nbytes) / 2**20,
+    }
+    for name, cfg in cfgs.items():
+        row[f"{name}_recall"] = _recall(approx(cfg)(), exact(cfg)())
+
+    def brute() -> np.ndarray:
+        return _brute_topk(q_img @ img.T, k)
+
+    secs = _time_rounds(
+        {
+            "brute": brute,
+            "rices_exact": exact(cfgs["rices"]),
+            "rices_ann": approx(cfgs["rices"]),
+            "combined_exact": exact(cfgs["combined"]),
+            "combined_ann": approx(cfgs["combined"]),
+        },
+        budget_s,
+        min_rounds=min_rounds,
+    )
+    for name, ts in secs.items():
+        row[f"{name}_ms"] = float(np.median(ts)) * 1e3 / batch
+    for name in ("rices", "combined"):
+        row[f"{name}_ratio"] = _paired_ratio(secs[f"{name}_ann"], secs[f"{name}_exact"])
+        row[f"{name}_vs_brute"] = _paired_ratio(secs[f"{name}_ann"], secs["brute"])
+    row["rounds"] = len(secs["brute"])
+    return row
+
+
+def run_ann_bench(
+    sizes: tuple[int, ...] = (100_000, 1_000_000),
+    data: tuple[str, ...] = ("random", "clustered"),
+    dim: int = 512,
+    batch: int = 64,
+    k: int = 4,
+    ann_min_rows: int | None = None,
+    nprobe: int | None = None,
+    budget_s: float = 1.0,
+    min_rounds: int = 5,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Approximate selection against exact selection, one row per (data, pool size).
+
+    ``ann_min_rows`` None takes the smaller of the configured default and the pool size (so
+    the index is used at every size: trained on the whole pool below the default, on the
+    last point of the retraining schedule above it); ``nprobe`` None the configured default.
+    Ratios compare paths timed in the same run (see the module doc)."""
+    defaults = SelectionConfig()
+    rows = []
+    for kind in data:
+        for size in sizes:
+            rows.append(
+                _ann_size(
+                    kind,
+                    size,
+                    dim=dim,
+                    batch=batch,
+                    k=k,
+                    ann_min_rows=ann_min_rows or min(int(defaults.ann_min_rows or size), size),
+                    nprobe=nprobe or defaults.ann_nprobe,
+                    budget_s=budget_s,
+                    min_rounds=min_rounds,
+                    seed=seed,
+                )
+            )
+    return pl.DataFrame(rows)
+
+
+def print_ann_bench(df: pl.DataFrame, console: Any = None) -> None:
+    """Print the ANN section: recall@k against exact selection, ms per query and the ratio
+    to the exact path (and to numpy brute force) timed in the same run, build and memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(Console().width, 120))
+    k = int(df["k"][0]) if len(df) else 0
+    t = Table(title=f"Approximate selection (faiss IVF) against exact: recall@{k}, ms per query")
+    for col in (
+        "data",
+        "pool",
+        "lists/nprobe",
+        "recall rices",
+        "combined",
+        "cascade",
+        "brute ms",
+        "rices ann ms",
+        "× exact",
+        "combined ann ms",
+        "× exact",
+        "build s",
+        "index MB",
+        "RSS +MB",
+    ):
+        t.add_column(col, justify="right")
+    for r in df.iter_rows(named=True):
+        t.add_row(
+            r["data"],
+            f"{r['pool_size']:,}",
+            f"{r['lists']}/{r['nprobe']}",
+            f"{r['rices_recall']:.3f}",
+            f"{r['combined_recall']:.3f}",
+            f"{r['cascade_recall']:.3f}",
+            f"{r['brute_ms']:.3f}",
+            f"{r['rices_ann_ms']:.3f}",
+            f"{r['rices_ratio']:.3f}",
+            f"{r['combined_ann_ms']:.3f}",
+            f"{r['combined_ratio']:.3f}",
+            f"{r['build_s']:.1f}",
+            f"{r['index_mb']:.0f}",
+            f"{r['rss_mb']:.0f}",
+        )
+    console.print(t)
+    console.print(
+        "recall = share of the exact demos the index path picks; × exact = median of "
+        "per-round paired ratios to the exact path (select_demos over the whole view; "
+        "brute ms = numpy image→image matmul + argpartition); build = train on the "
+        "retraining point's sample + add every row."
+    )
 
 
 def print_select_bench(df: pl.DataFrame) -> None:

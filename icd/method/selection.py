@@ -30,6 +30,13 @@ respects it. Fewer than k rows come back only when the pool (under the cap) has 
 Returned indices are ordered for the prompt: with ``cfg.most_similar_last`` the best demo
 comes last, nearest the query (``random`` keeps its draw order).
 
+Big pools: ``rices``, ``combined`` and ``cascade`` can rank a shortlist per query instead of
+the whole pool (``candidates`` of :func:`select_demos`). Each of their first-stage scores is
+one inner product of a joint query with the joint pool row ``[img_d | txt_d]``
+(:func:`ann_query`), so one inner-product index over the joint rows shortlists for all three;
+the shortlist (:func:`ann_candidate_count` rows) is then ranked exactly, by the rules below.
+The index itself lives in :mod:`icd.storage.pool.ann`.
+
 Cost: one ``[B, D] × [D, P]`` matmul per pool matrix read (the image→text and text→text terms
 share one), an ``argpartition`` for the top candidates, sorting only those. With a cap, rows
 whose first ``max(4k, k + 16)`` candidates cannot fill k slots fall back to a per-label
@@ -300,6 +307,99 @@ def _select_cascade(
     return out
 
 
+# Strategies that may rank an approximate index's shortlist instead of the whole pool.
+ANN_STRATEGIES = ("rices", "combined", "cascade")
+# Cascade stage 1 through the index: image→text, with image→image as a faint tie-breaker
+# (rows of one label share one label vector, so their image→text scores tie).
+_CASCADE_TIE = 1e-3
+
+
+def ann_applies(cfg: SelectionConfig) -> bool:
+    """True when ``cfg`` may rank an index's shortlist: a strategy of :data:`ANN_STRATEGIES`
+    with k > 0, except ``cascade`` under a per-label cap (its stage-1 shortlist spreads over
+    many labels, which a shortlist of nearest rows does not reach: it stays exact)."""
+    if cfg.strategy not in ANN_STRATEGIES or cfg.k == 0:
+        return False
+    return not (cfg.strategy == "cascade" and cfg.per_label_cap is not None)
+
+
+def ann_query(
+    query_img: np.ndarray, query_txt: np.ndarray | None, cfg: SelectionConfig
+) -> np.ndarray:
+    """The ``[B, 2D]`` queries for an inner-product index over joint pool rows
+    ``[image_vec | label_vec]``: ``q · [img_d | txt_d]`` is the score the strategy ranks by
+    (``rices``: image→image; ``combined``: the weighted sum, its text→text term dropped when
+    ``query_txt`` is None; ``cascade``: its stage-1 image→text score, ties leaning to
+    image→image). Raises ``ValueError`` for a strategy not in :data:`ANN_STRATEGIES`."""
+    qi = _f32(query_img, "query_img")
+    qt = _f32(query_txt, "query_txt")
+    if cfg.strategy == "cascade":
+        w_ii, w_it, w_tt = _CASCADE_TIE, 1.0, 0.0
+    elif cfg.strategy in ANN_STRATEGIES:
+        w_ii, w_it, w_tt = strategy_weights(cfg)
+    else:
+        raise ValueError(f"strategy {cfg.strategy!r} does not select through an index")
+    txt = qi * np.float32(w_it)
+    if w_tt and qt is not None:
+        txt = txt + qt * np.float32(w_tt)
+    return np.ascontiguousarray(np.hstack([qi * np.float32(w_ii), txt]), dtype=np.float32)
+
+
+def ann_candidate_count(cfg: SelectionConfig) -> int:
+    """How many rows per query an approximate index should shortlist for ``cfg``: enough that
+    the exact ranking of the shortlist (:func:`select_demos` with ``candidates``) finds the
+    same k demos as the whole pool would, with room for the per-label cap."""
+    first = max(cfg.shortlist, cfg.k) if cfg.strategy == "cascade" else cfg.k
+    c = max(8 * first, first + 32)
+    return 2 * c if cfg.per_label_cap is not None else c
+
+
+def _select_scored(
+    qi: np.ndarray,
+    qt: np.ndarray | None,
+    pi: np.ndarray,
+    pt: np.ndarray,
+    labels: _LabelCodes,
+    cfg: SelectionConfig,
+) -> list[np.ndarray]:
+    """Best-first picks of a scored strategy (no prompt ordering yet)."""
+    if cfg.strategy == "cascade":
+        return _select_cascade(qi, qt, pi, pt, labels, cfg)
+    s = _weighted(strategy_weights(cfg), qi, qt, pi, pt)
+    return [row.astype(np.int64) for row in _ranked(s, None, cfg.k, labels, cfg.per_label_cap)]
+
+
+def _select_among(
+    qi: np.ndarray,
+    qt: np.ndarray | None,
+    pi: np.ndarray,
+    pt: np.ndarray,
+    labels: _LabelCodes,
+    cfg: SelectionConfig,
+    candidates: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """Per query, the exact ranking restricted to its candidate rows; a query whose
+    candidates cannot fill k slots (under the cap) is ranked over the whole pool."""
+    n_pool = pi.shape[0]
+    out: list[np.ndarray] = []
+    short: list[int] = []
+    for b, cand in enumerate(candidates):
+        rows = np.unique(np.asarray(cand, dtype=np.int64))  # ascending: ties go to the lower row
+        rows = rows[(rows >= 0) & (rows < n_pool)]
+        sub = _LabelCodes(labels.of(rows)) if cfg.per_label_cap is not None else labels
+        q_txt = None if qt is None else qt[b : b + 1]
+        picked = _select_scored(qi[b : b + 1], q_txt, pi[rows], pt[rows], sub, cfg)[0]
+        out.append(rows[picked])
+        if len(picked) < cfg.k and len(rows) < n_pool:
+            short.append(b)
+    if short:
+        q_txt = None if qt is None else qt[short]
+        exact = _select_scored(qi[short], q_txt, pi, pt, labels, cfg)
+        for b, picked in zip(short, exact, strict=True):
+            out[b] = picked
+    return out
+
+
 def select_demos(
     query_img: np.ndarray,
     query_txt: np.ndarray | None,
@@ -309,6 +409,8 @@ def select_demos(
     cfg: SelectionConfig,
     seed: int = 0,
     query_ids: Sequence[str] | None = None,
+    *,
+    candidates: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """For each of the B queries, the pool rows to show as demos, ordered for the prompt.
 
@@ -318,6 +420,12 @@ def select_demos(
     row number in the batch when None). ``pool_labels`` may be strings or integer label
     codes (equal code = equal label; only read when a per-label cap is set). Raises
     ``ValueError`` on mismatched shapes.
+
+    ``candidates`` (one array of pool rows per query, e.g. an approximate index's shortlist;
+    ignored by ``random``) restricts each query's ranking to those rows: the demos are the
+    exact ranking of the candidates under the same rules and tie-breaks, so they equal the
+    whole pool's whenever the candidates hold its best rows. A query whose candidates give
+    fewer than k demos is ranked over the whole pool instead.
     """
     qi = _f32(query_img, "query_img")
     qt = _f32(query_txt, "query_txt")
@@ -329,6 +437,8 @@ def select_demos(
         raise ValueError("query_txt must have one row per query")
     if query_ids is not None and len(query_ids) != n_queries:
         raise ValueError("query_ids must have one id per query")
+    if candidates is not None and len(candidates) != n_queries:
+        raise ValueError("candidates must have one row array per query")
     k = cfg.k
     if k == 0 or n_pool == 0 or n_queries == 0:
         return [np.zeros(0, dtype=np.int64) for _ in range(n_queries)]
@@ -346,11 +456,10 @@ def select_demos(
     if cfg.strategy == "random":
         ids = list(query_ids) if query_ids is not None else [str(b) for b in range(n_queries)]
         return _select_random(n_pool, labels, k, cfg.per_label_cap, seed, ids)
-    if cfg.strategy == "cascade":
-        picked = _select_cascade(qi, qt, pi, pt, labels, cfg)
+    if candidates is not None:
+        picked = _select_among(qi, qt, pi, pt, labels, cfg, candidates)
     else:
-        s = _weighted(strategy_weights(cfg), qi, qt, pi, pt)
-        picked = [row.astype(np.int64) for row in _ranked(s, None, k, labels, cfg.per_label_cap)]
+        picked = _select_scored(qi, qt, pi, pt, labels, cfg)
     if cfg.most_similar_last:
         picked = [row[::-1].copy() for row in picked]
     return picked

@@ -137,12 +137,15 @@ def choose_demos(
     selection: SelectionConfig,
     seed: int,
     query_ids: Sequence[str] | None = None,
+    candidates: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Demo pool rows for each query row (ordered for the prompt) by ``selection``; see
+    """Demo pool rows for each query row (ordered for the prompt) by ``selection``, ranked
+    among each query's ``candidates`` when given (an approximate index's shortlist); see
     :func:`icd.method.selection.select_demos`."""
     return select_demos(
-        query_img, query_txt, pool_img, pool_txt, pool_labels, selection, seed, query_ids
-    )
+        query_img, query_txt, pool_img, pool_txt, pool_labels, selection, seed, query_ids,
+        candidates=candidates,
+    )  # fmt: skip
 
 
 def demo_vote(labels: Sequence[str], *, most_similar_last: bool = True) -> str | None:

@@ -17,7 +17,7 @@ from icd.method import steps
 from icd.method.icl_gate import gate_icl
 from icd.method.prompts import build_prompt
 from icd.models import counting_image_cache, load_embedder, load_student
-from icd.storage.pool import PoolView
+from icd.storage.pool import PoolView, ann
 from icd.tasks.base import MODEL_RETRIES, finite_or_none, open_pool, stage, stage_cache
 from icd.tasks.context import ChunkWork, ResumeState, RunContext
 from icd.tasks.runner import Runner
@@ -100,6 +100,8 @@ def icl(
     if steps.needs_query_text(plan.selection, pool_size=len(view)):
         embedder = load_embedder(ctx.cfg.models.embedder)
         query_txt = embedder.embed_texts([zs_answers[i] or "" for i in rows])
+    # Past selection.ann_min_rows rows: rank an approximate index's shortlist (else None).
+    shortlist = ann.candidates(view, image_vecs[rows], query_txt, plan.selection)
     chosen = steps.choose_demos(
         image_vecs[rows],
         query_txt,
@@ -109,6 +111,7 @@ def icl(
         selection=plan.selection,
         seed=ctx.cfg.seed,
         query_ids=[s.sample_id for s in valid],
+        candidates=shortlist,
     )
     demo_ids = [[str(view.ids[j]) for j in idx] for idx in chosen]
     none: list[Any] = [None] * len(valid)

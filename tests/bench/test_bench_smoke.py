@@ -65,3 +65,21 @@ def test_processor_bench_shows_real_size_preprocessing_with_the_same_outputs() -
     assert [r["processor"] for r in rows] == ["no cache", "image cache", "image cache, warm"]
     assert all(r["same_outputs"] and r["images_per_s"] > 0 for r in rows)
     print_processor_bench(rows)
+
+
+def test_select_bench_ann_section_at_a_tiny_size() -> None:
+    from icd.bench.select import print_ann_bench, run_ann_bench
+
+    df = run_ann_bench(sizes=(2_000,), dim=32, ann_min_rows=500, budget_s=0.02, min_rounds=2)
+    assert df["data"].to_list() == ["random", "clustered"]
+    assert (df["trained_on"] == 2_000).all() and (df["lists"] > 1).all()
+    for name in ("rices", "combined", "cascade"):
+        assert df[f"{name}_recall"].is_between(0, 1).all()
+    # Clustered vectors are what an index is for: it finds most of the exact demos.
+    clustered = df.filter(pl.col("data") == "clustered").row(0, named=True)
+    assert clustered["rices_recall"] >= 0.9 and clustered["combined_recall"] >= 0.9
+    assert (df["index_mb"] > 0).all() and (df["build_s"] > 0).all()
+    assert (df["rices_ratio"] > 0).all() and (df["rounds"] >= 2).all()
+    console = Console(record=True, width=200)
+    print_ann_bench(df, console)
+    assert "recall rices" in console.export_text()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icd.config import SelectionConfig
-from icd.method.selection import scores, select_demos
+from icd.method.selection import ann_applies, ann_query, scores, select_demos
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -269,3 +269,53 @@ def test_shape_errors():
         select_demos(**{**d, "pool_img": np.zeros((10, 3), np.float32)}, cfg=SelectionConfig())
     with pytest.raises(ValueError, match="one id per query"):
         select_demos(**d, cfg=SelectionConfig(), query_ids=["x"])
+
+
+# --- ranking an index's shortlist (candidates) ---
+
+
+@pytest.mark.parametrize("strategy", ["rices", "combined", "cascade"])
+@pytest.mark.parametrize("cap", [None, 1])
+def test_candidates_holding_the_whole_pool_give_the_exact_demos(strategy, cap) -> None:
+    for seed in range(5):
+        d = make(seed, n_pool=60, n_query=6)
+        cfg = SelectionConfig(strategy=strategy, k=3, per_label_cap=cap, shortlist=8)
+        want = select_demos(**d, cfg=cfg)
+        rng = np.random.default_rng(seed)
+        cand = [rng.permutation(60) for _ in range(6)]  # order and duplicates do not matter
+        cand[0] = np.concatenate([cand[0], cand[0][:5]])
+        got = select_demos(**d, cfg=cfg, candidates=cand)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_candidates_restrict_each_query_to_its_rows() -> None:
+    d = make(7, n_pool=80, n_query=4, n_labels=20)
+    cfg = SelectionConfig(strategy="combined", k=3)
+    rng = np.random.default_rng(0)
+    cand = [np.sort(rng.choice(80, size=12, replace=False)) for _ in range(4)]
+    got = select_demos(**d, cfg=cfg, candidates=cand)
+    for b, rows in enumerate(cand):
+        sub = {key: d[key] for key in ("query_img", "query_txt")}
+        one = select_demos(
+            sub["query_img"][b : b + 1], sub["query_txt"][b : b + 1], d["pool_img"][rows],
+            d["pool_txt"][rows], [d["pool_labels"][j] for j in rows], cfg,
+        )[0]  # fmt: skip
+        assert np.array_equal(got[b], rows[one])
+    # A shortlist that cannot fill k slots is replaced by the whole pool's ranking.
+    few = select_demos(**d, cfg=cfg, candidates=[np.array([5])] * 4)
+    assert all(np.array_equal(f, w) for f, w in zip(few, select_demos(**d, cfg=cfg), strict=True))
+    with pytest.raises(ValueError, match="candidates"):
+        select_demos(**d, cfg=cfg, candidates=cand[:2])
+
+
+@pytest.mark.parametrize("strategy", ["rices", "combined"])
+def test_ann_query_inner_products_are_the_strategy_scores(strategy) -> None:
+    d = make(3, n_pool=30, n_query=5)
+    cfg = SelectionConfig(strategy=strategy)
+    joint = np.hstack([d["pool_img"], d["pool_txt"]])
+    q = ann_query(d["query_img"], d["query_txt"], cfg)
+    want = scores(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
+    np.testing.assert_allclose(q @ joint.T, want, atol=1e-5)
+    assert ann_applies(cfg) and not ann_applies(SelectionConfig(strategy="random"))
+    with pytest.raises(ValueError):
+        ann_query(d["query_img"], None, SelectionConfig(strategy="random"))
