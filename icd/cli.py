@@ -563,8 +563,10 @@ def pool_inspect(
         typer.Option(help="Only rows added by chunks 0..CHUNK: the pool as chunk CHUNK+1 saw it."),
     ] = None,
 ) -> None:
-    """Size (stored, live, evicted, excluded), label histogram, agreement stats and versions
-    of a demonstration pool."""
+    """A demonstration pool: its rows, labels, agreement and versions.
+
+    Rows stored, live (selectable), evicted and excluded; the label histogram, agreement
+    statistics and the pool's versions."""
     from icd.storage.pool import inspect_pool
 
     try:

@@ -516,6 +516,7 @@ _HEADLINE = frozenset({
 _SECTIONS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("headline", lambda k: k in _HEADLINE),
     ("split", lambda k: k.endswith(("_base", "_novel"))),
+    ("pool", lambda k: k in {"pool_evicted", "pool_excluded", "pool_precision"}),
     ("sources", lambda k: k.startswith("source_")),
     ("teacher", lambda k: k.startswith(("teacher_", "agreement_"))
      or k in {"mean_agreement", "acceptance_rate", "queried", "accepted"}),
@@ -535,8 +536,8 @@ def metric_key(name: str) -> str:
     Keys are ``SECTION/name``, and the MLflow UI shows one chart section per ``SECTION``,
     in name order: ``headline/`` first (accuracy and its splits by queried, the same-run
     baselines' accuracies, the gains, annotation rate, teacher calls, pool size, demo
-    accuracy, compute), then ``split/`` (by class group), ``sources/`` (of the final
-    answers), ``stage_cached_chunks/``, ``stage_seconds/``, ``stream_counts/``,
+    accuracy, compute), then ``pool/`` (curation, label precision), ``split/`` (by class
+    group), ``sources/`` (of the final answers), ``stage_cached_chunks/``, ``stage_seconds/``, ``stream_counts/``,
     ``student_cost/`` and ``teacher/``. Names no rule knows (a captioning run's ``bleu``, a
     benchmark parent's ``DATASET.MODE.bRHO.metric``) are kept."""
     head, dot, rest = name.partition(".")

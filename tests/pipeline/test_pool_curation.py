@@ -17,6 +17,7 @@ import polars as pl
 import pytest
 
 from icd.storage.pool import DemoPool, inspect_pool
+from icd.storage.tracking import metric_key
 from tests.pipeline.test_stream import REPO, _pool_rows, _run
 
 pytestmark = pytest.mark.slow
@@ -89,9 +90,9 @@ def test_a_capped_pool_never_exceeds_max_rows_and_demos_come_from_the_live_pool(
     assert summary["pool_evicted"] == reasons.len() == accepted - summary["pool_size"]
     assert summary["pool_size"] == 6 and summary["pool_excluded"] == 0
     logged = _mlflow_metrics(tmp_path, summary)
-    assert logged["pool_evicted"] == summary["pool_evicted"]
-    assert logged["pool_size"] == 6
-    assert logged["pool_precision"] == pytest.approx(summary["pool_precision"])
+    assert logged[metric_key("pool_evicted")] == summary["pool_evicted"]
+    assert logged[metric_key("pool_size")] == 6
+    assert logged[metric_key("pool_precision")] == pytest.approx(summary["pool_precision"])
     info = inspect_pool(str(tmp_path / "pool"), "capped")
     assert (info["rows"], info["live"], info["evicted"]) == (accepted, 6, summary["pool_evicted"])
     if evict == "oldest":  # the newest six stay
