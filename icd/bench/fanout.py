@@ -12,8 +12,6 @@ workers the cells compete for CPU and the ratio says how much of the fan-out sur
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 import icd
+from icd.bench.loopback import free_port, start, stop, wait_healthy
 
 PROJECT = Path(icd.__file__).resolve().parents[1]  # where prefect.yaml is
 BIN = Path(sys.executable).parent
@@ -37,30 +35,6 @@ def _suite(cells: int, limit: int) -> str:
         "name: fanout-bench\nbase_preset: smoke\ndatasets: [shapes]\n"
         f"modes: [student_zero_shot, icd]\nbudgets: [0.08]\nseeds: {seeds}\nlimit: {limit}\n"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd, cwd=PROJECT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _check(cmd: list[str], env: dict[str, str]) -> None:
@@ -79,7 +53,7 @@ def run_fanout_bench(*, cells: int = 4, limit: int = 256) -> list[dict[str, Any]
         work = Path(tmp)
         suite = work / "suite.yaml"
         suite.write_text(_suite(cells, limit))
-        port = _free_port()
+        port = free_port()
         api = f"http://127.0.0.1:{port}/api"
         env = {
             **os.environ,
@@ -89,22 +63,13 @@ def run_fanout_bench(*, cells: int = 4, limit: int = 256) -> list[dict[str, Any]
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        server = _start(
+        server = start(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
              str(port), "--no-ui", "--analytics-off"],
-            env, work / "server.log",
+            env, work / "server.log", cwd=PROJECT,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((work / "server.log").read_text()[-2000:])
-                time.sleep(0.5)
+            wait_healthy(f"{api}/health", server, work / "server.log", timeout=180)
             _check(
                 [str(BIN / "prefect"), "work-pool", "create", "icd-bench", "--type", "process"], env
             )
@@ -115,7 +80,7 @@ def run_fanout_bench(*, cells: int = 4, limit: int = 256) -> list[dict[str, Any]
             )  # fmt: skip
             for n in (1, 2):
                 workers = [
-                    _start(
+                    start(
                         [
                             str(BIN / "prefect"),
                             "worker",
@@ -133,7 +98,7 @@ def run_fanout_bench(*, cells: int = 4, limit: int = 256) -> list[dict[str, Any]
                     for i in range(n)
                 ]
                 try:
-                    start = time.perf_counter()
+                    began = time.perf_counter()
                     _check(
                         [str(BIN / "icd"), "benchmark", str(suite), "--id", f"w{n}",
                          "--set", "benchmark.executor=deployments",
@@ -142,13 +107,13 @@ def run_fanout_bench(*, cells: int = 4, limit: int = 256) -> list[dict[str, Any]
                          "--set", f"storage.root={work / f'root-{n}'}"],
                         env,
                     )  # fmt: skip
-                    wall = time.perf_counter() - start
+                    wall = time.perf_counter() - began
                 finally:
                     for w in workers:
-                        _stop(w)
+                        stop(w)
                 rows.append({"workers": n, "cells": cells, "samples": limit, "wall_s": wall})
         finally:
-            _stop(server)
+            stop(server)
     for row in rows:
         row["ratio"] = row["wall_s"] / rows[0]["wall_s"]
     return rows
