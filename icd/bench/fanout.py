@@ -94,7 +94,8 @@ def run_fanout_bench(*, cells: int = 4, limit: int = 256) -> list[dict[str, Any]
                         ],
                         env,
                         work / f"worker-{n}-{i}.log",
-                    )  # fmt: skip
+                        cwd=PROJECT,
+                    )
                     for i in range(n)
                 ]
                 try:
