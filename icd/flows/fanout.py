@@ -83,8 +83,8 @@ def run_cells(
 ) -> None:
     """Run ``cells`` as runs of ``deployment``, at most ``max_parallel`` at once, calling
     ``on_done`` for each as it ends (reused cells first). A failed cell is an outcome with
-    its error; the others go on. Raises :class:`FanoutError` before submitting anything if
-    there is no Prefect server or no such deployment."""
+    its error; the others go on. Call :func:`check_pool` first: this assumes a server that
+    knows ``deployment``."""
     from prefect import get_client
     from prefect.deployments import run_deployment
 
