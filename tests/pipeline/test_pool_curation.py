@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +13,7 @@ import pytest
 
 from icd.storage.pool import DemoPool, inspect_pool
 from icd.storage.tracking import metric_key
-from tests.pipeline.test_stream import REPO, _pool_rows, _run
+from tests.pipeline.test_stream import _pool_rows, _run, kill_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -148,41 +143,7 @@ def test_sigkill_then_resume_gives_the_same_curated_pool(tmp_path: Path) -> None
     reference = _run(tmp_path / "ref", "ref", *sets)
     assert reference["pool_evicted"] > 0 and reference["pool_excluded"] > 0
     root = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "icd.cli",
-        "run",
-        "--preset",
-        "smoke",
-        "--run-id",
-        "victim",
-        "--no-progress",
-        *[a for s in [*sets, f"storage.root={root}"] for a in ("--set", s)],
-    ]
-    state = root / "runs" / "victim" / "state"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = len(list(state.glob("chunk-*.json"))) if state.exists() else 0
-        if done >= 3:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = len(list(state.glob("chunk-*.json")))
-    assert 1 <= committed < 10, f"kill landed after {committed} chunks"
-    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kill_and_resume(root, "victim", sets)
     summary = json.loads((root / "runs" / "victim" / "summary.json").read_text())
     # the pool after every chunk, as checked out at the version the run recorded
     assert _pools_by_chunk(root, "victim") == _pools_by_chunk(tmp_path / "ref", "ref")

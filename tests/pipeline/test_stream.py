@@ -239,6 +239,46 @@ def _adapt_rounds(run_dir: Path) -> list[int]:
     return [json.loads(line)["chunk"] for line in lines if line.strip()]
 
 
+def kill_and_resume(root: Path, run_id: str, sets: list[str]) -> None:
+    """Run ``icd run --preset smoke`` with ``sets`` in a process of its own, SIGKILL it after
+    its third committed chunk (before its tenth), then run the same command to the end."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "icd.cli",
+        "run",
+        "--preset",
+        "smoke",
+        "--run-id",
+        run_id,
+        "--no-progress",
+        *[a for s in [*sets, f"storage.root={root}"] for a in ("--set", s)],
+    ]
+    state = root / "runs" / run_id / "state"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = len(list(state.glob("chunk-*.json"))) if state.exists() else 0
+        if done >= 3:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(list(state.glob("chunk-*.json")))
+    assert 1 <= committed < 10, f"kill landed after {committed} chunks"
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
 @pytest.mark.parametrize("mode", ["icd", "finetune_lora"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) -> None:
     sets = [
@@ -255,36 +295,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
     ref_df = pl.read_parquet(Path(reference["run_dir"]) / "predictions.parquet")
 
     root = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "icd.cli",
-        "run",
-        "--preset",
-        "smoke",
-        "--run-id",
-        "victim",
-        "--no-progress",
-        *[a for s in [*sets, f"storage.root={root}"] for a in ("--set", s)],
-    ]
-    state = root / "runs" / "victim" / "state"
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        done = len(list(state.glob("chunk-*.json"))) if state.exists() else 0
-        if done >= 3:
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    committed = len(list(state.glob("chunk-*.json")))
-    assert 1 <= committed < 10, f"kill landed after {committed} chunks"
-
-    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kill_and_resume(root, "victim", sets)
     df = pl.read_parquet(root / "runs" / "victim" / "predictions.parquet")
     cols = [
         "sample_id",
