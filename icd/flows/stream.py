@@ -313,8 +313,14 @@ def pool_numbers(
         if pooled:
             state.pool_truth[s.sample_id] = list(s.answers)
     live = open_pool(ctx.pool_uri).view(ctx.run_id)
-    truths = [state.pool_truth.get(str(i)) for i in live.ids]
-    return len(live), accounting.pool_precision(list(live.labels), truths, ctx.score)
+    scores = state.pool_scores  # a row's label is fixed within a run: each scored once
+    for sid, label in zip(live.ids, live.labels, strict=True):
+        truth = state.pool_truth.get(str(sid))
+        if truth and str(sid) not in scores:
+            scores[str(sid)] = ctx.score(str(label), list(truth))
+    return len(live), accounting.pool_precision(
+        [scores[k] for k in map(str, live.ids) if k in scores]
+    )
 
 
 def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str, Any]:

@@ -209,16 +209,11 @@ def cache_numbers(counters: Mapping[str, int]) -> dict[str, float | None]:
     }
 
 
-def pool_precision(
-    labels: Sequence[str],
-    truths: Sequence[Sequence[str] | None],
-    score_fn: Callable[[str, list[str]], float],
-) -> float | None:
-    """``pool_precision``: the mean score (``score_fn``, the run's scoring of an answer) of
-    the labels of the pool rows left for selection against their samples' true answers —
-    for classification, the share of selectable demos whose label is the true class. Rows
-    whose truth is unknown are not counted; None without rows."""
-    scores = [score_fn(lbl, list(t)) for lbl, t in zip(labels, truths, strict=True) if t]
+def pool_precision(scores: Sequence[float]) -> float | None:
+    """``pool_precision``: the mean of ``scores``, one per pool row left for selection whose
+    sample's true answers are known — its label scored against them as the run scores an
+    answer (for classification, the share of selectable demos whose label is the true
+    class); None without rows."""
     return sum(scores) / len(scores) if scores else None
 
 

@@ -175,6 +175,7 @@ class ResumeState:
     # The true answers of the run's pooled samples (not committed: rebuilt from the
     # predictions when a run resumes), which the pool's label precision is scored against.
     pool_truth: dict[str, list[str]] = field(default_factory=dict)
+    pool_scores: dict[str, float] = field(default_factory=dict)  # their labels' scores, memo
     # Read from the run's teacher ledger when it starts (the ledger is the truth; ``made``
     # is also committed with each chunk so a resumed run can re-log that chunk's numbers):
     # the teacher work the run made, and the chunks it made it for (cache reuse accounting).
