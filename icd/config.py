@@ -97,7 +97,16 @@ class ModelConfig(_Strict):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     top_logprobs: int = Field(
-        20, ge=-1, description="openai: alternatives per token (-1: no logprobs; vLLM's cap is 20)"
+        20,
+        ge=-1,
+        le=20,
+        description="openai: alternatives per token (-1: no logprobs; at most 20, the API's "
+        "limit and vLLM's default cap)",
+    )
+    length_answers: Literal["keep", "drop"] = Field(
+        "keep",
+        description="openai: answers cut off by max_tokens (finish_reason 'length') are "
+        "counted as 'truncated' and kept as votes (keep) or left out of the vote (drop)",
     )
     sampling_extensions: bool | None = Field(
         None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -164,3 +165,67 @@ class FaultyServer(OpenAIServer):
         if f.ignore_n:
             req.n = 1
         return req
+
+
+class RecordingServer(OpenAIServer):
+    """Answers every chat request with the next scripted list of ``choices`` (the last one
+    repeats), as a real service would send them, and records each request body in
+    ``requests``. No model runs: it stands for any OpenAI-compatible service."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(None, *args, **kw)
+        self.script: list[list[dict[str, Any]]] = []
+        self.requests: list[dict[str, Any]] = []
+
+    def answer_with(self, *choices: list[dict[str, Any]]) -> None:
+        """The ``choices`` of the next responses, in order (the last one repeats)."""
+        self.script = list(choices)
+        self.requests.clear()
+
+    async def _complete(self, raw: bytes) -> Response:
+        body = json.loads(raw)
+        self.requests.append(body)
+        choices = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        choices = [{"index": i, **c} for i, c in enumerate(choices)][: int(body.get("n") or 1)]
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": choices,
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+            }
+        )
+
+
+def choice(
+    content: str | None,
+    finish_reason: str = "stop",
+    *,
+    refusal: str | None = None,
+    logprobs: bool = True,
+) -> dict[str, Any]:
+    """One chat-completion choice as services send it (``logprobs=False``: ``null``)."""
+    steps = None
+    if logprobs and content:
+        steps = {
+            "content": [
+                {
+                    "token": word,
+                    "logprob": -0.1,
+                    "bytes": list(word.encode()),
+                    "top_logprobs": [
+                        {"token": word, "logprob": -0.1, "bytes": list(word.encode())},
+                        {"token": "x", "logprob": -2.5, "bytes": [120]},
+                    ],
+                }
+                for word in content.split()
+            ],
+            "refusal": None,
+        }
+    return {
+        "message": {"role": "assistant", "content": content, "refusal": refusal},
+        "finish_reason": finish_reason,
+        "logprobs": steps,
+    }

@@ -11,6 +11,15 @@ never reached) raises :class:`TeacherConfigError` at once; a sample whose retrie
 or that the server rejects (other 4xx, e.g. a 400 for an oversized prompt; not retried),
 gets an :class:`~icd.models.base.Annotation` with ``error`` set and the others carry on.
 
+Answers that are no answer never vote: a choice with ``finish_reason: "content_filter"``,
+a refusal (``refusal`` text, ``content`` usually null) or empty content is counted
+(``filtered`` / ``refused`` / ``empty``) and left out; a sample left without any usable
+answer gets ``error`` set (``teacher_error: no usable answer (...)``, the refusal's text
+included), so it falls back to the student. Answers cut off by ``max_tokens``
+(``finish_reason: "length"``) are counted as ``truncated`` and kept as votes, or left out
+with ``length_answers="drop"``. For the student (``role="student"``) an answer without
+log-probs is no answer either (``no_logprobs``): its uncertainty is unknown, never zero.
+
 Accounting: every HTTP attempt and every returned answer is counted, per call (the
 ``service`` of the :class:`~icd.models.base.Annotations` that :meth:`OpenAITeacher.annotate`
 returns) and per teacher (:meth:`OpenAITeacher.stats`).
@@ -43,6 +52,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,6 +208,59 @@ def parse_choice(choice: dict[str, Any]) -> Generation:
     )
 
 
+@dataclass(frozen=True)
+class ServiceChoice:
+    """One returned choice: its :class:`Generation` and why it is no answer, if it is not.
+
+    ``problem`` is ``None`` for a usable answer, else one of ``"content_filter"``,
+    ``"refusal"``, ``"empty"``, ``"no_logprobs"`` (see :func:`read_choice`), with
+    ``detail`` the one-line reason (a refusal's text); ``truncated`` marks
+    ``finish_reason: "length"``.
+    """
+
+    generation: Generation
+    problem: str | None = None
+    detail: str = ""
+    truncated: bool = False
+
+
+PROBLEM_COUNTS = {
+    "content_filter": "filtered",
+    "refusal": "refused",
+    "empty": "empty",
+    "no_logprobs": "no_logprobs",
+}
+
+
+def read_choice(
+    choice: dict[str, Any], *, need_logprobs: bool = False, empty_ok: bool = False
+) -> ServiceChoice:
+    """A choice as a :class:`ServiceChoice` (``ValueError`` when malformed).
+
+    In this order: ``finish_reason: "content_filter"`` is ``content_filter`` whatever the
+    content says; a non-empty ``refusal`` is ``refusal`` (its text kept in ``detail``);
+    content empty after stripping is ``empty`` unless ``empty_ok`` (a student: an empty
+    answer is maximally uncertain, so the teacher is asked); with ``need_logprobs`` (a
+    student), a non-empty answer without per-token log-probs is ``no_logprobs``.
+    """
+    gen = parse_choice(choice)
+    truncated = choice.get("finish_reason") == "length"
+    message = choice["message"]
+    refusal = message.get("refusal")
+    if choice.get("finish_reason") == "content_filter":
+        return ServiceChoice(gen, "content_filter", "content_filter", truncated)
+    if isinstance(refusal, str) and refusal.strip():
+        text = " ".join(refusal.split())
+        text = text if len(text) <= 200 else text[:199] + "…"
+        return ServiceChoice(gen, "refusal", f"refusal {text!r}", truncated)
+    if not gen.text and not empty_ok:
+        return ServiceChoice(gen, "empty", "empty content", truncated)
+    if need_logprobs and gen.text and gen.token_logprobs.size == 0:
+        detail = "no logprobs in the response (uncertainty unknown)"
+        return ServiceChoice(gen, "no_logprobs", detail, truncated)
+    return ServiceChoice(gen, None, "", truncated)
+
+
 def _dedupe_top(top: list[dict[str, Any]]) -> list[float]:
     seen: dict[str, float] = {}
     for i, entry in enumerate(top):
@@ -257,6 +320,7 @@ class RateLimiter:
 COUNT_KEYS = (
     "requests", "ok", "failures", "retries", "samples", "annotations", "errors",
     "prompt_tokens", "completion_tokens",
+    "filtered", "refused", "empty", "truncated", "no_logprobs",
 )  # fmt: skip
 
 
@@ -271,6 +335,12 @@ class _Counts:
     errors: int = 0  # samples finally marked teacher_error
     prompt_tokens: int = 0  # as the server's `usage` reports them (0 where it does not)
     completion_tokens: int = 0
+    # choices that are no answer (left out of the vote) or flagged, by reason
+    filtered: int = 0  # finish_reason "content_filter"
+    refused: int = 0  # a refusal (the message's ``refusal`` text)
+    empty: int = 0  # no content
+    truncated: int = 0  # finish_reason "length" (kept or dropped: ``length_answers``)
+    no_logprobs: int = 0  # a student answer without log-probs (its uncertainty is unknown)
     latencies_ms: list[float] = field(default_factory=list)  # successful attempts
 
     def raw(self) -> dict[str, Any]:
@@ -310,7 +380,7 @@ class _SampleError(Exception):
     """An attempt failed in a way retrying cannot fix for this sample (e.g. 400)."""
 
 
-async def _settle(job: Any) -> list[Generation] | Exception:
+async def _settle(job: Any) -> list[ServiceChoice] | Exception:
     """Await ``job``; a per-sample failure is returned instead of raised."""
     try:
         return await job
@@ -346,6 +416,18 @@ class _Ask:
     seed: int
 
 
+def _reasons(choices: Sequence[ServiceChoice], drop_truncated: bool) -> str:
+    """Why answers were left out, one line: ``"2 of 5: content_filter; 1 of 5: refusal
+    'I can't ...'"`` (distinct details, in order of first appearance)."""
+    left = [
+        c.detail if c.problem else "finish_reason length"
+        for c in choices
+        if c.problem or (c.truncated and drop_truncated)
+    ]
+    counts = Counter(left)
+    return "; ".join(f"{n} of {len(choices)}: {detail}" for detail, n in counts.items())
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -378,12 +460,15 @@ class OpenAITeacher:
         backoff_max: float = 20.0,
         revision: str = "main",
         top_logprobs: int = ModelConfig.model_fields["top_logprobs"].default,
+        length_answers: str = "keep",
         sampling_extensions: bool | None = None,
         role: str = "teacher",
         image_ids: bool | None = None,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if length_answers not in ("keep", "drop"):
+            raise ValueError(f"length_answers must be 'keep' or 'drop', not {length_answers!r}")
         self.base_url = base_url.rstrip("/")
         self.role = role  # "teacher" or "student": names the endpoint in messages
         self.model_id = model
@@ -397,6 +482,11 @@ class OpenAITeacher:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.top_logprobs = top_logprobs
+        self.length_answers = length_answers
+        # a student's uncertainty comes from its log-probs: an answer without them is none
+        self._student = role == "student"
+        self._need_logprobs = self._student and top_logprobs >= 0
+        self._warned: set[str] = set()  # problems already logged at warning level
         self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
         self._logprobs = top_logprobs >= 0  # turned off if the server rejects them
         if sampling_extensions is None:  # the hosted OpenAI API rejects unknown fields
@@ -429,6 +519,7 @@ class OpenAITeacher:
             max_tokens=cfg.max_new_tokens,
             revision=cfg.revision,
             top_logprobs=cfg.top_logprobs,
+            length_answers=cfg.length_answers,
             sampling_extensions=cfg.sampling_extensions,
             role=role,
             image_ids=cfg.image_ids,
@@ -560,15 +651,45 @@ class OpenAITeacher:
             log.warning("%s: sample %s failed: %s", self.role, sample.sample_id, error)
             self._count(call, annotations=1, errors=1)
             return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
-        gens = [g for r in results for g in r]
+        choices = [c for r in results if not isinstance(r, Exception) for c in r]
+        drop_cut = self.length_answers == "drop"
+        gens = [
+            c.generation for c in choices if c.problem is None and not (c.truncated and drop_cut)
+        ]
+        if not gens:
+            error = f"{self.role}_error: no usable answer ({_reasons(choices, drop_cut)})"
+            self._warn(sample.sample_id, error, choices)
+            self._count(call, annotations=1, errors=1)
+            return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
+        if len(gens) < len(choices):
+            log.info(
+                "%s: sample %s: %d of %d answers left out of the vote (%s)",
+                self.role, sample.sample_id, len(choices) - len(gens), len(choices),
+                _reasons(choices, drop_cut),
+            )  # fmt: skip
         self._count(call, annotations=1)
         return Annotation(gens, requests=tally.requests, retries=tally.retries)
 
-    async def _choices(self, call: _Call, ask: _Ask, tally: _Tally) -> list[Generation]:
+    def _warn(self, sample_id: str, error: str, choices: Sequence[ServiceChoice]) -> None:
+        """Log a sample left without an answer: at warning level the first time for each
+        kind of problem (a service that never sends log-probs would log every sample),
+        at debug level after."""
+        kinds = {c.problem or "length" for c in choices}
+        new = not kinds <= self._warned
+        self._warned |= kinds
+        level = logging.WARNING if new else logging.DEBUG
+        hint = ""
+        if "no_logprobs" in kinds:
+            hint = (
+                " — the student's uncertainty needs logprobs: check that the service returns them"
+            )
+        log.log(level, "%s: sample %s: %s%s", self.role, sample_id, error, hint)
+
+    async def _choices(self, call: _Call, ask: _Ask, tally: _Tally) -> list[ServiceChoice]:
         """``ask.k`` answers: one request with ``n=k``, topped up by single requests
         (distinct seeds) when the server returns fewer choices."""
         k = ask.k
-        gens: list[Generation] = []
+        gens: list[ServiceChoice] = []
         if k == 1 or self._n_supported:
             gens = await self._request(call, ask, tally)
             if len(gens) < k and self._n_supported:
@@ -584,7 +705,7 @@ class OpenAITeacher:
             gens += await self._request(call, single, tally)
         return gens[:k]
 
-    async def _request(self, call: _Call, ask: _Ask, tally: _Tally) -> list[Generation]:
+    async def _request(self, call: _Call, ask: _Ask, tally: _Tally) -> list[ServiceChoice]:
         """One logical request, retried until it succeeds or ``max_retries`` run out."""
         attempt, retry = 0, False
         while True:
@@ -648,7 +769,7 @@ class OpenAITeacher:
 
     async def _attempt(
         self, call: _Call, ask: _Ask, tally: _Tally, retry: bool
-    ) -> list[Generation]:
+    ) -> list[ServiceChoice]:
         """One HTTP attempt (``retry``: made because an earlier one failed); counts it, and
         raises :class:`_Failed` / :class:`_SampleError` / :class:`TeacherConfigError` by
         outcome."""
@@ -716,7 +837,10 @@ class OpenAITeacher:
                 choices = body["choices"]
                 if not isinstance(choices, list) or not choices:
                     raise ValueError("no choices")
-                gens = [parse_choice(c) for c in choices]
+                gens = [
+                    read_choice(c, need_logprobs=self._need_logprobs, empty_ok=self._student)
+                    for c in choices
+                ]
             except (ValueError, KeyError, TypeError):
                 raise _Failed("malformed response") from None
             ok = True
@@ -729,6 +853,11 @@ class OpenAITeacher:
                 samples=len(gens),
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
+                truncated=sum(g.truncated for g in gens),
+                **{
+                    key: sum(g.problem == problem for g in gens)
+                    for problem, key in PROBLEM_COUNTS.items()
+                },
             )
             return gens
         finally:
@@ -759,6 +888,11 @@ class OpenAIStudent:
     one extra bucket (:func:`topk_entropy`), a lower bound of the true entropy that is exact
     when the top-k carry all the mass. A prompt whose request finally fails gives an empty
     :class:`Generation` with ``error`` set (``student_error: ...``); the others carry on.
+    So does an answer that is no answer: filtered (``finish_reason: "content_filter"``),
+    a refusal (its text in the error), or one without log-probs (``no logprobs in the
+    response``: its uncertainty is unknown — NaN downstream, so the query policy skips it
+    and the run counts it in ``student_errors`` — never zero, which would read as fully
+    certain). An empty answer is an answer (maximally uncertain: the teacher is asked).
     """
 
     def __init__(self, client: OpenAITeacher) -> None:
