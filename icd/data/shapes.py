@@ -25,14 +25,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from icd.storage.locks import build_dir_once
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 BASE_SHAPES = ("circle", "square")  # the offline student knows these by name
@@ -92,9 +92,11 @@ def build_shapes_dataset(
     The folder holds ``data/train-00000-of-00001.parquet`` (columns ``id``, ``image``,
     ``question``, ``label``), ``README.md`` (a dataset card whose YAML header declares the
     features and the ``train`` split, so ``load_dataset(str(folder))`` also works) and
-    ``shapes.json``. A second call with the same arguments returns at once. The build
-    writes to a temporary folder and renames it into place, so an interrupted build never
-    leaves a half-written dataset behind.
+    ``shapes.json``. A second call with the same arguments returns at once. Processes that
+    call it at once on one ``root`` share one build (:func:`icd.storage.locks.build_dir_once`:
+    one builds under a lock while the others wait); the build writes to a temporary
+    folder renamed into place, so an interrupted build never leaves a half-written dataset
+    and a finished one is never removed while another process reads it.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -108,12 +110,20 @@ def build_shapes_dataset(
         "size": size,
         "version": _FORMAT_VERSION,
     }
-    if _is_built(target, params):
-        return target
+    build_dir_once(
+        target,
+        lambda folder: _is_built(folder, params),
+        lambda tmp: _write_dataset(tmp, params),
+    )
+    return target
 
+
+def _write_dataset(folder: Path, params: dict[str, Any]) -> None:
+    """Draw the dataset ``params`` describe and write its files into the empty ``folder``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    n, seed, corrupt_every, size = (params[k] for k in ("n", "seed", "corrupt_every", "size"))
     rows: dict[str, list[Any]] = {
         "id": [],
         "image": [],
@@ -135,14 +145,11 @@ def build_shapes_dataset(
         rows["captions"].append(captions_of(i, seed, size))
 
     features = _features()
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(root) / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "data").mkdir(parents=True)
+    (folder / "data").mkdir(parents=True)
     # The schema carries the `huggingface` metadata, so `datasets` reads `image` back as
     # the Image feature and `label` as a ClassLabel.
     table = pa.Table.from_pydict(rows, schema=features.arrow_schema)
-    pq.write_table(table, tmp / _DATA_FILE, row_group_size=256)
+    pq.write_table(table, folder / _DATA_FILE, row_group_size=256)
     meta = {
         **params,
         "question": QUESTION,
@@ -153,19 +160,10 @@ def build_shapes_dataset(
         "corrupt_ids": corrupt_ids,
         "data_files": [_DATA_FILE],
     }
-    (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
     card = _card(features, n, seed, corrupt_every, size, len(corrupt_ids), table.nbytes)
-    (tmp / "README.md").write_text(card)
-
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        tmp.rename(target)
-    except OSError:
-        # Another process finished the same build first; its copy is identical.
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_built(target, params):
-            raise
-    return target
+    (folder / "README.md").write_text(card)
+    # shapes.json last: a folder holding it is complete (_is_built)
+    (folder / _META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def _is_built(target: Path, params: dict[str, Any]) -> bool:

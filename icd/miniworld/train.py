@@ -54,6 +54,7 @@ from icd.method.prompts import build_prompt
 from icd.miniworld import world
 from icd.models import fixtures
 from icd.models.finetune import answer_loss, encode_answers
+from icd.storage.locks import file_lock, lock_path, publish_dir, staging_dir
 
 TRAIN_SEED = 1000  # image seeds of the training banks (benchmark streams use small seeds)
 TASK = "classification"
@@ -151,14 +152,14 @@ def _features(out: Any) -> torch.Tensor:
 
 
 def _save(model: Any, processor: Any, out: Path, info: dict[str, Any]) -> None:
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the model to ``out`` through a temporary folder renamed into place, under
+    ``out``'s lock: a run loading ``out`` meanwhile reads the old weights or the new ones."""
     model.eval()
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / fixtures.MARKER).write_text(json.dumps(info, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with file_lock(lock_path(out)), staging_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / fixtures.MARKER).write_text(json.dumps(info, indent=2))
+        publish_dir(tmp, out)
 
 
 class _Meter:

@@ -24,16 +24,12 @@ model ids resolve there (:func:`resolve_model_path`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import random
-import shutil
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +37,7 @@ import torch
 
 from icd.data import shapes
 from icd.method.prompts import format_question
+from icd.storage.locks import file_lock, publish_dir, staging_dir
 
 FIXTURE_VERSION = 2
 STUDENT = "tiny-idefics3"
@@ -410,36 +407,19 @@ def build_model_fixtures(
     if all(_is_built(paths[n], markers[n]) for n in names):
         return paths
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
+    with file_lock(root / ".lock"):
         for name in names:
             out, marker = paths[name], markers[name]
             if _is_built(out, marker):
                 continue
             t0 = time.perf_counter()
-            tmp = root / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
-                _BUILDERS[name](tmp, seed)
-            info = {**marker, "build_seconds": round(time.perf_counter() - t0, 3)}
-            (tmp / MARKER).write_text(json.dumps(info, indent=2))
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+            with staging_dir(out) as tmp:
+                with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                    _BUILDERS[name](tmp, seed)
+                info = {**marker, "build_seconds": round(time.perf_counter() - t0, 3)}
+                (tmp / MARKER).write_text(json.dumps(info, indent=2))
+                publish_dir(tmp, out)
     return paths
-
-
-_THREAD_LOCK = threading.Lock()
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock across threads (a lock) and processes (``flock`` on ``path``)."""
-    with _THREAD_LOCK, open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_stamp() -> dict[str, str | int]:

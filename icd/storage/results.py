@@ -7,14 +7,13 @@ file: a chunk's file either exists complete or not at all.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from icd.method.accounting import SOURCES
+from icd.storage.locks import atomic_file
 
 PREDICTION_SCHEMA = pl.Schema(
     {
@@ -116,17 +115,8 @@ def write_chunk_predictions(run_dir: Path, chunk_index: int, records: list[dict[
     file + rename); an existing file for the chunk is replaced. Returns the path."""
     path = chunk_path(run_dir, chunk_index)
     df = predictions_frame(records)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         df.write_parquet(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

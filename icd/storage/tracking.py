@@ -44,7 +44,7 @@ from mlflow.utils.validation import (
 )
 
 from icd.errors import one_line
-from icd.storage.locks import file_lock
+from icd.storage.locks import atomic_file, file_lock, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,25 @@ def _store_lock(tracking_uri: str) -> AbstractContextManager[Any]:
     return file_lock(tracking_uri.removeprefix("sqlite:///") + ".lock")
 
 
+def _create_sqlite_store(tracking_uri: str) -> None:
+    """Create a missing ``sqlite:///`` store whole: migrated in a temporary file beside it,
+    then renamed into place. MLflow's first migration takes about a second, and a process
+    killed during it leaves a database that every later run fails on (``duplicate column
+    name``); this way a kill leaves only a ``.NAME.*.tmp`` file. Call it holding
+    :func:`_store_lock`."""
+    if not tracking_uri.startswith("sqlite:///") or "?" in tracking_uri:
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if db.name in ("", ":memory:") or db.exists():
+        return
+    remove_leftovers(db)  # of a creation killed half-way
+    with atomic_file(db) as tmp:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp.absolute()}")
+        client.search_experiments(max_results=1)  # creates and migrates the tables
+        with contextlib.suppress(Exception):  # let go of the file before it is renamed
+            client._tracking_client.store.engine.dispose()
+
+
 class Tracker:
     """MLflow lineage of one run (see module doc). Call :meth:`start` before logging.
 
@@ -205,6 +224,7 @@ class Tracker:
             # serialised by a lock file beside the database.
             lock = _store_lock(tracking_uri)
             with lock:
+                _create_sqlite_store(tracking_uri)
                 self.client = MlflowClient(tracking_uri=tracking_uri)
                 self.experiment_id = self._experiment_id()
         except TrackingError:
