@@ -129,6 +129,11 @@ class PolicyConfig(_Strict):
     budget: float | None = Field(0.04, ge=0.0, le=1.0, description="Fraction ρ of samples seen")
     budget_count: int | None = Field(None, ge=0, description="Absolute budget (overrides ρ)")
     warmup: int = Field(8, ge=0, description="First W samples queried unconditionally")
+    invert: bool = Field(
+        False,
+        description="Ablation (breaks the gate on purpose): ask where the student is most "
+        "certain instead of most uncertain",
+    )
 
 
 class IclGateConfig(_Strict):
@@ -164,6 +169,11 @@ class VotingConfig(_Strict):
     )
     a_min: float = Field(0.6, ge=0.0, le=1.0, description="Minimum agreement to enter the pool")
     fuzzy_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    minority: bool = Field(
+        False,
+        description="Ablation (breaks the vote on purpose): label a sample by its least-voted "
+        "answer; agreement is that answer's share",
+    )
 
 
 class SelectionConfig(_Strict):
@@ -177,6 +187,11 @@ class SelectionConfig(_Strict):
     shortlist: int = Field(32, ge=1, description="Cascade: K_it rows shortlisted by image→text")
     per_label_cap: int | None = Field(None, ge=1, description="At most m demos per label")
     most_similar_last: bool = True
+    least_similar: bool = Field(
+        False,
+        description="Ablation (breaks retrieval on purpose): choose the k least similar demos "
+        "by the strategy's score (random ignores it)",
+    )
     ann_min_rows: int | None = Field(
         200_000,
         ge=0,

@@ -429,6 +429,8 @@ def select_demos(
     """
     qi = _f32(query_img, "query_img")
     qt = _f32(query_txt, "query_txt")
+    if cfg.least_similar:  # the ablation: every cosine, hence every score, changes sign
+        qi, qt = -qi, None if qt is None else -qt
     n_queries = qi.shape[0]
     n_pool = len(pool_labels)
     if cfg.strategy not in STRATEGIES:

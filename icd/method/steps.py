@@ -57,6 +57,8 @@ def select_queries(
     are ignored (they may be NaN) and they are never queried.
     """
     u = np.asarray(uncertainties, dtype=np.float64).ravel()
+    if policy.invert:  # the ablation: the most certain samples look the most uncertain
+        u = -u
     ok = np.ones(len(u), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
     if ok.shape != u.shape:
         raise ValueError("valid must align with uncertainties")

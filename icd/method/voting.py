@@ -233,6 +233,8 @@ def aggregate(
     if cfg.aggregation in ("majority", "consensus"):
         summed = {v: math.fsum(lps) for v, lps in logprob.items()}
         label = min(counts, key=lambda v: (-counts[v], -summed[v], v))
+        if cfg.minority:  # the ablation: the least-voted answer wins
+            label = min(counts, key=lambda v: (counts[v], summed[v], v))
     elif cfg.aggregation == "best_of_n":
         best = {v: max(lps) for v, lps in logprob.items()}
         label = min(counts, key=lambda v: (-best[v], -counts[v], v))

@@ -319,3 +319,19 @@ def test_ann_query_inner_products_are_the_strategy_scores(strategy) -> None:
     assert ann_applies(cfg) and not ann_applies(SelectionConfig(strategy="random"))
     with pytest.raises(ValueError):
         ann_query(d["query_img"], None, SelectionConfig(strategy="random"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_pool=st.integers(1, 30), k=st.integers(1, 4))
+def test_the_least_similar_ablation_shows_the_lowest_scoring_rows(seed, n_pool, k):
+    """Retrieval broken on purpose: the demos are those a brute force picks on the negated
+    score, i.e. the least similar rows, still ordered with the best-ranked nearest the query."""
+    d = make(seed, n_pool)
+    for strategy in ("rices", "cross_modal", "combined"):
+        cfg = SelectionConfig(strategy=strategy, k=k, least_similar=True, most_similar_last=False)
+        s = scores(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
+        got = [r.tolist() for r in select_demos(cfg=cfg, **d)]
+        assert got == brute_force(-s, d["pool_labels"], k, None)
+        normal = select_demos(cfg=cfg.model_copy(update={"least_similar": False}), **d)
+        if n_pool > 2 * k:  # disjoint when the pool has room for both
+            assert all(not set(a) & set(b.tolist()) for a, b in zip(got, normal, strict=True))

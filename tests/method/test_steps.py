@@ -214,3 +214,15 @@ def test_config_literals_are_the_registries() -> None:
     assert measures == {*MEASURES, RANDOM}
     strategies = get_args(SelectionConfig.model_fields["strategy"].annotation)
     assert set(strategies) == set(STRATEGIES)
+
+
+def test_the_inverted_gate_ablation_asks_where_the_student_is_most_certain():
+    u = np.array([0.9, 0.1, 0.8, 0.05, 0.5, 0.7, 0.2, 0.3])
+    policy = PolicyConfig(threshold="fixed", tau=-0.25, budget=0.25, warmup=0, invert=True)
+    asked, _ = select_queries(u, PolicyState(), policy, stream_length=len(u))
+    assert set(np.flatnonzero(asked)) <= {1, 3, 6}  # certain ones only, within the budget
+    assert asked.sum() == 2
+    normal, _ = select_queries(
+        u, PolicyState(), policy.model_copy(update={"invert": False, "tau": 0.75}), len(u)
+    )
+    assert set(np.flatnonzero(normal)) <= {0, 2}

@@ -250,3 +250,18 @@ def test_voting_filters_a_noisy_teacher_as_the_binomial_math_predicts():
     assert abs(rate - p_acc) < 0.02  # ~4 standard errors
     assert abs(error - predicted_error) < 0.003  # ~3 standard errors of ~4,200 accepted labels
     assert abs(majority_error - p_major_wrong) < 0.012
+
+
+def test_the_minority_vote_ablation_labels_by_the_least_voted_answer():
+    cfg = VotingConfig(n=5, a_min=0.0, minority=True)
+    r = aggregate(
+        [g("circle"), g("circle"), g("circle"), g("square"), g("square")], cfg, CLASSES, SYNONYMS
+    )
+    assert r.label == "square" and r.agreement == 0.4
+    majority = aggregate(
+        [g("circle"), g("circle"), g("circle"), g("square"), g("square")],
+        cfg.model_copy(update={"minority": False}),
+        CLASSES,
+        SYNONYMS,
+    )
+    assert majority.label == "circle" and majority.agreement == 0.6
