@@ -130,7 +130,7 @@ class PolicyConfig(_Strict):
     budget_count: int | None = Field(None, ge=0, description="Absolute budget (overrides ρ)")
     warmup: int = Field(8, ge=0, description="First W samples queried unconditionally")
     invert: bool = Field(
-        False,
+        default=False,
         description="Ablation (breaks the gate on purpose): ask where the student is most "
         "certain instead of most uncertain",
     )
@@ -170,7 +170,7 @@ class VotingConfig(_Strict):
     a_min: float = Field(0.6, ge=0.0, le=1.0, description="Minimum agreement to enter the pool")
     fuzzy_threshold: float = Field(0.85, ge=0.0, le=1.0)
     minority: bool = Field(
-        False,
+        default=False,
         description="Ablation (breaks the vote on purpose): label a sample by its least-voted "
         "answer; agreement is that answer's share",
     )
@@ -188,7 +188,7 @@ class SelectionConfig(_Strict):
     per_label_cap: int | None = Field(None, ge=1, description="At most m demos per label")
     most_similar_last: bool = True
     least_similar: bool = Field(
-        False,
+        default=False,
         description="Ablation (breaks retrieval on purpose): choose the k least similar demos "
         "by the strategy's score (random ignores it)",
     )
