@@ -30,7 +30,7 @@ from typing import Any
 
 import polars as pl
 
-from icd.method.metrics import corpus_bleu, corpus_cider, score
+from icd.method.metrics import caption_tokenizer, coco_caption_metrics, score
 
 # Where a sample's final answer came from (icd.method.steps.final_answers).
 SOURCES = ("teacher", "student_icl", "pool_vote", "student_zs", "teacher_zs", "student_fallback")
@@ -293,8 +293,9 @@ def summarize(
     ``novel``, by ground-truth class) and ``score_fn``, each group ``g`` gets
     ``samples_g``, ``accuracy_g``, ``accuracy_not_queried_g``, ``zs_accuracy_g``,
     ``forward_accuracy_g`` and its two gains. Costs: :func:`_costs` and :func:`_compute`.
-    A captioning run (``task="captioning"``) adds corpus ``bleu`` / ``bleu1`` / ``cider``
-    of the final captions and ``zs_*`` of the zero-shot ones (:func:`_caption_metrics`).
+    A captioning run (``task="captioning"``) adds the COCO caption evaluation's ``bleu1`` …
+    ``bleu4`` (``bleu`` = BLEU-4) and ``cider`` of the final captions, ``zs_*`` of the
+    zero-shot ones, and the ``caption_tokenizer`` that made them (:func:`_caption_metrics`).
     """
     totals = totals or RunTotals()
     if sums is None:
@@ -434,15 +435,20 @@ def _group_split(
     return out
 
 
-def _caption_metrics(valid: pl.DataFrame) -> dict[str, float | None]:
-    """Corpus BLEU and CIDEr of a captioning run's final captions (and of the student's
-    zero-shot ones, over the samples it answered); None where there is nothing to score."""
-    out: dict[str, float | None] = {}
+def _caption_metrics(valid: pl.DataFrame) -> dict[str, Any]:
+    """The COCO caption evaluation (:func:`icd.method.metrics.coco_caption_metrics`) of a
+    captioning run's final captions and of the student's zero-shot ones (``zs_*``, over the
+    samples it answered): ``bleu1`` … ``bleu4`` (×100; ``bleu`` is BLEU-4), ``cider``
+    (CIDEr-D); None where there is nothing to score. ``caption_tokenizer`` names the PTB
+    tokenizer that made them (``ptb-java`` or ``ptb-python``)."""
+    out: dict[str, Any] = {}
     zs = valid.filter(pl.col("zs_answer").is_not_null())
+    tokenizer = caption_tokenizer()
     for prefix, rows, column in (("", valid, "final_answer"), ("zs_", zs, "zs_answer")):
         preds, refs = rows[column].to_list(), rows["answers"].to_list()
-        some = rows.height > 0
-        out[f"{prefix}bleu"] = corpus_bleu(preds, refs) if some else None
-        out[f"{prefix}bleu1"] = corpus_bleu(preds, refs, max_order=1) if some else None
-        out[f"{prefix}cider"] = corpus_cider(preds, refs) if some else None
+        m = coco_caption_metrics(preds, refs, tokenizer) if rows.height else {}
+        out[f"{prefix}bleu"] = m.get("bleu4")
+        for key in ("bleu1", "bleu2", "bleu3", "bleu4", "cider"):
+            out[f"{prefix}{key}"] = m.get(key)
+    out["caption_tokenizer"] = tokenizer
     return out

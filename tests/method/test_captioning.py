@@ -1,4 +1,6 @@
-"""Captioning: BLEU and CIDEr against hand-computed values, and consensus caption voting."""
+"""Captioning: COCO BLEU and CIDEr-D against hand-computed values (the golden comparison
+with pycocoevalcap itself is tests/method/test_metrics_golden.py), and consensus caption
+voting."""
 
 from __future__ import annotations
 
@@ -23,6 +25,14 @@ from icd.method.prompts import build_prompt, format_question
 from icd.method.types import Generation
 from icd.method.voting import aggregate, aggregate_captions, caption_similarity, normalize_answer
 
+
+@pytest.fixture(autouse=True)
+def _python_ptb_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python PTB tokenizer (no JVM start per call): it equals the Java one on the golden
+    captions (tests/method/test_metrics_golden.py checks both)."""
+    monkeypatch.setenv("ICD_CAPTION_TOKENIZER", "ptb-python")
+
+
 # -- BLEU ----------------------------------------------------------------------------
 
 
@@ -43,7 +53,9 @@ def test_bleu_by_hand() -> None:
     assert corpus_bleu(["a b c d"], [["a b c d e f", "x y z w v u t s"]]) == pytest.approx(
         100 * math.exp(1 - 6 / 4)
     )
-    # Case does not count (lowercased), and missing / empty captions score 0.
+    # Case does not count (lowercased), punctuation neither (PTB tokens), and missing /
+    # empty captions score 0.
+    assert caption_bleu("A B C D E.", ["a b c d f"]) == pytest.approx(100 * 0.2**0.25)
     assert caption_bleu("A B C D E", ["a b c d f"]) == pytest.approx(100 * 0.2**0.25)
     assert caption_bleu(None, ["a b"]) == 0.0 and caption_bleu("  ", ["a b"]) == 0.0
     assert score(None, ["a red star"], "captioning") == 0.0
@@ -60,7 +72,9 @@ def test_corpus_bleu_takes_varying_numbers_of_references() -> None:
 def test_bleu4_of_two_word_captions_is_zero_but_bleu1_is_not() -> None:
     preds = ["red star", "blue ring"]
     refs = [["a red star", "a small red star"], ["a blue ring", "a large blue donut"]]
-    assert corpus_bleu(preds, refs) == 0.0  # no 3- or 4-grams anywhere
+    # no 3- or 4-grams anywhere: pycocoevalcap's BLEU smooths 0/0 precisions with
+    # (0 + 1e-9) / (0 + 1e-15), which leaves BLEU-4 near 0 but not 0
+    assert 0.0 < corpus_bleu(preds, refs) < 0.1
     # BLEU-1: every word right; the closest references are 3 words: BP = exp(1 - 6/4).
     assert corpus_bleu(preds, refs, max_order=1) == pytest.approx(100 * math.exp(1 - 6 / 4))
 
@@ -78,8 +92,10 @@ def test_cider_by_hand() -> None:
     refs = [["a b"], ["c d"]]
     assert corpus_cider(["a b", "c d"], refs) == pytest.approx(5.0)
     assert corpus_cider(["a c", "c d"], refs) == pytest.approx(3.125)
-    # Tokenised like the COCO evaluation: case and punctuation do not count.
-    assert corpus_cider(["A, b.", "C d!"], refs) == pytest.approx(5.0)
+    # Tokenised like the COCO evaluation: case and punctuation do not count ...
+    assert corpus_cider(["A, b!", "C; d?"], refs) == pytest.approx(5.0)
+    # ... but PTB reads a single letter before a period as an abbreviation ("b." is a word)
+    assert corpus_cider(["A, b.", "C d!"], refs) == pytest.approx(3.125)  # as "a c"
     # A missing caption counts as empty (0 for its image); samples without references
     # are left out.
     assert corpus_cider([None, "c d"], refs) == pytest.approx(2.5)
@@ -88,7 +104,12 @@ def test_cider_by_hand() -> None:
 
 
 def test_caption_tokens() -> None:
-    assert caption_tokens("  A Red-Star, on WHITE!  ") == "a red star on white"
+    # the COCO evaluation's PTB tokens: hyphenated words stay whole, punctuation goes,
+    # brackets stay as PTB's lowercased -lrb- / -rrb-, clitics split
+    assert caption_tokens("  A Red-Star, on WHITE!  ") == "a red-star on white"
+    assert (
+        caption_tokens("The U.S. flag (it's 2.5 m)...") == "the u.s. flag -lrb- it 's 2.5 m -rrb-"
+    )
 
 
 # -- prompt --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from icd.config import load_config
 from icd.flows.stream import stream
-from icd.method.metrics import caption_bleu, corpus_bleu, corpus_cider
+from icd.method.metrics import caption_bleu, caption_tokenizer, corpus_bleu, corpus_cider
 from icd.method.voting import caption_similarity
 
 pytestmark = pytest.mark.slow
@@ -59,15 +59,18 @@ def test_captioning_run_writes_predictions_and_corpus_metrics(
     valid = df.filter(pl.col("skip_reason").is_null())
     assert valid.height == 64  # corrupt_every=100: none in the first 64
     assert all(len(a) == 5 for a in valid["answers"])  # the five reference captions
-    # Per-sample score: the sentence BLEU of the final caption against its references.
+    # Per-sample score: the sentence-BLEU proxy of the final caption against its references.
     for final, refs, s in valid.select("final_answer", "answers", "score").iter_rows():
         assert s == pytest.approx(caption_bleu(final, refs) / 100)
     assert summary["accuracy"] == pytest.approx(valid["score"].mean())
-    # Corpus metrics, recomputed from the predictions table.
+    # Corpus metrics (the COCO caption evaluation), recomputed from the predictions table,
+    # with the PTB tokenizer the run names (ptb-java where java is on PATH)
+    assert summary["caption_tokenizer"] == caption_tokenizer()
     finals, refs = valid["final_answer"].to_list(), valid["answers"].to_list()
     assert summary["bleu"] == pytest.approx(corpus_bleu(finals, refs))
     assert summary["bleu1"] == pytest.approx(corpus_bleu(finals, refs, max_order=1))
     assert summary["cider"] == pytest.approx(corpus_cider(finals, refs))
+    assert summary["bleu4"] == summary["bleu"]
     assert summary["cider"] > 0 and summary["bleu1"] > 0
     assert summary["zs_cider"] == pytest.approx(corpus_cider(valid["zs_answer"].to_list(), refs))
     # ... and logged to MLflow with the rest of the summary.
