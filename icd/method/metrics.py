@@ -168,7 +168,7 @@ def vqa_accuracy(pred: str | None, answers: Sequence[str]) -> float:
     if pred is None or not answers:
         return 0.0
     p = vqa_normalize(pred)
-    refs = [vqa_normalize(a) for a in answers]
+    refs = [vqa_normalize(a or "") for a in answers]  # a missing answer is an empty one
     if len(refs) == 1:
         return float(refs[0] == p)
     matches = [r == p for r in refs]
