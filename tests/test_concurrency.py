@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from icd.data import shapes
-from icd.storage.locks import update_json
+from icd.storage.locks import merge_json
 from icd.storage.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,10 +178,10 @@ else:
 )
 # A benchmark's ledger (cells.json) updated by several processes at once.
 LEDGER = (
-    "import sys\nfrom icd.storage.locks import update_json\n"
+    "import sys\nfrom icd.storage.locks import merge_json\n"
     + BARRIER
     + """for k in range(int(sys.argv[5])):
-    update_json(sys.argv[4], lambda d: d.update({f"p{sys.argv[3]}-{k}": "x"}))
+    merge_json(sys.argv[4], {f"p{sys.argv[3]}-{k}": "x"})
 """
 )
 
@@ -268,7 +268,7 @@ def test_ledger_updated_by_four_processes_keeps_every_entry(tmp_path: Path) -> N
     path, each = tmp_path / "cells.json", 25
     _race(tmp_path, LEDGER, 4, str(path), str(each))
     assert len(json.loads(path.read_text())) == 4 * each
-    update_json(path, lambda d: d.update({"more": "y"}))
+    merge_json(path, {"more": "y"})
     assert len(json.loads(path.read_text())) == 4 * each + 1
 
 

@@ -30,8 +30,11 @@ def _last_error(text: str) -> str:
     return (errors or lines or [""])[-1][:300]
 
 
-def run_round(work: Path, runs: int, *, prebuilt: bool, extra: list[str]) -> list[dict[str, Any]]:
-    """``runs`` smoke runs started together on fresh storage under ``work``."""
+def run_round(
+    work: Path, runs: int, *, prebuilt: bool, extra: list[str], logs: Path | None = None
+) -> list[dict[str, Any]]:
+    """``runs`` smoke runs started together on fresh storage under ``work``; each run's
+    output goes to ``logs/run-I.log`` when ``logs`` is given."""
     root, fixtures = work / "root", work / "fixtures"
     env = {
         **os.environ,
@@ -62,11 +65,14 @@ def run_round(work: Path, runs: int, *, prebuilt: bool, extra: list[str]) -> lis
     rows = []
     for i, p in enumerate(procs):
         out = p.communicate()[0]
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"run-{i}.log").write_text(out)
         rows.append(
             {
                 "run": i,
                 "rc": p.returncode,
-                "seconds": round(time.perf_counter() - t0, 1),
+                "seconds": round(time.perf_counter() - t0, 1),  # from the start, when reaped
                 "error": "" if p.returncode == 0 else _last_error(out),
             }
         )
@@ -79,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--prebuilt", action="store_true", help="build the fixtures first")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override")
+    parser.add_argument("--logs", type=Path, help="keep each run's output under LOGS/round-R")
     opts = parser.parse_args(argv)
     ok = total = 0
     for r in range(opts.rounds):
         with tempfile.TemporaryDirectory(prefix="icd-firstruns-") as tmp:
-            rows = run_round(Path(tmp), opts.runs, prebuilt=opts.prebuilt, extra=opts.sets)
+            logs = opts.logs / f"round-{r + 1}" if opts.logs else None
+            rows = run_round(
+                Path(tmp), opts.runs, prebuilt=opts.prebuilt, extra=opts.sets, logs=logs
+            )
         for row in rows:
             total += 1
             ok += row["rc"] == 0

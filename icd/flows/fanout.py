@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
-from icd.storage.runstate import atomic_write_text
+from icd.storage.locks import merge_json
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -133,7 +133,9 @@ def run_cells(
                 )  # a FlowRun: called from sync code
                 active[run.id] = cell
                 ledger[cell.run_id] = str(run.id)
-                atomic_write_text(ledger_path, json.dumps(ledger, indent=2))
+                # merged under the ledger's lock: another parent of this benchmark keeps its
+                # entries (a plain rewrite of this process's copy would drop them)
+                merge_json(ledger_path, {cell.run_id: str(run.id)})
                 log.info("submitted %s as flow run %s", cell.run_id, run.id)
             time.sleep(poll_s)
             for run in _read_runs(client, list(active)):

@@ -11,7 +11,7 @@ replaces a shared thing goes through this module:
 - :func:`atomic_file` / :func:`atomic_write_text`: a file is written under a temporary
   name beside it and renamed over it (``os.replace``), so a reader sees the old file or
   the new one, never half of one, and a kill leaves at most a ``.NAME.*.tmp`` file.
-- :func:`update_json`: a read-modify-write of a JSON file under its lock, so two writers
+- :func:`merge_json`: a read-merge-write of a JSON object under its lock, so two writers
   never lose each other's entries.
 - :func:`build_dir_once`: a folder built by one process while the others wait, into a
   temporary folder, then renamed into place; a complete folder is never deleted (a reader
@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,10 +103,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def update_json(path: str | Path, update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Apply ``update`` (which changes the dict in place) to the JSON object in ``path``
-    ({} when missing or unreadable) and write it back atomically, all under ``path``'s lock,
-    so concurrent writers each see the others' changes. Returns the new object."""
+def merge_json(path: str | Path, entries: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``entries`` into the JSON object in ``path`` ({} when missing or unreadable)
+    and write it back atomically, all under ``path``'s lock, so concurrent writers never
+    drop each other's entries. Returns the new object."""
     path = Path(path)
     with file_lock(lock_path(path)):
         try:
@@ -115,7 +115,7 @@ def update_json(path: str | Path, update: Callable[[dict[str, Any]], None]) -> d
             value = {}
         if not isinstance(value, dict):
             value = {}
-        update(value)
+        value.update(entries)
         atomic_write_text(path, json.dumps(value, indent=2))
     return value
 
