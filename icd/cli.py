@@ -697,6 +697,57 @@ def bench_fanout(
     print_fanout_bench(run_fanout_bench(cells=cells, limit=samples))
 
 
+@app.command("serve")
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="HF model id or folder to serve (`fixtures/tiny-llava`, `fixtures/tiny-idefics3`: "
+            "the mini-world teacher and student)."
+        ),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Model name clients ask for (`model_id` in ICD's config); default: MODEL."
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require `Authorization: Bearer KEY` on every request (default: open)."),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="Answer length (tokens) for requests that set no max_tokens.")
+    ] = 16,
+    max_body_mb: Annotated[
+        float, typer.Option(min=0.001, help="Request bodies larger than this get a 413 (MiB).")
+    ] = 50.0,
+    latency_ms: Annotated[
+        float, typer.Option(min=0, help="Delay added to every request (simulates a remote API).")
+    ] = 0.0,
+    revision: Annotated[str, typer.Option(help="Model revision (hub models).")] = "main",
+    device: Annotated[
+        str, typer.Option(help="Device to run on: cpu, cuda, cuda:N or mps.")
+    ] = "cpu",
+) -> None:
+    """Serve a local VLM over an OpenAI-compatible API, with logprobs.
+
+    Chat completions as the official `openai` client expects them (n, seed, stop, stream,
+    images as data URLs, up to 20 top_logprobs), for `models.teacher.backend: openai` (or the
+    student's) with `base_url: http://127.0.0.1:8000/v1`. Stop it with Ctrl-C."""
+    from icd.models.serve import serve as serve_model
+
+    try:
+        serve_model(
+            model, name=name, revision=revision, host=host, port=port, api_key=api_key,
+            max_tokens=max_tokens, latency_ms=latency_ms, max_body_mb=max_body_mb, device=device,
+        )  # fmt: skip
+    except _user_errors() as e:
+        _fail(one_line(e))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -13,3 +13,4 @@ def test_serve_command_documents_its_options(capsys: pytest.CaptureFixture[str])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "OpenAI-compatible" in out and "--port" in out and "--api-key" in out
+    assert "--max-body-mb" in out and "--device" in out
