@@ -23,6 +23,7 @@ from icd.config import ConfigError, VotingConfig, load_config
 from icd.data import shapes
 from icd.data.types import Sample
 from icd.method import steps
+from icd.method.modes import plan
 from icd.method.prompts import build_prompt
 from icd.models.openai import OpenAIStudent, OpenAITeacher, summarize_stats
 from tests.openai_server import RecordingServer, choice
@@ -71,6 +72,10 @@ def test_content_filtered_answers_are_a_teacher_error_never_a_label(rec, caplog)
     assert "content_filter" in ann.error
     (vote,) = steps.vote_annotations(anns, VotingConfig(), ["red", "blue triangle"])
     assert vote.label is None and not vote.accepted and vote.error == ann.error
+    # the sample keeps the student's answer, marked as a fallback (DESIGN §6)
+    cfg = load_config("smoke", overrides=["method.final_from_teacher=true"])
+    final = steps.final_answers(plan(cfg.method), ["blue triangle"], None, [vote])
+    assert final == [("blue triangle", "student_fallback")]
     assert teacher.stats()["filtered"] == 5 and teacher.stats()["errors"] == 1
     assert summarize_stats([anns.service])["filtered"] == 5  # into the run's summary
     assert "content_filter" in caplog.text
