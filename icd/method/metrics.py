@@ -205,8 +205,9 @@ def _ptb_jar() -> Path | None:
 def caption_tokenizer() -> CaptionTokenizer:
     """The PTB tokenizer this machine runs: ``ptb-java`` (the COCO evaluation's own: Stanford
     CoreNLP 3.4.1's PTBTokenizer, through ``java``, from pycocoevalcap) when ``java`` is on
-    PATH, else ``ptb-python`` (:mod:`icd.method.ptb`, a port of it that gives the same tokens
-    on every golden caption). ``ICD_CAPTION_TOKENIZER=ptb-java|ptb-python`` forces one."""
+    PATH, else ``ptb-python`` (:mod:`icd.method.ptb`: the lexer's rules that captions meet,
+    in Python; the same tokens on every golden caption, an approximation beyond them, and
+    warned as such). ``ICD_CAPTION_TOKENIZER=ptb-java|ptb-python`` forces one."""
     forced = os.environ.get(TOKENIZER_ENV, "").strip()
     if forced in ("ptb-java", "ptb-python"):
         return forced  # type: ignore[return-value]
