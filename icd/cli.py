@@ -706,6 +706,7 @@ def serve(
             "the mini-world teacher and student)."
         ),
     ],
+    *,
     name: Annotated[
         str | None,
         typer.Option(
