@@ -45,6 +45,7 @@ from icd.method import accounting, steps
 from icd.method.accounting import Made
 from icd.report import build_run_report
 from icd.storage import results
+from icd.storage.locks import atomic_file
 from icd.storage.pool import DEFAULT_TABLE, PoolError
 from icd.storage.runstate import RunState, atomic_write_text
 from icd.storage.tracking import Tracker
@@ -336,7 +337,8 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
             log.warning("pool compaction skipped: %s", e)
     df = results.read_predictions(ctx.run_dir)
     pred_path = ctx.run_dir / "predictions.parquet"
-    df.write_parquet(pred_path)
+    with atomic_file(pred_path) as tmp:  # a reader never sees half of it, nor does a resume
+        df.write_parquet(tmp)
     totals = accounting.RunTotals(
         run_id=ctx.run_id,
         mode=ctx.cfg.method.mode,

@@ -23,6 +23,7 @@ from rich.table import Table
 from icd.method.modes import mode_spec
 from icd.report import html, plots
 from icd.report.tables import comparison_rows, fmt_count, fmt_pct
+from icd.storage.locks import atomic_write_text
 
 BENCHMARK_FILE = "benchmark.json"
 RUNS_FILE = "runs.parquet"
@@ -188,7 +189,7 @@ def build_run_report(run_dir: Path) -> ReportPaths:
         ),
     )
     html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    atomic_write_text(html_path, page)  # a run and `icd report` may both write it
     return ReportPaths("run", run_dir, html_path, paths, summary)
 
 
@@ -307,7 +308,7 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
         ),
     )
     html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    atomic_write_text(html_path, page)  # a run and `icd report` may both write it
     return ReportPaths("benchmark", bench_dir, html_path, paths, table)
 
 

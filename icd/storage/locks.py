@@ -100,7 +100,7 @@ def remove_leftovers(path: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half."""
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def merge_json(path: str | Path, entries: Mapping[str, Any]) -> dict[str, Any]:
