@@ -7,8 +7,10 @@ message naming the key.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -428,6 +430,8 @@ def load_config(
         data = _merge(data, read_yaml(path))
     if values:
         data = _merge(data, values)
+    section = data.get("data")
+    preset_data = dict(section) if isinstance(section, dict) else {}
     for item in overrides or []:
         keys, value = parse_override(item)
         node = data
@@ -436,7 +440,32 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
+    _drop_foreign_source(data, preset_data, overrides or [])
     return validate(data)
+
+
+def _drop_foreign_source(
+    data: dict[str, Any], before: dict[str, Any], overrides: list[str]
+) -> None:
+    """An override naming an *unregistered* ``data.dataset`` without a ``data.source`` of
+    its own does not inherit the preset's or file's source: that source is the old
+    dataset's data, which would otherwise be streamed under the new name. Opening the
+    stream then fails in one line (unknown dataset). A registered name keeps it (the
+    entry read from that source, e.g. the smoke preset's fixture as ``shapes_captions``)."""
+    section = data.get("data")
+    if not isinstance(section, dict) or section.get("dataset") == before.get("dataset"):
+        return
+    if any(parse_override(item)[0] == ["data", "source"] for item in overrides):
+        return
+    from icd.data.registry import DATASETS, RegistryFileError, load_registry_file
+
+    registry = section.get("registry")
+    try:
+        extra = load_registry_file(registry) if isinstance(registry, str) else {}
+    except RegistryFileError:
+        return  # reported, in one line, when the stream is opened
+    if section.get("dataset") not in {*DATASETS, *extra}:
+        section.pop("source", None)
 
 
 def validate(data: dict[str, Any]) -> Config:
@@ -447,5 +476,36 @@ def validate(data: dict[str, Any]) -> Config:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "config"
         if err["type"] == "extra_forbidden":
-            raise ConfigError(f"unknown config key {key!r}") from None
+            near = closest_keys(key)
+            hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}") from None
         raise ConfigError(f"invalid value for {key!r}: {err['msg']}") from None
+
+
+def config_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts (``method.policy.budget``, ...)."""
+    model = model or Config
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = [
+            t
+            for t in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
+        if nested:
+            keys.extend(config_keys(nested[0], f"{key}."))
+        else:
+            keys.append(key)
+    return keys
+
+
+def closest_keys(key: str, n: int = 3) -> list[str]:
+    """The valid config keys nearest to the unknown ``key``: those ending in the same
+    field name first, then the closest spellings."""
+    known = config_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    same_leaf.sort(key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())
+    spelled = difflib.get_close_matches(key, known, n=n, cutoff=0.6)
+    return list(dict.fromkeys([*same_leaf, *spelled]))[:n]

@@ -44,6 +44,9 @@ def test_config_file_then_overrides(tmp_path) -> None:  # noqa: ANN001
     [
         (["run", "--preset", "nope"], "unknown preset 'nope'"),
         (["run", "--set", "method.kk=3"], "unknown config key 'method.kk'"),
+        (["run", "--set", "method.budget=2"], "did you mean 'method.policy.budget'"),
+        # the preset's source is the shapes data: it is not streamed under another name
+        (["run", "--set", "data.dataset=mine"], "unknown dataset 'mine': give its data.source"),
         (["run", "--set", "method.policy.budget=2"], "method.policy.budget"),
         (["run", "--set", "method.selection.strategy=best"], "method.selection.strategy"),
         (
@@ -62,6 +65,14 @@ def test_user_mistakes_give_one_line_errors(args: list[str], needle: str) -> Non
     assert needle in text
     assert "Traceback" not in text
     assert len(text.splitlines()) == 1, text
+
+
+def test_an_unregistered_dataset_keeps_only_a_source_of_its_own() -> None:
+    assert load_config("smoke", overrides=["data.dataset=mine"]).data.source is None
+    given = ["data.dataset=mine", "data.source=parquet:/d/*.parquet"]
+    assert load_config("smoke", overrides=given).data.source == "parquet:/d/*.parquet"
+    smoke = load_config("smoke").data.source  # a registered name reads the preset's source
+    assert load_config("smoke", overrides=["data.dataset=shapes_captions"]).data.source == smoke
 
 
 def test_config_errors_name_the_key() -> None:

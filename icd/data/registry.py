@@ -360,7 +360,10 @@ def get_dataset(name: str, registry_file: str | Path | None = None) -> DatasetSp
         return DATASETS[name]
     except KeyError:
         known = ", ".join(sorted({*DATASETS, *extra}))
-        raise UnknownDataset(f"unknown dataset {name!r} (known: {known})") from None
+        raise UnknownDataset(
+            f"unknown dataset {name!r}: give its data.source (parquet:, imagefolder: or hf:) "
+            f"or a registered name ({known})"
+        ) from None
 
 
 # -- YAML registry files ---------------------------------------------------------------
