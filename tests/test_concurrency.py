@@ -28,6 +28,7 @@ from icd.data import shapes
 from icd.storage.locks import merge_json
 from icd.storage.tracking import Tracker
 
+pytestmark = pytest.mark.slow  # processes started and killed: in `make test`, not in -m "not slow"
 REPO = Path(__file__).resolve().parents[1]
 
 # Each process imports everything first, then waits at a file barrier until all are
@@ -314,7 +315,6 @@ def test_mlflow_store_creation_killed_midway_the_next_run_succeeds(
     assert [p.name for p in tmp_path.glob("*.tmp*")] == []
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("ICD_CONCURRENT_RUNS_TEST"),
     reason="four full icd runs at once take minutes on 2 cores; set ICD_CONCURRENT_RUNS_TEST=1",
