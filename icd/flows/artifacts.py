@@ -136,6 +136,34 @@ def headline(summary: Mapping[str, Any], *, mlflow_url: str | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def mlflow_description(
+    summary: Mapping[str, Any],
+    *,
+    mlflow_run_id: str,
+    bars: str | None = None,
+    curves: str | None = None,
+) -> str:
+    """The MLflow run page's description (``mlflow.note.content``, markdown, on the
+    Overview tab the UI opens on): ``bars`` (an artifact path), the run's final accuracy and
+    its same-run baselines' on one axis, linked to ``curves`` (the same over the stream);
+    the line it draws is its alt text (the whole description without ``bars``). The UI
+    folds a description taller than about 90 px, which then hides what it holds, so it
+    holds nothing more. Artifacts are addressed relative to the UI's own page, so they show
+    wherever the UI is served."""
+    from urllib.parse import quote
+
+    def src(path: str) -> str:
+        return f"get-artifact?path={quote(path, safe='')}&run_uuid={mlflow_run_id}"
+
+    line = (
+        f"{summary.get('mode')} {fmt_pct(summary.get('accuracy'))} vs the student alone "
+        f"{fmt_pct(summary.get('zs_accuracy'))} vs forwarding the teacher's labels "
+        f"{fmt_pct(summary.get('forward_accuracy'))}"
+    )
+    shown = f"![{line}]({src(bars)})" if bars else f"**{line}**"
+    return f"[{shown}]({src(curves)})" if curves else shown
+
+
 def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The summary as (metric, value) rows: its numbers and short strings."""
     rows = []

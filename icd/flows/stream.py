@@ -185,6 +185,9 @@ def start_chunk(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> ChunkWork:
     return work
 
 
+REPORT_ARTIFACTS = "report"  # the run's plots and HTML report, in its MLflow artifacts
+
+
 # ---------------------------------------------------------------------------- the run
 def start_tracking(*, ctx: RunContext, src: Stream, parent_mlflow_run_id: str | None) -> Tracker:
     """The run's MLflow run (created, or reopened when resuming) with its config, lineage
@@ -373,11 +376,22 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
     tracker.log_table(_preview(df), "predictions_table.json")
     report = build_run_report(ctx.run_dir)  # plots and the HTML page, in MLflow too
     for path in (report.html, *report.plots.values()):
-        tracker.log_artifact(path, "report")
+        tracker.log_artifact(path, REPORT_ARTIFACTS)
     # The run against its same-run baselines, among the charts of the run's page.
     tracker.log_chart(
-        report.plots["running"], key="headline/accuracy_vs_baselines", step=int(summary["samples"])
+        report.plots["headline"], key="headline/accuracy_vs_baselines", step=int(summary["samples"])
     )
+    if tracker.mlflow_run_id is not None:  # the page MLflow opens on leads with the comparison
+        tracker.client.set_tag(
+            tracker.mlflow_run_id,
+            "mlflow.note.content",
+            artifacts.mlflow_description(
+                summary,
+                mlflow_run_id=tracker.mlflow_run_id,
+                bars=f"{REPORT_ARTIFACTS}/{report.plots['headline_bars'].name}",
+                curves=f"{REPORT_ARTIFACTS}/{report.plots['headline'].name}",
+            ),
+        )
     tracker.log_pool_manifest(
         {int(k): v for k, v in state.manifest.items()},
         pool_uri=ctx.pool_uri,

@@ -227,9 +227,11 @@ def running_numbers(
 ) -> dict[str, Any]:
     """The numbers logged after each chunk: the running sums and ratios, the counters, the
     teacher's and the cache's numbers, and the pool's size (rows left for selection) and
-    label precision (:func:`pool_precision`)."""
+    label precision (:func:`pool_precision`). The two gains are running too, so each is a
+    curve in MLflow, not one final point."""
     return {
         **running,
+        **{k: v for k, v in gains(running).items() if v is not None},
         **counters,
         **teacher_numbers(made),
         **cache_numbers(counters),

@@ -144,6 +144,8 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     out = run_dir / REPORT_DIR
     name = summary.get("run_id") or run_dir.name
     paths = {
+        "headline": plots.plot_headline(preds, out / "headline.png"),
+        "headline_bars": plots.plot_headline_bars(summary, out / "headline_bars.png"),
         "running": plots.plot_running_curves(preds, out / "running.png", title=name, budget=budget),
         "uncertainty": plots.plot_uncertainty_hist(
             preds,

@@ -302,6 +302,99 @@ def plot_running_curves(
     return _save(running_curves_figure(preds, title=title, budget=budget), path)
 
 
+def headline_figure(preds: pl.DataFrame) -> Figure:
+    """The run against its same-run baselines on one y axis: the run's accuracy so far, the
+    student alone and forwarding the teacher's labels, each line ending in its final value
+    (the label beside it), the legend under the axes, off the data."""
+    curves = running_curves(preds)
+    fig = Figure(figsize=(8.0, 3.4), layout="constrained")
+    ax = fig.subplots()
+    acc = _floats(curves, "running_accuracy") * 100 if curves.height else np.zeros(0)
+    if curves.height == 0 or np.isnan(acc).all():
+        _empty(ax, "no scored samples")
+        return fig
+    x = curves.get_column("samples_seen").to_numpy()
+    mode = str(preds["mode"][0]) if "mode" in preds.columns else "this run"
+    series = [
+        (f"{mode} (this run)", acc, style(mode)),
+        ("the student alone", _floats(curves, "running_zs_accuracy") * 100,
+         style("student_zero_shot")),
+        ("forwarding the teacher's labels", _floats(curves, "running_forward_accuracy") * 100,
+         style("teacher_forward")),
+    ]  # fmt: skip
+    marker = "o" if curves.height <= 40 else None
+    shown = _plot_merged(ax, x, series, marker=marker)
+    ends = []
+    for name, y, st in series:
+        finite = np.flatnonzero(np.isfinite(y))
+        if finite.size:
+            ends.append((float(y[finite[-1]]), name, st["color"]))
+    # final values beside the lines' ends, nudged apart so no label covers another
+    ends.sort()
+    placed: list[float] = []
+    for value, _name, color in ends:
+        at = max(value, placed[-1] + 3.0) if placed else value
+        placed.append(at)
+        ax.annotate(f"{value:.1f}%", (x[-1], value), xytext=(x[-1] * 1.02, at), textcoords="data",
+                    xycoords="data", ha="left", va="center", color=color, fontsize=9,
+                    fontweight="bold")  # fmt: skip
+    ax.set_xlim(0, float(x[-1]) * 1.13)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("accuracy so far (%)")
+    _percent_axis(ax, *shown, np.array(placed))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+    ax.set_title(f"{mode} vs the student alone vs forwarding the teacher's labels", fontsize=10)
+    return fig
+
+
+def plot_headline(preds: pl.DataFrame, path: Path | str) -> Path:
+    """:func:`headline_figure` saved as a PNG (the run page's first picture in MLflow)."""
+    return _save(headline_figure(preds), path)
+
+
+def headline_bars_figure(summary: Mapping[str, Any]) -> Figure:
+    """A strip small enough to show whole where MLflow's run page shows a description
+    (under 70 px tall): the run's final accuracy and its same-run baselines' as bars on one
+    0–100 % axis (gridlines every 10 points), each labelled with its value."""
+    mode = str(summary.get("mode") or "this run")
+    rows = [
+        (f"{mode} (this run)", summary.get("accuracy"), style(mode)["color"]),
+        ("the student alone", summary.get("zs_accuracy"), style("student_zero_shot")["color"]),
+        ("forwarding teacher labels", summary.get("forward_accuracy"),
+         style("teacher_forward")["color"]),
+    ]  # fmt: skip
+    rows = [(name, 100 * float(v), color) for name, v, color in rows if v is not None]
+    fig = Figure(figsize=(7.6, 0.06 + 0.2 * max(len(rows), 1)), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.01, w_pad=0.02)  # type: ignore[union-attr]
+    ax = fig.subplots()
+    if not rows:
+        _empty(ax, "no scored samples")
+        return fig
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, [v for _, v, _ in rows], color=[c for _, _, c in rows], height=0.7)
+    for yi, (_, value, _) in zip(y, rows, strict=True):
+        ax.text(value + 1, yi, f"{value:.1f}%", va="center", ha="left", fontsize=8,
+                fontweight="bold")  # fmt: skip
+    ax.set_yticks(y, [name for name, _, _ in rows], fontsize=8)
+    ax.set_xlim(0, 100)  # one scale, 0–100 %: the gridlines every 10 points
+    ax.set_xticks(range(0, 101, 10), [])
+    ax.grid(axis="x", alpha=0.4)
+    ax.tick_params(length=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig
+
+
+def plot_headline_bars(summary: Mapping[str, Any], path: Path | str) -> Path:
+    """:func:`headline_bars_figure` saved as a PNG at 100 dpi (its pixel size is its size on
+    the page)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    headline_bars_figure(summary).savefig(path, format="png", dpi=100)
+    return path
+
+
 def running_comparison_figure(
     preds: pl.DataFrame,
     labels: Mapping[str, str] | None = None,

@@ -5,12 +5,15 @@ predictions table and a description."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from icd.config import load_config
 from icd.flows.stream import stream
@@ -44,11 +47,24 @@ def test_a_finished_run_shows_its_results_in_the_mlflow_ui(tmp_path: Path) -> No
         (run,) = [r for r in runs if r["info"]["run_name"] == "ui-run"]
         rid = run["info"]["run_id"]
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-        assert "ui-run" in tags["mlflow.note.content"]
+        # The Overview tab leads with the run against its baselines on one axis: a picture
+        # short enough that the UI does not fold it, served by the UI's own artifact route.
+        note = tags["mlflow.note.content"]
+        assert f"{summary['accuracy'] * 100:.1f}%" in note and "the student alone" in note
+        src = re.search(r"!\[[^\]]*\]\((get-artifact\?[^)]+)\)", note)
+        assert src and "headline_bars.png" in src.group(1), note
+        picture = httpx.get(f"http://127.0.0.1:{port}/{src.group(1)}")
+        assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
+        assert Image.open(io.BytesIO(picture.content)).height <= 80
         assert tags["mlflow.source.name"].startswith("icd/stream") and tags["mlflow.user"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["headline/accuracy"] == pytest.approx(summary["accuracy"])
         assert "headline/gain_from_icl" in metrics
+        gain = httpx.get(
+            f"{api}/metrics/get-history",
+            params={"run_id": rid, "metric_key": "headline/gain_from_icl"},
+        ).json()["metrics"]
+        assert len(gain) > 1  # a curve over the stream, not a one-dot chart
         assert not any(k.startswith("summary.") for k in metrics)
 
         def listed(path: str = "") -> set[str]:
