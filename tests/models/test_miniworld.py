@@ -85,6 +85,54 @@ def test_student_episodes_follow_the_recipe():
     assert {ep.kind for ep in eps} == {"zs_base", "zs_novel", "icl_glyph", "icl_shapes", "icl_base"}
 
 
+def test_copier_episodes_put_the_query_class_nearest_and_keep_base_names():
+    """The copier's episodes: an unfamiliar query's class is always the last demo and its
+    label the target; a base query keeps its own name; every label is whole words."""
+    import random
+
+    from icd.data import shapes
+    from icd.miniworld.train import (
+        N_SHAPES,
+        copier_episode,
+        render_bank,
+        render_glyph_bank,
+        whole_word_pool,
+    )
+    from icd.models.fixtures import resolve_model_path
+
+    bank = render_glyph_bank(2, 5000, render_bank(3, 5000))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(f"fixtures/{STUDENT}"))
+    pools = whole_word_pool(tok)
+    novel_names = set(shapes.NOVEL_CLASSES)
+    assert novel_names <= set(pools[0])  # the evaluation's novel names are producible
+    assert not set(shapes.BASE_CLASSES) & set(pools[0] + pools[1])
+    assert all(len(tok(" " + n, add_special_tokens=False)["input_ids"]) == 2 for n in pools[1])
+    rng = random.Random(0)
+    eps = [copier_episode(rng, bank, 5, labels=pools) for _ in range(600)]
+    base = set(shapes.BASE_CLASSES)
+    base_last = base_absent = 0
+    for ep in eps:
+        q = bank.labels[ep.query]
+        truth = shapes.CLASS_NAMES[q] if q < N_SHAPES else None
+        classes = [bank.labels[d] for d, _ in ep.demos]
+        assert len(classes) == len(set(classes)) <= 5 and all(d != ep.query for d, _ in ep.demos)
+        if ep.kind == "zs_base":
+            assert not ep.demos and ep.target == truth in base
+        elif ep.kind == "zs_novel":
+            assert not ep.demos and ep.target in base and truth not in base
+        elif ep.kind in ("icl_glyph", "icl_shapes"):
+            assert classes[-1] == q and ep.target == ep.demos[-1][1]
+            assert truth not in base
+        else:
+            assert ep.target == truth in base
+            base_last += classes[-1:] == [q]
+            base_absent += q not in classes
+    assert base_last and base_absent > base_last  # its class last sometimes, mostly absent
+    assert {ep.kind for ep in eps} == {"zs_base", "zs_novel", "icl_glyph", "icl_shapes", "icl_base"}
+
+
 def test_an_interrupted_student_run_resumes_from_its_checkpoint(tmp_path):
     """A run killed after a checkpoint continues from it and ends with the weights an
     uninterrupted run ends with."""
@@ -118,29 +166,25 @@ def test_an_interrupted_student_run_resumes_from_its_checkpoint(tmp_path):
     assert whole[STUDENT]["recipe"] == resumed[STUDENT]["recipe"]
 
 
-# The student's in-context matching among several demos misses its targets (measured at 20
-# queries per class: k=3 0.47, k=4 0.33, hard distractors 0.62, a base query among three
-# other classes 0.83; docs/miniworld.md): it copies a demo's label reliably (k=1 0.91) but
-# picks the one whose image matches only about half the time. Pinned at floors below those
-# levels so they cannot regress, and listed so that meeting a target fails this test until
-# the list is updated.
-KNOWN_MISSES = {
-    "student.icl_novel_k3_one_match": 0.35,
-    "student.icl_novel_k4_one_match": 0.2,
-    "student.icl_novel_k3_hard_distractors": 0.45,
-    "student.icl_base_k3_no_match": 0.7,
-}
+# The shipped student is the nearest-demo copier (docs/miniworld.md). It misses one target
+# narrowly: with its class nearest, a novel query gets its label 0.944 (target 0.95; rings
+# whose hole hides look like circles, so the student keeps its own name). Pinned at a floor
+# below that so it cannot regress, and listed so that meeting it fails this test until the
+# list is updated.
+KNOWN_MISSES = {"student.icl_novel_k3_nearest": 0.9}
 
 
 @pytest.mark.slow
 def test_the_shipped_models_meet_their_targets():
     found = evaluate(per_class=20)  # as in the docs: smaller samples swing by 5 points
+    assert found["student.design"] == "copier"
     assert set(found["targets"]) == set(TARGETS)
     missed = {k: c["value"] for k, c in found["targets"].items() if not c["met"]}
     assert set(missed) == set(KNOWN_MISSES), missed
     for key, floor in KNOWN_MISSES.items():
         assert missed[key] >= floor, (key, missed[key])
-    assert found["student.icl_novel_k1_one_match"] >= 0.85
+    # the copier reads the nearest demo, not the matching one: it is near chance there
+    assert found["student.icl_novel_k3_one_match"] < 0.6
 
 
 def test_the_token_contrast_loss_rewards_same_class_tokens_together():
