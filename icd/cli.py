@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -128,6 +130,11 @@ def _preflight(cfg: Config, run_id: str | None = None) -> None:
         load_teacher(cfg.models.teacher, src.class_names)
 
 
+def _paths_line(label: str, path: Any) -> None:
+    """``label path`` on one line, never wrapped inside the path (it can be copied)."""
+    console.print(f"{label} {path}", highlight=False, soft_wrap=True, markup=False)
+
+
 def _local_server() -> None:
     """Start Prefect's temporary server from the main thread, tied to this process (a
     SIGKILL then leaves no server behind); nothing when PREFECT_API_URL names one."""
@@ -179,7 +186,7 @@ def run(
 
     stream_mod.CHUNK_HOOKS.append(hook)
     try:
-        with bar, stream_mod.in_process_settings():
+        with bar, _logs_above(bar), stream_mod.in_process_settings():
             _local_server()
             # The flow resolves the same config from what the user gave (so the Prefect UI
             # shows the real parameters, not a serialised config).
@@ -193,15 +200,74 @@ def run(
         _fail(one_line(e))
     finally:
         stream_mod.CHUNK_HOOKS.remove(hook)
+    # Nothing of Prefect's (its temporary server stopping at exit) comes after the headline.
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     from icd.report import print_headline, print_summary
 
     if verbose:
         print_summary(summary, console=console)
     print_headline(summary, console=console)
-    console.print(f"results: [bold]{summary['run_dir']}[/] (icd report {summary['run_id']})")
-    console.print(
-        f"MLflow:  {cfg.storage.resolved_tracking_uri()} (run {summary['mlflow_run_id']})"
-    )
+    print_where(summary, tracking_uri=cfg.storage.resolved_tracking_uri())
+
+
+def print_where(summary: dict[str, Any], *, tracking_uri: str) -> None:
+    """Where a finished run's results are and how to open them, one copyable line each."""
+    run_id, mlflow_run = summary["run_id"], summary.get("mlflow_run_id")
+    _paths_line("results:", summary["run_dir"])
+    _paths_line("report: ", f"icd report {run_id}")
+    link = "http://127.0.0.1:5000"
+    if tracking_uri.startswith(("http://", "https://")):
+        link = tracking_uri.rstrip("/")
+    else:
+        _paths_line(
+            "MLflow: ",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "
+            f"{tracking_uri} --host 127.0.0.1 --port 5000 --workers 1",
+        )
+    if mlflow_run:
+        experiment = _experiment_of(tracking_uri, mlflow_run)
+        if experiment is not None:
+            _paths_line("  open:  ", f"{link}/#/experiments/{experiment}/runs/{mlflow_run}")
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    prefect_ui = api.removesuffix("/").removesuffix("/api") if api else None
+    if prefect_ui:
+        _paths_line("Prefect:", f"{prefect_ui}/runs (flow run {run_id})")
+    else:
+        _paths_line("Prefect:", f"prefect server start, then http://127.0.0.1:4200/runs ({run_id})")
+
+
+def _experiment_of(tracking_uri: str, mlflow_run_id: str) -> str | None:
+    try:
+        from mlflow import MlflowClient
+
+        return str(MlflowClient(tracking_uri).get_run(mlflow_run_id).info.experiment_id)
+    except Exception:  # noqa: BLE001 - the link is a convenience
+        return None
+
+
+@contextlib.contextmanager
+def _logs_above(bar: Progress) -> Iterator[None]:
+    """Prefect's console log lines printed through the progress bar's console while it is
+    live, so each goes on its own line above the bar (never glued onto it)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = [
+        h
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        if isinstance(logger, logging.Logger)
+        for h in logger.handlers
+        if isinstance(h, PrefectConsoleHandler)
+    ]
+    before = [h.console for h in handlers]
+    for h in handlers:
+        h.console = bar.console
+    try:
+        yield
+    finally:
+        for h, c in zip(handlers, before, strict=True):
+            h.console = c
 
 
 @app.command("presets")
@@ -402,12 +468,19 @@ def report(
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Every number of the summary, every column."),
+    ] = False,
 ) -> None:
-    """Print a finished run's (or benchmark's) summary; write its plots and HTML report.
+    """Print a finished run's headline (or a benchmark's comparison table, the columns that
+    fit 100 columns, as `icd benchmark` prints it); write its plots and HTML report.
 
     The run is looked up under the storage root of the config given as for `icd run`
     (--preset/--config/--set; the `smoke` preset by default), or under --root."""
-    from icd.report import build_report, print_summary
+    import polars as pl
+
+    from icd.report import build_report, print_comparison, print_headline, print_summary
 
     if root is None:
         root = Path(_resolve(preset, config, set_).storage.root)
@@ -416,11 +489,17 @@ def report(
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
         return
-    if paths.summary is not None:
+    if verbose and paths.summary is not None:
         print_summary(paths.summary, console=console)
-    console.print(f"report: [bold]{paths.html}[/]")
+    elif isinstance(paths.summary, pl.DataFrame):
+        print_comparison(paths.summary, console=console)
+    elif paths.summary:
+        print_headline(paths.summary, console=console)
+    _paths_line("report:", paths.html)
     for name, p in paths.plots.items():
-        console.print(f"plot:   {name}: {p}")
+        _paths_line(f"plot:   {name}:", p)
+    if not verbose:
+        console.print("every number: add -v", highlight=False)
 
 
 @app.command("runs")

@@ -127,3 +127,37 @@ def test_command_lists_give_one_line_per_command() -> None:
 def test_help_keeps_square_brackets() -> None:
     text = " ".join(_help(("reproduce",)))
     assert '"benchmark.datasets=[cub200,flowers102]"' in text
+
+
+def test_where_lines_are_whole_at_any_width(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """The commands and paths after a run are never wrapped mid-token: each can be copied."""
+    from rich.console import Console
+
+    from icd import cli
+
+    console = Console(record=True, width=60, force_terminal=False)
+    monkeypatch.setattr(cli, "console", console)
+    run_dir = tmp_path / "a-rather-long-folder-name" / "runs" / "shapes-icd-20261206-055507-c2c4cd"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = {"run_id": "shapes-icd-20261206-055507-c2c4cd", "run_dir": str(run_dir)}
+    cli.print_where(summary, tracking_uri=uri)
+    lines = console.export_text().splitlines()
+    assert f"results: {run_dir}" in lines
+    assert "report:  icd report shapes-icd-20261206-055507-c2c4cd" in lines
+    assert any(line.endswith(f"--backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1")
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("Prefect:") and "4200" in line for line in lines)
+
+
+def test_the_headline_says_when_teacher_answers_were_reused() -> None:
+    from rich.console import Console
+
+    from icd.report import print_headline
+
+    console = Console(record=True, width=100, force_terminal=False)
+    summary = {"run_id": "r", "mode": "icd", "accuracy": 0.5, "queried": 10, "accepted": 9,
+               "annotation_rate": 0.1, "teacher_calls": 0}  # fmt: skip
+    print_headline(summary, console=console)
+    assert "answers reused (cache)" in console.export_text()
+    print_headline({**summary, "teacher_calls": 50}, console=console)
+    assert "50 answers generated" in console.export_text()

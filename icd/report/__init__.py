@@ -413,10 +413,12 @@ def print_headline(summary: dict[str, Any], console: Console | None = None) -> N
     versus("the student alone", "zs_accuracy")
     versus("forwarding the teacher labels", "forward_accuracy")
     if summary.get("queried"):
+        made = summary.get("teacher_calls")
+        answers = "answers reused (cache)" if not made else f"{fmt_count(made)} answers generated"
         lines.append(
             f"  teacher labelled              {fmt_pct(summary.get('annotation_rate'))} of samples "
             f"({fmt_count(summary.get('queried'))} queried, {fmt_count(summary.get('accepted'))} "
-            f"pooled, {fmt_count(summary.get('teacher_calls'))} answers)"
+            f"pooled, {answers})"
         )
     if summary.get("demo_accuracy") is not None:
         lines.append(f"  demos of the query's class    {fmt_pct(summary.get('demo_accuracy'))}")

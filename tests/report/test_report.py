@@ -194,7 +194,7 @@ def test_run_report(tmp_path):
     run_dir = write_run(tmp_path, make_predictions(run_id="run-7", n=96), SUMMARY, CONFIG)
     paths = build_report("run-7", tmp_path)
     assert paths.kind == "run" and paths.source == run_dir
-    assert set(paths.plots) == {"running", "uncertainty", "agreement"}
+    assert set(paths.plots) == {"headline", "headline_bars", "running", "uncertainty", "agreement"}
     for p in paths.plots.values():
         assert p.parent == run_dir / "report"
         assert_png(p)
