@@ -76,6 +76,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict
         "vote_all": ["method.mode=teacher_forward", *ASK_ALL],
         "n1_all": ["method.mode=teacher_forward", *ASK_ALL, *N1],
         "no_filter_all": ["method.mode=teacher_forward", *ASK_ALL, "method.voting.a_min=0"],
+        "minority_all": ["method.mode=teacher_forward", *ASK_ALL, "method.voting.minority=true"],
+        # rules of ICD broken on purpose: each must cost accuracy
+        "inverted_gate": ["method.mode=icd", "method.policy.invert=true"],
+        "least_similar": ["method.mode=icd", "method.selection.least_similar=true"],
+        "most_similar_first": ["method.mode=icd", "method.selection.most_similar_last=false"],
     }
     return root, {name: _run(root, name, *sets) for name, sets in modes.items()}
 
@@ -88,8 +93,9 @@ def test_icd_beats_forwarding_the_teacher_which_beats_the_student(runs) -> None:
     assert acc["teacher_forward"]["all"] > acc["student_zero_shot"]["all"] + 0.05
     # ... in-context learning helps on the samples the teacher never saw (both modes query
     # the same samples, so teacher_forward's rest is the student's zero-shot answer there).
-    assert acc["icd"]["not_queried"] > acc["teacher_forward"]["not_queried"] + 0.05
-    assert acc["icd"]["all"] > acc["teacher_forward"]["all"] + 0.05
+    # (measured: +10.4 points on the not-queried samples, +9.0 overall)
+    assert acc["icd"]["not_queried"] > acc["teacher_forward"]["not_queried"] + 0.07
+    assert acc["icd"]["all"] > acc["teacher_forward"]["all"] + 0.07
     assert acc["icd_oracle"]["all"] >= acc["icd"]["all"] - 0.03
     # An ICD run's own summary shows the forwarding baseline on its samples.
     assert summaries["icd"]["forward_accuracy"] == pytest.approx(
@@ -182,3 +188,23 @@ def test_pool_vote_answers_with_the_majority_label_of_the_same_demos(runs) -> No
     assert summaries["pool_vote"]["icl_prompt_tokens_mean"] is None
     icd = summaries["icd"]
     assert icd["icl_prompt_tokens_mean"] > 2 * icd["zs_prompt_tokens_mean"] > 0
+
+
+@pytest.mark.parametrize("broken", ["inverted_gate", "least_similar", "most_similar_first"])
+def test_each_rule_of_the_method_broken_on_purpose_costs_accuracy(runs, broken) -> None:
+    """The mini-world student copies the label of the demonstration nearest the query when
+    the query looks unfamiliar (docs/miniworld.md), so each rule shows in accuracy: the
+    teacher asked where the student is sure, the least similar demos shown, or the most
+    similar shown farthest from the query (measured: -9.0, -9.0, -7.4 points)."""
+    root, _ = runs
+    acc = {m: _split_accuracy(_predictions(root, m))["all"] for m in ("icd", broken)}
+    assert acc["icd"] > acc[broken] + 0.05, acc
+
+
+def test_a_minority_vote_costs_accuracy_where_the_teacher_is_split(runs) -> None:
+    """The gate asks about classes the teacher agrees on, so within ICD a minority vote
+    changes few labels; with the teacher asked about every sample (rings and crosses, where
+    its answers split, included) labelling by the least-voted answer loses accuracy."""
+    root, _ = runs
+    acc = {m: _split_accuracy(_predictions(root, m))["all"] for m in ("vote_all", "minority_all")}
+    assert acc["vote_all"] > acc["minority_all"] + 0.05, acc
