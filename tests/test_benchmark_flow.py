@@ -177,7 +177,19 @@ def test_benchmark_parent_and_child_mlflow_runs(smoke_benchmark):
         "report/accuracy_vs_annotation.png",
         "report/running_shapes.png",
     } <= report_files
-    assert any(k.endswith(".accuracy") for k in parent.data.metrics)
+    # per setting, mean (and std with several orders) over stream orders, final values
+    # rounded, never a series over orders; the suite's counts are tags, not metrics
+    assert {"runs", "failed_runs", "settings"}.isdisjoint(parent.data.metrics)
+    assert parent.data.tags["icd.runs"] == str(len(children))
+    means = {k: v for k, v in parent.data.metrics.items() if k.endswith(".accuracy_mean")}
+    assert "shapes.icd.b0.1.accuracy_mean" in means and len(means) == 1 + len(BUDGETS)
+    for key, value in parent.data.metrics.items():
+        assert value == round(value, 4)
+        history = client.get_metric_history(parent.info.run_id, key)
+        assert [m.step for m in history] == [0], key
+    note = parent.data.tags["mlflow.note.content"]
+    assert "smoke-test" in note and "comparison.md" in note
+    assert "accuracy_vs_annotation.png" in note
 
 
 @pytest.mark.slow
@@ -208,7 +220,8 @@ def test_benchmark_comparison_table_and_plots(smoke_benchmark):
     pngs = [Path(p) for p in result["plots"].values()]
     for child in result["children"]:
         pngs += sorted((Path(child["run_dir"]) / "report").glob("*.png"))
-    assert len(pngs) == 3 + 3 * len(result["children"])
+    assert len(pngs) == 3 + 5 * len(result["children"])  # running, uncertainty, agreement,
+    # headline and headline_bars per run
     for p in pngs:
         assert_png(p)
 
@@ -328,3 +341,31 @@ def test_fanning_out_without_a_server_is_a_one_line_error(tmp_path, monkeypatch)
     assert "needs a Prefect server" in out.output and "PREFECT_API_URL" in out.output
     assert "Traceback" not in out.output
     assert not (root / "benchmarks").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(STREAM_MISSING is not None, reason=STREAM_MISSING or "")
+def test_icd_report_of_a_benchmark_is_readable_at_100_columns(smoke_benchmark, monkeypatch):
+    """`icd report BENCHMARK` prints the compact table `icd benchmark` prints: whole mode
+    names, no cell cut to "…", within 100 columns; -v every column."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from icd import cli
+
+    root, _ = smoke_benchmark
+
+    def invoke(*args: str) -> str:
+        console = Console(record=True, width=100, force_terminal=False)
+        monkeypatch.setattr(cli, "console", console)
+        out = CliRunner().invoke(cli.app, ["report", "smoke-test", "--root", str(root), *args])
+        assert out.exit_code == 0, out.output
+        return console.export_text()
+
+    text = invoke()
+    table = [line for line in text.splitlines() if not line.startswith(("report:", "plot:"))]
+    assert max(map(len, table)) <= 100  # the paths are whole, to be copied
+    assert "student_zero_shot" in text and "…" not in text
+    assert "mean ± std over orders" in text and "every number: add -v" in text
+    assert "pool" not in "\n".join(table)
+    assert "pool precision" in invoke("-v")  # -v: every column, whole

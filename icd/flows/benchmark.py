@@ -287,9 +287,52 @@ def plan_suite(
     return spec, common, settings
 
 
-def _metric_key(s: Setting, metric: str) -> str:
-    budget = "all" if s.budget is None else f"b{s.budget:g}"
-    return f"{s.dataset}.{s.variant}.{budget}.{metric}"
+# The parent run's final values: per setting, mean and std over stream orders.
+SETTING_METRICS = ("accuracy", "zs_accuracy", "gain_from_icl", "annotation_rate")
+
+
+def setting_metrics(table: pl.DataFrame, digits: int = 4) -> dict[str, float | None]:
+    """The comparison ``table``'s settings as MLflow metrics of the benchmark's parent run:
+    ``DATASET.VARIANT.bRHO.METRIC_mean`` and ``..._std`` (over stream orders; the std is
+    left out with one order), rounded to ``digits``. Logged once each (step 0): final
+    values, never a series over orders."""
+    out: dict[str, float | None] = {}
+    for row in table.iter_rows(named=True):
+        budget = "all" if row.get("budget") is None else f"b{row['budget']:g}"
+        prefix = f"{row['dataset']}.{row['variant']}.{budget}"
+        for m in SETTING_METRICS:
+            for stat in ("mean", "std"):
+                value = row.get(f"{m}_{stat}")
+                if value is not None:
+                    out[f"{prefix}.{m}_{stat}"] = round(float(value), digits)
+    return out
+
+
+def benchmark_description(
+    benchmark_id: str,
+    *,
+    suite: str,
+    settings: int,
+    orders: int,
+    runs: int,
+    failed: int,
+    plot: str | None,
+    mlflow_run_id: str,
+) -> str:
+    """The parent run's description (short: the MLflow UI folds a long one): what ran,
+    where its table is, and a link to its comparison plot."""
+    from urllib.parse import quote
+
+    line = (
+        f"Benchmark **{benchmark_id}** (suite `{suite}`): {settings} settings × {orders} stream "
+        f"orders = {runs} runs{f', {failed} failed' if failed else ''}, each a child run below. "
+        "Metrics: each setting's mean and std over orders. Table: Artifacts → "
+        f"{COMPARISON_MD}"
+    )
+    if plot:
+        src = f"get-artifact?path={quote(plot, safe='')}&run_uuid={mlflow_run_id}"
+        line += f"; [the comparison plot]({src})"
+    return line + "."
 
 
 @flow(name="icd-benchmark", log_prints=True)
@@ -384,15 +427,30 @@ def benchmark(
             tracker.log_artifact(path)
         for path in (report.html, *report.plots.values()):
             tracker.log_artifact(path, "report")
+        tracker.log_metrics(setting_metrics(table), step=0)
     except BaseException:
         tracker.finish(None, status="FAILED")
         raise
     failed = [c for c in children if c["error"]]
-    tracker.finish(
-        {"runs": len(children), "failed_runs": len(failed), "settings": table.height},
-        status="FAILED" if failed else "FINISHED",
+    plot = report.plots.get("accuracy_vs_annotation")
+    tracker.client.set_tag(
+        parent_id,
+        "mlflow.note.content",
+        benchmark_description(
+            benchmark_id,
+            suite=spec.name,
+            settings=table.height,
+            orders=len(spec.seeds),
+            runs=len(children),
+            failed=len(failed),
+            plot=f"report/{plot.name}" if plot is not None else None,
+            mlflow_run_id=parent_id,
+        ),
     )
-    print(markdown)
+    # counts of the suite are tags, not metrics: one-point charts would lead the run's page
+    tracker.client.set_tag(parent_id, "icd.runs", str(len(children)))
+    tracker.client.set_tag(parent_id, "icd.failed_runs", str(len(failed)))
+    tracker.finish(None, status="FAILED" if failed else "FINISHED")
     if failed:
         names = ", ".join(c["run_id"] for c in failed)
         raise RuntimeError(
@@ -430,8 +488,8 @@ def _run_matrix(
     run of the stream deployment on a worker (``deployments``, :mod:`icd.flows.fanout`) —
     and return one child dict per setting, in the matrix's order.
 
-    As each cell ends the runs table is rewritten, and its accuracy and annotation rate are
-    logged on the parent (``DATASET.MODE.bRHO.metric``, step = seed). A cell that fails is
+    As each cell ends the runs table is rewritten (the parent logs the settings' means and
+    stds over orders once all have ended: :func:`setting_metrics`). A cell that fails is
     recorded with its error and the matrix goes on. Each finished cell has its plots and
     HTML report (the stream flow makes and logs them).
     """
@@ -454,14 +512,6 @@ def _run_matrix(
             rows[run_id] = summary_row(asdict(s), {"run_id": run_id}, error=outcome.error)
         else:
             rows[run_id] = summary_row(asdict(s), summary)
-            tracker.log_metrics(
-                {
-                    _metric_key(s, m): summary[m]
-                    for m in ("accuracy", "annotation_rate")
-                    if summary.get(m) is not None
-                },
-                step=s.seed,
-            )
         done = [rows[r] for r in by_run if r in rows]  # in the matrix's order
         runs_table(done).write_parquet(folder / RUNS_FILE)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 from rich.console import Console
+from rich.segment import Segments
 from rich.table import Table
 
 from icd.method.modes import mode_spec
@@ -329,7 +330,8 @@ def _flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 _PERCENT_FIELDS = ("accuracy", "zs_accuracy", "annotation_rate", "mean_agreement", "demo_accuracy")
-_PERCENT_PREFIXES = ("accuracy_", "zs_accuracy_", "forward_accuracy", "gain_from_")
+_PERCENT_PREFIXES = ("accuracy_", "zs_accuracy_", "forward_accuracy")
+_PERCENT_SUFFIXES = ("_rate", "_precision", "agreement", "_hit_rate")
 
 
 def gain_lines(summary: dict[str, Any]) -> list[str]:
@@ -358,17 +360,51 @@ def gain_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fmt_value(key: str, value: Any) -> str:
+    """A summary field's value with its unit: rates and accuracies in %, gains in points,
+    compute in GFLOPs, stage times in s, other numbers plain."""
+    return _fmt_value(key, value)
+
+
 def _fmt_value(key: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    percent = key in _PERCENT_FIELDS or key.startswith(_PERCENT_PREFIXES)
-    if percent and isinstance(value, int | float) and not isinstance(value, bool):
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    leaf = key.rsplit(".", 1)[-1]
+    if number and leaf.startswith("gain_from_"):
+        return f"{100 * value:+.2f} pts"
+    percent = (
+        key in _PERCENT_FIELDS
+        or key.startswith(_PERCENT_PREFIXES)
+        or leaf.endswith(_PERCENT_SUFFIXES)
+        or "accuracy" in leaf
+    )
+    if percent and number:
         return f"{100 * value:.2f} %"
+    if number and leaf.endswith("_flops"):
+        return f"{value / 1e9:,.2f} GFLOPs"
     if key.startswith("seconds") and isinstance(value, int | float):
         return f"{value:.2f} s"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _grouped(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The summary's fields as (group, field, value) rows in the groups MLflow shows them
+    in (headline first; run identity and paths last), leaving out fields the run's mode
+    does not use (no value)."""
+    from icd.storage.tracking import metric_key
+
+    rows = []
+    for k, v in _flat_summary(summary).items():
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        key = metric_key(k)
+        group = key.split("/", 1)[0] if "/" in key else "run"
+        rows.append((group, k, v))
+    order = {"headline": 0, "run": 9}
+    return sorted(rows, key=lambda r: (order.get(r[0], 1), r[0]))
 
 
 def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | None = None) -> None:
@@ -387,10 +423,14 @@ def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | Non
             table.add_row(*row)
     else:
         title = f"ICD run {summary.get('run_id', '')}".strip()
-        table = Table("field", "value", title=title)
-        for k, v in _flat_summary(summary).items():
-            table.add_row(k, _fmt_value(k, v))
-    console.print(table)
+        table = Table("group", "field", "value", title=title)
+        for group, k, v in _grouped(summary):
+            table.add_row(group, k, _fmt_value(k, v))
+    # every cell whole, however wide that makes the table (the compact views fit 100 columns)
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    options = console.options.update_width(max(console.width, natural))
+    for line in console.render_lines(table, options, new_lines=True):
+        console.print(Segments(line), soft_wrap=True, end="")
 
 
 def print_headline(summary: dict[str, Any], console: Console | None = None) -> None:
@@ -438,7 +478,11 @@ def print_comparison(table: pl.DataFrame, console: Console | None = None) -> Non
     console = console or Console()
     header, rows = comparison_rows(table)
     keep = [i for i, h in enumerate(header) if h in ("mode", "budget ρ", "seeds", *COMPACT_COLUMNS)]
-    out = Table(*(header[i] for i in keep), title="ICD benchmark (mean ± std over orders)")
+    out = Table(title="ICD benchmark (mean ± std over orders)")
+    for i in keep:  # names whole; the numbers' headers wrap instead
+        longest = max((len(str(row[i])) for row in rows), default=0)
+        whole = header[i] in ("mode", "budget ρ")
+        out.add_column(header[i], no_wrap=whole, min_width=longest if whole else None)
     for row in rows:
         out.add_row(*(row[i] for i in keep))
     console.print(out)
