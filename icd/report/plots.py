@@ -231,7 +231,7 @@ def running_curves_figure(
 ) -> Figure:
     """The figure of :func:`plot_running_curves` (for callers that save it themselves)."""
     curves = running_curves(preds)
-    fig = Figure(figsize=(7.5, 7.5), layout="constrained")
+    fig = Figure(figsize=(9.5, 7.5), layout="constrained")  # room for the legends beside
     ax_acc, ax_pool, ax_rate = fig.subplots(3, 1, sharex=True)
     if curves.height == 0:
         for ax in (ax_acc, ax_pool, ax_rate):
@@ -255,7 +255,8 @@ def running_curves_figure(
             ax_acc.set_ylabel("accuracy so far (%)")
             ax_acc.set_title("accuracy so far: the run and its same-run baselines", fontsize=9)
             _percent_axis(ax_acc, *shown)
-            ax_acc.legend(fontsize=8, loc="best")
+            # beside the axes, never over a line
+            ax_acc.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         x0 = np.concatenate([[0], x])  # counts start from an empty pool at sample 0
         pool = np.concatenate([[0], curves.get_column("pool_size").to_numpy()])
         asked = np.concatenate([[0], curves.get_column("queried").cum_sum().to_numpy()])
@@ -270,7 +271,7 @@ def running_curves_figure(
                          label="pool size (teacher labels accepted)")  # fmt: skip
         ax_pool.set_ylabel("teacher labels")
         ax_pool.set_title("teacher labels: asked for and kept in the pool", fontsize=9)
-        ax_pool.legend(fontsize=8, loc="lower right")  # counts only grow: that corner is free
+        ax_pool.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         rate = _floats(curves, "annotation_rate") * 100
         ax_rate.plot(x, rate, marker=marker, color="#2ca02c", label="annotation rate so far")
         if budget is not None:
@@ -278,7 +279,7 @@ def running_curves_figure(
         ax_rate.set_ylabel("annotation rate (%)")
         ax_rate.set_title("share of the stream sent to the teacher", fontsize=9)
         _percent_axis(ax_rate, rate, np.array([budget * 100 if budget is not None else np.nan]))
-        ax_rate.legend(fontsize=8, loc="best")
+        ax_rate.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         for ax in (ax_acc, ax_pool, ax_rate):
             ax.grid(alpha=0.3)
         ax_rate.set_xlabel("samples seen")

@@ -228,3 +228,37 @@ def test_running_comparison_averages_stream_orders_and_marks_coinciding_lines():
         pl.concat([runs[0], twin]), labels={"icd-0": "icd", "twin": "rices"}
     ).axes[0]
     assert _legend(same) == ["icd", "rices (= icd)"]
+
+
+def _overlaps(fig, ax) -> bool:  # noqa: ANN001
+    """Whether ``ax``'s legend lies over its plotting area (after drawing ``fig``)."""
+    fig.canvas.draw()  # type: ignore[attr-defined]
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    legend = ax.get_legend().get_window_extent(renderer)
+    return bool(legend.overlaps(ax.get_window_extent(renderer)))
+
+
+def test_legends_stay_off_the_data():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    preds = make_predictions(n=96, seed=0)
+    fig = plots.running_curves_figure(preds, title="r", budget=0.1)
+    FigureCanvasAgg(fig)
+    assert not any(_overlaps(fig, ax) for ax in fig.axes)
+    head = plots.headline_figure(preds)
+    FigureCanvasAgg(head)
+    (ax,) = head.axes
+    assert not _overlaps(head, ax)
+    assert ax.get_ylabel() == "accuracy so far (%)"  # one y axis for the run and its baselines
+
+
+def test_headline_bars_fit_an_unfolded_mlflow_description(tmp_path):
+    from PIL import Image
+
+    summary = {"mode": "icd", "accuracy": 0.45, "zs_accuracy": 0.32, "forward_accuracy": 0.38}
+    path = plots.plot_headline_bars(summary, tmp_path / "bars.png")
+    width, height = Image.open(path).size
+    assert height <= 80 and width >= 600
+    (ax,) = plots.headline_bars_figure(summary).axes
+    assert ax.get_xlim() == (0.0, 100.0)  # one scale for all three
+    assert [t.get_text() for t in ax.texts] == ["45.0%", "32.0%", "38.0%"]
