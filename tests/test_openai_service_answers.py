@@ -25,7 +25,8 @@ from icd.data.types import Sample
 from icd.method import steps
 from icd.method.modes import plan
 from icd.method.prompts import build_prompt
-from icd.models.openai import OpenAIStudent, OpenAITeacher, summarize_stats
+from icd.models.base import Sampling
+from icd.models.openai import OpenAIOptions, OpenAIStudent, OpenAITeacher, summarize_stats
 from tests.openai_server import RecordingServer, choice
 
 MODEL = "some-service-model"
@@ -50,15 +51,23 @@ def _inputs(n: int = 1) -> tuple[list[Sample], list]:
     return samples, [build_prompt(shapes.QUESTION, im) for im in images]
 
 
-def _teacher(srv: RecordingServer, **kw) -> OpenAITeacher:
+def _options(**kw) -> OpenAIOptions:
     args = dict(api_key_env="ICD_NO_KEY", max_retries=1, backoff_base=0.01, max_tokens=8)
     args.update(kw)
-    return OpenAITeacher(srv.url, MODEL, **args)
+    return OpenAIOptions(**args)
+
+
+def _teacher(srv: RecordingServer, **kw) -> OpenAITeacher:
+    return OpenAITeacher(srv.url, MODEL, _options(**kw))
+
+
+def _student(srv: RecordingServer, **kw) -> OpenAIStudent:
+    return OpenAIStudent(srv.url, MODEL, _options(**kw))
 
 
 def _annotate(teacher: OpenAITeacher, n: int = 5, include_greedy: bool = False):
     samples, prompts = _inputs()
-    return teacher.annotate(samples, prompts, n, 0.7, include_greedy, 0)
+    return teacher.annotate(samples, prompts, Sampling(n, 0.7, include_greedy, 0))
 
 
 def test_content_filtered_answers_are_a_teacher_error_never_a_label(rec, caplog) -> None:
@@ -136,7 +145,7 @@ def test_length_answers_are_flagged_and_kept_or_dropped_as_configured(rec) -> No
 
 def test_a_student_answer_without_logprobs_is_a_student_error_not_certain(rec, caplog) -> None:
     rec.answer_with([choice("blue triangle", logprobs=False)])
-    student = OpenAIStudent(_teacher(rec, role="student", top_logprobs=20))
+    student = _student(rec, top_logprobs=20)
     _, prompts = _inputs(3)
     with caplog.at_level(logging.WARNING, logger="icd.models.openai"):
         gens = student.generate(prompts)
@@ -163,10 +172,10 @@ def test_a_student_answer_without_logprobs_is_a_student_error_not_certain(rec, c
 def test_a_student_refusal_or_filtered_answer_is_a_student_error(rec) -> None:
     _, prompts = _inputs(1)
     rec.answer_with([choice(None, refusal=REFUSAL)])
-    (g,) = OpenAIStudent(_teacher(rec, role="student")).generate(prompts)
+    (g,) = _student(rec).generate(prompts)
     assert g.error is not None and g.error.startswith("student_error") and REFUSAL in g.error
     rec.answer_with([choice("red", "content_filter")])
-    (g,) = OpenAIStudent(_teacher(rec, role="student")).generate(prompts)
+    (g,) = _student(rec).generate(prompts)
     assert g.error is not None and "content_filter" in g.error and g.text == ""
 
 

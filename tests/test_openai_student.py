@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from icd.data import shapes
 from icd.method.prompts import build_prompt
 from icd.method.uncertainty import uncertainty
-from icd.models.openai import OpenAIStudent, OpenAITeacher
+from icd.models.openai import OpenAIOptions, OpenAIStudent
 from tests.openai_server import FaultyServer
 
 MODEL = "tiny-student"
@@ -64,9 +64,9 @@ def _query_id(image_ids: list) -> str | None:
 
 def _student(srv: FaultyServer, **kw) -> OpenAIStudent:
     args = dict(concurrency=4, timeout_s=10.0, max_retries=6, max_tokens=MAX_TOKENS,
-                backoff_base=0.01, top_logprobs=20, role="student")  # fmt: skip
+                backoff_base=0.01, top_logprobs=20)  # fmt: skip
     args.update(kw)
-    return OpenAIStudent(OpenAITeacher(srv.url, MODEL, **args))
+    return OpenAIStudent(srv.url, MODEL, OpenAIOptions(**args))
 
 
 def test_answers_and_uncertainty_match_the_model_behind_the_api(srv, hf_student) -> None:

@@ -23,7 +23,10 @@ from icd.bench.teacher import QUESTION, bench_samples
 from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.method.types import Prompt
+from icd.models.base import Sampling
 from icd.models.openai import (
+    GREEDY,
+    OpenAIOptions,
     OpenAITeacher,
     RateLimiter,
     TeacherConfigError,
@@ -77,7 +80,7 @@ def make_teacher(srv: FaultyServer, **kw) -> OpenAITeacher:
         backoff_max=0.05,
     )
     args.update(kw)
-    return OpenAITeacher(srv.url, MODEL, **args)
+    return OpenAITeacher(srv.url, MODEL, OpenAIOptions(**args))
 
 
 def icl_prompt(seed: int = 0) -> Prompt:
@@ -206,13 +209,14 @@ def test_from_config_maps_fields_and_requires_a_base_url():
         max_new_tokens=9,
     )
     t = OpenAITeacher.from_config(cfg)
-    assert (t.base_url, t.model_id, t.revision, t.api_key_env) == (
+    assert (t.chat.base_url, t.model_id, t.revision, t.options.api_key_env) == (
         "http://h:1/v1",
         "gpt-4o",
         "2024-08-06",
         "MY_KEY",
     )
-    assert (t.concurrency, t.requests_per_minute, t.timeout_s, t.max_retries, t.max_tokens) == (
+    o = t.options
+    assert (o.concurrency, o.requests_per_minute, o.timeout_s, o.max_retries, o.max_tokens) == (
         3,
         120,
         7,
@@ -231,7 +235,7 @@ def test_greedy_answers_equal_the_in_process_hf_teacher(srv, hf_teacher):
     prompts = [*prompts, icl_prompt(1)]
     samples = [*samples, Sample("icl", 6, QUESTION, ["x"])]
     teacher = make_teacher(srv)
-    anns = teacher.annotate(samples, prompts, n=1, temperature=0.7, include_greedy=True, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(1, 0.7, True, 0))
     local = hf_teacher.generate(prompts, max_new_tokens=MAX_TOKENS)
     for ann, ref in zip(anns, local, strict=True):
         assert ann.error is None and len(ann.generations) == 1
@@ -246,8 +250,8 @@ def test_greedy_answers_equal_the_in_process_hf_teacher(srv, hf_teacher):
 def test_n_answers_greedy_first_seeded_and_reproducible(srv, hf_teacher):
     samples, prompts = bench_samples(4)
     teacher = make_teacher(srv)
-    a1 = teacher.annotate(samples, prompts, n=4, temperature=1.5, include_greedy=True, seed=3)
-    a2 = teacher.annotate(samples, prompts, n=4, temperature=1.5, include_greedy=True, seed=3)
+    a1 = teacher.annotate(samples, prompts, Sampling(4, 1.5, True, 3))
+    a2 = teacher.annotate(samples, prompts, Sampling(4, 1.5, True, 3))
     greedy = hf_teacher.generate(prompts, max_new_tokens=MAX_TOKENS)
     for x, y, g in zip(a1, a2, greedy, strict=True):
         assert len(x.generations) == 4 and x.requests == 2  # one greedy + one with n=3
@@ -262,13 +266,13 @@ def test_server_generation_defaults_cannot_collapse_the_votes(srv):
     srv.set_faults(default_top_k=1)
     samples, prompts = bench_samples(6)
     teacher = make_teacher(srv)
-    anns = teacher.annotate(samples, prompts, n=4, temperature=1.5, include_greedy=True, seed=3)
+    anns = teacher.annotate(samples, prompts, Sampling(4, 1.5, True, 3))
     texts = [[g.text for g in a.generations] for a in anns]
     assert all(len(t) == 4 for t in texts)
     assert any(len(set(t)) > 1 for t in texts)  # sampled votes differ from the greedy one
     # what the server's default alone gives: every vote the greedy answer
     collapsed = make_teacher(srv, sampling_extensions=False)
-    flat = collapsed.annotate(samples, prompts, n=4, temperature=1.5, include_greedy=True, seed=3)
+    flat = collapsed.annotate(samples, prompts, Sampling(4, 1.5, True, 3))
     assert all(len({g.text for g in a.generations}) == 1 for a in flat)
 
 
@@ -276,18 +280,18 @@ def test_server_rejecting_sampling_extensions_gets_them_no_more(srv):
     srv.set_faults(reject_extensions=True)
     samples, prompts = bench_samples(3)
     teacher = make_teacher(srv, concurrency=1)
-    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=False, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(3, 1.0, False, 0))
     assert all(a.error is None and len(a.generations) == 3 for a in anns)
     assert sum(a.retries for a in anns) == 1  # one 400, then never sent again
-    assert not teacher._extensions
+    assert not teacher.chat._extensions
     assert_counts_add_up(teacher, anns, srv)
 
 
 def test_payload_pins_every_sampling_parameter():
-    local = OpenAITeacher("http://127.0.0.1:1/v1", "m")._payload([], 3, 0.7, 11)
+    local = OpenAITeacher("http://127.0.0.1:1/v1", "m").chat._payload([], 3, 0.7, 11)
     assert (local["top_p"], local["top_k"], local["repetition_penalty"]) == (1.0, -1, 1.0)
     assert (local["frequency_penalty"], local["presence_penalty"], local["seed"]) == (0, 0, 11)
-    hosted = OpenAITeacher("https://api.openai.com/v1", "gpt-4o")._payload([], 3, 0.7, 11)
+    hosted = OpenAITeacher("https://api.openai.com/v1", "gpt-4o").chat._payload([], 3, 0.7, 11)
     assert hosted["top_p"] == 1.0 and "top_k" not in hosted and "repetition_penalty" not in hosted
 
 
@@ -295,7 +299,7 @@ def test_server_ignoring_n_is_topped_up_with_single_requests(srv):
     srv.set_faults(ignore_n=True)
     samples, prompts = bench_samples(4)
     teacher = make_teacher(srv, concurrency=1)
-    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=False, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(3, 1.0, False, 0))
     assert all(len(a.generations) == 3 and a.error is None for a in anns)
     # first sample: n=3 -> 1 choice, then 2 singles; later samples go straight to singles
     assert [a.requests for a in anns] == [3, 3, 3, 3]
@@ -306,7 +310,7 @@ def test_30pct_429_500_faults_every_sample_gets_n_votes_and_counts_add_up(srv, c
     srv.set_faults(rate_429=0.15, rate_500=0.15, retry_after_s=0.02, seed=7)
     samples, prompts = bench_samples(16)
     teacher = make_teacher(srv, max_retries=8)
-    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(3, 1.0, True, 0))
     call = anns.service
     assert all(a.error is None and len(a.generations) == 3 for a in anns)
     s = assert_counts_add_up(teacher, anns, srv)
@@ -323,7 +327,7 @@ def test_exhausted_retries_mark_teacher_error_and_the_rest_continue(srv, capsys)
     srv.set_faults(rate_500=0.5, seed=1)
     samples, prompts = bench_samples(16)
     teacher = make_teacher(srv, max_retries=1)
-    anns = teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(3, 1.0, True, 0))
     failed = [a for a in anns if a.error is not None]
     assert failed and len(failed) < len(anns)
     for a in failed:
@@ -343,7 +347,7 @@ def test_retry_after_is_honoured(srv):
     srv.set_faults(script=["429"], retry_after_s=0.6)
     samples, prompts = bench_samples(1)
     teacher = make_teacher(srv)  # backoff alone would wait <= 0.01 s
-    (ann,) = teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+    (ann,) = teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     assert ann.error is None and (ann.requests, ann.retries) == (2, 1)
     (t429, o1), (tok, o2) = srv.log
     assert (o1, o2) == ("429", "ok")
@@ -354,7 +358,7 @@ def test_timeout_dropped_connection_and_malformed_json_are_retried(srv):
     srv.set_faults(script=["slow", "drop", "malformed"], slow_s=3.0)
     samples, prompts = bench_samples(1)
     teacher = make_teacher(srv, timeout_s=0.5)
-    (ann,) = teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+    (ann,) = teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     assert ann.error is None and len(ann.generations) == 1
     assert (ann.requests, ann.retries) == (4, 3)
     assert [o for _, o in srv.log] == ["slow", "drop", "malformed", "ok"]
@@ -365,7 +369,7 @@ def test_timeouts_until_the_limit_give_teacher_error(srv):
     srv.set_faults(rate_slow=1.0, slow_s=2.0)
     samples, prompts = bench_samples(2)
     teacher = make_teacher(srv, timeout_s=0.2, max_retries=1)
-    anns = teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     assert [a.error for a in anns] == ["teacher_error: timeout after 1 retries"] * 2
 
 
@@ -373,7 +377,7 @@ def test_server_rejecting_logprobs_is_retried_without_them(srv):
     srv.set_faults(reject_logprobs=True)
     samples, prompts = bench_samples(2)
     teacher = make_teacher(srv, concurrency=1)
-    anns = teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+    anns = teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     assert all(a.error is None and a.generations[0].token_logprobs.size == 0 for a in anns)
     assert sorted(a.requests for a in anns) == [1, 2]  # learnt after the first rejection
 
@@ -383,7 +387,7 @@ def test_401_fails_fast_with_one_line_message(srv, monkeypatch):
     samples, prompts = bench_samples(8)
     teacher = make_teacher(srv, concurrency=2)
     with pytest.raises(TeacherConfigError) as info:
-        teacher.annotate(samples, prompts, n=3, temperature=1.0, include_greedy=True, seed=0)
+        teacher.annotate(samples, prompts, Sampling(3, 1.0, True, 0))
     msg = str(info.value)
     assert msg == f"teacher at {srv.url}: 401 Unauthorized — check {KEY_ENV}"
     assert "\n" not in msg and "sk-wrong-key-123" not in msg
@@ -393,20 +397,22 @@ def test_401_fails_fast_with_one_line_message(srv, monkeypatch):
 
 def test_unknown_model_and_unreachable_server_fail_fast(srv):
     samples, prompts = bench_samples(2)
-    wrong = OpenAITeacher(srv.url, "no-such-model", api_key_env=KEY_ENV, backoff_base=0.01)
+    options = OpenAIOptions(api_key_env=KEY_ENV, backoff_base=0.01)
+    wrong = OpenAITeacher(srv.url, "no-such-model", options)
     with pytest.raises(
         TeacherConfigError, match=r"404 Not Found — check base_url and model 'no-such-model'"
     ):
-        wrong.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+        wrong.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends: nothing listens there
-    gone = OpenAITeacher(f"http://127.0.0.1:{port}/v1", MODEL, max_retries=1, backoff_base=0.01)
+    options = OpenAIOptions(max_retries=1, backoff_base=0.01)
+    gone = OpenAITeacher(f"http://127.0.0.1:{port}/v1", MODEL, options)
     with pytest.raises(TeacherConfigError, match="unreachable"):
-        gone.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+        gone.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     no_scheme = OpenAITeacher("127.0.0.1:8000/v1", MODEL)
     with pytest.raises(TeacherConfigError, match="not a valid http"):
-        no_scheme.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+        no_scheme.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
 
 
 def test_api_key_never_appears_in_logs_repr_stats_or_errors(srv, caplog, monkeypatch):
@@ -414,13 +420,19 @@ def test_api_key_never_appears_in_logs_repr_stats_or_errors(srv, caplog, monkeyp
     srv.set_faults(rate_500=0.3, rate_429=0.2, retry_after_s=0.01, seed=3)
     samples, prompts = bench_samples(6)
     teacher = make_teacher(srv, max_retries=2)
-    anns = teacher.annotate(samples, prompts, n=2, temperature=1.0, include_greedy=True, seed=0)
-    seen = [caplog.text, repr(teacher), str(teacher.stats()), str(vars(teacher))]
+    anns = teacher.annotate(samples, prompts, Sampling(2, 1.0, True, 0))
+    seen = [
+        caplog.text,
+        repr(teacher),
+        str(teacher.stats()),
+        str(vars(teacher)),
+        str(vars(teacher.chat)),
+    ]
     seen += [a.error or "" for a in anns]
     srv.set_faults()
     monkeypatch.setenv(KEY_ENV, KEY + "x")  # a wrong key: the 401 message must not echo it
     with pytest.raises(TeacherConfigError) as info:
-        teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+        teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     seen += [str(info.value), repr(info.value), caplog.text]
     assert srv.counts["500"] > 0  # the retry paths (and their logging) ran
     for text in seen:
@@ -432,7 +444,7 @@ def test_annotate_works_inside_a_running_event_loop(srv):
     teacher = make_teacher(srv)
 
     async def caller():
-        return teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+        return teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
 
     anns = asyncio.run(caller())
     assert all(a.error is None and len(a.generations) == 1 for a in anns)
@@ -441,7 +453,7 @@ def test_annotate_works_inside_a_running_event_loop(srv):
 def test_requests_per_minute_limit_spaces_requests(srv):
     samples, prompts = bench_samples(8)
     teacher = make_teacher(srv, requests_per_minute=240)  # 4/s, bursts of 4
-    teacher.annotate(samples, prompts, n=1, temperature=0.0, include_greedy=True, seed=0)
+    teacher.annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     times = sorted(t for t, _ in srv.log)
     assert len(times) == 8
     for j in range(4, 8):  # after the burst, one request per 0.25 s at most
@@ -458,7 +470,7 @@ def test_server_control_routes(srv):
     set_to = httpx.post(f"{base}/_faults", json={"rate_500": 1.0, "seed": 2}).json()
     assert set_to["rate_500"] == 1.0 and srv.faults.rate_500 == 1.0
     samples, prompts = bench_samples(1)
-    (ann,) = make_teacher(srv, max_retries=2).annotate(samples, prompts, 1, 0.0, True, 0)
+    (ann,) = make_teacher(srv, max_retries=2).annotate(samples, prompts, Sampling(1, 0.0, True, 0))
     assert ann.error == "teacher_error: 500 after 2 retries"
     assert httpx.get(f"{base}/_stats").json() == {"requests": 3, "500": 3}
 
@@ -470,7 +482,7 @@ def test_images_in_the_wild_are_sent_as_rgb_png(srv):
         [rgba],
     )
     teacher = make_teacher(srv)
-    (ann,) = teacher.annotate([Sample("rgba", 0, QUESTION, ["x"])], [prompt], 1, 0.0, True, 0)
+    (ann,) = teacher.annotate([Sample("rgba", 0, QUESTION, ["x"])], [prompt], GREEDY)
     assert ann.error is None and len(ann.generations) == 1
 
 

@@ -46,6 +46,7 @@ from icd.method import metrics, modes, steps
 from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
 from icd.models import load_embedder, load_student, load_teacher
+from icd.models.base import Sampling
 
 RSS_SOURCE = "fixture:shapes?n=10000"
 
@@ -118,9 +119,8 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
         if asked:
             voting = plan.voting
             prompts = [build_prompt(s.question, s.image, task=task) for s in asked]
-            anns = teacher.annotate(
-                asked, prompts, voting.n, voting.temperature, voting.include_greedy, cfg.seed
-            )
+            sampling = Sampling(voting.n, voting.temperature, voting.include_greedy, cfg.seed)
+            anns = teacher.annotate(asked, prompts, sampling)
             voted = steps.vote_annotations(anns, voting, class_names, synonyms)
             votes = {s.sample_id: v for s, v in zip(asked, voted, strict=True)}
         lap("annotate")

@@ -31,6 +31,7 @@ from transformers import LogitsProcessor
 import icd.models.hf as hf
 from icd.data.types import Sample
 from icd.method.prompts import build_prompt
+from icd.models.base import Sampling
 
 VOCAB = 152_064  # Qwen2 / Qwen2.5-VL
 
@@ -97,7 +98,7 @@ def run_sampler_bench(
         path = build_big_vocab_teacher(Path(tmp))
         vlm = hf.HFVLM(str(path), device=device, batch_size=prompts, max_new_tokens=new_tokens)
         samples, ps = _prompts(prompts)
-        kw = dict(n=draws, temperature=0.7, include_greedy=False, seed=0)
+        sampling = Sampling(n=draws, temperature=0.7, include_greedy=False, seed=0)
         timings: dict[str, float] = {"host": float("inf"), "device": float("inf")}
         answers: dict[str, list[list[str]]] = {}
         steps = new_tokens
@@ -107,7 +108,7 @@ def run_sampler_bench(
                 for name, cls in (("host", HostRowSampler), ("device", current)):
                     hf._RowSampler = cls  # type: ignore[misc]
                     t0 = time.perf_counter()
-                    anns = vlm.annotate(samples, ps, **kw)
+                    anns = vlm.annotate(samples, ps, sampling)
                     timings[name] = min(timings[name], time.perf_counter() - t0)
                     answers[name] = [[g.text for g in a.generations] for a in anns]
         finally:

@@ -90,7 +90,7 @@ def run_student_bench(
 
     from icd.models.fixtures import STUDENT, resolve_model_path
     from icd.models.hf import HFVLM
-    from icd.models.openai import OpenAIStudent, OpenAITeacher
+    from icd.models.openai import OpenAIOptions, OpenAIStudent
     from icd.models.serve import OpenAIServer
 
     torch.set_num_threads(1)
@@ -137,11 +137,10 @@ def run_student_bench(
     exact = uncertainty(local, "entropy_mean")
     with OpenAIServer(vlm, model_name=MODEL_NAME, max_tokens=6) as srv:
         for top in (5, 20):
-            client = OpenAITeacher(
-                srv.url, MODEL_NAME, concurrency=8, max_tokens=6, top_logprobs=top,
-                api_key_env="ICD_BENCH_NO_KEY", role="student",
-            )  # fmt: skip
-            student = OpenAIStudent(client)
+            options = OpenAIOptions(
+                concurrency=8, max_tokens=6, top_logprobs=top, api_key_env="ICD_BENCH_NO_KEY"
+            )
+            student = OpenAIStudent(srv.url, MODEL_NAME, options)
             t0 = time.perf_counter()
             remote = student.generate(batch)
             seconds = time.perf_counter() - t0

@@ -25,7 +25,8 @@ from rich.table import Table
 
 from icd.data.types import Sample
 from icd.method.types import Prompt
-from icd.models.openai import OpenAITeacher
+from icd.models.base import Sampling
+from icd.models.openai import OpenAIOptions, OpenAITeacher
 from icd.models.serve import OpenAIServer
 
 QUESTION = "What shape is shown in the image?"
@@ -33,13 +34,12 @@ MODEL_NAME = "bench-teacher"
 
 
 def _teacher(url: str, concurrency: int, max_tokens: int) -> OpenAITeacher:
-    return OpenAITeacher(
-        url,
-        MODEL_NAME,
+    options = OpenAIOptions(
         concurrency=concurrency,
         max_tokens=max_tokens,
         api_key_env="ICD_BENCH_NO_KEY",  # the local server needs no key
     )
+    return OpenAITeacher(url, MODEL_NAME, options)
 
 
 def bench_samples(count: int, seed: int = 0) -> tuple[list[Sample], list[Prompt]]:
@@ -93,21 +93,18 @@ def run_teacher_bench(
         (f"+{latency_ms:g} ms, spare capacity", latency_ms, True),
     ]
     with OpenAIServer(model, model_name=MODEL_NAME, max_tokens=max_new_tokens) as srv:
-        _teacher(srv.url, concurrency, max_new_tokens).annotate(
-            data[:2], prompts[:2], n, 0.7, True, 0
-        )
+        sampling = Sampling(n, temperature=0.7, include_greedy=True, seed=0)
+        _teacher(srv.url, concurrency, max_new_tokens).annotate(data[:2], prompts[:2], sampling)
         for setting, delay, memoize in settings:
             if memoize:  # the warm-up pass fills the server's memo with these very requests
                 srv.latency_ms, srv.memoize = 0.0, True
-                _teacher(srv.url, concurrency, max_new_tokens).annotate(
-                    data, prompts, n, 0.7, True, 0
-                )
+                _teacher(srv.url, concurrency, max_new_tokens).annotate(data, prompts, sampling)
             srv.latency_ms, srv.memoize = delay, memoize
             base = None
             for conc in (1, concurrency):
                 teacher = _teacher(srv.url, conc, max_new_tokens)
                 t0 = time.perf_counter()
-                anns = teacher.annotate(data, prompts, n, 0.7, True, 0)
+                anns = teacher.annotate(data, prompts, sampling)
                 seconds = time.perf_counter() - t0
                 st = teacher.stats()
                 rate = samples / seconds

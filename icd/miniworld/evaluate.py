@@ -26,6 +26,7 @@ from icd.method.uncertainty import uncertainty
 from icd.method.voting import aggregate
 from icd.miniworld.train import Bank, render_bank
 from icd.models import fixtures
+from icd.models.base import Sampling
 
 QUERY_SEED, DEMO_SEED = 0, 1
 A_MIN = 0.8  # the smoke preset's agreement filter
@@ -129,7 +130,7 @@ def evaluate_teacher(model_id: str, queries: Bank) -> dict[str, float]:
         for i, (im, y) in enumerate(zip(queries.images, queries.labels, strict=True))
     ]
     voting = VotingConfig(n=5, temperature=0.7, include_greedy=False)
-    notes = vlm.annotate(samples, prompts, voting.n, voting.temperature, False, seed=0)
+    notes = vlm.annotate(samples, prompts, Sampling(voting.n, voting.temperature, False, seed=0))
     votes = [aggregate(a.generations, voting, shapes.CLASS_NAMES, shapes.SYNONYMS) for a in notes]
     voted = np.array(
         [_accuracy([v.label or ""], [y]) for v, y in zip(votes, queries.labels, strict=True)]

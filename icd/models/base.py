@@ -69,8 +69,7 @@ class Sampling:
 
 @runtime_checkable
 class Teacher(Protocol):
-    """Labels samples with ``n`` answers each (sampled at ``temperature``; the greedy
-    answer first when ``include_greedy``; see :class:`Sampling`). A sample whose calls fail
+    """Labels samples with ``sampling.n`` answers each (see :class:`Sampling`). A sample whose calls fail
     finally gets an :class:`Annotation` with ``error`` set; it never raises for one bad
     sample. The result is an :class:`Annotations` (a list) carrying the call's service
     accounting."""
@@ -79,13 +78,7 @@ class Teacher(Protocol):
     revision: str
 
     def annotate(
-        self,
-        samples: Sequence[Sample],
-        prompts: Sequence[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
+        self, samples: Sequence[Sample], prompts: Sequence[Prompt], sampling: Sampling
     ) -> Annotations: ...
 
 

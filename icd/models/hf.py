@@ -365,13 +365,10 @@ class HFVLM:
         self,
         samples: Sequence[Sample],
         prompts: Sequence[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
+        sampling: Sampling,
     ) -> Annotations:
-        """``n`` answers per sample: the greedy one first when ``include_greedy``, then
-        answers sampled at ``temperature`` (pure temperature sampling, no top-k/top-p).
+        """``sampling.n`` answers per sample: the greedy one first when ``include_greedy``,
+        then answers sampled at ``temperature`` (pure temperature sampling, no top-k/top-p).
 
         The k-th sampled answer of a sample is drawn with a generator seeded from
         (``seed``, sample id, k), so it does not depend on batching, call order or retries.
@@ -380,7 +377,6 @@ class HFVLM:
         """
         if len(samples) != len(prompts):
             raise ValueError(f"annotate: {len(samples)} samples but {len(prompts)} prompts")
-        sampling = Sampling(n, temperature, include_greedy, seed)
         out = run_halving(
             list(range(len(prompts))),
             self.batch_size,

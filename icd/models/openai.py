@@ -22,7 +22,7 @@ log-probs is no answer either (``no_logprobs``): its uncertainty is unknown, nev
 
 Accounting: every HTTP attempt and every returned answer is counted, per call (the
 ``service`` of the :class:`~icd.models.base.Annotations` that :meth:`OpenAITeacher.annotate`
-returns) and per teacher (:meth:`OpenAITeacher.stats`).
+returns) and per client (:meth:`OpenAIChat.stats`).
 
 Sampling is fully specified by the request: besides ``temperature`` and a seed per request,
 every request sends ``top_p=1`` and ``frequency_penalty=presence_penalty=0``, and (where the
@@ -390,7 +390,7 @@ async def _settle(job: Any) -> list[ServiceChoice] | Exception:
 
 @dataclass
 class _Call:
-    """State shared by the requests of one :meth:`OpenAITeacher.annotate` call."""
+    """State shared by the requests of one :meth:`OpenAIChat.complete` call."""
 
     client: httpx.AsyncClient
     sem: asyncio.Semaphore
@@ -431,86 +431,49 @@ def _reasons(choices: Sequence[ServiceChoice], drop_truncated: bool) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-class OpenAITeacher:
-    """Teacher backed by an OpenAI-compatible ``/chat/completions`` endpoint.
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """How an OpenAI-compatible client talks to its endpoint (``models.<role>`` of the
+    config, :meth:`from_config`).
 
-    ``base_url`` ends in ``/v1`` (e.g. ``http://localhost:8000/v1``); ``model`` is the served
-    model name; ``concurrency`` bounds requests in flight per :meth:`annotate` call;
-    ``requests_per_minute`` (token bucket, bursts of one second's worth) is shared by all
-    calls on this object; ``timeout_s`` bounds each attempt; ``max_retries`` counts retries
-    after the first attempt, waiting ``backoff_base * 2**i`` s (capped at ``backoff_max``,
-    jittered down by up to half, never less than ``Retry-After``). ``top_logprobs`` token
-    alternatives are asked per step (0: chosen token only, negative: no logprobs).
-    ``image_ids`` sends each image's id as its ``uuid`` (vLLM's multimodal cache key; None:
-    unless the endpoint is api.openai.com); a server that rejects the field gets no more.
+    ``concurrency`` bounds requests in flight per call; ``requests_per_minute`` (token
+    bucket, bursts of one second's worth) is shared by all calls on one client;
+    ``timeout_s`` bounds each attempt; ``max_retries`` counts retries after the first
+    attempt, waiting ``backoff_base * 2**i`` s (capped at ``backoff_max``, jittered down by
+    up to half, never less than ``Retry-After``). ``max_tokens`` caps each answer.
+    ``top_logprobs`` token alternatives are asked per step (0: chosen token only, negative:
+    no logprobs). ``length_answers`` keeps or drops answers cut off by ``max_tokens``.
+    ``sampling_extensions`` sends vLLM/SGLang's extra sampling fields and ``image_ids``
+    each image's id as its ``uuid`` (vLLM's multimodal cache key); None for either: unless
+    the endpoint is api.openai.com. A server that rejects a field gets it no more.
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 8,
-        requests_per_minute: int | None = None,
-        timeout_s: float = 60.0,
-        max_retries: int = 5,
-        max_tokens: int = 16,
-        backoff_base: float = 0.5,
-        backoff_max: float = 20.0,
-        revision: str = "main",
-        top_logprobs: int = ModelConfig.model_fields["top_logprobs"].default,
-        length_answers: str = "keep",
-        sampling_extensions: bool | None = None,
-        role: str = "teacher",
-        image_ids: bool | None = None,
-    ):
-        if concurrency < 1:
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    requests_per_minute: int | None = None
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    max_tokens: int = 16
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    revision: str = "main"
+    top_logprobs: int = ModelConfig.model_fields["top_logprobs"].default
+    length_answers: str = "keep"
+    sampling_extensions: bool | None = None
+    image_ids: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        if length_answers not in ("keep", "drop"):
-            raise ValueError(f"length_answers must be 'keep' or 'drop', not {length_answers!r}")
-        self.base_url = base_url.rstrip("/")
-        self.role = role  # "teacher" or "student": names the endpoint in messages
-        self.model_id = model
-        self.revision = revision
-        self.api_key_env = api_key_env
-        self.concurrency = concurrency
-        self.requests_per_minute = requests_per_minute
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.max_tokens = max_tokens
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.top_logprobs = top_logprobs
-        self.length_answers = length_answers
-        # a student's uncertainty comes from its log-probs: an answer without them is none
-        self._student = role == "student"
-        self._need_logprobs = self._student and top_logprobs >= 0
-        self._warned: set[str] = set()  # problems already logged at warning level
-        self._limiter = RateLimiter(requests_per_minute) if requests_per_minute else None
-        self._logprobs = top_logprobs >= 0  # turned off if the server rejects them
-        if sampling_extensions is None:  # the hosted OpenAI API rejects unknown fields
-            sampling_extensions = "api.openai.com" not in self.base_url
-        self._extensions = sampling_extensions  # turned off if the server rejects them
-        if image_ids is None:
-            image_ids = "api.openai.com" not in self.base_url
-        self._image_ids = image_ids  # likewise
-        self._n_supported = True  # turned off once the server returns fewer choices than n
-        self._reached = False  # set once any request got an HTTP response
-        self._counts = _Counts()
-        self._lock = threading.Lock()
-        self._jitter = random.Random()
+        if self.length_answers not in ("keep", "drop"):
+            raise ValueError(
+                f"length_answers must be 'keep' or 'drop', not {self.length_answers!r}"
+            )
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, role: str = "teacher") -> OpenAITeacher:
-        """Build from ``models.<role>`` (``backend: openai``); the model name is ``model_id``."""
-        if not cfg.base_url:
-            raise TeacherConfigError(
-                f"models.{role}.base_url is required for the openai backend (model {cfg.model_id!r})"
-            )
+    def from_config(cls, cfg: ModelConfig) -> OpenAIOptions:
+        """The options of ``models.<role>`` (``backend: openai``)."""
         return cls(
-            base_url=cfg.base_url,
-            model=cfg.model_id,
             api_key_env=cfg.api_key_env,
             concurrency=cfg.concurrency,
             requests_per_minute=cfg.requests_per_minute,
@@ -521,16 +484,66 @@ class OpenAITeacher:
             top_logprobs=cfg.top_logprobs,
             length_answers=cfg.length_answers,
             sampling_extensions=cfg.sampling_extensions,
-            role=role,
             image_ids=cfg.image_ids,
         )
 
+
+def _base_url(cfg: ModelConfig, role: str) -> str:
+    """``models.<role>.base_url``, required for the openai backend."""
+    if not cfg.base_url:
+        raise TeacherConfigError(
+            f"models.{role}.base_url is required for the openai backend (model {cfg.model_id!r})"
+        )
+    return cfg.base_url
+
+
+class OpenAIChat:
+    """The HTTP transport to an OpenAI-compatible ``/chat/completions`` endpoint, shared by
+    :class:`OpenAITeacher` and :class:`OpenAIStudent` (``role`` names the endpoint in
+    errors and log messages, and a student's answers need log-probs).
+
+    ``base_url`` ends in ``/v1`` (e.g. ``http://localhost:8000/v1``); ``model`` is the served
+    model name; ``options`` as :class:`OpenAIOptions`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        options: OpenAIOptions | None = None,
+        role: str = "teacher",
+    ):
+        options = options or OpenAIOptions()
+        self.options = options
+        self.base_url = base_url.rstrip("/")
+        self.role = role  # "teacher" or "student": names the endpoint in messages
+        self.model_id = model
+        self.revision = options.revision
+        # a student's uncertainty comes from its log-probs: an answer without them is none
+        self._student = role == "student"
+        self._need_logprobs = self._student and options.top_logprobs >= 0
+        self._warned: set[str] = set()  # problems already logged at warning level
+        rpm = options.requests_per_minute
+        self._limiter = RateLimiter(rpm) if rpm else None
+        self._logprobs = options.top_logprobs >= 0  # turned off if the server rejects them
+        hosted = "api.openai.com" in self.base_url  # the hosted OpenAI API rejects unknown fields
+        extensions = options.sampling_extensions
+        self._extensions = not hosted if extensions is None else extensions  # likewise
+        image_ids = options.image_ids
+        self._image_ids = not hosted if image_ids is None else image_ids  # likewise
+        self._n_supported = True  # turned off once the server returns fewer choices than n
+        self._reached = False  # set once any request got an HTTP response
+        self._counts = _Counts()
+        self._lock = threading.Lock()
+        self._jitter = random.Random()
+
     def __repr__(self) -> str:
+        o = self.options
         return (
-            f"OpenAITeacher(base_url={self.base_url!r}, model={self.model_id!r}, "
-            f"api_key_env={self.api_key_env!r}, concurrency={self.concurrency}, "
-            f"requests_per_minute={self.requests_per_minute}, timeout_s={self.timeout_s}, "
-            f"max_retries={self.max_retries})"
+            f"base_url={self.base_url!r}, model={self.model_id!r}, "
+            f"api_key_env={o.api_key_env!r}, concurrency={o.concurrency}, "
+            f"requests_per_minute={o.requests_per_minute}, timeout_s={o.timeout_s}, "
+            f"max_retries={o.max_retries}"
         )
 
     # -- accounting -----------------------------------------------------------------
@@ -541,7 +554,7 @@ class OpenAITeacher:
         ``requests == ok + failures`` (every HTTP attempt is one or the other);
         ``retries`` counts attempts made because an earlier one failed; ``samples`` the
         choices returned (including those of a sample that failed overall); ``errors`` the
-        samples marked ``teacher_error``; latency percentiles are over successful
+        samples marked ``<role>_error``; latency percentiles are over successful
         attempts, in milliseconds.
         """
         with self._lock:
@@ -558,17 +571,12 @@ class OpenAITeacher:
 
     # -- public API -----------------------------------------------------------------
 
-    def annotate(
-        self,
-        samples: Sequence[Sample],
-        prompts: Sequence[Prompt],
-        n: int,
-        temperature: float,
-        include_greedy: bool,
-        seed: int,
+    def complete(
+        self, keys: Sequence[str], prompts: Sequence[Prompt], sampling: Sampling
     ) -> Annotations:
-        """``n`` answers per sample (the greedy one first when ``include_greedy``, the rest
-        sampled at ``temperature`` with a per-sample seed), order preserved.
+        """``sampling.n`` answers per prompt (the greedy one first when
+        ``include_greedy``, the rest sampled at ``temperature`` with a seed from
+        ``sampling.seed`` and the prompt's key: a sample id), order preserved.
 
         The result's ``service`` is this call's raw accounting (the counts of
         :meth:`stats` and the list ``latencies_ms``); merge several with
@@ -576,13 +584,13 @@ class OpenAITeacher:
         caller already runs one). Raises :class:`TeacherConfigError` when the endpoint is
         misconfigured.
         """
-        if len(samples) != len(prompts):
-            raise ValueError(f"{len(samples)} samples but {len(prompts)} prompts")
-        if n < 1:
+        if len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} samples but {len(prompts)} prompts")
+        if sampling.n < 1:
             raise ValueError("n must be >= 1")
-        if not samples:
+        if not keys:
             return Annotations(service=_Counts().raw())
-        coro = self._annotate_all(samples, prompts, Sampling(n, temperature, include_greedy, seed))
+        coro = self._annotate_all(keys, prompts, sampling)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -593,23 +601,24 @@ class OpenAITeacher:
     # -- internals ------------------------------------------------------------------
 
     async def _annotate_all(
-        self, samples: Sequence[Sample], prompts: Sequence[Prompt], sampling: Sampling
+        self, keys: Sequence[str], prompts: Sequence[Prompt], sampling: Sampling
     ) -> Annotations:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
+        key = os.environ.get(self.options.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+            max_connections=self.options.concurrency,
+            max_keepalive_connections=self.options.concurrency,
         )
-        timeout = httpx.Timeout(self.timeout_s)
+        timeout = httpx.Timeout(self.options.timeout_s)
         async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
-            call = _Call(client, asyncio.Semaphore(self.concurrency))
+            call = _Call(client, asyncio.Semaphore(self.options.concurrency))
             try:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
-                        tg.create_task(self._annotate_one(call, s, p, sampling))
-                        for s, p in zip(samples, prompts, strict=True)
+                        tg.create_task(self._annotate_one(call, k, p, sampling))
+                        for k, p in zip(keys, prompts, strict=True)
                     ]
             except BaseExceptionGroup as group:
                 for e in group.exceptions:
@@ -619,7 +628,7 @@ class OpenAITeacher:
         return Annotations([t.result() for t in tasks], service=call.counts.raw())
 
     async def _annotate_one(
-        self, call: _Call, sample: Sample, prompt: Prompt, sampling: Sampling
+        self, call: _Call, key: str, prompt: Prompt, sampling: Sampling
     ) -> Annotation:
         tally = _Tally()
         try:
@@ -627,7 +636,7 @@ class OpenAITeacher:
         except (ValueError, OSError) as e:
             self._count(call, annotations=1, errors=1)
             return Annotation([], error=f"{self.role}_error: bad prompt: {e}", requests=0)
-        base = sample_seed(sampling.seed, sample.sample_id)
+        base = sample_seed(sampling.seed, key)
         jobs = []
         if sampling.include_greedy:
             jobs.append(self._choices(call, _Ask(messages, 1, 0.0, base), tally))
@@ -648,23 +657,23 @@ class OpenAITeacher:
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
             error = f"{self.role}_error: {failed[0]}"
-            log.warning("%s: sample %s failed: %s", self.role, sample.sample_id, error)
+            log.warning("%s: sample %s failed: %s", self.role, key, error)
             self._count(call, annotations=1, errors=1)
             return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
         choices = [c for r in results if not isinstance(r, Exception) for c in r]
-        drop_cut = self.length_answers == "drop"
+        drop_cut = self.options.length_answers == "drop"
         gens = [
             c.generation for c in choices if c.problem is None and not (c.truncated and drop_cut)
         ]
         if not gens:
             error = f"{self.role}_error: no usable answer ({_reasons(choices, drop_cut)})"
-            self._warn(sample.sample_id, error, choices)
+            self._warn(key, error, choices)
             self._count(call, annotations=1, errors=1)
             return Annotation([], error=error, requests=tally.requests, retries=tally.retries)
         if len(gens) < len(choices):
             log.info(
                 "%s: sample %s: %d of %d answers left out of the vote (%s)",
-                self.role, sample.sample_id, len(choices) - len(gens), len(choices),
+                self.role, key, len(choices) - len(gens), len(choices),
                 _reasons(choices, drop_cut),
             )  # fmt: skip
         self._count(call, annotations=1)
@@ -695,7 +704,8 @@ class OpenAITeacher:
             if len(gens) < k and self._n_supported:
                 self._n_supported = False
                 log.info(
-                    "teacher: server returned %d of n=%d choices; topping up with single requests",
+                    "%s: server returned %d of n=%d choices; topping up with single requests",
+                    self.role,
                     len(gens),
                     k,
                 )
@@ -722,22 +732,22 @@ class OpenAITeacher:
                 retry = True
                 if e.reason in ("logprobs rejected", "extensions rejected"):
                     continue  # resent at once without them
-                if attempt >= self.max_retries:
+                if attempt >= self.options.max_retries:
                     if e.connect and not self._reached:
                         call.failed = TeacherConfigError(
                             f"{self.role} at {self.base_url}: unreachable ({e.reason}) after "
-                            f"{self.max_retries} retries — check base_url and that the server is up"
+                            f"{self.options.max_retries} retries — check base_url and that the server is up"
                         )
                         raise call.failed from None
-                    raise _Failed(f"{e.reason} after {self.max_retries} retries") from None
+                    raise _Failed(f"{e.reason} after {self.options.max_retries} retries") from None
                 delay = self._backoff(attempt, e.retry_after)
-                log.debug("teacher: %s; retry %d in %.2fs", e.reason, attempt + 1, delay)
+                log.debug("%s: %s; retry %d in %.2fs", self.role, e.reason, attempt + 1, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter, never shorter than the server's Retry-After."""
-        delay = min(self.backoff_max, self.backoff_base * 2**attempt)
+        delay = min(self.options.backoff_max, self.options.backoff_base * 2**attempt)
         delay *= 0.5 + 0.5 * self._jitter.random()
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
@@ -752,7 +762,7 @@ class OpenAITeacher:
             "messages": messages if self._image_ids else without_image_ids(messages),
             "n": k,
             "temperature": temperature,
-            "max_tokens": self.max_tokens,
+            "max_tokens": self.options.max_tokens,
             "seed": seed,
             # Explicit neutral sampling: no server-side generation defaults may apply.
             "top_p": 1.0,
@@ -763,8 +773,8 @@ class OpenAITeacher:
             body.update(EXTENSION_FIELDS)
         if self._logprobs:
             body["logprobs"] = True
-            if self.top_logprobs > 0:
-                body["top_logprobs"] = self.top_logprobs
+            if self.options.top_logprobs > 0:
+                body["top_logprobs"] = self.options.top_logprobs
         return body
 
     async def _attempt(
@@ -781,7 +791,7 @@ class OpenAITeacher:
             payload = self._payload(ask.messages, ask.k, ask.temperature, ask.seed)
             t0 = time.perf_counter()
             try:
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(self.options.timeout_s):
                     resp = await call.client.post(
                         f"{self.base_url}/chat/completions", content=json.dumps(payload)
                     )
@@ -800,7 +810,7 @@ class OpenAITeacher:
             status = resp.status_code
             if status in CONFIG_STATUS:
                 hint = (
-                    f"check {self.api_key_env}"
+                    f"check {self.options.api_key_env}"
                     if status in (401, 403)
                     else f"check base_url and model {self.model_id!r}"
                 )
@@ -817,7 +827,8 @@ class OpenAITeacher:
                 if "top_k" in payload and any(k in detail for k in EXTENSION_FIELDS):
                     self._extensions = False
                     log.info(
-                        "teacher: server rejects %s; continuing without them",
+                        "%s: server rejects %s; continuing without them",
+                        self.role,
                         "/".join(EXTENSION_FIELDS),
                     )
                     raise _Failed("extensions rejected")
@@ -828,7 +839,8 @@ class OpenAITeacher:
                 if "logprobs" in payload and "logprob" in detail.lower():
                     self._logprobs = False
                     log.info(
-                        "teacher: server rejects logprobs; continuing without token statistics"
+                        "%s: server rejects logprobs; continuing without token statistics",
+                        self.role,
                     )
                     raise _Failed("logprobs rejected")
                 raise _SampleError(f"{status} {detail}")
@@ -872,15 +884,58 @@ class OpenAITeacher:
         except (ValueError, AttributeError):
             text = resp.text
         text = " ".join(str(text).split())[:200] or resp.reason_phrase
-        key = os.environ.get(self.api_key_env)
+        key = os.environ.get(self.options.api_key_env)
         return text.replace(key, "***") if key else text
+
+
+class OpenAITeacher:
+    """Teacher backed by an OpenAI-compatible ``/chat/completions`` endpoint (an
+    :class:`OpenAIChat` in the teacher role).
+
+    ``base_url`` ends in ``/v1`` (e.g. ``http://localhost:8000/v1``); ``model`` is the served
+    model name; ``options`` as :class:`OpenAIOptions`.
+    """
+
+    def __init__(self, base_url: str, model: str, options: OpenAIOptions | None = None):
+        self.chat = OpenAIChat(base_url, model, options, role="teacher")
+        self.options = self.chat.options
+        self.model_id = model
+        self.revision = self.options.revision
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> OpenAITeacher:
+        """Build from ``models.teacher`` (``backend: openai``); the model name is ``model_id``."""
+        return cls(_base_url(cfg, "teacher"), cfg.model_id, OpenAIOptions.from_config(cfg))
+
+    def __repr__(self) -> str:
+        return f"OpenAITeacher({self.chat!r})"
+
+    def stats(self) -> dict[str, float | int]:
+        """Cumulative accounting since creation (:meth:`OpenAIChat.stats`)."""
+        return self.chat.stats()
+
+    def annotate(
+        self, samples: Sequence[Sample], prompts: Sequence[Prompt], sampling: Sampling
+    ) -> Annotations:
+        """``sampling.n`` answers per sample (the greedy one first when
+        ``include_greedy``, the rest sampled at ``temperature`` with a per-sample seed),
+        order preserved; the result's ``service`` is this call's raw accounting (see
+        :meth:`OpenAIChat.complete`). Raises :class:`TeacherConfigError` when the endpoint
+        is misconfigured."""
+        if len(samples) != len(prompts):
+            raise ValueError(f"{len(samples)} samples but {len(prompts)} prompts")
+        return self.chat.complete([s.sample_id for s in samples], prompts, sampling)
+
+
+# The student's one greedy answer per prompt; seeded by the prompt's position.
+GREEDY = Sampling(n=1, temperature=0.0, include_greedy=True, seed=0)
 
 
 class OpenAIStudent:
     """The student over an OpenAI-compatible endpoint (vLLM, SGLang, ...): one greedy
     answer per prompt with per-token log-probs and the top ``top_logprobs`` alternatives,
-    through the teacher's request machinery (concurrency, rate limit, retries, one-line
-    configuration errors: one client, two roles).
+    through an :class:`OpenAIChat` in the student role (the teacher's transport:
+    concurrency, rate limit, retries, one-line configuration errors).
 
     Uncertainty from the returned statistics: ``nll_mean`` and ``margin`` are exact (the
     chosen tokens' log-probs; the first step's two best alternatives); ``entropy_mean`` and
@@ -895,23 +950,28 @@ class OpenAIStudent:
     certain). An empty answer is an answer (maximally uncertain: the teacher is asked).
     """
 
-    def __init__(self, client: OpenAITeacher) -> None:
-        self.client = client
-        self.model_id = client.model_id
-        self.revision = client.revision
+    def __init__(self, base_url: str, model: str, options: OpenAIOptions | None = None):
+        self.chat = OpenAIChat(base_url, model, options, role="student")
+        self.options = self.chat.options
+        self.model_id = model
+        self.revision = self.options.revision
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> OpenAIStudent:
         """Build from ``models.student`` (``backend: openai``)."""
-        return cls(OpenAITeacher.from_config(cfg, role="student"))
+        return cls(_base_url(cfg, "student"), cfg.model_id, OpenAIOptions.from_config(cfg))
 
     def __repr__(self) -> str:
-        return f"OpenAIStudent({self.client!r})"
+        return f"OpenAIStudent({self.chat!r})"
+
+    def stats(self) -> dict[str, float | int]:
+        """Cumulative accounting since creation (:meth:`OpenAIChat.stats`)."""
+        return self.chat.stats()
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         """The greedy answer to each prompt, order preserved."""
-        samples = [Sample(f"prompt-{i}", i, "", []) for i in range(len(prompts))]
-        anns = self.client.annotate(samples, list(prompts), 1, 0.0, True, 0)
+        keys = [f"prompt-{i}" for i in range(len(prompts))]
+        anns = self.chat.complete(keys, list(prompts), GREEDY)
         empty = np.zeros(0, np.float32)
         return [
             a.generations[0]

@@ -17,7 +17,7 @@ import numpy as np
 
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
-from icd.models.base import Annotation, Annotations
+from icd.models.base import Annotation, Annotations, Sampling
 
 
 class OracleTeacher:
@@ -50,17 +50,14 @@ class OracleTeacher:
     def annotate(
         self,
         samples: Sequence[Sample],
-        prompts: Sequence[Prompt] | None = None,
-        n: int = 1,
-        temperature: float = 0.0,
-        include_greedy: bool = True,
-        seed: int = 0,
+        prompts: Sequence[Prompt | None],
+        sampling: Sampling,
     ) -> Annotations:
-        """``n`` votes per sample (prompts, temperature, include_greedy and the call seed
-        are ignored: the oracle's votes are fixed by its own seed)."""
+        """``sampling.n`` votes per sample (prompts, temperature, include_greedy and the
+        call seed are ignored: the oracle's votes are fixed by its own seed)."""
         out = Annotations()
         for sample in samples:
-            votes = [self.vote(sample, v) for v in range(n)]
+            votes = [self.vote(sample, v) for v in range(sampling.n)]
             out.append(Annotation(generations=[_generation(v) for v in votes]))
         self.calls += len(samples)
         return out

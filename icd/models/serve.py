@@ -69,7 +69,7 @@ from starlette.routing import Route
 
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
-from icd.models.base import Student, Teacher
+from icd.models.base import Sampling, Student, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -741,7 +741,8 @@ class OpenAIServer:
             self.model.max_new_tokens = max_tokens  # type: ignore[attr-defined]
         try:
             sample = Sample(sample_id="request", stream_pos=0, question="", answers=[])
-            ann = self.model.annotate([sample], [prompt], n, temperature, False, seed)[0]
+            sampling = Sampling(n, temperature, include_greedy=False, seed=seed)
+            ann = self.model.annotate([sample], [prompt], sampling)[0]
         finally:
             if old is not None:
                 self.model.max_new_tokens = old  # type: ignore[attr-defined]

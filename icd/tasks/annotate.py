@@ -15,6 +15,7 @@ from icd.method import steps
 from icd.method.accounting import Made
 from icd.method.voting import VoteResult
 from icd.models import load_teacher
+from icd.models.base import Sampling
 from icd.tasks.base import MODEL_RETRIES, stage, stage_cache, zero_shot_prompts
 from icd.tasks.context import ChunkWork, ResumeState, RunContext
 from icd.tasks.runner import Runner
@@ -58,8 +59,8 @@ def annotate(
         return Annotated({}, 0, 0)
     model = load_teacher(ctx.cfg.models.teacher, ctx.class_names)
     prompts = zero_shot_prompts(samples, task_type=ctx.task_type, class_names=None)
-    args = (samples, prompts, voting.n, voting.temperature, voting.include_greedy, ctx.cfg.seed)
-    anns = model.annotate(*args)
+    sampling = Sampling(voting.n, voting.temperature, voting.include_greedy, ctx.cfg.seed)
+    anns = model.annotate(samples, prompts, sampling)
     service = getattr(anns, "service", {})  # a remote teacher's retries and latency
     votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms, task=ctx.task_type)
     requests = sum(a.requests for a in anns)

@@ -12,7 +12,7 @@ from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.method.types import Prompt
 from icd.models import ModelLoadError, clear_cache, load_embedder, load_student, load_teacher
-from icd.models.base import Embedder, Student, Teacher
+from icd.models.base import Embedder, Sampling, Student, Teacher
 from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER
 from icd.models.hf import HFVLM, HFEmbedder
 
@@ -121,9 +121,9 @@ def test_annotate_greedy_first_then_reproducible_samples(vlm):
     untrained = build_model_fixtures(fixtures_dir(), names=[name])[name]
     vlm = HFVLM(str(untrained), batch_size=4, max_new_tokens=8)
     samples, prompts = _samples(3), [icl_prompt(30 + s, k=1) for s in range(3)]
-    anns = vlm.annotate(samples, prompts, n=5, temperature=1.0, include_greedy=True, seed=7)
-    again = vlm.annotate(samples, prompts, n=5, temperature=1.0, include_greedy=True, seed=7)
-    other = vlm.annotate(samples, prompts, n=5, temperature=1.0, include_greedy=True, seed=8)
+    anns = vlm.annotate(samples, prompts, Sampling(5, 1.0, True, 7))
+    again = vlm.annotate(samples, prompts, Sampling(5, 1.0, True, 7))
+    other = vlm.annotate(samples, prompts, Sampling(5, 1.0, True, 8))
     greedy = vlm.generate(prompts)
     texts = [[g.text for g in a.generations] for a in anns]
     assert all(a.error is None and len(a.generations) == 5 for a in anns)
@@ -136,10 +136,12 @@ def test_annotate_greedy_first_then_reproducible_samples(vlm):
 
 def test_sampled_answers_do_not_depend_on_batching(vlm):
     samples, prompts = _samples(4), [icl_prompt(70 + s, k=s % 3) for s in range(4)]
-    kw = dict(n=4, temperature=1.0, include_greedy=False, seed=3)
-    together = vlm.with_settings(batch_size=4, max_new_tokens=8).annotate(samples, prompts, **kw)
-    alone = [vlm.annotate([s], [p], **kw)[0] for s, p in zip(samples, prompts, strict=True)]
-    reordered = vlm.annotate(samples[::-1], prompts[::-1], **kw)[::-1]
+    sampling = Sampling(4, 1.0, False, 3)
+    together = vlm.with_settings(batch_size=4, max_new_tokens=8).annotate(
+        samples, prompts, sampling
+    )
+    alone = [vlm.annotate([s], [p], sampling)[0] for s, p in zip(samples, prompts, strict=True)]
+    reordered = vlm.annotate(samples[::-1], prompts[::-1], sampling)[::-1]
     texts = [[g.text for g in a.generations] for a in together]
     assert texts == [[g.text for g in a.generations] for a in alone]
     assert texts == [[g.text for g in a.generations] for a in reordered]
@@ -149,7 +151,7 @@ def test_sampled_token_stats_come_from_the_unwarped_distribution(vlm):
     # The first step's distribution does not depend on what gets sampled: a sample drawn
     # at a low temperature must report the same first-step entropy as the greedy answer.
     [prompt] = [icl_prompt(40, k=2)]
-    [ann] = vlm.annotate(_samples(1), [prompt], n=3, temperature=0.3, include_greedy=True, seed=1)
+    [ann] = vlm.annotate(_samples(1), [prompt], Sampling(3, 0.3, True, 1))
     greedy, *sampled = ann.generations
     for g in sampled:
         if len(g.token_entropy) and len(greedy.token_entropy):
@@ -159,9 +161,9 @@ def test_sampled_token_stats_come_from_the_unwarped_distribution(vlm):
 
 def test_annotate_without_greedy_and_at_zero_temperature(vlm):
     samples, prompts = _samples(2), [icl_prompt(50 + s, k=0) for s in range(2)]
-    anns = vlm.annotate(samples, prompts, n=3, temperature=0.8, include_greedy=False, seed=0)
+    anns = vlm.annotate(samples, prompts, Sampling(3, 0.8, False, 0))
     assert [len(a.generations) for a in anns] == [3, 3]
-    cold = vlm.annotate(samples, prompts, n=3, temperature=0.0, include_greedy=False, seed=0)
+    cold = vlm.annotate(samples, prompts, Sampling(3, 0.0, False, 0))
     greedy = vlm.generate(prompts)
     assert [[g.text for g in a.generations] for a in cold] == [[g.text] * 3 for g in greedy]
 
@@ -169,13 +171,10 @@ def test_annotate_without_greedy_and_at_zero_temperature(vlm):
 def test_annotate_records_a_bad_sample_and_keeps_the_rest(vlm):
     samples, prompts = _samples(3), [icl_prompt(60 + s, k=1) for s in range(3)]
     broken = Prompt(messages=prompts[1].messages, images=prompts[1].images[:1])  # 2 slots, 1 image
-    anns = vlm.annotate(samples, [prompts[0], broken, prompts[2]], n=2, temperature=1.0,
-                        include_greedy=True, seed=0)  # fmt: skip
+    anns = vlm.annotate(samples, [prompts[0], broken, prompts[2]], Sampling(2, 1.0, True, 0))
     assert anns[1].error and "\n" not in anns[1].error and anns[1].generations == []
     assert anns[0].error is None and anns[2].error is None
-    alone = vlm.annotate(
-        samples[2:], prompts[2:], n=2, temperature=1.0, include_greedy=True, seed=0
-    )
+    alone = vlm.annotate(samples[2:], prompts[2:], Sampling(2, 1.0, True, 0))
     assert anns[2].generations[0].text == alone[0].generations[0].text
 
 

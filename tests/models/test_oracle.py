@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.models import ModelLoadError, load_teacher
-from icd.models.base import Teacher
+from icd.models.base import Sampling, Teacher
 from icd.models.oracle import OracleTeacher
 
 CLASSES = [f"class {i}" for i in range(20)]
@@ -26,8 +26,7 @@ def _samples(n: int, offset: int = 0) -> list[Sample]:
 
 
 def _votes(teacher: OracleTeacher, samples: list[Sample], n: int) -> dict[str, list[str]]:
-    anns = teacher.annotate(samples, [None] * len(samples), n=n, temperature=0.7,
-                            include_greedy=True, seed=0)  # fmt: skip
+    anns = teacher.annotate(samples, [None] * len(samples), Sampling(n, 0.7, True, 0))  # fmt: skip
     return {
         s.sample_id: [g.text for g in a.generations] for s, a in zip(samples, anns, strict=True)
     }
@@ -37,13 +36,13 @@ def test_noise_free_oracle_returns_the_truth_and_counts_calls():
     oracle = OracleTeacher(CLASSES)
     assert isinstance(oracle, Teacher)
     samples = _samples(30)
-    anns = oracle.annotate(samples, [None] * 30, n=3, temperature=0.7, include_greedy=True, seed=0)
+    anns = oracle.annotate(samples, [None] * 30, Sampling(3, 0.7, True, 0))
     assert all(a.error is None for a in anns)
     assert [[g.text for g in a.generations] for a in anns] == [[s.answers[0]] * 3 for s in samples]
     g = anns[0].generations[0]
     assert np.all(g.token_logprobs == 0) and np.all(g.token_entropy == 0) and g.seq_logprob == 0
     assert oracle.calls == 30
-    oracle.annotate(samples[:5], [None] * 5, n=1, temperature=0.0, include_greedy=True, seed=0)
+    oracle.annotate(samples[:5], [None] * 5, Sampling(1, 0.0, True, 0))
     assert oracle.calls == 35
 
 
@@ -83,8 +82,7 @@ def test_seed_changes_the_noise():
 
 def test_vqa_truth_is_the_most_common_answer():
     sample = Sample("v", 0, "q", answers=["two", "2", "two", "three", "2", "two"])
-    [ann] = OracleTeacher(None).annotate([sample], [None], n=2, temperature=0.7,
-                                         include_greedy=False, seed=0)  # fmt: skip
+    [ann] = OracleTeacher(None).annotate([sample], [None], Sampling(2, 0.7, False, 0))  # fmt: skip
     assert [g.text for g in ann.generations] == ["two", "two"]
 
 

@@ -14,6 +14,7 @@ from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.models import ModelLoadError, ModelOOMError, clear_cache, load_student, pick_device
 from icd.models import hf as hf_mod
+from icd.models.base import Sampling
 from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER
 from icd.models.hf import HFVLM, HFEmbedder, _RowSampler
 
@@ -82,10 +83,10 @@ def test_sampled_answers_match_the_host_sampler_end_to_end(tiny, monkeypatch):
 
     vlm = tiny[TEACHER]
     samples, prompts = _samples(3), [icl_prompt(50 + s, k=1) for s in range(3)]
-    kw = dict(n=4, temperature=1.0, include_greedy=True, seed=5)
-    now = [[g.text for g in a.generations] for a in vlm.annotate(samples, prompts, **kw)]
+    sampling = Sampling(4, 1.0, True, 5)
+    now = [[g.text for g in a.generations] for a in vlm.annotate(samples, prompts, sampling)]
     monkeypatch.setattr(hf_mod, "_RowSampler", HostRowSampler)
-    before = [[g.text for g in a.generations] for a in vlm.annotate(samples, prompts, **kw)]
+    before = [[g.text for g in a.generations] for a in vlm.annotate(samples, prompts, sampling)]
     assert now == before
 
 
@@ -122,9 +123,7 @@ def test_oom_halves_the_batch_and_gives_the_same_answers(paths):
     assert max(fake.sizes[3:]) <= 2  # later batches start at the size that fitted
     assert vlm._cap.value == 2
     # the teacher's annotate backs off the same way (rows = prompts x sampled copies)
-    anns = vlm.annotate(
-        _samples(3), prompts[:3], n=3, temperature=1.0, include_greedy=False, seed=1
-    )
+    anns = vlm.annotate(_samples(3), prompts[:3], Sampling(3, 1.0, False, 1))
     assert all(a.error is None and len(a.generations) == 3 for a in anns)
 
 
@@ -135,9 +134,7 @@ def test_oom_at_batch_size_one_is_a_one_line_error(paths):
         vlm.generate([icl_prompt(1, k=1), icl_prompt(2, k=0)])
     assert "\n" not in str(e.value) and STUDENT in str(e.value)
     with pytest.raises(ModelOOMError):  # not recorded as per-sample teacher errors
-        vlm.annotate(
-            _samples(1), [icl_prompt(3)], n=2, temperature=1.0, include_greedy=True, seed=0
-        )
+        vlm.annotate(_samples(1), [icl_prompt(3)], Sampling(2, 1.0, True, 0))
 
 
 def test_embedder_oom_halves_the_batch(paths):

@@ -190,11 +190,11 @@ class _FlakyTeacher:
         self.model_id, self.revision = inner.model_id, inner.revision
         self.raised = False
 
-    def annotate(self, samples, prompts, n, temperature, include_greedy, seed):  # noqa: ANN001
+    def annotate(self, samples, prompts, sampling):  # noqa: ANN001
         if not self.raised:
             self.raised = True
             raise ConnectionError("teacher unreachable (transient)")
-        out = self.inner.annotate(samples, prompts, n, temperature, include_greedy, seed)
+        out = self.inner.annotate(samples, prompts, sampling)
         return [
             Annotation([], error="teacher_error: HTTP 500 after 5 retries")
             if int(s.sample_id[-1]) % 2
