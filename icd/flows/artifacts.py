@@ -165,13 +165,16 @@ def mlflow_description(
 
 
 def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The summary as (metric, value) rows: its numbers and short strings."""
+    """The summary as (metric, value) rows: its numbers, with the units the headline uses
+    (%, points, s), and short strings."""
+    from icd.report import fmt_value
+
     rows = []
     for key, value in summary.items():
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, int | float):
-            rows.append({"metric": key, "value": round(float(value), 6)})
+            rows.append({"metric": key, "value": fmt_value(key, value)})
         elif isinstance(value, str) and len(value) < 200:
             rows.append({"metric": key, "value": value})
     return rows

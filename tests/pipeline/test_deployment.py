@@ -149,6 +149,9 @@ def test_deploy_run_and_schedule(tmp_path: Path) -> None:
         assert "forwarding the teacher's labels" in headline and "the student alone" in headline
         table = json.loads(by_type["table"]["data"])
         assert {"metric": "run_id", "value": "deployed-run"} in table
+        values = {row["metric"]: row["value"] for row in table}
+        assert values["accuracy"].endswith(" %")  # the headline's units, not raw fractions
+        assert values["gain_from_icl"].endswith(" pts")
         tasks = httpx.post(
             f"{api}/task_runs/filter",
             json={"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}},
