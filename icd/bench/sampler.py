@@ -96,7 +96,8 @@ def run_sampler_bench(
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_big_vocab_teacher(Path(tmp))
-        vlm = hf.HFVLM(str(path), device=device, batch_size=prompts, max_new_tokens=new_tokens)
+        load = hf.HFLoad(device=device)
+        vlm = hf.HFVLM(str(path), load=load, batch_size=prompts, max_new_tokens=new_tokens)
         samples, ps = _prompts(prompts)
         sampling = Sampling(n=draws, temperature=0.7, include_greedy=False, seed=0)
         timings: dict[str, float] = {"host": float("inf"), "device": float("inf")}

@@ -190,20 +190,22 @@ def load_embedder(cfg: ModelConfig) -> Embedder:
 
 def _load_vlm(cfg: ModelConfig) -> Any:
     _require_id(cfg)
-    from icd.models.hf import HFVLM
+    from icd.models.hf import HFVLM, HFLoad
 
     base = _cached(
         _key(cfg),
         lambda: HFVLM(
             cfg.model_id,
-            revision=cfg.revision,
-            dtype=cfg.dtype,
-            device=cfg.device,
+            load=HFLoad(
+                revision=cfg.revision,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                device_map=cfg.device_map,
+                attn_implementation=cfg.attn_implementation,
+            ),
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
             processor_kwargs=cfg.processor_kwargs,
-            device_map=cfg.device_map,
-            attn_implementation=cfg.attn_implementation,
             image_cache_mb=cfg.image_cache_mb,
         ),
     )

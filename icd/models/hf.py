@@ -32,6 +32,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -258,6 +259,19 @@ def run_halving(
     return out
 
 
+@dataclass(frozen=True)
+class HFLoad:
+    """How an :class:`HFVLM`'s weights are loaded: the hub ``revision``, ``dtype``, the
+    ``device`` (``auto``: the best available), or a ``device_map`` (accelerate places the
+    weights; ``device`` is then unused), and the ``attn_implementation``."""
+
+    revision: str = "main"
+    dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None
+    attn_implementation: str | None = "sdpa"
+
+
 class HFVLM:
     """A Hugging Face image-text-to-text model used as student (``generate``) or teacher
     (``annotate``). Thread-safe: batches on one model (and its views) run one at a time,
@@ -267,20 +281,19 @@ class HFVLM:
         self,
         model_id: str,
         *,
-        revision: str = "main",
-        dtype: str = "float32",
-        device: str = "cpu",
+        load: HFLoad | None = None,
         batch_size: int = 8,
         max_new_tokens: int = 16,
         processor_kwargs: dict[str, Any] | None = None,
-        device_map: str | None = None,
-        attn_implementation: str | None = "sdpa",
         image_cache_mb: float = 0,
     ) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from icd.models import image_cache
 
+        opts = load or HFLoad()
+        revision, dtype, device = opts.revision, opts.dtype, opts.device
+        device_map, attn_implementation = opts.device_map, opts.attn_implementation
         self.model_id = model_id
         self.revision = revision
         self.batch_size = batch_size
@@ -296,12 +309,12 @@ class HFVLM:
         # processed images, shared by this model's views (None: off, or an unknown layout)
         self.image_cache = image_cache.install(self.processor, max_mb=image_cache_mb)
         self._counting = threading.local()  # per thread: its calls' cache hits and misses
-        load: dict[str, Any] = {"dtype": self.dtype}
+        weights: dict[str, Any] = {"dtype": self.dtype}
         if attn_implementation is not None:
-            load["attn_implementation"] = attn_implementation
+            weights["attn_implementation"] = attn_implementation
         if device_map is not None:
-            load["device_map"] = device_map
-        model = from_pretrained(AutoModelForImageTextToText, model_id, revision, **load)
+            weights["device_map"] = device_map
+        model = from_pretrained(AutoModelForImageTextToText, model_id, revision, **weights)
         if device_map is None:
             model = model.to(self.device)
         else:  # inputs go where the embeddings are

@@ -785,10 +785,11 @@ def serve(
     """Load ``model`` (an HF model id or folder; ``fixtures/<name>`` for the mini-world)
     and serve it until interrupted (``icd serve``, ``python -m icd.models.serve``)."""
     from icd.models.fixtures import resolve_model_path
-    from icd.models.hf import HFVLM
+    from icd.models.hf import HFVLM, HFLoad
 
     path = resolve_model_path(model)  # None: a hub id, loaded as given
-    vlm = HFVLM(str(path or model), revision=revision, max_new_tokens=max_tokens, device=device)
+    load = HFLoad(revision=revision, device=device)
+    vlm = HFVLM(str(path or model), load=load, max_new_tokens=max_tokens)
     server = OpenAIServer(
         vlm,
         model_name=name or model,

@@ -16,7 +16,7 @@ from icd.models import ModelLoadError, ModelOOMError, clear_cache, load_student,
 from icd.models import hf as hf_mod
 from icd.models.base import Sampling
 from icd.models.fixtures import EMBEDDER, STUDENT, TEACHER
-from icd.models.hf import HFVLM, HFEmbedder, _RowSampler
+from icd.models.hf import HFVLM, HFEmbedder, HFLoad, _RowSampler
 
 from .conftest import icl_prompt, random_image
 
@@ -172,7 +172,9 @@ def test_processor_kwargs_apply_at_load_and_call(paths):
 def test_device_map_and_attention_implementation_load(paths, tiny):
     prompts = [icl_prompt(7 + s, k=s) for s in range(3)]
     mapped = HFVLM(
-        str(paths[TEACHER]), max_new_tokens=6, device_map="cpu", attn_implementation="eager"
+        str(paths[TEACHER]),
+        load=HFLoad(device_map="cpu", attn_implementation="eager"),
+        max_new_tokens=6,
     )
     assert mapped.device == torch.device("cpu")
     assert mapped.model.config._attn_implementation == "eager"
@@ -194,7 +196,7 @@ def test_load_options_are_part_of_the_model_identity(paths):
 def test_cuda_without_cuda_is_a_one_line_error(paths, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelLoadError, match="CUDA is not available") as e:
-        HFVLM(str(paths[STUDENT]), device="cuda")
+        HFVLM(str(paths[STUDENT]), load=HFLoad(device="cuda"))
     assert "\n" not in str(e.value)
 
 
@@ -249,9 +251,9 @@ def test_qwen25vl_processor_without_torchvision_is_one_line_with_the_install(pat
 def test_missing_accelerate_or_flash_attn_fail_before_loading(paths, monkeypatch):
     monkeypatch.setattr(hf_mod, "has_module", lambda name: False)
     with pytest.raises(ModelLoadError, match=r"needs accelerate.*icd\[gpu\]"):
-        HFVLM(str(paths[TEACHER]), device_map="auto")
+        HFVLM(str(paths[TEACHER]), load=HFLoad(device_map="auto"))
     with pytest.raises(ModelLoadError, match=r"needs flash_attn.*attn_implementation: sdpa"):
-        HFVLM(str(paths[TEACHER]), attn_implementation="flash_attention_2")
+        HFVLM(str(paths[TEACHER]), load=HFLoad(attn_implementation="flash_attention_2"))
 
 
 def test_dependency_messages_are_recognised():
