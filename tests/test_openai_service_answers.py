@@ -167,6 +167,9 @@ def test_a_student_answer_without_logprobs_is_a_student_error_not_certain(rec, c
     )  # fmt: skip
     assert not np.any(queried)
     assert "no logprobs" in caplog.text
+    # its own client: it logs in its role, and is no teacher
+    assert "student: sample" in caplog.text and "teacher:" not in caplog.text
+    assert not isinstance(student, OpenAITeacher) and student.chat.role == "student"
 
 
 def test_a_student_refusal_or_filtered_answer_is_a_student_error(rec) -> None:
