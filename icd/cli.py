@@ -473,8 +473,10 @@ def report(
         typer.Option("--verbose", "-v", help="Every number of the summary, every column."),
     ] = False,
 ) -> None:
-    """Print a finished run's headline (or a benchmark's comparison table, the columns that
-    fit 100 columns, as `icd benchmark` prints it); write its plots and HTML report.
+    """Print a finished run's headline or a benchmark's table; write plots and HTML report.
+
+    A benchmark's table has the columns that fit 100 columns, as `icd benchmark` prints it;
+    -v prints every number of a run, every column of a benchmark.
 
     The run is looked up under the storage root of the config given as for `icd run`
     (--preset/--config/--set; the `smoke` preset by default), or under --root."""
@@ -579,8 +581,9 @@ def benchmark(
         _fail(one_line(e))
         return
     print_comparison(pl.read_parquet(result["table"]), console=console)
-    console.print(f"table:  {result['markdown_path']} (every column)")
-    console.print(f"report: [bold]{result['report']}[/]")
+    _paths_line("table: ", f"{result['markdown_path']} (every column; or icd report -v)")
+    _paths_line("report:", result["report"])
+    _paths_line("again: ", f"icd report {result['benchmark_id']}")
 
 
 @app.command()
