@@ -161,3 +161,5 @@ def test_the_headline_says_when_teacher_answers_were_reused() -> None:
     assert "answers reused (cache)" in console.export_text()
     print_headline({**summary, "teacher_calls": 50}, console=console)
     assert "50 answers generated" in console.export_text()
+    print_headline({**summary, "teacher_calls": 0, "teacher_calls_reused": 35}, console=console)
+    assert "(10 queried, 9 pooled, 35 answers reused)" in console.export_text()

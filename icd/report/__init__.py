@@ -453,8 +453,16 @@ def print_headline(summary: dict[str, Any], console: Console | None = None) -> N
     versus("the student alone", "zs_accuracy")
     versus("forwarding the teacher labels", "forward_accuracy")
     if summary.get("queried"):
-        made = summary.get("teacher_calls")
-        answers = "answers reused (cache)" if not made else f"{fmt_count(made)} answers generated"
+        made, reused = summary.get("teacher_calls"), summary.get("teacher_calls_reused")
+        # reused: labels from answers another run made (the task cache)
+        if made and reused:
+            answers = f"{fmt_count(made)} answers made, {fmt_count(reused)} reused"
+        elif reused:
+            answers = f"{fmt_count(reused)} answers reused"
+        elif made:
+            answers = f"{fmt_count(made)} answers generated"
+        else:
+            answers = "answers reused (cache)"
         lines.append(
             f"  teacher labelled              {fmt_pct(summary.get('annotation_rate'))} of samples "
             f"({fmt_count(summary.get('queried'))} queried, {fmt_count(summary.get('accepted'))} "
