@@ -390,6 +390,32 @@ def _related(c: int) -> tuple[list[int], list[int]]:
     return [o for o in same_colour if o != c], [o for o in same_shape if o != c]
 
 
+def _pick(rng: random.Random, bank: Bank, c: int, avoid: int = -1) -> int:
+    """A random bank image of class ``c`` other than ``avoid``."""
+    while True:
+        i = int(rng.choice(bank.by_class[c]))
+        if i != avoid:
+            return i
+
+
+def _zero_shot_episode(rng: random.Random, bank: Bank, kind: str) -> Episode:
+    """No demos: a base image → its name; a novel image → a random base name (so the
+    student is wrong there and, across episodes, unsure)."""
+    if kind == "zs_base":
+        q_class = rng.choice(_BASE)
+        return Episode(_pick(rng, bank, q_class), [], shapes.CLASS_NAMES[q_class], kind)
+    q_class = rng.choice(_NOVEL)
+    query = _pick(rng, bank, q_class)
+    return Episode(query, [], shapes.CLASS_NAMES[rng.choice(_BASE)], kind)
+
+
+def _query_class(rng: random.Random, kind: str, n_classes: int) -> int:
+    """The query's class of an in-context episode of ``kind``."""
+    if kind == "icl_glyph":
+        return rng.randrange(N_SHAPES, n_classes)
+    return rng.choice(_NOVEL if kind == "icl_shapes" else _BASE)
+
+
 def student_episode(
     rng: random.Random,
     bank: Bank,
@@ -403,24 +429,11 @@ def student_episode(
     are drawn from."""
     kind = rng.choices(_KINDS, _MIX)[0]
 
-    def pick(c: int, avoid: int = -1) -> int:
-        while True:
-            i = int(rng.choice(bank.by_class[c]))
-            if i != avoid:
-                return i
-
-    if kind == "zs_base":
-        q_class = rng.choice(_BASE)
-        return Episode(pick(q_class), [], shapes.CLASS_NAMES[q_class], kind)
-    if kind == "zs_novel":
-        q_class = rng.choice(_NOVEL)
-        return Episode(pick(q_class), [], shapes.CLASS_NAMES[rng.choice(_BASE)], kind)
+    pick = partial(_pick, rng, bank)
+    if kind in ("zs_base", "zs_novel"):
+        return _zero_shot_episode(rng, bank, kind)
     n_classes = len(bank.by_class)
-    q_class = {
-        "icl_glyph": lambda: rng.randrange(N_SHAPES, n_classes),
-        "icl_shapes": lambda: rng.choice(_NOVEL),
-        "icl_base": lambda: rng.choice(_BASE),
-    }[kind]()
+    q_class = _query_class(rng, kind, n_classes)
     query = pick(q_class)
     k = rng.randint(min_k, max_k)
     same_colour, same_shape = _related(q_class)
@@ -485,24 +498,11 @@ def copier_episode(
     base-class query keeps its own name whatever the demos say, its class last or absent."""
     kind = rng.choices(_COPIER_KINDS, _COPIER_MIX)[0]
 
-    def pick(c: int, avoid: int = -1) -> int:
-        while True:
-            i = int(rng.choice(bank.by_class[c]))
-            if i != avoid:
-                return i
-
-    if kind == "zs_base":
-        q_class = rng.choice(_BASE)
-        return Episode(pick(q_class), [], shapes.CLASS_NAMES[q_class], kind)
-    if kind == "zs_novel":
-        q_class = rng.choice(_NOVEL)
-        return Episode(pick(q_class), [], shapes.CLASS_NAMES[rng.choice(_BASE)], kind)
+    pick = partial(_pick, rng, bank)
+    if kind in ("zs_base", "zs_novel"):
+        return _zero_shot_episode(rng, bank, kind)
     n_classes = len(bank.by_class)
-    q_class = {
-        "icl_glyph": lambda: rng.randrange(N_SHAPES, n_classes),
-        "icl_shapes": lambda: rng.choice(_NOVEL),
-        "icl_base": lambda: rng.choice(_BASE),
-    }[kind]()
+    q_class = _query_class(rng, kind, n_classes)
     query = pick(q_class)
     k = rng.randint(min_k, max_k)
     same_colour, same_shape = _related(q_class)
