@@ -72,11 +72,10 @@ def student_design(model_id: str) -> str:
 
     from icd.models.fixtures import MARKER, resolve_model_path
 
-    path = resolve_model_path(model_id) if model_id.startswith("fixtures/") else Path(model_id)
-    marker = path / MARKER if path else None
-    if marker is None or not marker.exists():
+    path = resolve_model_path(model_id)  # a fixtures/ id or a folder
+    if path is None or not (path / MARKER).exists():
         return "matching"
-    return json.loads(marker.read_text()).get("recipe", {}).get("design", "matching")
+    return json.loads((path / MARKER).read_text()).get("recipe", {}).get("design", "matching")
 
 
 def met(value: float, op: str, bound: float | tuple[float, float]) -> bool:
