@@ -416,6 +416,20 @@ def _query_class(rng: random.Random, kind: str, n_classes: int) -> int:
     return rng.choice(_NOVEL if kind == "icl_shapes" else _BASE)
 
 
+def _distractor(rng: random.Random, q_class: int, n_classes: int) -> int:
+    """A demo class for a query of ``q_class`` (possibly ``q_class`` itself): sharing its
+    colour, its shape or template, or any class of either world, each pool equally likely."""
+    same_colour, same_shape = _related(q_class)
+    pool = rng.choice(["colour", "shape", "glyph", "shapes"])
+    choices = {
+        "colour": same_colour,
+        "shape": same_shape,
+        "glyph": range(N_SHAPES, n_classes),
+        "shapes": range(N_SHAPES),
+    }[pool]
+    return rng.choice(choices)
+
+
 def student_episode(
     rng: random.Random,
     bank: Bank,
@@ -436,18 +450,10 @@ def student_episode(
     q_class = _query_class(rng, kind, n_classes)
     query = pick(q_class)
     k = rng.randint(min_k, max_k)
-    same_colour, same_shape = _related(q_class)
     match = kind != "icl_base" or rng.random() < 0.5
     demo_classes = [q_class] * (1 + (match and k > 2 and rng.random() < 0.2)) if match else []
     while len(demo_classes) < k:
-        pool = rng.choice(["colour", "shape", "glyph", "shapes"])
-        choices = {
-            "colour": same_colour,
-            "shape": same_shape,
-            "glyph": range(N_SHAPES, n_classes),
-            "shapes": range(N_SHAPES),
-        }[pool]
-        c = rng.choice(choices)
+        c = _distractor(rng, q_class, n_classes)
         if c != q_class:
             demo_classes.append(c)
     rng.shuffle(demo_classes)
@@ -505,17 +511,10 @@ def copier_episode(
     q_class = _query_class(rng, kind, n_classes)
     query = pick(q_class)
     k = rng.randint(min_k, max_k)
-    same_colour, same_shape = _related(q_class)
     last = kind != "icl_base" or rng.random() < 0.3
     demo_classes: list[int] = []
     while len(demo_classes) < k - last:
-        choices = {
-            "colour": same_colour,
-            "shape": same_shape,
-            "glyph": range(N_SHAPES, n_classes),
-            "shapes": range(N_SHAPES),
-        }[rng.choice(["colour", "shape", "glyph", "shapes"])]
-        c = rng.choice(choices)
+        c = _distractor(rng, q_class, n_classes)
         if c != q_class and c not in demo_classes:
             demo_classes.append(c)
     if last:
