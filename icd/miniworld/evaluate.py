@@ -24,7 +24,7 @@ from icd.method.metrics import score
 from icd.method.prompts import build_prompt
 from icd.method.uncertainty import uncertainty
 from icd.method.voting import aggregate
-from icd.miniworld.train import Bank, render_bank
+from icd.miniworld.train import Bank, Recipe, render_bank
 from icd.models import fixtures
 from icd.models.base import Sampling
 
@@ -63,7 +63,7 @@ DESIGN_TARGETS: dict[str, dict[str, tuple[str, float | tuple[float, float]]]] = 
         "student.icl_base_k3_no_match": (">=", 0.90),
     },
 }
-TARGETS = {**COMMON_TARGETS, **DESIGN_TARGETS["copier"]}  # the shipped design's
+TARGETS = {**COMMON_TARGETS, **DESIGN_TARGETS[Recipe().design]}  # the shipped design's
 
 
 def student_design(model_id: str) -> str:
