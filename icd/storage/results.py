@@ -7,76 +7,80 @@ file: a chunk's file either exists complete or not at all.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Union, cast, get_args, get_origin, get_type_hints
 
 import polars as pl
 
 from icd.method.accounting import SOURCES
 from icd.storage.locks import atomic_file
 
-PREDICTION_SCHEMA = pl.Schema(
-    {
-        "run_id": pl.String,
-        "mode": pl.String,
-        "dataset": pl.String,
-        "sample_id": pl.String,
-        "chunk": pl.Int64,
-        "stream_pos": pl.Int64,
-        "question": pl.String,
-        "answers": pl.List(pl.String),
-        "skip_reason": pl.String,
-        "zs_answer": pl.String,
-        "zs_uncertainty": pl.Float64,
-        "zs_prompt_tokens": pl.Int64,
-        "queried": pl.Boolean,
-        "teacher_votes": pl.List(pl.String),
-        "teacher_label": pl.String,
-        "agreement": pl.Float64,
-        "accepted": pl.Boolean,
-        "teacher_error": pl.String,
-        "demo_ids": pl.List(pl.String),
-        "demo_labels": pl.List(pl.String),
-        "demo_accuracy": pl.Float64,
-        "icl_answer": pl.String,
-        "icl_gated": pl.Boolean,  # the ICL gate kept the zero-shot answer (no second pass)
-        "icl_uncertainty": pl.Float64,
-        "icl_prompt_tokens": pl.Int64,
-        "student_error": pl.String,
-        "final_answer": pl.String,
-        "final_source": pl.String,
-        "score": pl.Float64,
-        # What the same run's baselines would have scored on the sample: the student alone,
-        # forwarding the teacher's label (else the zero-shot answer), the ICL answer.
-        "zs_score": pl.Float64,
-        "forward_score": pl.Float64,
-        "icl_score": pl.Float64,
-    }
-)
-# Columns that may be null ("str?" / "float?" in the contract); all others are required.
-NULLABLE = frozenset(
-    {
-        "skip_reason",
-        "zs_answer",
-        "zs_uncertainty",
-        "zs_prompt_tokens",
-        "teacher_label",
-        "agreement",
-        "teacher_error",
-        "demo_accuracy",
-        "icl_answer",
-        "icl_gated",
-        "icl_uncertainty",
-        "icl_prompt_tokens",
-        "student_error",
-        "final_answer",
-        "final_source",
-        "score",
-        "zs_score",
-        "forward_score",
-        "icl_score",
-    }
-)
+
+class PredictionRow(TypedDict):
+    """One sample's prediction row: a row of the predictions table, whose schema
+    (:data:`PREDICTION_SCHEMA`, :data:`NULLABLE`) is made from these fields — ``X | None``
+    ones may be null ("str?" / "float?" in the contract), all others are required."""
+
+    run_id: str
+    mode: str
+    dataset: str
+    sample_id: str
+    chunk: int
+    stream_pos: int
+    question: str
+    answers: list[str]
+    skip_reason: str | None
+    zs_answer: str | None
+    zs_uncertainty: float | None
+    zs_prompt_tokens: int | None
+    queried: bool
+    teacher_votes: list[str]
+    teacher_label: str | None
+    agreement: float | None
+    accepted: bool
+    teacher_error: str | None
+    demo_ids: list[str]
+    demo_labels: list[str]
+    demo_accuracy: float | None
+    icl_answer: str | None
+    icl_gated: bool | None  # the ICL gate kept the zero-shot answer (no second pass)
+    icl_uncertainty: float | None
+    icl_prompt_tokens: int | None
+    student_error: str | None
+    final_answer: str | None
+    final_source: str | None  # one of icd.method.accounting.SOURCES
+    score: float | None
+    # What the same run's baselines would have scored on the sample: the student alone,
+    # forwarding the teacher's label (else the zero-shot answer), the ICL answer.
+    zs_score: float | None
+    forward_score: float | None
+    icl_score: float | None
+
+
+_POLARS: dict[Any, pl.DataType] = {
+    str: pl.String(),
+    int: pl.Int64(),
+    float: pl.Float64(),
+    bool: pl.Boolean(),
+    list[str]: pl.List(pl.String),
+}
+
+
+def _column(hint: Any) -> tuple[pl.DataType, bool]:
+    """The polars type of a :class:`PredictionRow` field's annotation, and whether it may
+    be null."""
+    if get_origin(hint) in (Union, types.UnionType):
+        (inner,) = (a for a in get_args(hint) if a is not type(None))
+        return _POLARS[inner], True
+    return _POLARS[hint], False
+
+
+_COLUMNS = {name: _column(hint) for name, hint in get_type_hints(PredictionRow).items()}
+PREDICTION_SCHEMA = pl.Schema({name: dtype for name, (dtype, _) in _COLUMNS.items()})
+# Columns that may be null; all others are required.
+NULLABLE = frozenset(name for name, (_, nullable) in _COLUMNS.items() if nullable)
 FINAL_SOURCES = frozenset(SOURCES)
 _PREDICTIONS = "predictions"
 
@@ -86,8 +90,9 @@ def chunk_path(run_dir: Path, chunk_index: int) -> Path:
     return Path(run_dir) / _PREDICTIONS / f"chunk-{chunk_index:05d}.parquet"
 
 
-def predictions_frame(records: list[dict[str, Any]]) -> pl.DataFrame:
-    """Records -> a DataFrame with exactly :data:`PREDICTION_SCHEMA`.
+def predictions_frame(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
+    """Prediction rows (:class:`PredictionRow`, checked here) -> a DataFrame with exactly
+    :data:`PREDICTION_SCHEMA`.
 
     Raises ``ValueError`` (one line) on an unknown column, a missing required value or an
     unknown ``final_source``.
@@ -110,7 +115,9 @@ def predictions_frame(records: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame(data, schema=PREDICTION_SCHEMA)
 
 
-def write_chunk_predictions(run_dir: Path, chunk_index: int, records: list[dict[str, Any]]) -> Path:
+def write_chunk_predictions(
+    run_dir: Path, chunk_index: int, records: Sequence[Mapping[str, object]]
+) -> Path:
     """Write one chunk's prediction records to its parquet file, atomically (temporary
     file + rename); an existing file for the chunk is replaced. Returns the path."""
     path = chunk_path(run_dir, chunk_index)
@@ -143,3 +150,8 @@ def _with_all_columns(df: pl.DataFrame) -> pl.DataFrame:
     """A chunk file written before a nullable column existed gets it as nulls."""
     missing = [c for c in PREDICTION_SCHEMA.names() if c not in df.columns and c in NULLABLE]
     return df.with_columns(pl.lit(None, PREDICTION_SCHEMA[c]).alias(c) for c in missing)
+
+
+def prediction_rows(df: pl.DataFrame) -> list[PredictionRow]:
+    """The rows of a predictions table (one with :data:`PREDICTION_SCHEMA`)."""
+    return cast("list[PredictionRow]", df.select(PREDICTION_SCHEMA.names()).to_dicts())

@@ -3,6 +3,7 @@ their stated denominators, and the summary built from them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import polars as pl
@@ -325,3 +326,96 @@ def test_captioning_summary_adds_corpus_bleu_and_cider() -> None:
     # Other tasks get none of these.
     assert not {"bleu", "cider", "bleu1", "zs_bleu", "caption_tokenizer"} & set(summarize(df))
     assert not {"bleu", "cider"} & set(summarize(df, task="classification"))
+
+
+_ratio = st.none() | st.floats(0, 1)
+_count = st.integers(0, 10**6)
+
+
+def _run_summaries():
+    from icd.method.accounting import (
+        CaptionMetrics,
+        CaptionScores,
+        Compute,
+        Costs,
+        Gains,
+        GroupNumbers,
+        Ratios,
+        RunSummary,
+    )
+
+    gains = st.builds(Gains, _ratio, _ratio)
+    group = st.builds(GroupNumbers, _count, _ratio, _ratio, _ratio, _ratio, gains)
+    scores = st.builds(CaptionScores, _ratio, _ratio, _ratio, _ratio, _ratio)
+    text = st.none() | st.text(max_size=8)
+    return st.builds(
+        RunSummary,
+        run_id=text,
+        mode=text,
+        dataset=text,
+        samples=_count,
+        queried=_count,
+        teacher_errors=_count,
+        ratios=st.builds(Ratios, *[_ratio] * 8),
+        accuracy_queried=_ratio,
+        pool_precision=_ratio,
+        seconds=st.dictionaries(st.sampled_from(["embed", "zero_shot", "icl"]), st.floats(0, 9)),
+        cached_chunks=st.dictionaries(st.sampled_from(["embed", "icl"]), _count),
+        counters=st.dictionaries(
+            st.sampled_from(["samples_seen", "teacher_answers_used", "pool_evicted"]), _count
+        ),
+        teacher_calls=_count,
+        teacher_requests=_count,
+        gains=gains,
+        costs=st.builds(Costs, *[_ratio] * 6),
+        compute=st.builds(Compute, _count, _count, st.floats(0, 1e12), st.floats(0, 9), _ratio),
+        groups=st.dictionaries(st.sampled_from(["base", "novel", "seen_rare"]), group),
+        captions=st.none() | st.builds(CaptionMetrics, scores, scores, st.just("ptb-python")),
+        run_dir=text,
+        mlflow_run_id=text,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_run_summary_round_trips_through_its_json_form(data) -> None:
+    """``summary.json`` gives back the summary it was written from, key for key."""
+    import json
+
+    from icd.method.accounting import RunSummary
+
+    summary = data.draw(_run_summaries())
+    if summary.run_dir is None:  # an unwritten summary has no location in JSON
+        summary = dataclasses.replace(summary, mlflow_run_id=None)
+    text = json.dumps(summary.to_json())
+    back = RunSummary.from_json(json.loads(text))
+    assert back == summary
+    assert json.dumps(back.to_json()) == text
+
+
+def test_a_remote_teachers_numbers_round_trip_under_their_json_names() -> None:
+    """The service accounting's ``teacher_requests`` / ``teacher_errors`` replace the
+    ledger's and the sums' in JSON (as the summary always wrote them)."""
+    from icd.method.accounting import RunSummary, TeacherServiceStats
+
+    service = TeacherServiceStats(requests=7, ok=6, failures=1, errors=1, latency_p50_ms=3.0)
+    summary = RunSummary(teacher_requests=5, teacher_errors=0, teacher_service=service)
+    data = summary.to_json()
+    assert (data["teacher_requests"], data["teacher_errors"], data["teacher_ok"]) == (7, 1, 6)
+    assert RunSummary.from_json(data).to_json() == data
+    assert RunSummary.from_json(data).teacher_service == service
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=20), st.integers(0, 20))
+def test_chunk_sums_add_up_to_the_whole_and_round_trip(picks, cut) -> None:
+    from icd.method.accounting import ChunkSums
+
+    rows = [example_rows()[i] for i in picks]
+    whole = ChunkSums.of_rows(rows, "classification")
+    parts = ChunkSums.of_rows(rows[:cut], "classification") + ChunkSums.of_rows(
+        rows[cut:], "classification"
+    )
+    assert parts.to_json() == pytest.approx(whole.to_json())
+    assert ChunkSums.from_json(whole.to_json()) == whole
+    assert whole.to_json() == chunk_metrics(rows, "classification")
