@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from icd.config import Config, ConfigError, load_config, presets
 from icd.errors import one_line
+
+if TYPE_CHECKING:
+    from icd.method.accounting import RunSummary
 
 app = typer.Typer(
     help="Online In-Context Distillation for small vision-language models.",
@@ -190,7 +193,7 @@ def run(
             _local_server()
             # The flow resolves the same config from what the user gave (so the Prefect UI
             # shows the real parameters, not a serialised config).
-            summary = stream_mod.stream_flow_for(cfg)(
+            result = stream_mod.stream_flow_for(cfg)(
                 preset=preset if (preset or config) else "smoke",
                 overrides=set_ or None,
                 config_file=str(config) if config else None,
@@ -202,18 +205,20 @@ def run(
         stream_mod.CHUNK_HOOKS.remove(hook)
     # Nothing of Prefect's (its temporary server stopping at exit) comes after the headline.
     logging.getLogger("prefect").setLevel(logging.WARNING)
+    from icd.method.accounting import as_summary
     from icd.report import print_headline, print_summary
 
+    summary = as_summary(result)
     if verbose:
         print_summary(summary, console=console)
     print_headline(summary, console=console)
     print_where(summary, tracking_uri=cfg.storage.resolved_tracking_uri())
 
 
-def print_where(summary: dict[str, Any], *, tracking_uri: str) -> None:
+def print_where(summary: RunSummary, *, tracking_uri: str) -> None:
     """Where a finished run's results are and how to open them, one copyable line each."""
-    run_id, mlflow_run = summary["run_id"], summary.get("mlflow_run_id")
-    _paths_line("results:", summary["run_dir"])
+    run_id, mlflow_run = summary.run_id, summary.mlflow_run_id
+    _paths_line("results:", summary.run_dir)
     _paths_line("report: ", f"icd report {run_id}")
     link = "http://127.0.0.1:5000"
     if tracking_uri.startswith(("http://", "https://")):

@@ -152,14 +152,18 @@ def test_where_lines_are_whole_at_any_width(monkeypatch: pytest.MonkeyPatch, tmp
 def test_the_headline_says_when_teacher_answers_were_reused() -> None:
     from rich.console import Console
 
+    from icd.method.accounting import RunSummary
     from icd.report import print_headline
 
     console = Console(record=True, width=100, force_terminal=False)
     summary = {"run_id": "r", "mode": "icd", "accuracy": 0.5, "queried": 10, "accepted": 9,
                "annotation_rate": 0.1, "teacher_calls": 0}  # fmt: skip
-    print_headline(summary, console=console)
+    print_headline(RunSummary.from_json(summary), console=console)
     assert "answers reused (cache)" in console.export_text()
-    print_headline({**summary, "teacher_calls": 50}, console=console)
+    print_headline(RunSummary.from_json({**summary, "teacher_calls": 50}), console=console)
     assert "50 answers generated" in console.export_text()
-    print_headline({**summary, "teacher_calls": 0, "teacher_calls_reused": 35}, console=console)
+    print_headline(
+        RunSummary.from_json({**summary, "teacher_calls": 0, "teacher_calls_reused": 35}),
+        console=console,
+    )
     assert "(10 queried, 9 pooled, 35 answers reused)" in console.export_text()

@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import polars as pl
 from prefect import flow, get_run_logger
@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from icd.config import ConfigError, ModeName, load_config, parse_override, read_yaml
 from icd.data.registry import UnknownDataset, get_dataset
 from icd.flows import artifacts, fanout
+from icd.method.accounting import as_summary
 from icd.method.modes import mode_spec
 from icd.report import (
     BENCHMARK_FILE,
@@ -57,6 +58,9 @@ from icd.report.tables import (
     to_markdown,
 )
 from icd.storage.runstate import atomic_write_text
+
+if TYPE_CHECKING:
+    from icd.storage.tracking import Tracker
 
 SUITE_DIR = Path(__file__).resolve().parent.parent / "presets" / "benchmarks"
 
@@ -335,10 +339,60 @@ def benchmark_description(
     return line + "."
 
 
+class Child(TypedDict):
+    """One child run of a benchmark: its cell (a :class:`Setting`'s fields), run ids, folder
+    and the error that stopped it (None: finished)."""
+
+    dataset: str
+    variant: str
+    mode: str
+    budget: float | None
+    seed: int
+    variant_overrides: tuple[str, ...]
+    run_id: str
+    mlflow_run_id: str | None
+    run_dir: str | None
+    flow_run_id: str | None
+    error: str | None
+
+
+class BenchmarkResult(TypedDict):
+    """What :func:`benchmark` returns: where the comparison table and report are."""
+
+    benchmark_id: str
+    folder: str
+    table: str  # the comparison parquet
+    runs_table: str
+    markdown: str  # the table as text
+    markdown_path: str
+    report: str  # the HTML page
+    plots: dict[str, str]
+    parent_mlflow_run_id: str
+    children: list[Child]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A planned benchmark: its suite, cells, the overrides every run gets, its id and
+    folder, the parent MLflow run and the storage root every run writes under."""
+
+    spec: BenchmarkConfig
+    settings: list[Setting]
+    common: list[str]
+    benchmark_id: str
+    parent_id: str
+    folder: Path
+    root: Path
+
+    def cells(self) -> dict[str, Setting]:
+        """The settings by run id, in the matrix's order."""
+        return {s.run_id(self.benchmark_id): s for s in self.settings}
+
+
 @flow(name="icd-benchmark", log_prints=True)
 def benchmark(
     suite: str = "smoke", overrides: list[str] | None = None, benchmark_id: str | None = None
-) -> dict[str, Any]:
+) -> BenchmarkResult:
     """Run a benchmark suite and return where its comparison table is.
 
     ``suite`` is a suite name or YAML path. ``overrides`` are ``key.path=value`` config
@@ -347,11 +401,9 @@ def benchmark(
     ``benchmark.seeds=[0,1]``). ``benchmark_id`` names the benchmark folder and parent
     MLflow run (default ``NAME-YYYYmmdd-HHMMSS``); reuse it to resume.
 
-    Returns ``benchmark_id``, ``folder``, ``table`` (comparison parquet path), ``runs_table``,
-    ``markdown`` (the table as text), ``markdown_path``, ``report`` (HTML path), ``plots``,
-    ``parent_mlflow_run_id`` and ``children`` (one dict per child run). Children that fail
-    are recorded with their error, the others still run; the flow then fails at the end,
-    after writing and logging everything, naming the failed runs.
+    Returns a :class:`BenchmarkResult`. Children that fail are recorded with their error,
+    the others still run; the flow then fails at the end, after writing and logging
+    everything, naming the failed runs.
     """
     from icd.flows.stream import stream
     from icd.storage.tracking import Tracker
@@ -359,16 +411,9 @@ def benchmark(
     log = get_run_logger()
     spec, common, settings = plan_suite(suite, overrides)
     base = load_config(spec.base_preset, overrides=common)
-
     benchmark_id = benchmark_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = benchmarks_dir(Path(base.storage.root)) / benchmark_id
     folder.mkdir(parents=True, exist_ok=True)
-    previous = (
-        json.loads((folder / BENCHMARK_FILE).read_text())
-        if (folder / BENCHMARK_FILE).exists()
-        else {}
-    )
-
     tracker = Tracker(
         base.storage.resolved_tracking_uri(),
         base.storage.experiment,
@@ -383,67 +428,95 @@ def benchmark(
             "icd.benchmark_id": benchmark_id,
         },
     )
-    info = {
-        "benchmark_id": benchmark_id,
-        "suite": spec.model_dump(mode="json"),
-        "run_overrides": common,
-        "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "parent_mlflow_run_id": parent_id,
-        "settings": [asdict(s) | {"run_id": s.run_id(benchmark_id)} for s in settings],
-        "sweep_points": spec.sweep_points(),
-    }
-    atomic_write_text(folder / BENCHMARK_FILE, json.dumps(info, indent=2))
+    matrix = Matrix(
+        spec, settings, common, benchmark_id, parent_id, folder, Path(base.storage.root).absolute()
+    )
+    _write_info(matrix)
     artifacts.name_flow_run(name=benchmark_id, tags=["icd", "benchmark", f"suite:{spec.name}"])
     log.info("benchmark %s: %d runs (parent MLflow run %s)", benchmark_id, len(settings), parent_id)
-
     try:
-        children = _run_matrix(
-            stream,
-            spec=spec,
-            settings=settings,
-            common=common,
-            benchmark_id=benchmark_id,
-            parent_id=parent_id,
-            folder=folder,
-            root=Path(base.storage.root).absolute(),
-            tracker=tracker,
-            log=log,
-        )
-        runs = pl.read_parquet(folder / RUNS_FILE)
-        table = comparison_table(runs)
-        table_path = folder / COMPARISON_FILE
-        table.write_parquet(table_path)
-        markdown = to_markdown(table)
-        header, cells = comparison_rows(table)
-        artifacts.publish_table(
-            [dict(zip(header, row, strict=True)) for row in cells],
-            key=f"{benchmark_id}-comparison",
-            description=f"benchmark {benchmark_id}: mean ± std over stream orders",
-        )
-        md_path = folder / COMPARISON_MD
-        atomic_write_text(md_path, markdown)
-        report = build_benchmark_report(folder)
-        for path in (table_path, md_path, folder / RUNS_FILE, folder / BENCHMARK_FILE):
-            tracker.log_artifact(path)
-        for path in (report.html, *report.plots.values()):
-            tracker.log_artifact(path, "report")
-        tracker.log_metrics(setting_metrics(table), step=0)
+        children = _run_matrix(stream, matrix, log=log)
+        result = _compare(matrix, children, tracker=tracker)
     except BaseException:
         tracker.finish(None, status="FAILED")
         raise
+    _close_parent(matrix, result, tracker=tracker)
+    return result
+
+
+def _write_info(matrix: Matrix) -> None:
+    """Write ``benchmark.json``: the suite, its overrides and cells, the parent run (the
+    start time of a resumed benchmark is kept)."""
+    path = matrix.folder / BENCHMARK_FILE
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    info = {
+        "benchmark_id": matrix.benchmark_id,
+        "suite": matrix.spec.model_dump(mode="json"),
+        "run_overrides": matrix.common,
+        "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "parent_mlflow_run_id": matrix.parent_id,
+        "settings": [
+            asdict(s) | {"run_id": s.run_id(matrix.benchmark_id)} for s in matrix.settings
+        ],
+        "sweep_points": matrix.spec.sweep_points(),
+    }
+    atomic_write_text(path, json.dumps(info, indent=2))
+
+
+def _compare(matrix: Matrix, children: list[Child], *, tracker: Tracker) -> BenchmarkResult:
+    """The comparison table of the finished runs (parquet, markdown, a Prefect table
+    artifact), the report, all logged to the parent run with each setting's means."""
+    folder = matrix.folder
+    table = comparison_table(pl.read_parquet(folder / RUNS_FILE))
+    table_path = folder / COMPARISON_FILE
+    table.write_parquet(table_path)
+    markdown = to_markdown(table)
+    header, cells = comparison_rows(table)
+    artifacts.publish_table(
+        [dict(zip(header, row, strict=True)) for row in cells],
+        key=f"{matrix.benchmark_id}-comparison",
+        description=f"benchmark {matrix.benchmark_id}: mean ± std over stream orders",
+    )
+    md_path = folder / COMPARISON_MD
+    atomic_write_text(md_path, markdown)
+    report = build_benchmark_report(folder)
+    for path in (table_path, md_path, folder / RUNS_FILE, folder / BENCHMARK_FILE):
+        tracker.log_artifact(path)
+    for path in (report.html, *report.plots.values()):
+        tracker.log_artifact(path, "report")
+    tracker.log_metrics(setting_metrics(table), step=0)
+    return BenchmarkResult(
+        benchmark_id=matrix.benchmark_id,
+        folder=str(folder),
+        table=str(table_path),
+        runs_table=str(folder / RUNS_FILE),
+        markdown=markdown,
+        markdown_path=str(md_path),
+        report=str(report.html),
+        plots={k: str(v) for k, v in report.plots.items()},
+        parent_mlflow_run_id=matrix.parent_id,
+        children=children,
+    )
+
+
+def _close_parent(matrix: Matrix, result: BenchmarkResult, *, tracker: Tracker) -> None:
+    """Describe the parent run (what ran, where its table and plot are), tag its counts and
+    end it; raise naming the failed children, if any."""
+    children, parent_id = result["children"], matrix.parent_id
     failed = [c for c in children if c["error"]]
-    plot = report.plots.get("accuracy_vs_annotation")
+    plot = result["plots"].get("accuracy_vs_annotation")
+    settings = pl.read_parquet(result["table"]).height
     tracker.client.set_tag(
         parent_id,
         "mlflow.note.content",
         benchmark_description(
-            benchmark_id,
-            suite=spec.name,
-            settings=table.height,
-            orders=len(spec.seeds),
+            matrix.benchmark_id,
+            suite=matrix.spec.name,
+            settings=settings,
+            orders=len(matrix.spec.seeds),
             runs=len(children),
             failed=len(failed),
-            plot=f"report/{plot.name}" if plot is not None else None,
+            plot=f"report/{Path(plot).name}" if plot is not None else None,
             mlflow_run_id=parent_id,
         ),
     )
@@ -454,106 +527,109 @@ def benchmark(
     if failed:
         names = ", ".join(c["run_id"] for c in failed)
         raise RuntimeError(
-            f"benchmark {benchmark_id}: {len(failed)} of {len(children)} runs failed "
-            f"(results of the others are in {folder}): {names}"
+            f"benchmark {matrix.benchmark_id}: {len(failed)} of {len(children)} runs failed "
+            f"(results of the others are in {matrix.folder}): {names}"
         )
-    return {
-        "benchmark_id": benchmark_id,
-        "folder": str(folder),
-        "table": str(table_path),
-        "runs_table": str(folder / RUNS_FILE),
-        "markdown": markdown,
-        "markdown_path": str(md_path),
-        "report": str(report.html),
-        "plots": {k: str(v) for k, v in report.plots.items()},
-        "parent_mlflow_run_id": parent_id,
-        "children": children,
-    }
 
 
-def _run_matrix(
-    stream: Any,
-    *,
-    spec: BenchmarkConfig,
-    settings: list[Setting],
-    common: list[str],
-    benchmark_id: str,
-    parent_id: str,
-    folder: Path,
-    root: Path,
-    tracker: Any,
-    log: Any,
-) -> list[dict[str, Any]]:
+class _Outcomes:
+    """The cells' outcomes as they end: each cell's :class:`Child` and runs-table row; the
+    runs table is rewritten as each cell ends (in the matrix's order)."""
+
+    def __init__(self, matrix: Matrix, log: Any) -> None:
+        self.matrix, self.log = matrix, log
+        self.cells = matrix.cells()
+        self.rows: dict[str, dict[str, object]] = {}
+        self.children: dict[str, Child] = {}
+
+    def record(self, run_id: str, outcome: fanout.Outcome) -> None:
+        s, summary = self.cells[run_id], outcome.summary
+        self.children[run_id] = Child(
+            dataset=s.dataset,
+            variant=s.variant,
+            mode=s.mode,
+            budget=s.budget,
+            seed=s.seed,
+            variant_overrides=s.variant_overrides,
+            run_id=run_id,
+            mlflow_run_id=summary.mlflow_run_id if summary is not None else None,
+            run_dir=summary.run_dir if summary is not None else None,
+            flow_run_id=outcome.flow_run_id,
+            error=outcome.error,
+        )
+        if outcome.error is not None:
+            self.log.error("run %s failed: %s", run_id, outcome.error)
+            summary = None
+        self.rows[run_id] = summary_row(asdict(s), summary, run_id=run_id, error=outcome.error)
+        done = [self.rows[r] for r in self.cells if r in self.rows]  # in the matrix's order
+        runs_table(done).write_parquet(self.matrix.folder / RUNS_FILE)
+
+    def in_order(self) -> list[Child]:
+        return [self.children[r] for r in self.cells]
+
+
+def _run_matrix(stream: Any, matrix: Matrix, *, log: Any) -> list[Child]:
     """Run every setting as a ``stream`` run — a sub-flow here (``executor: local``) or a
     run of the stream deployment on a worker (``deployments``, :mod:`icd.flows.fanout`) —
-    and return one child dict per setting, in the matrix's order.
+    and return one :class:`Child` per setting, in the matrix's order.
 
     As each cell ends the runs table is rewritten (the parent logs the settings' means and
     stds over orders once all have ended: :func:`setting_metrics`). A cell that fails is
     recorded with its error and the matrix goes on. Each finished cell has its plots and
     HTML report (the stream flow makes and logs them).
     """
-    by_run = {s.run_id(benchmark_id): s for s in settings}
-    rows: dict[str, dict[str, Any]] = {}
-    children: dict[str, dict[str, Any]] = {}
-
-    def record(run_id: str, outcome: fanout.Outcome) -> None:
-        s = by_run[run_id]
-        summary = outcome.summary or {}
-        children[run_id] = asdict(s) | {
-            "run_id": run_id,
-            "mlflow_run_id": summary.get("mlflow_run_id"),
-            "run_dir": summary.get("run_dir"),
-            "flow_run_id": outcome.flow_run_id,
-            "error": outcome.error,
-        }
-        if outcome.error is not None:
-            log.error("run %s failed: %s", run_id, outcome.error)
-            rows[run_id] = summary_row(asdict(s), {"run_id": run_id}, error=outcome.error)
-        else:
-            rows[run_id] = summary_row(asdict(s), summary)
-        done = [rows[r] for r in by_run if r in rows]  # in the matrix's order
-        runs_table(done).write_parquet(folder / RUNS_FILE)
-
-    if spec.executor == "deployments":
-        cells = [
-            fanout.Cell(
-                run_id=run_id,
-                parameters={
-                    "preset": spec.base_preset,
-                    # The workers write where the parent reads: the same storage root.
-                    "overrides": [*common, *s.overrides(), f"storage.root={root}"],
-                    "run_id": run_id,
-                    "parent_mlflow_run_id": parent_id,
-                },
-                tags=("icd", "benchmark-cell", f"benchmark:{benchmark_id}", f"mode:{s.variant}"),
-            )
-            for run_id, s in by_run.items()
-        ]
-        fanout.run_cells(
-            cells,
-            deployment=spec.deployment,
-            root=root,
-            folder=folder,
-            max_parallel=spec.max_parallel,
-            work_queue=spec.work_queue,
-            poll_s=spec.poll_s,
-            takeover_s=6 * spec.poll_s,
-            on_done=lambda cell, outcome: record(cell.run_id, outcome),
-            log=log,
-        )
+    outcomes = _Outcomes(matrix, log)
+    if matrix.spec.executor == "deployments":
+        _run_deployments(matrix, outcomes, log=log)
     else:
-        for i, (run_id, s) in enumerate(by_run.items(), 1):
-            log.info("[%d/%d] %s", i, len(settings), run_id)
-            try:
-                summary = stream.with_options(flow_run_name=run_id)(
-                    preset=spec.base_preset,
-                    overrides=common + s.overrides(),
-                    run_id=run_id,
-                    parent_mlflow_run_id=parent_id,
-                )
-            except Exception as e:  # one broken cell must not lose the night's other results
-                record(run_id, fanout.Outcome(None, f"{type(e).__name__}: {e}", None))
-            else:
-                record(run_id, fanout.Outcome(summary, None, None))
-    return [children[r] for r in by_run]
+        _run_local(stream, matrix, outcomes, log=log)
+    return outcomes.in_order()
+
+
+def _run_deployments(matrix: Matrix, outcomes: _Outcomes, *, log: Any) -> None:
+    """The cells as runs of the stream deployment (:func:`icd.flows.fanout.run_cells`)."""
+    spec = matrix.spec
+    cells = [
+        fanout.Cell(
+            run_id=run_id,
+            parameters={
+                "preset": spec.base_preset,
+                # The workers write where the parent reads: the same storage root.
+                "overrides": [*matrix.common, *s.overrides(), f"storage.root={matrix.root}"],
+                "run_id": run_id,
+                "parent_mlflow_run_id": matrix.parent_id,
+            },
+            tags=("icd", "benchmark-cell", f"benchmark:{matrix.benchmark_id}", f"mode:{s.variant}"),
+        )
+        for run_id, s in matrix.cells().items()
+    ]
+    fanout.run_cells(
+        cells,
+        deployment=spec.deployment,
+        root=matrix.root,
+        folder=matrix.folder,
+        max_parallel=spec.max_parallel,
+        work_queue=spec.work_queue,
+        poll_s=spec.poll_s,
+        takeover_s=6 * spec.poll_s,
+        on_done=lambda cell, outcome: outcomes.record(cell.run_id, outcome),
+        log=log,
+    )
+
+
+def _run_local(stream: Any, matrix: Matrix, outcomes: _Outcomes, *, log: Any) -> None:
+    """The cells one after another, as sub-flows of this one."""
+    cells = matrix.cells()
+    for i, (run_id, s) in enumerate(cells.items(), 1):
+        log.info("[%d/%d] %s", i, len(cells), run_id)
+        try:
+            summary = stream.with_options(flow_run_name=run_id)(
+                preset=matrix.spec.base_preset,
+                overrides=matrix.common + s.overrides(),
+                run_id=run_id,
+                parent_mlflow_run_id=matrix.parent_id,
+            )
+        except Exception as e:  # one broken cell must not lose the night's other results
+            outcomes.record(run_id, fanout.Outcome(None, f"{type(e).__name__}: {e}", None))
+        else:
+            outcomes.record(run_id, fanout.Outcome(as_summary(summary), None, None))

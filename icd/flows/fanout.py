@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
+from icd.method.accounting import RunSummary
 from icd.storage.locks import merge_json
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class Outcome:
     """How a cell ended: its summary, or the error that stopped it; ``reused`` when a
     previous parent's run had finished it."""
 
-    summary: dict[str, Any] | None
+    summary: RunSummary | None
     error: str | None
     flow_run_id: str | None
     reused: bool = False
@@ -59,13 +60,12 @@ class FanoutError(RuntimeError):
     """The work pool cannot be used (no server, no deployment)."""
 
 
-def read_summary(root: Path, run_id: str) -> dict[str, Any] | None:
+def read_summary(root: Path, run_id: str) -> RunSummary | None:
     """The summary a finished stream run wrote, or None while it has not finished."""
     path = root / "runs" / run_id / "summary.json"
     if not path.exists():
         return None
-    summary: dict[str, Any] = json.loads(path.read_text())
-    return summary
+    return RunSummary.from_json(json.loads(path.read_text()))
 
 
 def run_cells(

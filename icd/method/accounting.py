@@ -698,6 +698,12 @@ class RunSummary:
         )
 
 
+def as_summary(result: RunSummary | Mapping[str, Any]) -> RunSummary:
+    """A stream flow's result as a :class:`RunSummary` (a run made by a version whose flow
+    returned the summary's JSON form gives that)."""
+    return result if isinstance(result, RunSummary) else RunSummary.from_json(result)
+
+
 # RunSummary's fields that are one JSON key each, under their own name.
 _NESTED = frozenset(
     {"ratios", "seconds", "cached_chunks", "counters", "gains", "costs", "compute", "groups",

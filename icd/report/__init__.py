@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.segment import Segments
 from rich.table import Table
 
+from icd.method.accounting import GroupNumbers, RunSummary
 from icd.method.modes import mode_spec
 from icd.report import html, plots
 from icd.report.tables import comparison_rows, fmt_count, fmt_pct
@@ -41,14 +42,14 @@ class ReportError(FileNotFoundError):
 @dataclass
 class ReportPaths:
     """What :func:`build_report` wrote. ``plots`` maps a plot name to its PNG; ``summary``
-    is what :func:`print_summary` shows: the run summary dict, or the benchmark's
-    comparison table."""
+    is what :func:`print_summary` shows: the run summary, or the benchmark's comparison
+    table."""
 
     kind: str  # "run" | "benchmark"
     source: Path  # the run or benchmark folder
     html: Path
     plots: dict[str, Path] = field(default_factory=dict)
-    summary: dict[str, Any] | pl.DataFrame | None = None
+    summary: RunSummary | pl.DataFrame | None = None
 
 
 def benchmarks_dir(root: Path) -> Path:
@@ -130,11 +131,7 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     """Report of one run folder: running curves, uncertainty and agreement plots, HTML."""
     run_dir = Path(run_dir)
     preds = _run_predictions(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    if not summary:
-        from icd.method.accounting import RunTotals, summarize
-
-        summary = summarize(preds, RunTotals(run_id=run_dir.name))
+    summary = _run_summary(run_dir, preds)
     config = _read_json(run_dir / "config.json")
     method = config.get("method", {})
     mode = method.get("mode")
@@ -143,7 +140,7 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     voting, policy = method.get("voting", {}), method.get("policy", {})
     a_min = voting.get("a_min")
     out = run_dir / REPORT_DIR
-    name = summary.get("run_id") or run_dir.name
+    name = summary.run_id or run_dir.name
     paths = {
         "headline": plots.plot_headline(preds, out / "headline.png"),
         "headline_bars": plots.plot_headline_bars(summary, out / "headline_bars.png"),
@@ -162,7 +159,7 @@ def build_run_report(run_dir: Path) -> ReportPaths:
             preds, out / "agreement.png", a_min=a_min, title=name, votes=voting.get("n")
         ),
     }
-    rows = [(k, _fmt_value(k, v)) for k, v in _flat_summary(summary).items()]
+    rows = [(k, _fmt_value(k, v)) for k, v in _flat_summary(summary.to_json()).items()]
     page = html.page(
         f"ICD run {name}",
         html.paragraph(f"{run_dir}", "meta"),
@@ -194,6 +191,16 @@ def build_run_report(run_dir: Path) -> ReportPaths:
     html_path = out / "report.html"
     atomic_write_text(html_path, page)  # a run and `icd report` may both write it
     return ReportPaths("run", run_dir, html_path, paths, summary)
+
+
+def _run_summary(run_dir: Path, preds: pl.DataFrame) -> RunSummary:
+    """The run's ``summary.json``, or (a run not finished) the summary of its predictions."""
+    stored = _read_json(run_dir / "summary.json")
+    if stored:
+        return RunSummary.from_json(stored)
+    from icd.method.accounting import RunTotals, summarize_run
+
+    return summarize_run(preds, RunTotals(run_id=run_dir.name))
 
 
 def build_benchmark_report(bench_dir: Path) -> ReportPaths:
@@ -334,30 +341,35 @@ _PERCENT_PREFIXES = ("accuracy_", "zs_accuracy_", "forward_accuracy")
 _PERCENT_SUFFIXES = ("_rate", "_precision", "agreement", "_hit_rate")
 
 
-def gain_lines(summary: dict[str, Any]) -> list[str]:
+def gain_lines(summary: RunSummary) -> list[str]:
     """The run's gain over the student alone in words: from forwarded teacher labels and
     from in-context learning, overall and per class group (base / novel) where known."""
 
-    def pp(value: Any) -> str:
+    def pp(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:+.1f} pp"
 
-    def pct(value: Any) -> str:
+    def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.1f} %"
 
-    groups = sorted(k[len("samples_") :] for k in summary if k.startswith("samples_"))
-    adapts = str(summary.get("mode") or "").startswith("finetune_lora")
+    adapts = str(summary.mode or "").startswith("finetune_lora")
     second = "LoRA adaptation (and demos)" if adapts else "in-context learning"
-    lines = []
-    for suffix, label in [("", "all samples"), *[(f"_{g}", f"{g} classes") for g in groups]]:
-        lines.append(
-            f"{label}: student zero-shot {pct(summary.get(f'zs_accuracy{suffix}'))}, "
-            f"gain from forwarded teacher labels "
-            f"{pp(summary.get(f'gain_from_teacher_labels{suffix}'))}, "
-            f"gain from {second} {pp(summary.get(f'gain_from_icl{suffix}'))} "
-            f"→ {pct(summary.get(f'accuracy{suffix}'))}; "
-            f"not queried {pct(summary.get(f'accuracy_not_queried{suffix}'))}"
-        )
-    return lines
+    overall = GroupNumbers(
+        summary.samples,
+        summary.accuracy,
+        summary.accuracy_not_queried,
+        summary.zs_accuracy,
+        summary.forward_accuracy,
+        summary.gains,
+    )
+    groups = [("all samples", overall)]
+    groups += [(f"{g} classes", summary.groups[g]) for g in sorted(summary.groups)]
+    return [
+        f"{label}: student zero-shot {pct(n.zs_accuracy)}, "
+        f"gain from forwarded teacher labels {pp(n.gains.from_teacher_labels)}, "
+        f"gain from {second} {pp(n.gains.from_icl)} "
+        f"→ {pct(n.accuracy)}; not queried {pct(n.accuracy_not_queried)}"
+        for label, n in groups
+    ]
 
 
 def fmt_value(key: str, value: Any) -> str:
@@ -390,14 +402,14 @@ def _fmt_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def _grouped(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
+def _grouped(summary: RunSummary) -> list[tuple[str, str, Any]]:
     """The summary's fields as (group, field, value) rows in the groups MLflow shows them
     in (headline first; run identity and paths last), leaving out fields the run's mode
     does not use (no value)."""
     from icd.storage.tracking import metric_key
 
     rows = []
-    for k, v in _flat_summary(summary).items():
+    for k, v in _flat_summary(summary.to_json()).items():
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
         key = metric_key(k)
@@ -407,8 +419,8 @@ def _grouped(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
     return sorted(rows, key=lambda r: (order.get(r[0], 1), r[0]))
 
 
-def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | None = None) -> None:
-    """Print a run summary (dict) or a comparison/runs table (polars) as a rich table."""
+def print_summary(summary: RunSummary | pl.DataFrame, console: Console | None = None) -> None:
+    """Print a run summary or a comparison/runs table (polars) as a rich table."""
     console = console or Console()
     if isinstance(summary, pl.DataFrame):
         if "accuracy_mean" in summary.columns:
@@ -422,7 +434,7 @@ def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | Non
         for row in rows:
             table.add_row(*row)
     else:
-        title = f"ICD run {summary.get('run_id', '')}".strip()
+        title = f"ICD run {summary.run_id}".strip()
         table = Table("group", "field", "value", title=title)
         for group, k, v in _grouped(summary):
             table.add_row(group, k, _fmt_value(k, v))
@@ -433,48 +445,48 @@ def print_summary(summary: dict[str, Any] | pl.DataFrame, console: Console | Non
         console.print(Segments(line), soft_wrap=True, end="")
 
 
-def print_headline(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_headline(summary: RunSummary, console: Console | None = None) -> None:
     """The run's headline: accuracy against its same-run baselines (what applies to the
     mode), teacher use, time, and where the results are. ``print_summary`` prints it all."""
     console = console or Console()
-    acc = summary.get("accuracy")
+    acc = summary.accuracy
+    skipped = f" ({fmt_count(summary.skipped)} skipped)" if summary.skipped else ""
     lines = [
-        f"[bold]ICD run {summary.get('run_id')}[/] — mode {summary.get('mode')} on "
-        f"{summary.get('dataset')}, {fmt_count(summary.get('samples'))} samples"
-        + (f" ({fmt_count(summary['skipped'])} skipped)" if summary.get("skipped") else ""),
+        f"[bold]ICD run {summary.run_id}[/] — mode {summary.mode} on "
+        f"{summary.dataset}, {fmt_count(summary.samples)} samples{skipped}",
         f"  accuracy                      [bold]{fmt_pct(acc)}[/]",
     ]
-
-    def versus(label: str, key: str) -> None:
-        base = summary.get(key)
+    for label, base in (
+        ("the student alone", summary.zs_accuracy),
+        ("forwarding the teacher labels", summary.forward_accuracy),
+    ):
         if base is not None and acc is not None:
             lines.append(f"  {label:<30}{fmt_pct(base)}  ({100 * (acc - base):+.1f} points)")
-
-    versus("the student alone", "zs_accuracy")
-    versus("forwarding the teacher labels", "forward_accuracy")
-    if summary.get("queried"):
-        made, reused = summary.get("teacher_calls"), summary.get("teacher_calls_reused")
-        # reused: labels from answers another run made (the task cache)
-        if made and reused:
-            answers = f"{fmt_count(made)} answers made, {fmt_count(reused)} reused"
-        elif reused:
-            answers = f"{fmt_count(reused)} answers reused"
-        elif made:
-            answers = f"{fmt_count(made)} answers generated"
-        else:
-            answers = "answers reused (cache)"
+    if summary.queried:
         lines.append(
-            f"  teacher labelled              {fmt_pct(summary.get('annotation_rate'))} of samples "
-            f"({fmt_count(summary.get('queried'))} queried, {fmt_count(summary.get('accepted'))} "
-            f"pooled, {answers})"
+            f"  teacher labelled              {fmt_pct(summary.annotation_rate)} of samples "
+            f"({fmt_count(summary.queried)} queried, {fmt_count(summary.accepted)} "
+            f"pooled, {_answers(summary)})"
         )
-    if summary.get("demo_accuracy") is not None:
-        lines.append(f"  demos of the query's class    {fmt_pct(summary.get('demo_accuracy'))}")
-    seconds = summary.get("seconds")
-    if isinstance(seconds, dict) and seconds:
-        lines.append(f"  stage time                    {sum(map(float, seconds.values())):.1f} s")
+    if summary.demo_accuracy is not None:
+        lines.append(f"  demos of the query's class    {fmt_pct(summary.demo_accuracy)}")
+    if summary.seconds:
+        lines.append(f"  stage time                    {summary.stage_seconds:.1f} s")
     for line in lines:
         console.print(line, highlight=False)
+
+
+def _answers(summary: RunSummary) -> str:
+    """The teacher answers behind a run's labels: made by it, or reused from another run
+    (the task cache)."""
+    made, reused = summary.teacher_calls, summary.counter("teacher_calls_reused")
+    if made and reused:
+        return f"{fmt_count(made)} answers made, {fmt_count(reused)} reused"
+    if reused:
+        return f"{fmt_count(reused)} answers reused"
+    if made:
+        return f"{fmt_count(made)} answers generated"
+    return "answers reused (cache)"
 
 
 # The benchmark columns a terminal shows (``icd report`` and the markdown have them all).

@@ -18,6 +18,7 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from icd.method.accounting import RunSummary
 from icd.report.tables import running_curves
 
 _DPI = 110
@@ -359,18 +360,17 @@ def plot_headline(preds: pl.DataFrame, path: Path | str) -> Path:
     return _save(headline_figure(preds), path)
 
 
-def headline_bars_figure(summary: Mapping[str, Any]) -> Figure:
+def headline_bars_figure(summary: RunSummary) -> Figure:
     """A strip small enough to show whole where MLflow's run page shows a description
     (under 70 px tall): the run's final accuracy and its same-run baselines' as bars on one
     0–100 % axis (gridlines every 10 points), each labelled with its value."""
-    mode = str(summary.get("mode") or "this run")
-    rows = [
-        (f"{mode} (this run)", summary.get("accuracy"), style(mode)["color"]),
-        ("the student alone", summary.get("zs_accuracy"), style("student_zero_shot")["color"]),
-        ("forwarding teacher labels", summary.get("forward_accuracy"),
-         style("teacher_forward")["color"]),
-    ]  # fmt: skip
-    rows = [(name, 100 * float(v), color) for name, v, color in rows if v is not None]
+    mode = str(summary.mode or "this run")
+    bars = [
+        (f"{mode} (this run)", summary.accuracy, style(mode)["color"]),
+        ("the student alone", summary.zs_accuracy, style("student_zero_shot")["color"]),
+        ("forwarding teacher labels", summary.forward_accuracy, style("teacher_forward")["color"]),
+    ]
+    rows = [(name, 100 * float(v), color) for name, v, color in bars if v is not None]
     fig = Figure(figsize=(7.6, 0.06 + 0.2 * max(len(rows), 1)), layout="constrained")
     fig.get_layout_engine().set(h_pad=0.01, w_pad=0.02)  # type: ignore[union-attr]
     ax = fig.subplots()
@@ -392,7 +392,7 @@ def headline_bars_figure(summary: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def plot_headline_bars(summary: Mapping[str, Any], path: Path | str) -> Path:
+def plot_headline_bars(summary: RunSummary, path: Path | str) -> Path:
     """:func:`headline_bars_figure` saved as a PNG at 100 dpi (its pixel size is its size on
     the page)."""
     path = Path(path)

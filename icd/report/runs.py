@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
+from icd.method.accounting import ChunkSums, RunSummary
 from icd.report.tables import fmt_pct
 
 
@@ -69,11 +70,15 @@ def read_run(folder: Path) -> RunListing | None:
     config = _json(config_path)
     data, method = config.get("data", {}), config.get("method", {})
     last = _json(states[-1]) if states else {}
-    running = last.get("running", {})
-    summary = _json(summary_path)
-    finished = bool(summary)
-    source = summary if finished else running
-    samples = summary.get("samples") if finished else last.get("samples_seen")
+    stored = _json(summary_path)
+    summary = RunSummary.from_json(stored) if stored else None
+    if summary is not None:
+        ratios = summary.ratios
+        samples: int | None = summary.samples
+    else:  # the running numbers after the last committed chunk
+        ratios = ChunkSums.from_json(last.get("running") or {}).ratios
+        samples = last.get("samples_seen")
+    finished = summary is not None
     limit = data.get("limit")
     total = samples if finished else (limit if isinstance(limit, int) else None)
     chunk_size = config.get("pipeline", {}).get("chunk_size")
@@ -82,17 +87,17 @@ def read_run(folder: Path) -> RunListing | None:
         total_chunks = -(-total // chunk_size)
     stamp = summary_path if finished else (states[-1] if states else config_path)
     return RunListing(
-        run_id=summary.get("run_id") or folder.name,
+        run_id=(summary and summary.run_id) or folder.name,
         folder=folder.absolute(),
-        mode=summary.get("mode") or method.get("mode"),
-        dataset=summary.get("dataset") or data.get("dataset"),
+        mode=(summary and summary.mode) or method.get("mode"),
+        dataset=(summary and summary.dataset) or data.get("dataset"),
         finished=finished,
         chunks=len(states),
         samples=samples,
         total=total,
         total_chunks=total_chunks,
-        accuracy=source.get("accuracy"),
-        annotation_rate=source.get("annotation_rate"),
+        accuracy=ratios.accuracy,
+        annotation_rate=ratios.annotation_rate,
         when=_mtime(stamp),
     )
 

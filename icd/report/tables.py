@@ -11,42 +11,53 @@ from typing import Any
 
 import polars as pl
 
-# Summary fields (CONTRACTS.md run summary) carried per run and averaged over seeds.
-METRICS: tuple[str, ...] = (
-    "accuracy",
-    "accuracy_not_queried",
-    "zs_accuracy",
-    "forward_accuracy",
-    "gain_from_teacher_labels",
-    "gain_from_icl",
-    "accuracy_novel",
-    "accuracy_not_queried_novel",
-    "annotation_rate",
-    "queried",
-    "accepted",
-    "teacher_calls",
-    "teacher_calls_reused",
-    "teacher_answers_used",
-    "teacher_errors",
-    "pool_size",
-    "pool_precision",
-    "mean_agreement",
-    "demo_accuracy",
-    "seconds",
-    "accuracy_queried",
-    "icl_prompt_tokens_mean",
-    "icl_prompt_tokens_p95",
-    "seconds_per_zs_prompt",
-    "seconds_per_icl_prompt",
-    "adapt_steps",
-    "adapt_seconds",
-    "adapt_flops",
-    "inference_flops",
-    "compute_flops",
-    "icl_prompts",
-    "icl_prompts_saved",
-    "student_prompt_tokens",
-)
+from icd.method.accounting import GroupNumbers, RunSummary
+
+
+def run_metrics(s: RunSummary) -> dict[str, float | None]:
+    """The run summary's numbers the runs table carries (and averages over seeds), by
+    column name; ``seconds`` is the stages' seconds summed to a total."""
+    novel = s.groups.get("novel", GroupNumbers(accuracy=None))
+    counters = s.counters
+    return {
+        "accuracy": s.accuracy,
+        "accuracy_not_queried": s.accuracy_not_queried,
+        "zs_accuracy": s.zs_accuracy,
+        "forward_accuracy": s.forward_accuracy,
+        "gain_from_teacher_labels": s.gains.from_teacher_labels,
+        "gain_from_icl": s.gains.from_icl,
+        "accuracy_novel": novel.accuracy,
+        "accuracy_not_queried_novel": novel.accuracy_not_queried,
+        "annotation_rate": s.annotation_rate,
+        "queried": s.queried,
+        "accepted": s.accepted,
+        "teacher_calls": s.teacher_calls,
+        "teacher_calls_reused": counters.get("teacher_calls_reused"),
+        "teacher_answers_used": counters.get("teacher_answers_used"),
+        "teacher_errors": s.teacher_errors,
+        "pool_size": s.pool_size,
+        "pool_precision": s.pool_precision,
+        "mean_agreement": s.mean_agreement,
+        "demo_accuracy": s.demo_accuracy,
+        "seconds": s.stage_seconds,
+        "accuracy_queried": s.accuracy_queried,
+        "icl_prompt_tokens_mean": s.costs.icl_prompt_tokens_mean,
+        "icl_prompt_tokens_p95": s.costs.icl_prompt_tokens_p95,
+        "seconds_per_zs_prompt": s.costs.seconds_per_zs_prompt,
+        "seconds_per_icl_prompt": s.costs.seconds_per_icl_prompt,
+        "adapt_steps": s.compute.adapt_steps,
+        "adapt_seconds": s.compute.adapt_seconds,
+        "adapt_flops": s.compute.adapt_flops,
+        "inference_flops": s.compute.inference_flops,
+        "compute_flops": s.compute.compute_flops,
+        "icl_prompts": counters.get("icl_prompts"),
+        "icl_prompts_saved": s.icl_prompts_saved,
+        "student_prompt_tokens": s.compute.student_prompt_tokens,
+    }
+
+
+# The runs table's metric columns (averaged over seeds in the comparison table).
+METRICS: tuple[str, ...] = tuple(run_metrics(RunSummary()))
 
 # Columns identifying one benchmark setting (one row of the comparison table).
 SETTING: tuple[str, ...] = ("dataset", "variant", "mode", "budget")
@@ -141,32 +152,34 @@ def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
 
 
 def summary_row(
-    setting: Mapping[str, Any], summary: Mapping[str, Any], error: str | None = None
-) -> dict[str, Any]:
-    """One row of the runs table: the setting's coordinates plus the run summary's metrics.
+    setting: Mapping[str, object],
+    summary: RunSummary | None,
+    *,
+    run_id: str | None = None,
+    error: str | None = None,
+) -> dict[str, object]:
+    """One row of the runs table: the setting's coordinates plus the run summary's metrics
+    (:func:`run_metrics`).
 
     ``setting`` holds dataset, variant, mode, budget (None for modes that never consult
-    the budget) and seed. ``seconds`` is the summary's per-stage dict summed to a total.
-    ``error`` marks a run that failed (its metrics are then null).
+    the budget) and seed. A run that failed has no ``summary`` (its metrics are then null):
+    its ``run_id`` and ``error``.
     """
-    row: dict[str, Any] = {
+    row: dict[str, object] = {
         k: setting.get(k) for k in ("dataset", "variant", "mode", "budget", "seed")
     }
-    row["run_id"] = summary.get("run_id")
-    row["mlflow_run_id"] = summary.get("mlflow_run_id")
-    row["run_dir"] = summary.get("run_dir")
-    row["samples"] = summary.get("samples")
-    row["skipped"] = summary.get("skipped")
-    for m in METRICS:
-        value = summary.get(m)
-        if m == "seconds" and isinstance(value, Mapping):
-            value = sum(float(v) for v in value.values())
-        row[m] = None if value is None else float(value)
+    row["run_id"] = summary.run_id if summary is not None else run_id
+    row["mlflow_run_id"] = summary.mlflow_run_id if summary is not None else None
+    row["run_dir"] = summary.run_dir if summary is not None else None
+    row["samples"] = summary.samples if summary is not None else None
+    row["skipped"] = summary.skipped if summary is not None else None
+    metrics = run_metrics(summary) if summary is not None else dict.fromkeys(METRICS)
+    row.update({m: None if v is None else float(v) for m, v in metrics.items()})
     row["error"] = error
     return row
 
 
-def runs_table(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+def runs_table(rows: Iterable[Mapping[str, object]]) -> pl.DataFrame:
     """The runs table (one row per child run) with the fixed ``RUNS_SCHEMA`` columns."""
     return pl.DataFrame([dict(r) for r in rows], schema=RUNS_SCHEMA)
 

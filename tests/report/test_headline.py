@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from icd.flows.artifacts import artifact_key, headline, mlflow_run_url
+from icd.method.accounting import RunSummary
 from icd.report import print_headline
 
 ICD = {
@@ -18,7 +19,7 @@ ICD = {
 
 def _printed(summary: dict) -> str:
     console = Console(record=True, width=100)
-    print_headline(summary, console=console)
+    print_headline(RunSummary.from_json(summary), console=console)
     return console.export_text()
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from icd.method.accounting import RunSummary
 from icd.report import plots
 from icd.report.tables import comparison_table, running_curves, runs_table, summary_row
 from tests.report import assert_png, empty_predictions, make_predictions
@@ -16,7 +17,14 @@ def _table(rows: list[tuple[str, str, str, float | None, int, float, float]]) ->
     runs = runs_table(
         summary_row(
             {"dataset": d, "variant": v, "mode": m, "budget": b, "seed": s},
-            {"run_id": f"{d}-{v}-{b}-{s}", "samples": 64, "accuracy": acc, "annotation_rate": rate},
+            RunSummary.from_json(
+                {
+                    "run_id": f"{d}-{v}-{b}-{s}",
+                    "samples": 64,
+                    "accuracy": acc,
+                    "annotation_rate": rate,
+                }
+            ),
         )
         for d, v, m, b, s, acc, rate in rows
     )
@@ -67,7 +75,8 @@ def test_accuracy_vs_annotation_null_accuracy(tmp_path):
     runs = runs_table(
         [
             summary_row(
-                {"dataset": "shapes", "variant": "icd", "mode": "icd", "budget": 0.1, "seed": 0}, {}
+                {"dataset": "shapes", "variant": "icd", "mode": "icd", "budget": 0.1, "seed": 0},
+                None,
             )
         ]
     )
@@ -255,7 +264,9 @@ def test_legends_stay_off_the_data():
 def test_headline_bars_fit_an_unfolded_mlflow_description(tmp_path):
     from PIL import Image
 
-    summary = {"mode": "icd", "accuracy": 0.45, "zs_accuracy": 0.32, "forward_accuracy": 0.38}
+    summary = RunSummary.from_json(
+        {"mode": "icd", "accuracy": 0.45, "zs_accuracy": 0.32, "forward_accuracy": 0.38}
+    )
     path = plots.plot_headline_bars(summary, tmp_path / "bars.png")
     width, height = Image.open(path).size
     assert height <= 80 and width >= 600

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from icd.method.accounting import RunSummary
 from icd.report import (
     BENCHMARK_FILE,
     COMPARISON_FILE,
@@ -101,8 +102,8 @@ def _runs() -> pl.DataFrame:
         rows.append(
             summary_row(
                 {"dataset": "shapes", "variant": "icd", "mode": "icd", "budget": 0.1, "seed": seed},
-                {"run_id": f"icd-{seed}", "samples": 64, "accuracy": acc, "annotation_rate": rate,
-                 "teacher_calls": 30 + seed, "seconds": {"embed": 1.0, "icl": 2.0}},
+                RunSummary.from_json({"run_id": f"icd-{seed}", "samples": 64, "accuracy": acc, "annotation_rate": rate,
+                 "teacher_calls": 30 + seed, "seconds": {"embed": 1.0, "icl": 2.0}}),
             )
         )  # fmt: skip
     rows.append(
@@ -114,19 +115,22 @@ def _runs() -> pl.DataFrame:
                 "budget": None,
                 "seed": 0,
             },
-            {
-                "run_id": "zs-0",
-                "samples": 64,
-                "accuracy": 0.25,
-                "annotation_rate": 0.0,
-                "demo_accuracy": None,
-            },
+            RunSummary.from_json(
+                {
+                    "run_id": "zs-0",
+                    "samples": 64,
+                    "accuracy": 0.25,
+                    "annotation_rate": 0.0,
+                    "demo_accuracy": None,
+                }
+            ),
         )
     )
     rows.append(
         summary_row(
             {"dataset": "shapes", "variant": "icd", "mode": "icd", "budget": 0.1, "seed": 9},
-            {"run_id": "icd-9"},
+            None,
+            run_id="icd-9",
             error="RuntimeError: boom",
         )
     )
@@ -207,7 +211,7 @@ def test_run_report(tmp_path):
     for data in images:
         assert_png(data)
     assert "http://" not in page and "https://" not in page  # self-contained
-    assert paths.summary["accuracy"] == SUMMARY["accuracy"]
+    assert paths.summary.accuracy == SUMMARY["accuracy"]
 
 
 def test_run_report_from_folder_path_without_summary(tmp_path):
@@ -247,8 +251,8 @@ def _write_benchmark(root, bench_id: str, started: str, name: str = "nightly"):
             rows.append(
                 summary_row(
                     {"dataset": "shapes", "variant": variant, "mode": variant, "budget": budget, "seed": seed},
-                    {"run_id": run_dir.name, "run_dir": str(run_dir), "mlflow_run_id": f"ml{seed}",
-                     "accuracy": acc, "annotation_rate": budget or 0.0, "samples": 64},
+                    RunSummary.from_json({"run_id": run_dir.name, "run_dir": str(run_dir), "mlflow_run_id": f"ml{seed}",
+                     "accuracy": acc, "annotation_rate": budget or 0.0, "samples": 64}),
                 )
             )  # fmt: skip
     runs = runs_table(rows)
@@ -291,7 +295,7 @@ def test_resolve_target(tmp_path):
 
 def test_print_summary():
     console = Console(record=True, width=200)
-    print_summary(SUMMARY | {"run_id": "run-7"}, console=console)
+    print_summary(RunSummary.from_json(SUMMARY | {"run_id": "run-7"}), console=console)
     text = console.export_text()
     assert "run-7" in text and "73.44 %" in text and "seconds.embed" in text
     console = Console(record=True, width=250)
