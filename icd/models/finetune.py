@@ -126,7 +126,7 @@ def train_adapter(
         else:
             lora = LoraConfig(
                 r=cfg.rank,
-                lora_alpha=cfg.alpha,
+                lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # (a float scale works)
                 lora_dropout=cfg.dropout,
                 target_modules=lora_targets(cfg),
             )

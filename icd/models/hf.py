@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -111,7 +111,7 @@ def check_load_options(where: str, device_map: str | None, attn_implementation: 
         raise dependency_error(where, "flash_attn")
 
 
-def from_pretrained(loader: Callable[..., Any], model_id: str, revision: str, **kwargs: Any) -> Any:
+def from_pretrained(loader: type[Any], model_id: str, revision: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` for a model id, a local folder or a ``fixtures/`` id.
 
     Tries the local cache first, then the hub. Any failure becomes a one-line
@@ -199,7 +199,7 @@ class _RowSampler(LogitsProcessor):
         picks = torch.div(probs, noise, out=noise).argmax(dim=-1)  # noise is redrawn next step
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, picks[:, None], 0.0)
-        return out
+        return cast("torch.FloatTensor", out)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -427,7 +427,7 @@ class HFVLM:
         self, samples: list[Sample], prompts: list[Prompt], sampling: Sampling
     ) -> list[list[Generation]]:
         n, temperature, n_sampled = sampling.n, sampling.temperature, sampling.n_sampled
-        greedy = [[] for _ in prompts]
+        greedy: list[list[Generation]] = [[] for _ in prompts]
         if sampling.include_greedy or temperature <= 0:
             greedy = [[g] for g in self._generate(prompts, self.max_new_tokens)]
         if n_sampled <= 0:

@@ -255,7 +255,7 @@ def _padded_crops(entries: list[list[_Entry]]) -> tuple[dict[str, Any], dict[str
             values[i, j : j + n, :, :h, :w] = p
             masks[i, j : j + n, :h, :w] = m
             j += n
-    lists = {
+    lists: dict[str, Any] = {
         k: [[e[k][0][0] for e in row] for row in entries] for k in ("rows", "cols") if k in flat[0]
     }
     return {"pixel_values": values, "pixel_attention_mask": masks}, lists

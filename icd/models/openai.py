@@ -649,9 +649,9 @@ class OpenAIChat:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(_settle(job)) for job in jobs]
         except BaseExceptionGroup as group:
-            for e in group.exceptions:
-                if isinstance(e, TeacherConfigError):
-                    raise e from None
+            for exc in group.exceptions:
+                if isinstance(exc, TeacherConfigError):
+                    raise exc from None
             raise
         results = [t.result() for t in tasks]
         failed = [r for r in results if isinstance(r, Exception)]

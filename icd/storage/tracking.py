@@ -27,6 +27,7 @@ from typing import Any
 
 import polars as pl
 from mlflow import MlflowClient
+from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
@@ -411,10 +412,13 @@ class Tracker:
             if background:
                 if self._writer is None:
                     self._writer = ThreadPoolExecutor(1, thread_name_prefix="icd-mlflow")
-                self._pending.append(self._writer.submit(self.client.log_batch, rid, part))
+                self._pending.append(self._writer.submit(self._write_metrics, rid, part))
             else:
                 self.client.log_batch(rid, metrics=part)
         return len(out)
+
+    def _write_metrics(self, rid: str, metrics: list[Metric]) -> None:
+        self.client.log_batch(rid, metrics=metrics)
 
     def flush(self) -> None:
         """Wait until every metric logged in the background is stored."""
@@ -440,10 +444,11 @@ class Tracker:
         name = str(info.get("name") or "stream")
         digest = info.get("digest")
         digest = str(digest)[:MAX_DATASET_DIGEST_SIZE] if digest else None
+        dataset: Dataset
         if df is not None:
             dataset = from_polars(df, source=source, name=name, digest=digest)
-        else:
-            dataset = MetaDataset(source, name=name, digest=digest)
+        else:  # (MetaDataset declares `profile` abstract but defines it: it instantiates)
+            dataset = MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]
         extra = [
             InputTag(str(k), _tag_value(v))
             for k, v in info.items()

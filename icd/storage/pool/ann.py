@@ -102,7 +102,7 @@ class JointIndex:
         """Train on a fixed sample of the view's first ``t`` rows (nothing added yet)."""
         import time
 
-        import faiss  # type: ignore[import-untyped]
+        import faiss
 
         t0 = time.perf_counter()
         dim = 2 * view.image_vecs.shape[1]
@@ -111,6 +111,7 @@ class JointIndex:
         rows = np.sort(np.random.default_rng(0).choice(t, size=sample, replace=False))
         x = _joint(view, rows)
         quantizer = faiss.IndexFlatIP(dim)
+        index: Any
         if t < SQ_MIN_TRAIN:
             index = faiss.IndexIVFFlat(quantizer, dim, nl, faiss.METRIC_INNER_PRODUCT)
         else:
@@ -143,7 +144,7 @@ class JointIndex:
         fewer were found), best first."""
         import faiss
 
-        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=faiss.IDSelectorRange(0, n))
+        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=faiss.IDSelectorRange(0, n))  # type: ignore[call-arg]
         _, ids = self.index.search(np.ascontiguousarray(queries), count, params=params)
         return np.asarray(ids, dtype=np.int64)
 

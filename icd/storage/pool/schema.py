@@ -82,7 +82,7 @@ def _nonempty_str(v: Any) -> bool:
 
 
 def _count(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= 0
+    return not isinstance(v, bool) and isinstance(v, int | np.integer) and bool(v >= 0)
 
 
 def _number(v: Any) -> bool:
