@@ -104,7 +104,7 @@ def plain_loop(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, float]]:
             ]
         )
         zs_answers, zs_unc = steps.student_outputs(zs_gens, cfg.method.uncertainty)
-        lap("score")
+        lap("zero_shot")
 
         votes: dict[str, Any] = {}
         mask, state = steps.teacher_queries(

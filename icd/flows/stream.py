@@ -3,12 +3,17 @@ benchmark stream.
 
 Per chunk (docs/design.md §4), one stage per module of :mod:`icd.tasks`::
 
-    embed ─> score ─> annotate (policy, teacher votes) ─┬─> pool ─┐
-                                                        └─> icl ──┴─> [adapt] ─> evaluate ─> commit
+    embed ─> zero_shot ─> annotate (policy, teacher votes) ─┬─> pool ─┐
+                                                            └─> icl ──┴─> [adapt] ─> evaluate ─> commit
     (icl: the student's demos come from the pool as it was before this chunk; adapt: the
     LoRA modes' training steps on the pool, used by the next chunks' student passes)
 
-Embedding and zero-shot scoring do not depend on the pool (except scoring by an adapting
+Each stage returns a typed result (image vectors, ``Answers``, ``Labels``,
+``Demonstrated``, ``Pooled``, ``Adapted``, the chunk's sums) that the flow passes to the
+stages that read it; the run's state after the chunk is made from them in one place
+(:func:`advance`) and committed.
+
+Embedding and the zero-shot answers do not depend on the pool (except those of an adapting
 student), so with ``pipeline.lookahead`` > 0 they are submitted for the next chunks while
 the current chunk's sequential stages run (with 0 they run in order, in the flow's
 thread). The pool update runs in the background
@@ -26,6 +31,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +53,12 @@ from icd.report import build_run_report
 from icd.storage import results
 from icd.storage.locks import atomic_file
 from icd.storage.pool import DEFAULT_TABLE, PoolError
-from icd.storage.runstate import RunState, atomic_write_text
+from icd.storage.runstate import atomic_write_text
 from icd.storage.tracking import Tracker
-from icd.tasks import adapt, annotate, embed, evaluate, icl, pool, score
+from icd.tasks import adapt, annotate, embed, evaluate, icl, pool, zero_shot
 from icd.tasks.base import open_pool
-from icd.tasks.context import ChunkWork, ResumeState, RunContext
-from icd.tasks.runner import Runner
+from icd.tasks.context import Ledger, ResumeState, RunContext, add_counts, chain
+from icd.tasks.runner import Books, Pending, Runner
 
 # Called after each committed chunk with (chunks_done, samples_done, total_samples or None);
 # the CLI registers a rich progress bar here.
@@ -145,44 +151,154 @@ def stream_flow_for(cfg: Config) -> Any:
 def run_stream(
     cfg: Config, run_id: str | None = None, parent_mlflow_run_id: str | None = None
 ) -> dict[str, Any]:
-    """The body of the stream flow for an already resolved config: the diagram above."""
+    """The body of the stream flow for an already resolved config: the diagram above. Each
+    stage returns its typed result, which the flow hands to the stages that read it; the
+    run's state after each chunk is made from the chunk's results (:func:`advance`)."""
     if cfg.pipeline.torch_threads:
         torch.set_num_threads(cfg.pipeline.torch_threads)
     src = open_stream(cfg.data)
     ctx = RunContext.create(cfg, src, run_id=run_id)
     tracker = start_tracking(ctx=ctx, src=src, parent_mlflow_run_id=parent_mlflow_run_id)
-    state = resume(ctx=ctx, tracker=tracker)
-    runner = Runner(
-        lookahead=cfg.pipeline.lookahead,
-        on_dask=_on_dask(),
-        cache_dir=ctx.cache_dir,
-        books=state.books,
+    ledger = Ledger.read(ctx.ledger)
+    state = resume(ctx=ctx, tracker=tracker, ledger=ledger)
+    books = Books(
+        seconds={**Books().seconds, **state.seconds}, cached={**Books().cached, **state.cached}
     )
+    runner = Runner(
+        lookahead=cfg.pipeline.lookahead, on_dask=_on_dask(), cache_dir=ctx.cache_dir, books=books
+    )
+    grades = PoolGrades.rebuild(ctx, resumed=state.next_chunk > 0)
     progress = show_run(ctx=ctx, state=state)  # the Prefect UI: name, tags, progress
     chunks = src.chunks(cfg.pipeline.chunk_size, start_chunk=state.next_chunk)
-    for work in runner.window(chunks, start=lambda c: start_chunk(runner, ctx, chunk=c)):
-        embed.collect(runner, work=work)
-        score.collect(runner, ctx, work=work, state=state)  # answers, uncertainty
-        annotate.run(runner, ctx, work=work, state=state)  # budgeted policy -> votes
-        view = icl.demo_view(ctx, work=work)  # the pool as it was before this chunk
-        pooling = pool.submit(runner, ctx, work=work)  # one pool commit, in the background
-        icl.run(runner, ctx, work=work, state=state, view=view)
-        pool.collect(runner, work=work, state=state, pending=pooling)
-        adapt.run(runner, ctx, work=work, state=state)  # finetune modes: LoRA on the pool
-        evaluate.run(runner, ctx, work=work, state=state)
-        commit(ctx, work=work, state=state, tracker=tracker)
-        progress.update(state.counters["samples_seen"])
-    return finish(ctx, state=state, tracker=tracker)
+    for started in runner.window(chunks, start=lambda c: start_chunk(runner, ctx, chunk=c)):
+        chunk = started.chunk
+        image_vecs = embed.collect(runner, pending=started.embedding)
+        answers = zero_shot.collect(
+            runner, ctx, chunk=chunk, pending=started.answering, adapter=state.adapter
+        )
+        labels = annotate.run(  # the budgeted policy picks samples; the teacher votes
+            runner,
+            ctx,
+            chunk=chunk,
+            answers=answers,
+            policy=state.policy_state,
+            ledgered=ledger.chunk_keys,
+        )
+        view = icl.demo_view(ctx, chunk=chunk)  # the pool as it was before this chunk
+        pooling = pool.submit(  # one pool commit, in the background
+            runner, ctx, chunk=chunk, labels=labels, image_vecs=image_vecs, answers=answers
+        )
+        demos = icl.run(
+            runner,
+            ctx,
+            chunk=chunk,
+            answers=answers,
+            labels=labels,
+            image_vecs=image_vecs,
+            view=view,
+            gate=state.icl_gate_state,
+            lineage=state.lineage,
+            adapter=state.adapter,
+        )
+        pooled = pool.collect(runner, pending=pooling)
+        adapted = adapt.run(  # finetune modes: LoRA on the pool
+            runner, ctx, chunk=chunk, start=state.adapter, lineage=state.lineage
+        )
+        sums = evaluate.run(runner, ctx, chunk=chunk, answers=answers, labels=labels, demos=demos)
+        state = advance(
+            state,
+            chunk=chunk,
+            results=ChunkResults(answers, labels, demos, pooled, adapted, sums),
+            books=runner.books,
+            pool=grades.measure(ctx, chunk=chunk, labels=labels),
+        )
+        commit(ctx, chunk=chunk, state=state, labels=labels, tracker=tracker)
+        progress.update(state.samples_seen)
+    return finish(ctx, state=state, books=runner.books, tracker=tracker)
 
 
-def start_chunk(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> ChunkWork:
-    """Start the chunk's pool-independent stages, which may run ahead of the current
-    chunk: its embeddings and (unless the student adapts to the pool) its zero-shot
+@dataclass(frozen=True)
+class StartedChunk:
+    """A chunk with its pool-independent stages started (they may run ahead of the current
+    chunk): its embeddings and (unless the student adapts to the pool) its zero-shot
     answers."""
-    work = ChunkWork(chunk)
-    work.embedding = embed.submit(runner, ctx, chunk=chunk)
-    work.scoring = score.submit(runner, ctx, chunk=chunk)
-    return work
+
+    chunk: Chunk
+    embedding: Pending[embed.Embedded]
+    answering: Pending[zero_shot.StudentPass] | None
+
+
+def start_chunk(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> StartedChunk:
+    """Start the chunk's pool-independent stages."""
+    return StartedChunk(
+        chunk,
+        embedding=embed.submit(runner, ctx, chunk=chunk),
+        answering=zero_shot.submit(runner, ctx, chunk=chunk),
+    )
+
+
+@dataclass(frozen=True)
+class ChunkResults:
+    """What a chunk's stages returned."""
+
+    answers: zero_shot.Answers
+    labels: annotate.Labels
+    demos: icl.Demonstrated
+    pooled: pool.Pooled | None
+    adapted: adapt.Adapted | None
+    sums: dict[str, Any]
+
+
+def advance(
+    state: ResumeState,
+    *,
+    chunk: Chunk,
+    results: ChunkResults,
+    books: Books,
+    pool: tuple[int, float | None],
+) -> ResumeState:
+    """The run's state after ``chunk``: ``state`` moved on by the chunk's stage
+    ``results``, the runner's ``books`` and the pool's size and label precision after
+    the chunk (``pool``). The one place the run's state changes."""
+    r = results
+    manifest, adapter, adapted = dict(state.manifest), state.adapter, dict(state.adapt)
+    if r.pooled is not None:
+        manifest[str(chunk.index)] = r.pooled.version
+    if r.adapted is not None:
+        adapter = r.adapted.adapter
+        a = r.adapted
+        for k, v in (("steps", a.steps), ("tokens", a.tokens), ("flops", a.flops)):
+            adapted[k] = adapted.get(k, 0) + v
+        adapted["peak_rss_mb"] = max(adapted.get("peak_rss_mb", 0.0), a.peak_rss_mb)
+    counters = add_counts(
+        state.counters,
+        r.answers.counts,
+        r.labels.counts,
+        r.demos.counts,
+        r.pooled.counts if r.pooled is not None else {},
+        {"samples_seen": len(chunk.samples)},
+    )
+    made = state.made
+    return replace(
+        state,
+        chunk=chunk.index,
+        samples_seen=counters["samples_seen"],
+        policy_state=r.labels.policy,
+        icl_gate_state=r.demos.gate,
+        counters=counters,
+        running=accounting.merge_metrics(state.running, r.sums),
+        manifest=manifest,
+        seconds=dict(books.seconds),
+        cached=dict(books.cached),
+        service=r.labels.service,
+        lineage=chain(state.lineage, chunk.key),
+        adapter=adapter,
+        adapt=adapted,
+        student_params=state.student_params if r.answers.params is None else r.answers.params,
+        pool_size=pool[0],
+        pool_precision=pool[1],
+        made=Made(made.answers + r.labels.made.answers, made.requests + r.labels.made.requests),
+    )
 
 
 REPORT_ARTIFACTS = "report"  # the run's plots and HTML report, in its MLflow artifacts
@@ -242,31 +358,19 @@ def show_run(*, ctx: RunContext, state: ResumeState) -> artifacts.Progress:
     return progress
 
 
-def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
+def resume(*, ctx: RunContext, tracker: Tracker, ledger: Ledger) -> ResumeState:
     """The state after the last committed chunk; committed chunks' metrics are logged again
     (the tracker skips steps it already has, so a kill between commit and log loses none)."""
     log = get_run_logger()
-    for st in RunState(ctx.run_dir).all():
-        made = Made(**st.get("made", {}))
-        numbers = accounting.running_numbers(
-            st["running"],
-            counters=st["counters"],
-            made=made,
-            pool_size=st.get("pool_size", 0),
-            pool_precision=st.get("pool_precision"),
-        )
-        tracker.log_metrics(_loggable(numbers), step=st["samples_seen"])
-    state = ResumeState.load(ctx, counters=tasks.COUNTERS)
-    if ctx.plan.pool and state.next_chunk:
-        pooled = results.read_predictions(ctx.run_dir).filter(pl.col("accepted"))
-        state.pool_truth = dict(zip(pooled["sample_id"], pooled["answers"].to_list(), strict=True))
+    for st in ResumeState.committed(ctx):
+        tracker.log_metrics(_loggable(running_numbers(st)), step=st.samples_seen)
+    state = ResumeState.load(ctx, counters=tasks.COUNTERS, ledger=ledger)
     if state.next_chunk:
-        done = state.counters["samples_seen"]
         log.info(
             "run %s: resuming after chunk %d (%d samples done)",
             ctx.run_id,
-            state.next_chunk - 1,
-            done,
+            state.chunk,
+            state.samples_seen,
         )
     else:
         n = ctx.stream_length if ctx.stream_length is not None else "unknown"
@@ -276,58 +380,86 @@ def resume(*, ctx: RunContext, tracker: Tracker) -> ResumeState:
     return state
 
 
-def commit(ctx: RunContext, *, work: ChunkWork, state: ResumeState, tracker: Tracker) -> None:
-    """Commit the chunk (the run resumes after it) and log its running numbers."""
-    pool_size, state.pool_precision = pool_numbers(ctx, work=work, state=state)
-    state.pool_size = pool_size
-    state.extend_lineage(work.chunk.key)
-    state.commit(ctx, work=work)
-    assert state.running is not None
-    numbers = accounting.running_numbers(
+def running_numbers(state: ResumeState) -> dict[str, Any]:
+    """The numbers logged after a committed chunk (:func:`accounting.running_numbers`)."""
+    assert state.running is not None  # every committed chunk has its sums
+    return accounting.running_numbers(
         state.running,
         counters=state.counters,
         made=state.made,
-        pool_size=pool_size,
+        pool_size=state.pool_size,
         pool_precision=state.pool_precision,
     )
-    samples = state.counters["samples_seen"]
-    tracker.log_metrics(_loggable(numbers), step=samples, background=True)
+
+
+def commit(
+    ctx: RunContext,
+    *,
+    chunk: Chunk,
+    state: ResumeState,
+    labels: annotate.Labels,
+    tracker: Tracker,
+) -> None:
+    """Commit ``chunk`` with the run's ``state`` after it (the run resumes after it) and
+    log its running numbers."""
+    state.commit(ctx)
+    numbers = running_numbers(state)
+    tracker.log_metrics(_loggable(numbers), step=state.samples_seen, background=True)
     accuracy = numbers.get("accuracy")
     get_run_logger().info(
         "chunk %d: %d samples, %d queried, accuracy so far %s, pool %d",
-        work.chunk.index,
-        len(work.chunk.samples),
-        len(work.queried_ids),
+        state.chunk,
+        len(chunk.samples),
+        len(labels.queried_ids),
         f"{accuracy:.3f}" if accuracy is not None else "n/a",
-        pool_size,
+        state.pool_size,
     )
     for hook in CHUNK_HOOKS:
-        hook(work.chunk.index + 1, samples, ctx.stream_length)
+        hook(state.next_chunk, state.samples_seen, ctx.stream_length)
 
 
-def pool_numbers(
-    ctx: RunContext, *, work: ChunkWork, state: ResumeState
-) -> tuple[int, float | None]:
-    """The run's pool after ``work``'s chunk: its rows left for selection and their label
-    precision (:func:`icd.method.accounting.pool_precision`)."""
-    if not ctx.plan.pool:
-        return 0, None
-    admitted = steps.pool_mask([work.votes.get(s.sample_id) for s in work.valid])
-    for s, pooled in zip(work.valid, admitted, strict=True):
-        if pooled:
-            state.pool_truth[s.sample_id] = list(s.answers)
-    live = open_pool(ctx.pool_uri).view(ctx.run_id)
-    scores = state.pool_scores  # a row's label is fixed within a run: each scored once
-    for sid, label in zip(live.ids, live.labels, strict=True):
-        truth = state.pool_truth.get(str(sid))
-        if truth and str(sid) not in scores:
-            scores[str(sid)] = ctx.score(str(label), list(truth))
-    return len(live), accounting.pool_precision(
-        [scores[k] for k in map(str, live.ids) if k in scores]
-    )
+class PoolGrades:
+    """The label precision of the run's pool: the true answers of its pooled samples, and
+    each pooled label's score (a row's label is fixed within a run: each scored once).
+    Not committed: a resumed run rebuilds it from its predictions."""
+
+    def __init__(self, truth: dict[str, list[str]] | None = None) -> None:
+        self.truth = truth or {}
+        self.scores: dict[str, float] = {}
+
+    @classmethod
+    def rebuild(cls, ctx: RunContext, *, resumed: bool) -> PoolGrades:
+        """The grades of a run's pool so far (empty for a new run or a plan without one)."""
+        if not (ctx.plan.pool and resumed):
+            return cls()
+        pooled = results.read_predictions(ctx.run_dir).filter(pl.col("accepted"))
+        return cls(dict(zip(pooled["sample_id"], pooled["answers"].to_list(), strict=True)))
+
+    def measure(
+        self, ctx: RunContext, *, chunk: Chunk, labels: annotate.Labels
+    ) -> tuple[int, float | None]:
+        """The run's pool after ``chunk`` (whose admitted ``labels`` join it): its rows left
+        for selection and their label precision
+        (:func:`icd.method.accounting.pool_precision`)."""
+        if not ctx.plan.pool:
+            return 0, None
+        admitted = steps.pool_mask([labels.vote(s.sample_id) for s in chunk.valid])
+        for s, pooled in zip(chunk.valid, admitted, strict=True):
+            if pooled:
+                self.truth[s.sample_id] = list(s.answers)
+        live = open_pool(ctx.pool_uri).view(ctx.run_id)
+        for sid, label in zip(map(str, live.ids), live.labels, strict=True):
+            truth = self.truth.get(sid)
+            if truth and sid not in self.scores:
+                self.scores[sid] = ctx.score(str(label), list(truth))
+        return len(live), accounting.pool_precision(
+            [self.scores[k] for k in map(str, live.ids) if k in self.scores]
+        )
 
 
-def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str, Any]:
+def finish(
+    ctx: RunContext, *, state: ResumeState, books: Books, tracker: Tracker
+) -> dict[str, Any]:
     """Compact the pool, write the predictions and the summary, log them with the pool
     manifest to MLflow, and return the summary."""
     log = get_run_logger()
@@ -348,13 +480,13 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
         dataset=ctx.cfg.data.dataset,
         counters=dict(state.counters),
         made=state.made,
-        seconds=state.books.seconds,
-        cached=state.books.cached,
+        seconds=books.seconds,
+        cached=books.cached,
         adapt=state.adapt,
         student_params=state.student_params,
         pool_size=state.pool_size,
         pool_precision=state.pool_precision,
-        chunks_in_flight_peak=state.books.in_flight_peak,
+        chunks_in_flight_peak=books.in_flight_peak,
     )
     summary = accounting.summarize(
         df,
@@ -364,7 +496,7 @@ def finish(ctx: RunContext, *, state: ResumeState, tracker: Tracker) -> dict[str
         groups=ctx.class_groups,
         task=ctx.task_type,  # captioning runs add corpus BLEU / CIDEr
     )
-    calls = [st["service"] for st in RunState(ctx.run_dir).all() if st.get("service")]
+    calls = [st.service for st in ResumeState.committed(ctx) if st.service]
     if calls:  # remote teacher: retries, failures and latency percentiles of the run
         from icd.models.openai import summarize_stats
 

@@ -11,7 +11,7 @@ from icd.method.metrics import demo_accuracy, score, vqa_accuracy
 from icd.method.modes import MODES, ModeSpec, Plan, mode_spec, plan
 from icd.method.policy import PolicyState, budget_cap, decide_queries
 from icd.method.prompts import build_prompt, format_question
-from icd.method.selection import scores, select_demos
+from icd.method.selection import select_demos, similarities
 from icd.method.types import Generation, Prompt
 from icd.method.uncertainty import MEASURES, uncertainty
 from icd.method.voting import VoteResult, aggregate, map_to_class, normalize_answer
@@ -38,7 +38,7 @@ __all__ = [
     "plan",
     "normalize_answer",
     "score",
-    "scores",
+    "similarities",
     "select_demos",
     "uncertainty",
     "vqa_accuracy",

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import polars as pl
 
 from icd.method.metrics import caption_tokenizer, coco_caption_metrics, score
+from icd.method.types import PredictionRow
 
 if TYPE_CHECKING:
     from icd.jsontypes import JSONObject
-    from icd.storage.results import PredictionRow
 
 # Where a sample's final answer came from (icd.method.steps.final_answers).
 SOURCES = ("teacher", "student_icl", "pool_vote", "student_zs", "teacher_zs", "student_fallback")

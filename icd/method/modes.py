@@ -25,8 +25,8 @@ class ModeSpec:
       outside any budget; that answer is final.
     - ``final_from_teacher``: a sample with a teacher label takes it as its final answer
       regardless of ``method.final_from_teacher`` (True for forwarding baselines).
-    - ``demo_vote``: demonstrations are chosen as for ICL, but the answer is the majority
-      label of the chosen demos (:func:`icd.method.steps.demo_vote`), not a student pass:
+    - ``pool_vote``: demonstrations are chosen as for ICL, but the answer is the majority
+      label of the chosen demos (:func:`icd.method.steps.pool_vote`), not a student pass:
       the trivial use of the same pool that ICL must beat.
     - ``adapt_student``: after each chunk's pool commit the student's LoRA adapter takes a
       few optimisation steps on the pool's labels, and the next chunks' student passes use
@@ -41,7 +41,7 @@ class ModeSpec:
     selection: str | None = None
     teacher_on_all: bool = False
     final_from_teacher: bool = False
-    demo_vote: bool = False
+    pool_vote: bool = False
     adapt_student: bool = False
 
     @property
@@ -68,7 +68,7 @@ MODES: dict[str, ModeSpec] = {
     ),
     "random_demos": ModeSpec("random_demos", selection="random"),
     "rices": ModeSpec("rices", selection="rices"),
-    "pool_vote": ModeSpec("pool_vote", demo_vote=True),
+    "pool_vote": ModeSpec("pool_vote", pool_vote=True),
     "finetune_lora": ModeSpec("finetune_lora", use_icl=False, adapt_student=True),
     "finetune_lora_icd": ModeSpec("finetune_lora_icd", adapt_student=True),
 }
@@ -95,15 +95,15 @@ class Plan:
     """What one run does, decided once from its method config (:func:`plan`); the stages
     and steps read these fields instead of re-deriving them from the mode's name.
 
-    - ``score``: the student answers each sample zero-shot; ``score_ahead``: those answers
-      may be computed before the previous chunk finishes (not for a student that adapts to
+    - ``zero_shot``: the student answers each sample zero-shot; ``zero_shot_ahead``: those
+      answers may be computed before the previous chunk finishes (not for a student that adapts to
       the pool).
     - ``queries``: who the teacher answers: ``budget`` (the samples the budgeted policy
       picks), ``all`` (every sample, one greedy answer, outside any budget: teacher
       zero-shot), or ``none``. ``voting`` is how it answers them.
     - ``pool``: admitted annotations enter the demonstration pool.
     - ``icl``: how demonstrations answer: ``student`` (a second student pass with them in
-      the prompt), ``demo_vote`` (their majority label) or ``none``; ``selection`` chooses
+      the prompt), ``pool_vote`` (their majority label) or ``none``; ``selection`` chooses
       them. ``icl_gate``: which of the samples the student pass would answer get it (None:
       all of them; :mod:`icd.method.icl_gate`).
     - ``forward_labels``: a sample with a teacher label takes it as its final answer.
@@ -111,12 +111,12 @@ class Plan:
     """
 
     mode: str
-    score: bool
-    score_ahead: bool
+    zero_shot: bool
+    zero_shot_ahead: bool
     queries: Literal["budget", "all", "none"]
     voting: VotingConfig
     pool: bool
-    icl: Literal["student", "demo_vote", "none"]
+    icl: Literal["student", "pool_vote", "none"]
     selection: SelectionConfig
     icl_gate: IclGateConfig | None
     forward_labels: bool
@@ -139,13 +139,13 @@ def plan(cfg: MethodConfig) -> Plan:
     queries: Literal["budget", "all", "none"] = (
         "all" if spec.teacher_on_all else "budget" if spec.query_teacher else "none"
     )
-    icl: Literal["student", "demo_vote", "none"] = (
-        "none" if not spec.use_icl else "demo_vote" if spec.demo_vote else "student"
+    icl: Literal["student", "pool_vote", "none"] = (
+        "none" if not spec.use_icl else "pool_vote" if spec.pool_vote else "student"
     )
     return Plan(
         mode=spec.name,
-        score=spec.student_zero_shot,
-        score_ahead=spec.student_zero_shot and not spec.adapt_student,
+        zero_shot=spec.student_zero_shot,
+        zero_shot_ahead=spec.student_zero_shot and not spec.adapt_student,
         queries=queries,
         voting=voting,
         pool=spec.use_pool,

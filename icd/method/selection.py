@@ -107,16 +107,16 @@ def _weighted(
     return out
 
 
-def scores(
+def similarities(
     query_img: np.ndarray,
     query_txt: np.ndarray | None,
     pool_img: np.ndarray,
     pool_txt: np.ndarray,
     cfg: SelectionConfig,
 ) -> np.ndarray:
-    """The ``[B, P]`` weighted score matrix for ``cfg.strategy`` (see the module docstring).
+    """The ``[B, P]`` weighted similarity matrix for ``cfg.strategy`` (see the module docstring).
 
-    ``random`` scores are all zero; ``cascade`` reports the combined weighted score.
+    ``random`` similarities are all zero; ``cascade`` reports the combined weighted one.
     """
     qi, qt = _f32(query_img, "query_img"), _f32(query_txt, "query_txt")
     pi, pt = _f32(pool_img, "pool_img"), _f32(pool_txt, "pool_txt")

@@ -150,7 +150,7 @@ def choose_demos(
     )  # fmt: skip
 
 
-def demo_vote(labels: Sequence[str], *, most_similar_last: bool = True) -> str | None:
+def pool_vote(labels: Sequence[str], *, most_similar_last: bool = True) -> str | None:
     """The majority label of one query's demos, given in prompt order (the order
     :func:`choose_demos` returns; with ``most_similar_last`` the best-ranked demo comes
     last). A tie goes to the tied label of the best-ranked demo; no demos give None."""
@@ -187,7 +187,7 @@ def final_answers(
     if not (len(icl) == len(vs) == len(tzs) == n):
         raise ValueError("final_answers inputs must align")
     forward = plan.forward_labels
-    icl_source = "pool_vote" if plan.icl == "demo_vote" else "student_icl"
+    icl_source = "pool_vote" if plan.icl == "pool_vote" else "student_icl"
 
     out: list[tuple[str | None, str | None]] = []
     for zs, ic, v, t in zip(zs_answers, icl, vs, tzs, strict=True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -51,3 +51,44 @@ class Generation:
     @property
     def seq_logprob(self) -> float:
         return float(np.sum(self.token_logprobs))
+
+
+class PredictionRow(TypedDict):
+    """One sample's prediction row: a row of the predictions table, whose schema
+    (:data:`icd.storage.results.PREDICTION_SCHEMA`, ``NULLABLE``) is made from these fields — ``X | None``
+    ones may be null ("str?" / "float?" in the contract), all others are required."""
+
+    run_id: str
+    mode: str
+    dataset: str
+    sample_id: str
+    chunk: int
+    stream_pos: int
+    question: str
+    answers: list[str]
+    skip_reason: str | None
+    zs_answer: str | None
+    zs_uncertainty: float | None
+    zs_prompt_tokens: int | None
+    queried: bool
+    teacher_votes: list[str]
+    teacher_label: str | None
+    agreement: float | None
+    accepted: bool
+    teacher_error: str | None
+    demo_ids: list[str]
+    demo_labels: list[str]
+    demo_accuracy: float | None
+    icl_answer: str | None
+    icl_gated: bool | None  # the ICL gate kept the zero-shot answer (no second pass)
+    icl_uncertainty: float | None
+    icl_prompt_tokens: int | None
+    student_error: str | None
+    final_answer: str | None
+    final_source: str | None  # one of icd.method.accounting.SOURCES
+    score: float | None
+    # What the same run's baselines would have scored on the sample: the student alone,
+    # forwarding the teacher's label (else the zero-shot answer), the ICL answer.
+    zs_score: float | None
+    forward_score: float | None
+    icl_score: float | None

@@ -10,54 +10,13 @@ from __future__ import annotations
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict, Union, cast, get_args, get_origin, get_type_hints
+from typing import Any, Union, cast, get_args, get_origin, get_type_hints
 
 import polars as pl
 
 from icd.method.accounting import SOURCES
+from icd.method.types import PredictionRow
 from icd.storage.locks import atomic_file
-
-
-class PredictionRow(TypedDict):
-    """One sample's prediction row: a row of the predictions table, whose schema
-    (:data:`PREDICTION_SCHEMA`, :data:`NULLABLE`) is made from these fields — ``X | None``
-    ones may be null ("str?" / "float?" in the contract), all others are required."""
-
-    run_id: str
-    mode: str
-    dataset: str
-    sample_id: str
-    chunk: int
-    stream_pos: int
-    question: str
-    answers: list[str]
-    skip_reason: str | None
-    zs_answer: str | None
-    zs_uncertainty: float | None
-    zs_prompt_tokens: int | None
-    queried: bool
-    teacher_votes: list[str]
-    teacher_label: str | None
-    agreement: float | None
-    accepted: bool
-    teacher_error: str | None
-    demo_ids: list[str]
-    demo_labels: list[str]
-    demo_accuracy: float | None
-    icl_answer: str | None
-    icl_gated: bool | None  # the ICL gate kept the zero-shot answer (no second pass)
-    icl_uncertainty: float | None
-    icl_prompt_tokens: int | None
-    student_error: str | None
-    final_answer: str | None
-    final_source: str | None  # one of icd.method.accounting.SOURCES
-    score: float | None
-    # What the same run's baselines would have scored on the sample: the student alone,
-    # forwarding the teacher's label (else the zero-shot answer), the ICL answer.
-    zs_score: float | None
-    forward_score: float | None
-    icl_score: float | None
-
 
 _POLARS: dict[Any, pl.DataType] = {
     str: pl.String(),

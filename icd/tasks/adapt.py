@@ -14,7 +14,7 @@ from icd.method.prompts import build_prompt
 from icd.models import load_student
 from icd.storage.pool import PoolView
 from icd.tasks.base import MODEL_RETRIES, open_pool, stage, stage_cache
-from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.context import RunContext, chain
 from icd.tasks.icl import pool_key
 from icd.tasks.runner import Runner
 
@@ -86,22 +86,20 @@ def adapt(
     )
 
 
-def run(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """In the plans that adapt: train on the pool after this chunk; the adapter and its
-    cost go into the run's state."""
+def run(
+    runner: Runner, ctx: RunContext, *, chunk: Chunk, start: str | None, lineage: str
+) -> Adapted | None:
+    """In the plans that adapt: train, from the adapter at ``start``, on the pool after
+    this chunk (``lineage``: the content of the chunks before it). None in other plans."""
     if not ctx.plan.adapt:
-        return
-    view = open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=work.chunk.index + 1)
-    lineage = state.chain(state.lineage, work.chunk.key)
-    out = runner.now(
+        return None
+    view = open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=chunk.index + 1)
+    after = chain(lineage, chunk.key)
+    return runner.now(
         adapt,
         ctx=ctx,
-        chunk=work.chunk,
-        start=state.adapter,
+        chunk=chunk,
+        start=start,
         view=view,
-        pool_key=pool_key(view, lineage=lineage),
+        pool_key=pool_key(view, lineage=after),
     ).value
-    state.adapter = out.adapter
-    for k, v in (("steps", out.steps), ("tokens", out.tokens), ("flops", out.flops)):
-        state.adapt[k] = state.adapt.get(k, 0) + v
-    state.adapt["peak_rss_mb"] = max(state.adapt.get("peak_rss_mb", 0.0), out.peak_rss_mb)

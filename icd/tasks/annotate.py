@@ -13,12 +13,14 @@ from icd.config import VotingConfig
 from icd.data.types import Chunk
 from icd.method import steps
 from icd.method.accounting import Made
+from icd.method.policy import PolicyState
 from icd.method.voting import VoteResult
 from icd.models import load_teacher
 from icd.models.base import Sampling
 from icd.tasks.base import MODEL_RETRIES, stage, stage_cache, zero_shot_prompts
-from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.context import RunContext
 from icd.tasks.runner import Runner
+from icd.tasks.zero_shot import Answers
 
 COUNTERS = (
     "teacher_answers_used",  # answers behind this run's labels
@@ -78,35 +80,67 @@ def annotate(
     return Annotated(votes_by_id, returned, requests, service)
 
 
-def run(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """Pick the chunk's samples for the teacher (the plan's ``queries``), have them
-    labelled, and count the teacher answers used, reused and made."""
-    mask, state.policy = steps.teacher_queries(
-        len(work.valid),
+@dataclass(frozen=True)
+class Labels:
+    """The teacher's side of a chunk: the samples the policy picked, their voted labels
+    (``votes``; in the ask-all modes the teacher's answer on every sample is
+    ``teacher_answers`` instead), the policy after the chunk, a remote teacher's
+    accounting, the teacher work this run made for the chunk (none when its labels came
+    from the task cache) and this stage's counters."""
+
+    queried_ids: list[str]
+    votes: dict[str, VoteResult]
+    teacher_answers: dict[str, VoteResult]
+    policy: PolicyState
+    service: dict[str, Any] = field(default_factory=dict)
+    made: Made = Made()
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def vote(self, sample_id: str) -> VoteResult | None:
+        """The budgeted label of ``sample_id`` (None: not queried)."""
+        return self.votes.get(sample_id)
+
+
+def run(
+    runner: Runner,
+    ctx: RunContext,
+    *,
+    chunk: Chunk,
+    answers: Answers,
+    policy: PolicyState,
+    ledgered: frozenset[str],
+) -> Labels:
+    """Pick the chunk's samples for the teacher (the plan's ``queries``; the budgeted
+    policy reads the zero-shot ``answers``' uncertainty and its state ``policy``), have
+    them labelled, and count the teacher answers used, reused (labels another run made:
+    cached, for a chunk not in this run's ``ledgered`` chunks) and made."""
+    valid = chunk.valid
+    mask, policy = steps.teacher_queries(
+        len(valid),
         queries=ctx.plan.queries,
-        uncertainties=work.zs_unc,
-        state=state.policy,
+        uncertainties=answers.uncertainty,
+        state=policy,
         policy=ctx.cfg.method.policy,
         stream_length=ctx.stream_length,
     )
-    work.queried_ids = [s.sample_id for s, q in zip(work.valid, mask, strict=True) if q]
-    if not work.queried_ids:
-        return
-    run = runner.now(
-        annotate,
-        ctx=ctx,
-        chunk=work.chunk,
-        queried_ids=work.queried_ids,
-        voting=ctx.plan.voting,
+    queried = [s.sample_id for s, q in zip(valid, mask, strict=True) if q]
+    if not queried:
+        return Labels(queried, {}, {}, policy)
+    done = runner.now(annotate, ctx=ctx, chunk=chunk, queried_ids=queried, voting=ctx.plan.voting)
+    ann = done.value
+    counts = {"teacher_answers_used": ann.answers, "teacher_requests_used": ann.requests}
+    made = Made()
+    if not done.cached:  # this run's round, in its ledger
+        made = Made(ann.answers, ann.requests)
+    elif chunk.key not in ledgered:  # another run's answers
+        counts.update(teacher_calls_reused=ann.answers, teacher_requests_reused=ann.requests)
+    ask_all = ctx.plan.queries == "all"
+    return Labels(
+        queried_ids=queried,
+        votes={} if ask_all else ann.votes,
+        teacher_answers=ann.votes if ask_all else {},
+        policy=policy,
+        service=ann.service,
+        made=made,
+        counts=counts,
     )
-    ann = run.value
-    (work.teacher_zs if ctx.plan.queries == "all" else work.votes).update(ann.votes)
-    work.service = ann.service
-    counters = state.counters
-    counters.add("teacher_answers_used", ann.answers)
-    counters.add("teacher_requests_used", ann.requests)
-    if not run.cached:  # this run's round, in its ledger
-        state.made = Made(state.made.answers + ann.answers, state.made.requests + ann.requests)
-    elif work.chunk.key not in state.ledgered:  # another run's answers
-        counters.add("teacher_calls_reused", ann.answers)
-        counters.add("teacher_requests_reused", ann.requests)

@@ -1,6 +1,6 @@
-"""What a stream run carries from chunk to chunk: its facts (:class:`RunContext`), the work
-of one chunk (:class:`ChunkWork`) and the state a resumed run continues from
-(:class:`ResumeState`)."""
+"""What a stream run carries from chunk to chunk: its facts (:class:`RunContext`), the
+state a resumed run continues from (:class:`ResumeState`) and the teacher work its ledger
+records (:class:`Ledger`). The stages' results are typed next to each stage."""
 
 from __future__ import annotations
 
@@ -8,28 +8,20 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
+from pydantic import TypeAdapter
 
 from icd.config import Config
 from icd.data.stream import Stream
-from icd.data.types import Chunk, Sample
 from icd.method import metrics, modes
 from icd.method.accounting import Made
 from icd.method.modes import Plan
 from icd.method.policy import PolicyState
-from icd.method.voting import VoteResult
 from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
-from icd.tasks.runner import Books, Pending
-
-if TYPE_CHECKING:
-    from icd.tasks.embed import Embedded
-    from icd.tasks.icl import Demonstrated
-    from icd.tasks.score import Scored
 
 
 def new_run_id(cfg: Config) -> str:
@@ -119,135 +111,99 @@ class RunContext:
         return self._fingerprints[fields]
 
 
-@dataclass
-class ChunkWork:
-    """One chunk on its way through the stages; each stage fills in its part. Rows of the
-    arrays and lists follow ``chunk.valid``."""
-
-    chunk: Chunk
-    embedding: Pending[Embedded] | None = None  # submitted ahead of the sequential stages
-    scoring: Pending[Scored] | None = None  # likewise (None: the student answers later)
-    image_vecs: np.ndarray | None = None
-    zs_answers: list[str | None] = field(default_factory=list)
-    zs_unc: np.ndarray | None = None
-    zs_prompt_tokens: list[int | None] = field(default_factory=list)
-    student_errors: list[str | None] = field(default_factory=list)  # a remote student's
-    queried_ids: list[str] = field(default_factory=list)
-    votes: dict[str, VoteResult] = field(default_factory=dict)  # budgeted teacher labels
-    teacher_zs: dict[str, VoteResult] = field(default_factory=dict)  # the teacher on all
-    service: dict[str, Any] = field(default_factory=dict)  # a remote teacher's accounting
-    icl_rows: list[int] = field(default_factory=list)
-    icl_gated: list[int] = field(default_factory=list)  # kept their zero-shot answer (the gate)
-    icl: Demonstrated | None = None
-
-    @property
-    def valid(self) -> list[Sample]:
-        return self.chunk.valid
+def add_counts(counters: Mapping[str, int], *counts: Mapping[str, int]) -> dict[str, int]:
+    """``counters`` with ``counts`` added, by name (a new dict). The stages' counters are
+    declared by each stage module (``COUNTERS``) and appear under these names in the
+    summary and in MLflow."""
+    out = dict(counters)
+    for c in counts:
+        for name, n in c.items():
+            out[name] = out.get(name, 0) + int(n)
+    return out
 
 
-class Counters(dict[str, int]):
-    """The stages' counters by name (each stage module declares its own in ``COUNTERS``);
-    they appear under these names in the summary and in MLflow."""
-
-    def add(self, name: str, n: int) -> None:
-        self[name] = self.get(name, 0) + int(n)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ResumeState:
-    """Everything a run carries across chunks, committed after each one: a killed run
-    resumes from the state of its last committed chunk (:class:`RunState` on disk)."""
+    """What a run carries from one chunk to the next, committed after each chunk as
+    ``state/chunk-NNNNN.json`` (:class:`RunState`): a killed run resumes from the state of
+    its last committed chunk. Its fields are that file's keys — :meth:`load` and
+    :meth:`commit` both go through one serialiser of this class, so they cannot drift.
 
-    next_chunk: int = 0
-    policy: PolicyState = field(default_factory=PolicyState)
-    icl_gate: PolicyState = field(default_factory=PolicyState)  # the selective-ICL gate's
-    counters: Counters = field(default_factory=Counters)
+    The flow makes each chunk's state from the previous one and the chunk's stage results
+    (``icd.flows.stream.advance``); nothing else changes it."""
+
+    chunk: int = -1  # the last committed chunk (-1: none yet)
+    samples_seen: int = 0
+    policy_state: PolicyState = field(default_factory=PolicyState)  # the query policy's
+    icl_gate_state: PolicyState = field(default_factory=PolicyState)  # the ICL gate's
+    counters: dict[str, int] = field(default_factory=dict)  # by name, summed over chunks
     running: dict[str, Any] | None = None  # merged sums and ratios of the committed chunks
     manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
-    books: Books = field(default_factory=Books)  # seconds and cache hits per stage
-    lineage: str = ""  # hash chain of the committed chunks' content keys
-    adapter: str | None = None  # the student's LoRA adapter after the last chunk (finetune modes)
-    # What adapting the student cost so far: steps, tokens, FLOPs, peak memory.
-    adapt: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage (the runner's books)
+    cached: dict[str, int] = field(default_factory=dict)  # chunks taken from the task cache
+    service: dict[str, Any] = field(default_factory=dict)  # this chunk's remote teacher's
+    lineage: str = ""  # hash chain of the committed chunks' content keys (:func:`chain`)
+    adapter: str | None = None  # the student's LoRA adapter after the chunk (finetune modes)
+    adapt: dict[str, float] = field(default_factory=dict)  # steps, tokens, FLOPs, peak memory
     student_params: int = 0
-    pool_size: int = 0  # the run's pool rows left for selection after the last committed chunk
+    pool_size: int = 0  # the run's pool rows left for selection after the chunk
     pool_precision: float | None = None  # their label precision (accounting.pool_precision)
-    # The true answers of the run's pooled samples (not committed: rebuilt from the
-    # predictions when a run resumes), which the pool's label precision is scored against.
-    pool_truth: dict[str, list[str]] = field(default_factory=dict)
-    pool_scores: dict[str, float] = field(default_factory=dict)  # their labels' scores, memo
-    # Read from the run's teacher ledger when it starts (the ledger is the truth; ``made``
-    # is also committed with each chunk so a resumed run can re-log that chunk's numbers):
-    # the teacher work the run made, and the chunks it made it for (cache reuse accounting).
-    made: Made = Made()
-    ledgered: set[str] = field(default_factory=set)
+    made: Made = Made()  # the teacher work the run made so far (its ledger)
+
+    @property
+    def next_chunk(self) -> int:
+        return self.chunk + 1
 
     @classmethod
-    def load(cls, ctx: RunContext, *, counters: tuple[str, ...]) -> ResumeState:
+    def load(cls, ctx: RunContext, *, counters: tuple[str, ...], ledger: Ledger) -> ResumeState:
         """The state after the run's last committed chunk (a fresh one for a new run), its
-        ``counters`` starting at 0."""
-        rounds = read_ledger(ctx.ledger)
-        state = cls(
-            counters=Counters(dict.fromkeys(counters, 0)),
+        ``counters`` starting at 0 and the teacher work it made read from its ``ledger``
+        (the ledger is the truth: a round whose chunk was not committed was still paid)."""
+        last = RunState(ctx.run_dir).last()
+        state = cls() if last is None else _FORMAT.validate_python(last)
+        return replace(
+            state,
+            counters=add_counts(dict.fromkeys(counters, 0), state.counters),
+            made=ledger.made,
+        )
+
+    @classmethod
+    def committed(cls, ctx: RunContext) -> list[ResumeState]:
+        """The state after each committed chunk of the run, in order."""
+        return [_FORMAT.validate_python(st) for st in RunState(ctx.run_dir).all()]
+
+    def commit(self, ctx: RunContext) -> None:
+        """Mark this state's chunk committed (written last, atomically)."""
+        RunState(ctx.run_dir).commit(self.chunk, _FORMAT.dump_python(self, mode="json"))
+
+
+_FORMAT = TypeAdapter(ResumeState)
+
+
+def chain(lineage: str, chunk_key: str) -> str:
+    """The content lineage after one more chunk: a hash chain of the run's chunk keys."""
+    return hashlib.sha256(f"{lineage}|{chunk_key}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The teacher rounds a run made, read from its ledger file when it starts: the work
+    (answers and requests), and the chunks it was made for (a cached label of any other
+    chunk was made by another run: reused)."""
+
+    made: Made = Made()
+    chunk_keys: frozenset[str] = frozenset()
+
+    @classmethod
+    def read(cls, path: str) -> Ledger:
+        rounds = read_ledger(path)
+        return cls(
             made=Made(
                 answers=sum(int(r["samples"]) for r in rounds),
                 requests=sum(int(r["requests"]) for r in rounds),
             ),
-            ledgered={r["chunk_key"] for r in rounds},
+            chunk_keys=frozenset(r["chunk_key"] for r in rounds),
         )
-        last = RunState(ctx.run_dir).last()
-        if last is None:
-            return state
-        state.counters.update(last["counters"])
-        state.next_chunk = last["chunk"] + 1
-        state.policy = PolicyState.from_dict(last["policy_state"])
-        if "icl_gate_state" in last:
-            state.icl_gate = PolicyState.from_dict(last["icl_gate_state"])
-        state.running = last["running"]
-        state.manifest = dict(last["manifest"])
-        state.books.seconds.update(last["seconds"])
-        state.books.cached.update(last.get("cached", {}))
-        state.lineage = last.get("lineage", "")
-        state.adapter = last.get("adapter")
-        state.adapt = dict(last.get("adapt", {}))
-        state.student_params = int(last.get("student_params", 0))
-        state.pool_size = int(last.get("pool_size", 0))
-        state.pool_precision = last.get("pool_precision")
-        return state
-
-    def commit(self, ctx: RunContext, *, work: ChunkWork) -> None:
-        """Mark ``work``'s chunk committed with this state (written last, atomically)."""
-        self.next_chunk = work.chunk.index + 1
-        RunState(ctx.run_dir).commit(
-            work.chunk.index,
-            {
-                "samples_seen": self.counters["samples_seen"],
-                "policy_state": self.policy.to_dict(),
-                "icl_gate_state": self.icl_gate.to_dict(),
-                "counters": dict(self.counters),
-                "running": self.running,
-                "manifest": self.manifest,
-                "seconds": self.books.seconds,
-                "cached": self.books.cached,
-                "service": work.service,
-                "lineage": self.lineage,
-                "adapter": self.adapter,
-                "adapt": self.adapt,
-                "student_params": self.student_params,
-                "pool_size": self.pool_size,
-                "pool_precision": self.pool_precision,
-                "made": {"answers": self.made.answers, "requests": self.made.requests},
-            },
-        )
-
-    def extend_lineage(self, chunk_key: str) -> None:
-        """Add one more chunk to the content lineage (:meth:`chain`)."""
-        self.lineage = self.chain(self.lineage, chunk_key)
-
-    @staticmethod
-    def chain(lineage: str, chunk_key: str) -> str:
-        """The content lineage after one more chunk: a hash chain of the run's chunk keys."""
-        return hashlib.sha256(f"{lineage}|{chunk_key}".encode()).hexdigest()[:32]
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:

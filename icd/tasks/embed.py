@@ -12,7 +12,7 @@ from PIL import Image
 from icd.data.types import Chunk
 from icd.models import load_embedder
 from icd.tasks.base import MODEL_RETRIES, stage, stage_cache
-from icd.tasks.context import ChunkWork, RunContext
+from icd.tasks.context import RunContext
 from icd.tasks.runner import Pending, Runner
 
 COUNTERS: tuple[str, ...] = ()
@@ -37,7 +37,6 @@ def submit(runner: Runner, ctx: RunContext, *, chunk: Chunk) -> Pending[Embedded
     return runner.ahead(embed, ctx=ctx, chunk=chunk)
 
 
-def collect(runner: Runner, *, work: ChunkWork) -> None:
-    """Wait for the chunk's embeddings."""
-    assert work.embedding is not None
-    work.image_vecs = runner.wait(work.embedding).value.image_vecs
+def collect(runner: Runner, *, pending: Pending[Embedded]) -> np.ndarray:
+    """Wait for the chunk's embeddings: rows in ``chunk.valid`` order."""
+    return runner.wait(pending).value.image_vecs

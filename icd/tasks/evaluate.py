@@ -6,43 +6,45 @@ from __future__ import annotations
 
 from typing import Any
 
+from icd.data.types import Chunk
 from icd.method import accounting, metrics, steps
 from icd.storage import results
+from icd.tasks.annotate import Labels
 from icd.tasks.base import finite_or_none
-from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.context import RunContext
+from icd.tasks.icl import Demonstrated
 from icd.tasks.runner import Runner
+from icd.tasks.zero_shot import Answers
 
 COUNTERS = ("samples_seen",)
 
 
-def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
-    """Build the chunk's prediction rows, write them as the chunk's parquet file, and return
-    the chunk's sums and ratios (:func:`icd.method.accounting.chunk_metrics`)."""
+def evaluate(
+    *, ctx: RunContext, chunk: Chunk, answers: Answers, labels: Labels, demos: Demonstrated
+) -> dict[str, Any]:
+    """Build the chunk's prediction rows from its stages' results, write them as the
+    chunk's parquet file, and return the chunk's sums and ratios
+    (:func:`icd.method.accounting.chunk_metrics`)."""
     method = ctx.cfg.method
-    n = len(work.valid)
-    icl = work.icl
-    answered = dict(zip(work.icl_rows, range(len(work.icl_rows)), strict=True)) if icl else {}
-
-    def from_icl(field: str, i: int, empty: Any = None) -> Any:
-        j = answered.get(i)
-        return empty if j is None or icl is None else getattr(icl, field)[j]
-
-    icl_answers = [from_icl("answers", i) for i in range(n)]
-    votes = [work.votes.get(s.sample_id) for s in work.valid]
-    teacher_zs = [work.teacher_zs.get(s.sample_id) for s in work.valid]
+    valid = chunk.valid
+    n = len(valid)
+    icl_answers = [demos.at(i, "answers") for i in range(n)]
+    votes = [labels.vote(s.sample_id) for s in valid]
+    teacher_zs = [labels.teacher_answers.get(s.sample_id) for s in valid]
     finals = steps.final_answers(
-        ctx.plan, work.zs_answers, icl_answers=icl_answers, votes=votes, teacher_zs=teacher_zs
+        ctx.plan, answers.answers, icl_answers=icl_answers, votes=votes, teacher_zs=teacher_zs
     )
-    gated = set(work.icl_gated)
+    gated = set(demos.gated)
+    unc = answers.uncertainty
     records: list[dict[str, Any]] = []
-    valid = iter(range(n))
-    for s in work.chunk.samples:
+    rows = iter(range(n))
+    for s in chunk.samples:
         rec: dict[str, Any] = {
             "run_id": ctx.run_id,
             "mode": method.mode,
             "dataset": ctx.cfg.data.dataset,
             "sample_id": s.sample_id,
-            "chunk": work.chunk.index,
+            "chunk": chunk.index,
             "stream_pos": s.stream_pos,
             "question": s.question,
             "answers": list(s.answers),
@@ -54,29 +56,28 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
             "demo_labels": [],
         }
         if s.skip_reason is None:
-            i = next(valid)
+            i = next(rows)
             vote, v = votes[i], votes[i] or teacher_zs[i]
             final, source = finals[i]
-            demo_labels = from_icl("demo_labels", i, [])
+            demo_labels = demos.at(i, "demo_labels", [])
             rec.update(
-                zs_answer=work.zs_answers[i],
-                zs_uncertainty=finite_or_none(work.zs_unc[i]) if work.zs_unc is not None else None,
-                zs_prompt_tokens=work.zs_prompt_tokens[i] if work.zs_prompt_tokens else None,
+                zs_answer=answers.answers[i],
+                zs_uncertainty=finite_or_none(unc[i]) if unc is not None else None,
+                zs_prompt_tokens=answers.prompt_tokens[i],
                 queried=vote is not None,
                 teacher_votes=list(v.votes) if v else [],
                 teacher_label=v.label if v else None,
                 agreement=v.agreement if v else None,
                 accepted=bool(vote is not None and vote.accepted),
                 teacher_error=v.error if v else None,
-                demo_ids=from_icl("demo_ids", i, []),
+                demo_ids=demos.at(i, "demo_ids", []),
                 demo_labels=demo_labels,
                 demo_accuracy=_demo_accuracy(ctx, demo_labels, s.answers),
                 icl_answer=icl_answers[i],
                 icl_gated=i in gated,
-                icl_uncertainty=from_icl("uncertainties", i),
-                icl_prompt_tokens=from_icl("prompt_tokens", i),
-                student_error=(work.student_errors[i] if work.student_errors else None)
-                or from_icl("errors", i),
+                icl_uncertainty=demos.at(i, "uncertainties"),
+                icl_prompt_tokens=demos.at(i, "prompt_tokens"),
+                student_error=answers.errors[i] or demos.at(i, "errors"),
                 final_answer=final,
                 final_source=source,
                 score=ctx.score(final, s.answers) if s.answers else None,
@@ -89,7 +90,7 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
                 fuzzy_threshold=method.voting.fuzzy_threshold,  # answers map as votes do
             )
         records.append(rec)
-    results.write_chunk_predictions(ctx.run_dir, work.chunk.index, records)
+    results.write_chunk_predictions(ctx.run_dir, chunk.index, records)
     return accounting.chunk_metrics(
         records,
         ctx.task_type,
@@ -99,11 +100,19 @@ def evaluate(*, ctx: RunContext, work: ChunkWork) -> dict[str, Any]:
     )
 
 
-def run(runner: Runner, ctx: RunContext, *, work: ChunkWork, state: ResumeState) -> None:
-    """Evaluate the chunk and add it to the run's running sums."""
-    chunk_m = runner.call("evaluate", evaluate, ctx=ctx, work=work)
-    state.running = accounting.merge_metrics(state.running, chunk_m)
-    state.counters.add("samples_seen", len(work.chunk.samples))
+def run(
+    runner: Runner,
+    ctx: RunContext,
+    *,
+    chunk: Chunk,
+    answers: Answers,
+    labels: Labels,
+    demos: Demonstrated,
+) -> dict[str, Any]:
+    """Evaluate the chunk (timed and booked as a stage): its sums and ratios."""
+    return runner.call(
+        "evaluate", evaluate, ctx=ctx, chunk=chunk, answers=answers, labels=labels, demos=demos
+    )
 
 
 def _demo_accuracy(ctx: RunContext, demo_labels: list[str], answers: list[str]) -> float | None:

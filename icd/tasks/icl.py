@@ -5,7 +5,8 @@ them in the prompt, or (``pool_vote``) as their majority label."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, cast
 
 import numpy as np
@@ -15,12 +16,15 @@ from icd.data.images import image_id, load_image
 from icd.data.types import Chunk
 from icd.method import steps
 from icd.method.icl_gate import gate_icl
+from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
 from icd.models import counting_image_cache, load_embedder, load_student
 from icd.storage.pool import PoolView, ann
+from icd.tasks.annotate import Labels
 from icd.tasks.base import MODEL_RETRIES, finite_or_none, open_pool, stage, stage_cache
-from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.context import RunContext
 from icd.tasks.runner import Runner
+from icd.tasks.zero_shot import Answers
 
 COUNTERS = (
     "student_image_cache_hits",
@@ -30,10 +34,10 @@ COUNTERS = (
 
 
 @dataclass(frozen=True)
-class Demonstrated:
-    """Per answered row (the ``rows`` given to :func:`icl`, in order): its demos, and the
-    answer they gave, with its uncertainty, prompt tokens and error (a student pass; None
-    for a majority label)."""
+class DemoAnswers:
+    """The task's result (persisted in the task cache). Per answered row (the ``rows``
+    given to :func:`icl`, in order): its demos, and the answer they gave, with its
+    uncertainty, prompt tokens and error (a student pass; None for a majority label)."""
 
     demo_ids: list[list[str]]
     demo_labels: list[list[str]]
@@ -44,12 +48,36 @@ class Demonstrated:
     image_cache: dict[str, int] | None = None
 
 
-def demo_view(ctx: RunContext, *, work: ChunkWork) -> PoolView | None:
+@dataclass(frozen=True)
+class Demonstrated:
+    """A chunk's answers from demonstrations: the valid rows answered with them, the rows
+    the ICL gate left with their zero-shot answer, the answers (None: no row answered),
+    the gate's state after the chunk and this stage's counters."""
+
+    rows: list[int]
+    gated: list[int]
+    answered: DemoAnswers | None
+    gate: PolicyState
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def at(self, row: int, name: str, empty: Any = None) -> Any:
+        """Field ``name`` of :class:`DemoAnswers` for valid row ``row`` (``empty`` when the
+        row was not answered with demonstrations)."""
+        if self.answered is None or row not in self._index:
+            return empty
+        return getattr(self.answered, name)[self._index[row]]
+
+    @cached_property
+    def _index(self) -> dict[int, int]:
+        return {r: j for j, r in enumerate(self.rows)}
+
+
+def demo_view(ctx: RunContext, *, chunk: Chunk) -> PoolView | None:
     """The pool as it was before this chunk, when the plan answers with demonstrations
     (taken before this chunk's pool commit, which holds the pool's lock)."""
-    if not (ctx.plan.uses_icl and work.valid):
+    if not (ctx.plan.uses_icl and chunk.valid):
         return None
-    return open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=work.chunk.index)
+    return open_pool(ctx.pool_uri).view(ctx.run_id, before_chunk=chunk.index)
 
 
 def pool_key(view: PoolView, *, lineage: str) -> str:
@@ -88,13 +116,13 @@ def icl(
     view: PoolView,
     pool_key: str,
     adapter: str | None = None,
-) -> Demonstrated:
+) -> DemoAnswers:
     """For the valid samples at ``rows``: choose demonstrations from ``view``, the pool as it
     was before this chunk (``pool_key`` fingerprints its content and stands for it in the
     cache key), then answer with them (the student with its LoRA ``adapter`` when given)."""
     valid = [chunk.valid[i] for i in rows]
     if not valid:
-        return Demonstrated([], [], [], [], [], [])
+        return DemoAnswers([], [], [], [], [], [])
     plan = ctx.plan
     query_txt = None
     if steps.needs_query_text(plan.selection, pool_size=len(view)):
@@ -115,11 +143,11 @@ def icl(
     )
     demo_ids = [[str(view.ids[j]) for j in idx] for idx in chosen]
     none: list[Any] = [None] * len(valid)
-    if plan.icl == "demo_vote":  # the demos' majority label answers; no student pass
+    if plan.icl == "pool_vote":  # the demos' majority label answers; no student pass
         labels = [[str(view.labels[j]) for j in idx] for idx in chosen]
         last = plan.selection.most_similar_last
-        answers = [steps.demo_vote(ls, most_similar_last=last) for ls in labels]
-        return Demonstrated(demo_ids, labels, answers, none, none, none)
+        answers = [steps.pool_vote(ls, most_similar_last=last) for ls in labels]
+        return DemoAnswers(demo_ids, labels, answers, none, none, none)
     needed = sorted({d for ids in demo_ids for d in ids})
     table = open_pool(ctx.pool_uri)
     by_id = {r["sample_id"]: r for r in table.fetch(needed, ctx.run_id)} if needed else {}
@@ -140,7 +168,7 @@ def icl(
     with counting_image_cache(student) as cache:
         gens = student.generate(prompts)
     answers, unc = steps.student_outputs(gens, ctx.cfg.method.uncertainty)
-    return Demonstrated(
+    return DemoAnswers(
         demo_ids=demo_ids,
         demo_labels=[[by_id[d]["label"] for d in ids] for ids in demo_ids],
         answers=answers,
@@ -155,37 +183,43 @@ def run(
     runner: Runner,
     ctx: RunContext,
     *,
-    work: ChunkWork,
-    state: ResumeState,
+    chunk: Chunk,
+    answers: Answers,
+    labels: Labels,
+    image_vecs: np.ndarray,
     view: PoolView | None,
-) -> None:
-    """Answer, with demonstrations chosen from ``view``, the samples whose final answer
-    needs them (not those that take their teacher label, nor those the ICL gate leaves
-    with their zero-shot answer)."""
+    gate: PolicyState,
+    lineage: str,
+    adapter: str | None,
+) -> Demonstrated:
+    """Answer, with demonstrations chosen from ``view`` (the pool before this chunk, whose
+    content ``lineage`` fixes), the samples whose final answer needs them: not those that
+    take their teacher label, nor those the ICL gate (state ``gate``) leaves with their
+    zero-shot answer. The student answers with its LoRA ``adapter`` when given."""
     if view is None:
-        return
-    votes = [work.votes.get(s.sample_id) for s in work.valid]
-    need = steps.icl_mask(votes, forward_labels=ctx.plan.forward_labels)
-    work.icl_rows = [i for i, n in enumerate(need) if n]
+        return Demonstrated([], [], None, gate)
+    need = steps.icl_mask(
+        [labels.vote(s.sample_id) for s in chunk.valid], forward_labels=ctx.plan.forward_labels
+    )
+    rows: list[int] = [i for i, n in enumerate(need) if n]
+    gated: list[int] = []
     if ctx.plan.icl_gate is not None:  # the confident ones keep their zero-shot answer
-        work.icl_rows, work.icl_gated, state.icl_gate = gate_icl(
-            work.icl_rows, work.zs_unc, state=state.icl_gate, gate=ctx.plan.icl_gate
-        )
+        rows, gated, gate = gate_icl(rows, answers.uncertainty, state=gate, gate=ctx.plan.icl_gate)
     done = runner.now(
         icl,
         ctx=ctx,
-        chunk=work.chunk,
-        rows=work.icl_rows,
-        image_vecs=work.image_vecs,
-        zs_answers=work.zs_answers,
+        chunk=chunk,
+        rows=rows,
+        image_vecs=image_vecs,
+        zs_answers=answers.answers,
         view=view,
-        pool_key=pool_key(view, lineage=state.lineage),
-        adapter=state.adapter,
+        pool_key=pool_key(view, lineage=lineage),
+        adapter=adapter,
     )
-    work.icl = done.value
-    if ctx.plan.icl == "student" and not done.cached:
-        state.counters.add("icl_prompts", len(work.icl_rows))
-    cache = done.value.image_cache
-    if cache and not done.cached:
-        state.counters.add("student_image_cache_hits", cache["hits"])
-        state.counters.add("student_image_cache_misses", cache["misses"])
+    counts: dict[str, int] = {}
+    if not done.cached:  # what this run computed (not results from the task cache)
+        cache = done.value.image_cache or {}
+        counts = {f"student_image_cache_{k}": n for k, n in cache.items()}
+        if ctx.plan.icl == "student":
+            counts["icl_prompts"] = len(rows)
+    return Demonstrated(rows, gated, done.value, gate, counts)

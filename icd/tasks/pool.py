@@ -17,9 +17,11 @@ from icd.data.types import Chunk
 from icd.method import curation, steps
 from icd.method.voting import VoteResult
 from icd.models import load_embedder
+from icd.tasks.annotate import Labels
 from icd.tasks.base import open_pool, stage
-from icd.tasks.context import ChunkWork, ResumeState, RunContext
+from icd.tasks.context import RunContext
 from icd.tasks.runner import Pending, Runner
+from icd.tasks.zero_shot import Answers
 
 COUNTERS = (
     "pool_evicted",  # rows evicted for method.pool.max_rows
@@ -33,6 +35,11 @@ class Pooled:
     added: int  # rows upserted
     evicted: int = 0  # rows the chunk's curation evicted (the cap)
     excluded: int = 0  # rows the chunk's curation excluded (the label audit)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """This stage's counters for the chunk."""
+        return {"pool_evicted": self.evicted, "pool_excluded": self.excluded}
 
 
 def teacher_provenance(cfg: ModelConfig) -> str:
@@ -133,29 +140,30 @@ def curate(ctx: RunContext, *, chunk: int) -> Curated:
     return Curated(version, decided.evicted, decided.excluded)
 
 
-def submit(runner: Runner, ctx: RunContext, *, work: ChunkWork) -> Pending[Pooled] | None:
-    """Start the chunk's pool commit in the background (when the plan keeps a pool and the
-    teacher labelled something)."""
-    if not (ctx.plan.pool and work.votes):
+def submit(
+    runner: Runner,
+    ctx: RunContext,
+    *,
+    chunk: Chunk,
+    labels: Labels,
+    image_vecs: np.ndarray,
+    answers: Answers,
+) -> Pending[Pooled] | None:
+    """Start the chunk's pool commit of its teacher ``labels`` in the background (when the
+    plan keeps a pool and the teacher labelled something); rows keep the samples'
+    ``image_vecs`` and zero-shot uncertainty."""
+    if not (ctx.plan.pool and labels.votes):
         return None
     return runner.background(
         pool,
         ctx=ctx,
-        chunk=work.chunk,
-        votes=work.votes,
-        image_vecs=work.image_vecs,
-        uncertainties=work.zs_unc,
+        chunk=chunk,
+        votes=labels.votes,
+        image_vecs=image_vecs,
+        uncertainties=answers.uncertainty,
     )
 
 
-def collect(
-    runner: Runner, *, work: ChunkWork, state: ResumeState, pending: Pending[Pooled] | None
-) -> None:
-    """Wait for the chunk's pool commit; its version goes into the run's manifest and its
-    curation into the run's counters."""
-    if pending is None:
-        return
-    done = runner.wait(pending).value
-    state.manifest[str(work.chunk.index)] = done.version
-    state.counters.add("pool_evicted", done.evicted)
-    state.counters.add("pool_excluded", done.excluded)
+def collect(runner: Runner, *, pending: Pending[Pooled] | None) -> Pooled | None:
+    """Wait for the chunk's pool commit (None: the chunk made none)."""
+    return None if pending is None else runner.wait(pending).value

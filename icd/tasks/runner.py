@@ -21,7 +21,7 @@ P = ParamSpec("P")
 
 # The stages, in pipeline order: each is a module of icd.tasks, a Prefect task, a timing
 # key and a log name.
-STAGES = ("embed", "score", "annotate", "pool", "icl", "adapt", "evaluate")
+STAGES = ("embed", "zero_shot", "annotate", "pool", "icl", "adapt", "evaluate")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icd.config import SelectionConfig
-from icd.method.selection import ann_applies, ann_query, scores, select_demos
+from icd.method.selection import ann_applies, ann_query, select_demos, similarities
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_per_label_cap_equals_greedy_brute_force(
     if n_pool == 0:
         assert all(len(r) == 0 for r in got)
         return
-    s = scores(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
+    s = similarities(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
     want = brute_force(s, d["pool_labels"], k, cap)
     assert [r.tolist() for r in got] == want
     for row in got:
@@ -199,7 +199,7 @@ def test_cascade_uses_every_stage():
 def test_combined_weights_and_missing_text():
     d = make(3, 50, shared=False)
     cfg = SelectionConfig(strategy="combined", w_ii=1.0, w_it=0.5, w_tt=2.0)
-    s = scores(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
+    s = similarities(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
     want = (
         d["query_img"] @ d["pool_img"].T
         + 0.5 * d["query_img"] @ d["pool_txt"].T
@@ -314,7 +314,7 @@ def test_ann_query_inner_products_are_the_strategy_scores(strategy) -> None:
     cfg = SelectionConfig(strategy=strategy)
     joint = np.hstack([d["pool_img"], d["pool_txt"]])
     q = ann_query(d["query_img"], d["query_txt"], cfg)
-    want = scores(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
+    want = similarities(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
     np.testing.assert_allclose(q @ joint.T, want, atol=1e-5)
     assert ann_applies(cfg) and not ann_applies(SelectionConfig(strategy="random"))
     with pytest.raises(ValueError):
@@ -329,7 +329,7 @@ def test_the_least_similar_ablation_shows_the_lowest_scoring_rows(seed, n_pool, 
     d = make(seed, n_pool)
     for strategy in ("rices", "cross_modal", "combined"):
         cfg = SelectionConfig(strategy=strategy, k=k, least_similar=True, most_similar_last=False)
-        s = scores(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
+        s = similarities(d["query_img"], d["query_txt"], d["pool_img"], d["pool_txt"], cfg)
         got = [r.tolist() for r in select_demos(cfg=cfg, **d)]
         assert got == brute_force(-s, d["pool_labels"], k, None)
         normal = select_demos(cfg=cfg.model_copy(update={"least_similar": False}), **d)

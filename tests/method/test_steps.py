@@ -14,10 +14,10 @@ from icd.method.modes import MODES, mode_spec, plan
 from icd.method.policy import PolicyState
 from icd.method.steps import (
     choose_demos,
-    demo_vote,
     final_answers,
     icl_mask,
     pool_mask,
+    pool_vote,
     select_queries,
     student_outputs,
     teacher_queries,
@@ -49,10 +49,10 @@ def test_every_mode_has_a_spec():
     forward = plan(MethodConfig(mode="teacher_forward"))
     assert not forward.uses_icl and forward.queries == "budget" and forward.forward_labels
     teacher = plan(MethodConfig(mode="teacher_zero_shot"))
-    assert teacher.queries == "all" and not teacher.score and teacher.voting.n == 1
-    assert plan(MethodConfig(mode="pool_vote")).icl == "demo_vote"
+    assert teacher.queries == "all" and not teacher.zero_shot and teacher.voting.n == 1
+    assert plan(MethodConfig(mode="pool_vote")).icl == "pool_vote"
     lora = plan(MethodConfig(mode="finetune_lora"))
-    assert lora.adapt and lora.score and not lora.score_ahead and not lora.uses_icl
+    assert lora.adapt and lora.zero_shot and not lora.zero_shot_ahead and not lora.uses_icl
 
 
 def test_select_queries_skips_invalid_and_queries_follow_the_plan():
@@ -160,9 +160,9 @@ def test_student_outputs():
 
 
 @given(st.lists(st.sampled_from("abcd"), max_size=8), st.booleans())
-def test_demo_vote_is_the_majority_with_ties_to_the_best_ranked_demo(labels, last) -> None:
+def test_pool_vote_is_the_majority_with_ties_to_the_best_ranked_demo(labels, last) -> None:
     ranked = list(reversed(labels)) if last else labels  # best-ranked first
-    got = demo_vote(labels, most_similar_last=last)
+    got = pool_vote(labels, most_similar_last=last)
     if not labels:
         assert got is None
         return
@@ -175,7 +175,7 @@ def test_demo_vote_is_the_majority_with_ties_to_the_best_ranked_demo(labels, las
 def test_pool_vote_mode_selects_demos_and_answers_from_them() -> None:
     cfg = plan(MethodConfig(mode="pool_vote"))
     spec = mode_spec("pool_vote")
-    assert spec.use_icl and spec.use_pool and spec.query_teacher and spec.demo_vote
+    assert spec.use_icl and spec.use_pool and spec.query_teacher and spec.pool_vote
     assert spec.uses_budget
     v = VoteResult("cat", ["cat"], 1.0, True)
     assert final_answers(cfg, ["dog", "dog"], ["bird", "bird"], [v, None]) == [

@@ -85,7 +85,7 @@ def test_smoke_then_default_shapes_source_on_one_root(
     changed = sum(a.key != b.key for a, b in zip(old, new, strict=True))
     assert changed >= 1  # the two sources differ somewhere in the first 112 samples
     assert calls[("embed", "embed_images")] == changed
-    assert calls[("score", "generate")] == changed
+    assert calls[("zero_shot", "generate")] == changed
     df = pl.read_parquet(Path(summary["run_dir"]) / "predictions.parquet")
     expected = {s.sample_id: s.skip_reason for c in new for s in c.samples}
     assert dict(zip(df["sample_id"], df["skip_reason"], strict=True)) == expected

@@ -20,7 +20,7 @@ import pytest
 from icd.config import load_config
 from icd.flows.stream import stream
 from icd.models.base import Annotation
-from icd.tasks import adapt, annotate, embed, icl, pool, score
+from icd.tasks import adapt, annotate, embed, icl, pool, zero_shot
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +139,7 @@ def _count_model_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
         return load
 
-    for stage in (embed, score, annotate, pool, icl, adapt):
+    for stage in (embed, zero_shot, annotate, pool, icl, adapt):
         for name in ("load_student", "load_embedder", "load_teacher"):
             if hasattr(stage, name):
                 monkeypatch.setattr(stage, name, wrap(getattr(stage, name)))
@@ -170,12 +170,12 @@ def test_changing_k_recomputes_only_selection_and_prediction(
     first = _count_model_calls(monkeypatch)
     _run(tmp_path, "k2", *sets, "method.selection.k=2")
     assert first[("embed", "embed_images")] == 3
-    assert first[("score", "generate")] == 3
+    assert first[("zero_shot", "generate")] == 3
     monkeypatch.undo()
     second = _count_model_calls(monkeypatch)
     _run(tmp_path, "k3", *sets, "method.selection.k=3")
     assert second[("embed", "embed_images")] == 0
-    assert second[("score", "generate")] == 0
+    assert second[("zero_shot", "generate")] == 0
     assert second[("annotate", "annotate")] == 0  # same queries: teacher reused
     # Chunk 0 sees an empty pool (same view for any k, so it is reused); later chunks have
     # demos, and k changes their selection and prediction.
