@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -37,6 +37,28 @@ class Annotation:
     retries: int = 0
 
 
+class ServiceCalls(TypedDict, total=False):
+    """A remote teacher's raw accounting of one call (:class:`icd.models.openai.OpenAIChat`);
+    empty for an in-process teacher. Merge several with
+    :func:`icd.models.openai.summarize_stats`."""
+
+    requests: int  # HTTP attempts, whatever their outcome
+    ok: int  # attempts that returned usable choices
+    failures: int  # attempts that did not (status, timeout, connection, bad body)
+    retries: int  # attempts made because an earlier one failed
+    samples: int  # choices returned
+    annotations: int  # samples annotated (successfully or not)
+    errors: int  # samples finally marked teacher_error
+    prompt_tokens: int  # as the server's `usage` reports them (0 where it does not)
+    completion_tokens: int
+    filtered: int  # finish_reason "content_filter"
+    refused: int  # a refusal (the message's ``refusal`` text)
+    empty: int  # no content
+    truncated: int  # finish_reason "length"
+    no_logprobs: int  # a student answer without log-probs
+    latencies_ms: list[float]  # successful attempts
+
+
 class Annotations(list[Annotation]):
     """A teacher call's annotations, one per sample in the samples' order, plus
     ``service``: the call's raw service accounting, filled by a remote teacher (HTTP
@@ -44,10 +66,10 @@ class Annotations(list[Annotation]):
     and empty for an in-process one."""
 
     def __init__(
-        self, annotations: Iterable[Annotation] = (), service: dict[str, Any] | None = None
+        self, annotations: Iterable[Annotation] = (), service: ServiceCalls | None = None
     ) -> None:
         super().__init__(annotations)
-        self.service: dict[str, Any] = dict(service or {})
+        self.service: ServiceCalls = service.copy() if service else {}
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,8 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import numpy as np
@@ -64,7 +63,16 @@ from PIL import Image
 from icd.config import ModelConfig
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt
-from icd.models.base import Annotation, Annotations, Sampling
+from icd.models.base import Annotation, Annotations, Sampling, ServiceCalls
+from icd.models.chatapi import (
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ContentPart,
+    ImagePart,
+    SamplingExtensions,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx
 CONFIG_STATUS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
 MAX_RETRY_AFTER_S = 300.0
 # Sampling fields outside the OpenAI API that vLLM/SGLang accept (neutral values).
-EXTENSION_FIELDS: dict[str, Any] = {"top_k": -1, "repetition_penalty": 1.0}
+EXTENSION_FIELDS: SamplingExtensions = {"top_k": -1, "repetition_penalty": 1.0}
 
 
 class TeacherConfigError(RuntimeError):
@@ -93,7 +101,7 @@ def image_to_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
+def to_openai_messages(prompt: Prompt) -> list[ChatMessage]:
     """Convert a Hugging Face chat prompt into OpenAI chat messages.
 
     User turns become content-part lists (``text`` and ``image_url`` parts, in the
@@ -114,7 +122,7 @@ def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
         )
     urls = iter([image_to_data_url(img) for img in prompt.images])
     ids = iter(prompt.image_ids or [None] * len(prompt.images))
-    out: list[dict[str, Any]] = []
+    out: list[ChatMessage] = []
     for m in prompt.messages:
         role, content = m["role"], m.get("content", "")
         if isinstance(content, str):
@@ -124,10 +132,10 @@ def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
             text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
             out.append({"role": role, "content": text})
             continue
-        parts: list[dict[str, Any]] = []
+        parts: list[ContentPart] = []
         for p in content:
             if p.get("type") == "image":
-                part: dict[str, Any] = {"type": "image_url", "image_url": {"url": next(urls)}}
+                part: ImagePart = {"type": "image_url", "image_url": {"url": next(urls)}}
                 image_id = next(ids)
                 if image_id is not None:
                     part["uuid"] = image_id
@@ -140,14 +148,21 @@ def to_openai_messages(prompt: Prompt) -> list[dict[str, Any]]:
     return out
 
 
-def without_image_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _without_image_id(part: ContentPart) -> ContentPart:
+    if part["type"] == "image_url":
+        return {"type": "image_url", "image_url": part["image_url"]}
+    return part
+
+
+def without_image_ids(messages: list[ChatMessage]) -> list[ChatMessage]:
     """``messages`` with no ``uuid`` on any image part (for servers that reject the field)."""
-    return [
-        {**m, "content": [{k: v for k, v in p.items() if k != "uuid"} for p in m["content"]]}
-        if isinstance(m.get("content"), list)
-        else m
-        for m in messages
-    ]
+    out: list[ChatMessage] = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            m = {"role": m["role"], "content": [_without_image_id(p) for p in content]}
+        out.append(m)
+    return out
 
 
 def topk_entropy(logprobs: Sequence[float]) -> float:
@@ -172,7 +187,7 @@ def topk_entropy(logprobs: Sequence[float]) -> float:
     return max(h, 0.0)
 
 
-def parse_choice(choice: dict[str, Any]) -> Generation:
+def parse_choice(choice: Choice) -> Generation:
     """One OpenAI ``choice`` as a :class:`Generation`.
 
     Token statistics come from ``choice["logprobs"]["content"]``: the chosen token's
@@ -187,7 +202,8 @@ def parse_choice(choice: dict[str, Any]) -> Generation:
     text = message.get("content") or ""
     if not isinstance(text, str):
         raise ValueError("message content is not a string")
-    steps = (choice.get("logprobs") or {}).get("content") or []
+    logprobs = choice.get("logprobs")
+    steps = (logprobs.get("content") if logprobs else None) or []
     if not isinstance(steps, list):
         raise ValueError("logprobs.content is not a list")
     token_lp, token_h = [], []
@@ -233,7 +249,7 @@ PROBLEM_COUNTS = {
 
 
 def read_choice(
-    choice: dict[str, Any], *, need_logprobs: bool = False, empty_ok: bool = False
+    choice: Choice, *, need_logprobs: bool = False, empty_ok: bool = False
 ) -> ServiceChoice:
     """A choice as a :class:`ServiceChoice` (``ValueError`` when malformed).
 
@@ -261,7 +277,7 @@ def read_choice(
     return ServiceChoice(gen, None, "", truncated)
 
 
-def _dedupe_top(top: list[dict[str, Any]]) -> list[float]:
+def _dedupe_top(top: list[TopLogprob]) -> list[float]:
     seen: dict[str, float] = {}
     for i, entry in enumerate(top):
         key = entry.get("token") or f"#{i}"
@@ -343,19 +359,38 @@ class _Counts:
     no_logprobs: int = 0  # a student answer without log-probs (its uncertainty is unknown)
     latencies_ms: list[float] = field(default_factory=list)  # successful attempts
 
-    def raw(self) -> dict[str, Any]:
-        return {
-            **{k: getattr(self, k) for k in COUNT_KEYS},
-            "latencies_ms": list(self.latencies_ms),
-        }
+    def raw(self) -> ServiceCalls:
+        return ServiceCalls(
+            requests=self.requests, ok=self.ok, failures=self.failures, retries=self.retries,
+            samples=self.samples, annotations=self.annotations, errors=self.errors,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            filtered=self.filtered, refused=self.refused, empty=self.empty,
+            truncated=self.truncated, no_logprobs=self.no_logprobs,
+            latencies_ms=list(self.latencies_ms),
+        )  # fmt: skip
 
 
-def summarize_stats(calls: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
-    """Merge raw per-call accounting (the ``service`` of what :meth:`OpenAITeacher.annotate`
-    returns) into totals plus latency percentiles (ms, over successful attempts; 0 when
-    none)."""
-    out: dict[str, float | int] = {k: sum(int(c.get(k, 0)) for c in calls) for k in COUNT_KEYS}
-    lat = np.asarray([x for c in calls for x in c.get("latencies_ms", [])], dtype=np.float64)
+def _call_count(call: Mapping[str, object], key: str) -> int:
+    value = call.get(key, 0)
+    if not isinstance(value, int | float | str):
+        raise TypeError(f"service count {key!r} is a {type(value).__name__}")
+    return int(value)
+
+
+def _call_latencies(call: Mapping[str, object]) -> list[float]:
+    value = call.get("latencies_ms", [])
+    if not isinstance(value, list):
+        raise TypeError(f"service latencies_ms is a {type(value).__name__}")
+    return value
+
+
+def summarize_stats(calls: Sequence[Mapping[str, object]]) -> dict[str, float | int]:
+    """Merge raw per-call accounting (:class:`~icd.models.base.ServiceCalls`: the
+    ``service`` of what :meth:`OpenAITeacher.annotate` returns, or the same read back from
+    a run's JSON) into totals plus latency percentiles (ms, over successful attempts; 0
+    when none)."""
+    out: dict[str, float | int] = {k: sum(_call_count(c, k) for c in calls) for k in COUNT_KEYS}
+    lat = np.asarray([x for c in calls for x in _call_latencies(c)], dtype=np.float64)
     if lat.size == 0:
         lat = np.zeros(1)
     out.update(
@@ -380,7 +415,9 @@ class _SampleError(Exception):
     """An attempt failed in a way retrying cannot fix for this sample (e.g. 400)."""
 
 
-async def _settle(job: Any) -> list[ServiceChoice] | Exception:
+async def _settle(
+    job: Coroutine[object, object, list[ServiceChoice]],
+) -> list[ServiceChoice] | Exception:
     """Await ``job``; a per-sample failure is returned instead of raised."""
     try:
         return await job
@@ -407,10 +444,28 @@ class _Tally:
 
 
 @dataclass(frozen=True)
+class _Usage:
+    """A response's token usage as the server reports it (0 where it does not)."""
+
+    prompt: int
+    completion: int
+
+    @classmethod
+    def read(cls, usage: object) -> _Usage:
+        """From a response's ``usage`` object (anything else: no usage reported)."""
+        if not isinstance(usage, dict):
+            return cls(0, 0)
+        return cls(
+            prompt=int(usage.get("prompt_tokens") or 0),
+            completion=int(usage.get("completion_tokens") or 0),
+        )
+
+
+@dataclass(frozen=True)
 class _Ask:
     """One logical request: ``k`` answers to ``messages`` at ``temperature``, seeded."""
 
-    messages: list[dict[str, Any]]
+    messages: list[ChatMessage]
     k: int
     temperature: float
     seed: int
@@ -754,10 +809,10 @@ class OpenAIChat:
         return delay
 
     def _payload(
-        self, messages: list[dict[str, Any]], k: int, temperature: float, seed: int
-    ) -> dict[str, Any]:
+        self, messages: list[ChatMessage], k: int, temperature: float, seed: int
+    ) -> ChatCompletionRequest:
         """The request body: every sampling parameter explicit (see the module docstring)."""
-        body: dict[str, Any] = {
+        body: ChatCompletionRequest = {
             "model": self.model_id,
             "messages": messages if self._image_ids else without_image_ids(messages),
             "n": k,
@@ -790,91 +845,118 @@ class OpenAIChat:
         try:
             payload = self._payload(ask.messages, ask.k, ask.temperature, ask.seed)
             t0 = time.perf_counter()
-            try:
-                async with asyncio.timeout(self.options.timeout_s):
-                    resp = await call.client.post(
-                        f"{self.base_url}/chat/completions", content=json.dumps(payload)
-                    )
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-                call.failed = TeacherConfigError(
-                    f"{self.role} at {self.base_url}: not a valid http(s) URL — check base_url"
-                )
-                raise call.failed from None
-            except (TimeoutError, httpx.TimeoutException):
-                raise _Failed("timeout") from None
-            except httpx.ConnectError:
-                raise _Failed("connection refused", connect=True) from None
-            except httpx.TransportError as e:
-                raise _Failed(f"connection error ({type(e).__name__})") from None
+            resp = await self._post(call, payload)
             self._reached = True
-            status = resp.status_code
-            if status in CONFIG_STATUS:
-                hint = (
-                    f"check {self.options.api_key_env}"
-                    if status in (401, 403)
-                    else f"check base_url and model {self.model_id!r}"
-                )
-                call.failed = TeacherConfigError(
-                    f"{self.role} at {self.base_url}: {status} {CONFIG_STATUS[status]} — {hint}"
-                )
-                raise call.failed
-            if status in RETRYABLE_STATUS or status >= 500:
-                raise _Failed(
-                    str(status), retry_after=parse_retry_after(resp.headers.get("retry-after"))
-                )
-            if status >= 400:
-                detail = self._server_message(resp)
-                if "top_k" in payload and any(k in detail for k in EXTENSION_FIELDS):
-                    self._extensions = False
-                    log.info(
-                        "%s: server rejects %s; continuing without them",
-                        self.role,
-                        "/".join(EXTENSION_FIELDS),
-                    )
-                    raise _Failed("extensions rejected")
-                if self._image_ids and "uuid" in detail.lower():
-                    self._image_ids = False
-                    log.info("%s: server rejects image uuids; sending none", self.role)
-                    raise _Failed("image ids rejected")
-                if "logprobs" in payload and "logprob" in detail.lower():
-                    self._logprobs = False
-                    log.info(
-                        "%s: server rejects logprobs; continuing without token statistics",
-                        self.role,
-                    )
-                    raise _Failed("logprobs rejected")
-                raise _SampleError(f"{status} {detail}")
-            try:
-                body = resp.json()
-                choices = body["choices"]
-                if not isinstance(choices, list) or not choices:
-                    raise ValueError("no choices")
-                gens = [
-                    read_choice(c, need_logprobs=self._need_logprobs, empty_ok=self._student)
-                    for c in choices
-                ]
-            except (ValueError, KeyError, TypeError):
-                raise _Failed("malformed response") from None
+            self._check_status(call, resp, payload)
+            gens, usage = self._read_response(resp)
             ok = True
             latency = (time.perf_counter() - t0) * 1000.0
-            usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-            self._count(
-                call,
-                latency_ms=latency,
-                ok=1,
-                samples=len(gens),
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                truncated=sum(g.truncated for g in gens),
-                **{
-                    key: sum(g.problem == problem for g in gens)
-                    for problem, key in PROBLEM_COUNTS.items()
-                },
-            )
+            self._count_answered(call, gens, _Usage.read(usage), latency)
             return gens
         finally:
             if not ok:
                 self._count(call, failures=1)
+
+    async def _post(self, call: _Call, payload: ChatCompletionRequest) -> httpx.Response:
+        """Send ``payload``; a transport failure raises :class:`_Failed`, a URL that is
+        not http(s) :class:`TeacherConfigError`."""
+        try:
+            async with asyncio.timeout(self.options.timeout_s):
+                return await call.client.post(
+                    f"{self.base_url}/chat/completions", content=json.dumps(payload)
+                )
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL):
+            call.failed = TeacherConfigError(
+                f"{self.role} at {self.base_url}: not a valid http(s) URL — check base_url"
+            )
+            raise call.failed from None
+        except (TimeoutError, httpx.TimeoutException):
+            raise _Failed("timeout") from None
+        except httpx.ConnectError:
+            raise _Failed("connection refused", connect=True) from None
+        except httpx.TransportError as e:
+            raise _Failed(f"connection error ({type(e).__name__})") from None
+
+    def _check_status(
+        self, call: _Call, resp: httpx.Response, payload: ChatCompletionRequest
+    ) -> None:
+        """Raise by the response's status: :class:`TeacherConfigError` (401/403/404),
+        :class:`_Failed` (retryable), else for a 4xx see :meth:`_rejected`."""
+        status = resp.status_code
+        if status in CONFIG_STATUS:
+            hint = (
+                f"check {self.options.api_key_env}"
+                if status in (401, 403)
+                else f"check base_url and model {self.model_id!r}"
+            )
+            call.failed = TeacherConfigError(
+                f"{self.role} at {self.base_url}: {status} {CONFIG_STATUS[status]} — {hint}"
+            )
+            raise call.failed
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise _Failed(
+                str(status), retry_after=parse_retry_after(resp.headers.get("retry-after"))
+            )
+        if status >= 400:
+            self._rejected(status, self._server_message(resp), payload)
+
+    def _rejected(self, status: int, detail: str, payload: ChatCompletionRequest) -> None:
+        """A 4xx: a field the server rejects is sent no more (:class:`_Failed`, resent),
+        anything else is the sample's error (:class:`_SampleError`)."""
+        if "top_k" in payload and any(k in detail for k in EXTENSION_FIELDS):
+            self._extensions = False
+            log.info(
+                "%s: server rejects %s; continuing without them",
+                self.role,
+                "/".join(EXTENSION_FIELDS),
+            )
+            raise _Failed("extensions rejected")
+        if self._image_ids and "uuid" in detail.lower():
+            self._image_ids = False
+            log.info("%s: server rejects image uuids; sending none", self.role)
+            raise _Failed("image ids rejected")
+        if "logprobs" in payload and "logprob" in detail.lower():
+            self._logprobs = False
+            log.info(
+                "%s: server rejects logprobs; continuing without token statistics",
+                self.role,
+            )
+            raise _Failed("logprobs rejected")
+        raise _SampleError(f"{status} {detail}")
+
+    def _read_response(self, resp: httpx.Response) -> tuple[list[ServiceChoice], object]:
+        """The choices of a 2xx response and its ``usage`` as sent; :class:`_Failed` when
+        the body is malformed."""
+        try:
+            body = resp.json()
+            choices = body["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise ValueError("no choices")
+            gens = [
+                read_choice(c, need_logprobs=self._need_logprobs, empty_ok=self._student)
+                for c in choices
+            ]
+        except (ValueError, KeyError, TypeError):
+            raise _Failed("malformed response") from None
+        return gens, body.get("usage")
+
+    def _count_answered(
+        self, call: _Call, gens: list[ServiceChoice], usage: _Usage, latency_ms: float
+    ) -> None:
+        """Count a successful attempt: its latency, choices, tokens and problems."""
+        self._count(
+            call,
+            latency_ms=latency_ms,
+            ok=1,
+            samples=len(gens),
+            prompt_tokens=usage.prompt,
+            completion_tokens=usage.completion,
+            truncated=sum(g.truncated for g in gens),
+            **{
+                key: sum(g.problem == problem for g in gens)
+                for problem, key in PROBLEM_COUNTS.items()
+            },
+        )
 
     def _server_message(self, resp: httpx.Response) -> str:
         """The server's error message, one line, at most 200 characters, key-free."""
