@@ -59,22 +59,83 @@ def run_metrics(s: RunSummary) -> dict[str, float | None]:
 # The runs table's metric columns (averaged over seeds in the comparison table).
 METRICS: tuple[str, ...] = tuple(run_metrics(RunSummary()))
 
+
+class Col:
+    """The runs and comparison tables' columns besides the metrics, named once (a metric's
+    comparison columns are :func:`mean_col` and :func:`std_col`)."""
+
+    DATASET = "dataset"
+    VARIANT = "variant"
+    MODE = "mode"
+    BUDGET = "budget"  # null for modes that never consult the budget
+    SEED = "seed"  # runs table only
+    RUN_ID = "run_id"
+    MLFLOW_RUN_ID = "mlflow_run_id"
+    RUN_DIR = "run_dir"
+    SAMPLES = "samples"  # per run; the comparison table: the mean per run
+    SKIPPED = "skipped"
+    ERROR = "error"
+    SEEDS = "seeds"  # comparison table only: the runs aggregated
+
+
+def mean_col(metric: str) -> str:
+    """The comparison table's column of ``metric``'s mean over seeds."""
+    return f"{metric}_mean"
+
+
+def std_col(metric: str) -> str:
+    """The comparison table's column of ``metric``'s sample std over seeds."""
+    return f"{metric}_std"
+
+
+class MissingColumnError(ValueError):
+    """A table read here lacks a column its reader needs."""
+
+
+def require_columns(frame: pl.DataFrame, columns: Iterable[str], table: str) -> None:
+    """Raise :class:`MissingColumnError` naming what ``table`` (a description) lacks of
+    ``columns``."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MissingColumnError(
+            f"the {table} has no column {', '.join(map(repr, missing))} "
+            f"(it has {', '.join(frame.columns) or 'none'})"
+        )
+
+
 # Columns identifying one benchmark setting (one row of the comparison table).
-SETTING: tuple[str, ...] = ("dataset", "variant", "mode", "budget")
+SETTING: tuple[str, ...] = (Col.DATASET, Col.VARIANT, Col.MODE, Col.BUDGET)
 
 RUNS_SCHEMA: dict[str, pl.DataType] = {
-    "dataset": pl.String(),
-    "variant": pl.String(),
-    "mode": pl.String(),
-    "budget": pl.Float64(),
-    "seed": pl.Int64(),
-    "run_id": pl.String(),
-    "mlflow_run_id": pl.String(),
-    "run_dir": pl.String(),
-    "samples": pl.Int64(),
-    "skipped": pl.Int64(),
+    Col.DATASET: pl.String(),
+    Col.VARIANT: pl.String(),
+    Col.MODE: pl.String(),
+    Col.BUDGET: pl.Float64(),
+    Col.SEED: pl.Int64(),
+    Col.RUN_ID: pl.String(),
+    Col.MLFLOW_RUN_ID: pl.String(),
+    Col.RUN_DIR: pl.String(),
+    Col.SAMPLES: pl.Int64(),
+    Col.SKIPPED: pl.Int64(),
     **{m: pl.Float64() for m in METRICS},
-    "error": pl.String(),
+    Col.ERROR: pl.String(),
+}
+
+
+# The columns of :func:`running_curves`.
+CURVES_SCHEMA: dict[str, pl.DataType] = {
+    "chunk": pl.Int64(),
+    "samples": pl.Int64(),
+    "samples_seen": pl.Int64(),
+    "valid_seen": pl.Int64(),
+    "chunk_accuracy": pl.Float64(),
+    "running_accuracy": pl.Float64(),
+    "queried": pl.Int64(),
+    "accepted": pl.Int64(),
+    "pool_size": pl.Int64(),
+    "annotation_rate": pl.Float64(),
+    "running_zs_accuracy": pl.Float64(),
+    "running_forward_accuracy": pl.Float64(),
 }
 
 
@@ -93,26 +154,17 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
     Accuracies are null where no row is scored yet. An empty frame gives an empty result.
     """
     if preds.height == 0:
-        return pl.DataFrame(
-            schema={
-                "chunk": pl.Int64,
-                "samples": pl.Int64,
-                "samples_seen": pl.Int64,
-                "valid_seen": pl.Int64,
-                "chunk_accuracy": pl.Float64,
-                "running_accuracy": pl.Float64,
-                "queried": pl.Int64,
-                "accepted": pl.Int64,
-                "pool_size": pl.Int64,
-                "annotation_rate": pl.Float64,
-                "running_zs_accuracy": pl.Float64,
-                "running_forward_accuracy": pl.Float64,
-            }
-        )
+        return pl.DataFrame(schema=CURVES_SCHEMA)
+    return _running(_per_chunk(preds))
+
+
+def _per_chunk(preds: pl.DataFrame) -> pl.DataFrame:
+    """Per chunk, ordered by chunk: counts and score sums (zero-shot and forwarded scores
+    null where the predictions lack their columns)."""
     for col in ("zs_score", "forward_score"):
         if col not in preds.columns:
             preds = preds.with_columns(pl.lit(None, dtype=pl.Float64).alias(col))
-    per = (
+    return (
         preds.group_by("chunk")
         .agg(
             samples=pl.len().cast(pl.Int64),
@@ -127,6 +179,10 @@ def running_curves(preds: pl.DataFrame) -> pl.DataFrame:
         )
         .sort("chunk")
     )
+
+
+def _running(per: pl.DataFrame) -> pl.DataFrame:
+    """The running curves of :func:`_per_chunk`'s sums."""
     return per.select(
         pl.col("chunk").cast(pl.Int64),
         "samples",
@@ -165,17 +221,16 @@ def summary_row(
     the budget) and seed. A run that failed has no ``summary`` (its metrics are then null):
     its ``run_id`` and ``error``.
     """
-    row: dict[str, object] = {
-        k: setting.get(k) for k in ("dataset", "variant", "mode", "budget", "seed")
-    }
-    row["run_id"] = summary.run_id if summary is not None else run_id
-    row["mlflow_run_id"] = summary.mlflow_run_id if summary is not None else None
-    row["run_dir"] = summary.run_dir if summary is not None else None
-    row["samples"] = summary.samples if summary is not None else None
-    row["skipped"] = summary.skipped if summary is not None else None
+    keys = (*SETTING, Col.SEED)
+    row: dict[str, object] = {k: setting.get(k) for k in keys}
+    row[Col.RUN_ID] = summary.run_id if summary is not None else run_id
+    row[Col.MLFLOW_RUN_ID] = summary.mlflow_run_id if summary is not None else None
+    row[Col.RUN_DIR] = summary.run_dir if summary is not None else None
+    row[Col.SAMPLES] = summary.samples if summary is not None else None
+    row[Col.SKIPPED] = summary.skipped if summary is not None else None
     metrics = run_metrics(summary) if summary is not None else dict.fromkeys(METRICS)
     row.update({m: None if v is None else float(v) for m, v in metrics.items()})
-    row["error"] = error
+    row[Col.ERROR] = error
     return row
 
 
@@ -193,14 +248,14 @@ def comparison_table(runs: pl.DataFrame) -> pl.DataFrame:
     the order in which settings first appear in ``runs``.
     """
     aggs: list[pl.Expr] = [
-        pl.len().cast(pl.Int64).alias("seeds"),
-        pl.col("samples").cast(pl.Float64).mean().alias("samples"),
+        pl.len().cast(pl.Int64).alias(Col.SEEDS),
+        pl.col(Col.SAMPLES).cast(pl.Float64).mean().alias(Col.SAMPLES),
     ]
     for m in METRICS:
-        aggs.append(pl.col(m).mean().alias(f"{m}_mean"))
-        aggs.append(pl.col(m).std(ddof=1).alias(f"{m}_std"))
-    if "error" in runs.columns:
-        runs = runs.filter(pl.col("error").is_null())
+        aggs.append(pl.col(m).mean().alias(mean_col(m)))
+        aggs.append(pl.col(m).std(ddof=1).alias(std_col(m)))
+    if Col.ERROR in runs.columns:
+        runs = runs.filter(pl.col(Col.ERROR).is_null())
     return runs.group_by(list(SETTING), maintain_order=True).agg(aggs)
 
 
@@ -253,30 +308,37 @@ def comparison_rows(table: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of a comparison table (shared by markdown and HTML). A
     metric column no row has a value for (e.g. ``novel %`` on a dataset without class
     groups), or no non-zero one for a feature not in use (ICL prompts saved), is left out."""
-
-    def shown(m: str) -> bool:
-        col = f"{m}_mean"
-        if col not in table.columns:
-            return False
-        if m in _ONLY_WHEN_USED:
-            return bool((table[col].fill_null(0) != 0).any())
-        return bool(table[col].is_not_null().any())
-
-    columns = [(h, m, kind) for h, m, kind in _MD_COLUMNS if shown(m)]
+    require_columns(table, _ROW_COLUMNS, "comparison table")
+    columns = [(h, m, kind) for h, m, kind in _MD_COLUMNS if _shown(table, m)]
     header = ["dataset", "mode", "budget ρ", "seeds", "samples"] + [h for h, _, _ in columns]
     rows: list[list[str]] = []
     for r in table.iter_rows(named=True):
-        budget = "–" if r["budget"] is None else f"{r['budget']:g}"
+        budget, samples = r[Col.BUDGET], r[Col.SAMPLES]
         cells = [
-            r["dataset"],
-            r["variant"],
-            budget,
-            str(r["seeds"]),
-            "–" if r["samples"] is None else f"{r['samples']:.0f}",
+            r[Col.DATASET],
+            r[Col.VARIANT],
+            "–" if budget is None else f"{budget:g}",
+            str(r[Col.SEEDS]),
+            "–" if samples is None else f"{samples:.0f}",
         ]
-        cells += [mean_std(r[f"{m}_mean"], r[f"{m}_std"], kind) for _, m, kind in columns]
+        cells += [mean_std(r[mean_col(m)], r[std_col(m)], kind) for _, m, kind in columns]
         rows.append(cells)
     return header, rows
+
+
+# The comparison table's columns every row of :func:`comparison_rows` shows.
+_ROW_COLUMNS = (Col.DATASET, Col.VARIANT, Col.BUDGET, Col.SEEDS, Col.SAMPLES)
+
+
+def _shown(table: pl.DataFrame, metric: str) -> bool:
+    """Whether the comparison table shows ``metric``: some row has a value (a non-zero one
+    for a feature that may be off)."""
+    col = mean_col(metric)
+    if col not in table.columns:
+        return False
+    if metric in _ONLY_WHEN_USED:
+        return bool((table[col].fill_null(0) != 0).any())
+    return bool(table[col].is_not_null().any())
 
 
 def to_markdown(table: pl.DataFrame) -> str:
