@@ -75,7 +75,7 @@ def _convert(img: Image.Image) -> Image.Image:
         return background
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # High bit-depth greyscale: rescale the actual range to 0..255 before converting.
-        lo, hi = img.getextrema()
+        lo, hi = _band_range(img)
         if hi > lo:
             scale = 255.0 / (hi - lo)
             img = (
@@ -101,3 +101,11 @@ def image_id(sample_id: str, data: bytes) -> str:
     (``SAMPLE_ID-HEX12``), so the same image has the same id in every prompt and run, and
     another image under a reused sample id (another dataset, a rebuilt fixture) does not."""
     return f"{sample_id}-{hashlib.sha256(data).hexdigest()[:12]}"
+
+
+def _band_range(img: Image.Image) -> tuple[float, float]:
+    """(min, max) of a single-band image."""
+    lo, hi = img.getextrema()
+    if isinstance(lo, tuple) or isinstance(hi, tuple):  # several bands: not this image's mode
+        raise BadImage(f"mode {img.mode} has more than one band")
+    return lo, hi

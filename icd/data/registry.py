@@ -116,7 +116,7 @@ class DatasetSpec:
         """The source without its kind prefix (hub id, path, glob or fixture name)."""
         return self.source.split(":", 1)[1]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """Plain JSON-able dict (for logging as run parameters)."""
         d = asdict(self)
         d["class_names"] = list(self.class_names) if self.class_names is not None else None
@@ -390,6 +390,8 @@ def _entry_model() -> type[Any]:
             return Field(default_factory=f.default_factory)
         return ...  # required
 
+    # name -> (type form, default); a dict[str, Any] because create_model's ** also
+    # binds its typed dunder keywords
     entry: dict[str, Any] = {
         f.name: (hints[f.name], default(f))
         for f in fields(DatasetSpec)

@@ -103,7 +103,7 @@ def build_shapes_dataset(
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
     target = dataset_dir(root, n, seed, corrupt_every, size)
-    params = {
+    params: dict[str, int] = {
         "n": n,
         "seed": seed,
         "corrupt_every": corrupt_every,
@@ -118,7 +118,7 @@ def build_shapes_dataset(
     return target
 
 
-def _write_dataset(folder: Path, params: dict[str, Any]) -> None:
+def _write_dataset(folder: Path, params: dict[str, int]) -> None:
     """Draw the dataset ``params`` describe and write its files into the empty ``folder``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -166,7 +166,7 @@ def _write_dataset(folder: Path, params: dict[str, Any]) -> None:
     (folder / _META_FILE).write_text(json.dumps(meta, indent=1))
 
 
-def _is_built(target: Path, params: dict[str, Any]) -> bool:
+def _is_built(target: Path, params: dict[str, int]) -> bool:
     meta_path = target / _META_FILE
     if not meta_path.exists() or not (target / _DATA_FILE).exists():
         return False
@@ -202,23 +202,28 @@ class Scene:
     background: tuple[int, int, int]
 
 
-def _draw_params(rng: np.random.Generator, colour_name: str, s: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Drawing:
+    """The random parameters of one drawing (pixels of the drawing canvas)."""
+
+    background: tuple[int, int, int]
+    fill: tuple[int, ...]
+    radius: float
+    cx: float
+    cy: float
+    angle: float  # radians
+
+
+def _draw_params(rng: np.random.Generator, colour_name: str, s: int) -> _Drawing:
     """The random parameters of one drawing, in the order :func:`render_shape` has always
     drawn them (so images stay byte-identical): background, fill, radius, centre, tilt."""
-    background = tuple(int(v) for v in rng.integers(200, 250, size=3))
+    red, green, blue = (int(v) for v in rng.integers(200, 250, size=3))
     fill = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[colour_name])
     radius = rng.uniform(0.26, 0.38) * s
     cx = rng.uniform(radius + 1, s - radius - 1)
     cy = rng.uniform(radius + 1, s - radius - 1)
     angle = rng.uniform(-0.3, 0.3)  # a slight tilt: shapes stay recognisable at 32 px
-    return {
-        "background": background,
-        "fill": fill,
-        "radius": radius,
-        "cx": cx,
-        "cy": cy,
-        "angle": angle,
-    }
+    return _Drawing((red, green, blue), fill, radius, cx, cy, angle)
 
 
 _SCALE = 2  # draw at twice the size, then downsample: cheap anti-aliasing
@@ -229,7 +234,7 @@ def scene(i: int, seed: int = 0, size: int = 32) -> Scene:
     colour_name, shape = CLASS_NAMES[label_of(i, seed)].split(" ", 1)
     s = size * _SCALE
     p = _draw_params(np.random.default_rng([seed, i]), colour_name, s)
-    return Scene(colour_name, shape, p["radius"] / s, p["cx"] / s, p["cy"] / s, p["background"])
+    return Scene(colour_name, shape, p.radius / s, p.cx / s, p.cy / s, p.background)
 
 
 def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
@@ -240,8 +245,8 @@ def render_shape(i: int, seed: int = 0, size: int = 32) -> bytes:
 
     s = size * _SCALE
     p = _draw_params(rng, colour_name, s)
-    background, fill, radius = p["background"], p["fill"], p["radius"]
-    cx, cy, angle = p["cx"], p["cy"], p["angle"]
+    background, fill, radius = p.background, p.fill, p.radius
+    cx, cy, angle = p.cx, p.cy, p.angle
 
     img = Image.new("RGB", (s, s), background)
     draw = ImageDraw.Draw(img)

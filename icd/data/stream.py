@@ -26,9 +26,9 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -36,7 +36,7 @@ import numpy as np
 from icd.config import DataConfig
 from icd.data import images, revisions, shapes
 from icd.data.registry import DatasetSpec, get_dataset, load_registry_file, readable_name
-from icd.data.types import Chunk, Sample
+from icd.data.types import Chunk, DatasetInfo, Sample
 from icd.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def open_stream(
             optional.add("question_column")
         else:
             spec = get_dataset(cfg.dataset, cfg.registry)
-    overrides: dict[str, Any] = {}
+    overrides: _Overrides = {}
     if cfg.source is not None and cfg.source != spec.source:
         overrides["source"] = cfg.source
         optional.update(("id_column", "question_column"))
@@ -105,6 +105,33 @@ def open_stream(
     return Stream(
         spec, limit=cfg.limit, order_seed=cfg.order_seed, root=root, optional=frozenset(optional)
     )
+
+
+class _Overrides(TypedDict, total=False):
+    """The :class:`DatasetSpec` fields a stream's config may replace."""
+
+    source: str
+    label_column: str
+    split: str
+    revision: str
+    question_column: str
+
+
+class _Dropped(TypedDict, total=False):
+    """Optional columns a source lacks, dropped from the spec."""
+
+    id_column: None
+    question_column: None
+
+
+# One dataset row as ``datasets`` gives it: column name -> cell (an image dict, a label,
+# a list of answers...).
+Row = Mapping[str, object]
+
+
+def _cell(row: Row, column: str | None) -> object:
+    """The row's value in ``column`` (None for no column or a missing cell)."""
+    return row.get(column) if column is not None else None
 
 
 def _registered(registry_file: str | None = None) -> set[str]:
@@ -209,7 +236,7 @@ class Stream:
             return chunk
         raise IndexError(f"chunk {index} is past the end of stream {self.name!r}")
 
-    def dataset_info(self) -> dict[str, Any]:
+    def dataset_info(self) -> DatasetInfo:
         """Lineage record: name, source, split, task, num_rows, digest, order_seed, limit,
         and for a hub source ``revision`` (the commit read, or the branch when it could not
         be resolved) and ``revision_status`` (``pinned``, ``resolved``, ``unresolved`` or
@@ -264,26 +291,34 @@ class Stream:
         spec = self.spec
         kind, target = spec.kind, spec.target
         cache_dir = None
+        data_files: dict[str, list[str]] | None = None
+        data_dir: str | None = None
         try:
             if kind == "fixture":
                 folder = self._build_fixture(target)
                 self._files = shapes.data_files(folder)
                 cache_dir = str(self._root / ".hf-datasets-cache")
-                builder, kwargs = "parquet", {"data_files": {spec.split: self._files}}
+                builder, data_files = "parquet", {spec.split: self._files}
             elif kind == "parquet":
                 self._files = _parquet_files(target)
-                builder, kwargs = "parquet", {"data_files": {spec.split: self._files}}
+                builder, data_files = "parquet", {spec.split: self._files}
             elif kind == "imagefolder":
                 if not Path(target).is_dir():
                     raise DatasetUnavailable(f"imagefolder {target!r} is not a folder")
                 self._files = sorted(str(p) for p in Path(target).rglob("*") if p.is_file())
-                builder, kwargs = "imagefolder", {"data_dir": target}
+                builder, data_dir = "imagefolder", target
             else:
                 raise DatasetUnavailable(
                     f"dataset {spec.name!r}: unsupported source {spec.source!r}"
                 )
             with _quiet():
-                ds = datasets.load_dataset(builder, split=spec.split, cache_dir=cache_dir, **kwargs)
+                ds = datasets.load_dataset(
+                    builder,
+                    split=spec.split,
+                    cache_dir=cache_dir,
+                    data_files=data_files,
+                    data_dir=data_dir,
+                )
         except DatasetUnavailable:
             raise
         except Exception as e:  # datasets raises many types; report them in one line
@@ -358,11 +393,11 @@ class Stream:
         if present is None:  # a stream without declared features: checked on the first row
             return
         spec = self.spec
-        dropped = {
-            role: None
-            for role in self._optional
-            if getattr(spec, role) is not None and getattr(spec, role) not in present
-        }
+        dropped: _Dropped = {}
+        if "id_column" in self._optional and spec.id_column not in (None, *present):
+            dropped["id_column"] = None
+        if "question_column" in self._optional and spec.question_column not in (None, *present):
+            dropped["question_column"] = None
         if dropped:
             if "question_column" in dropped and not spec.question.strip():
                 del dropped["question_column"]  # no fixed question to fall back on
@@ -391,7 +426,7 @@ class Stream:
         names = getattr(feature, "names", None)
         if names:
             return [self._readable(n) for n in names]
-        if isinstance(self._source, _TableSource):
+        if isinstance(self._source, _TableSource) and spec.label_column is not None:
             values = self._source.unique(spec.label_column)
             if values and all(isinstance(v, str) for v in values):
                 return sorted({self._readable(v) for v in values})
@@ -417,7 +452,7 @@ class Stream:
 
     # -- samples ----------------------------------------------------------------
 
-    def _sample_id(self, row_index: int | None, row: dict[str, Any]) -> str:
+    def _sample_id(self, row_index: int | None, row: Row) -> str:
         spec = self.spec
         if spec.id_column is not None and row.get(spec.id_column) is not None:
             return str(row[spec.id_column])
@@ -430,7 +465,7 @@ class Stream:
             h.update(str(row.get(spec.question_column)).encode())
         return f"{spec.name}:{spec.split}:h{h.hexdigest()[:16]}"
 
-    def _sample(self, pos: int, row_index: int | None, row: dict[str, Any]) -> Sample:
+    def _sample(self, pos: int, row_index: int | None, row: Row) -> Sample:
         if not self._checked_row:
             self._check_columns(list(row))
             self._checked_row = True
@@ -459,11 +494,11 @@ class Stream:
             sample.image, sample.skip_reason = _decode(data)
         return sample
 
-    def _answers(self, row: dict[str, Any]) -> list[str]:
+    def _answers(self, row: Row) -> list[str]:
         spec = self.spec
         if spec.task != "classification":  # VQA answers, reference captions
-            return _vqa_answers(row.get(spec.answers_column))
-        value = row.get(spec.label_column)
+            return _vqa_answers(_cell(row, spec.answers_column))
+        value = _cell(row, spec.label_column)
         if value is None or isinstance(value, bool):
             return []
         if isinstance(value, (int, np.integer)):
@@ -504,7 +539,7 @@ class _TableSource:
     def unique(self, column: str) -> list[Any]:
         return list(self.ds.unique(column))
 
-    def rows(self, start: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    def rows(self, start: int) -> Iterator[tuple[int, int, Row]]:
         """(stream position, row index, row) from ``start`` on; reads only those rows."""
         for a in range(start, len(self.order), _BATCH):
             idx = self.order[a : a + _BATCH].tolist()
@@ -547,7 +582,7 @@ class _IterSource:
     def features(self) -> Any:
         return self.ds.features
 
-    def rows(self, start: int) -> Iterator[tuple[int, None, dict[str, Any]]]:
+    def rows(self, start: int) -> Iterator[tuple[int, None, Row]]:
         """(stream position, None, row) from ``start`` on, in one pass over the source: the
         first ``start`` rows are skipped once, undecoded. The row index is not reported: a
         buffer-shuffled stream does not know it, and ids must not depend on the order."""

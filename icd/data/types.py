@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypedDict
 
 from PIL import Image
 
@@ -45,6 +46,24 @@ class Chunk:
     @property
     def valid(self) -> list[Sample]:
         return [s for s in self.samples if s.skip_reason is None]
+
+
+class DatasetInfo(TypedDict):
+    """A stream's lineage record (:meth:`icd.data.stream.Stream.dataset_info`), logged as
+    the run's input dataset."""
+
+    name: str
+    source: str
+    revision: str | None  # a hub source's commit read (or branch when unresolved)
+    revision_status: str | None  # pinned, resolved, unresolved or local
+    split: str
+    task: str
+    num_rows: int | None
+    source_rows: int | None
+    num_classes: int | None
+    order_seed: int | None
+    limit: int | None
+    digest: str
 
 
 def content_digest(samples: Sequence[Sample]) -> str:

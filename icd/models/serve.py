@@ -55,7 +55,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -68,8 +68,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from icd.data.types import Sample
+from icd.jsontypes import JSONObject
 from icd.method.types import Generation, Prompt
 from icd.models.base import Sampling, Student, Teacher
+from icd.models.chatapi import (
+    ChatCompletion,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +158,13 @@ def decode_data_url(url: str) -> Image.Image:
         raise ValueError(f"not a decodable image ({' '.join(str(e).split())[:120]})") from None
 
 
-def to_prompt(messages: list[dict[str, Any]]) -> Prompt:
-    """Rebuild an ICD prompt (HF chat format + images in order) from OpenAI messages
-    (:class:`RequestError` naming the bad field when one is malformed)."""
+def to_prompt(messages: object) -> Prompt:
+    """Rebuild an ICD prompt (HF chat format + images in order) from a request's
+    ``messages`` as received (:class:`RequestError` naming the bad field when they are
+    malformed)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty array", param="messages")
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, object]] = []
     images: list[Image.Image] = []
     ids: list[str | None] = []
     for i, m in enumerate(messages):
@@ -172,7 +183,7 @@ def to_prompt(messages: list[dict[str, Any]]) -> Prompt:
             raise RequestError(
                 f"{where}.content must be a string or an array of parts", param=where
             )
-        parts: list[dict[str, Any]] = []
+        parts: list[dict[str, str]] = []
         for j, p in enumerate(content):
             at = f"{where}.content[{j}]"
             kind = p.get("type") if isinstance(p, dict) else None
@@ -195,7 +206,9 @@ def to_prompt(messages: list[dict[str, Any]]) -> Prompt:
     return Prompt(messages=out, images=images, image_ids=ids if any(ids) else [])
 
 
-def _int(body: dict[str, Any], name: str, default: int, low: int, high: int | None = None) -> int:
+def _int(
+    body: Mapping[str, object], name: str, default: int, low: int, high: int | None = None
+) -> int:
     value = body.get(name)
     if value is None:
         return default
@@ -207,7 +220,7 @@ def _int(body: dict[str, Any], name: str, default: int, low: int, high: int | No
     return value
 
 
-def parse_request(body: Any, default_max_tokens: int) -> ChatRequest:
+def parse_request(body: object, default_max_tokens: int) -> ChatRequest:
     """The :class:`ChatRequest` of a JSON body; :class:`RequestError` (a ``ValueError``)
     naming the field when it is malformed."""
     if not isinstance(body, dict):
@@ -249,7 +262,7 @@ def parse_request(body: Any, default_max_tokens: int) -> ChatRequest:
     max_tokens = _int(body, "max_tokens", 0, 1)
     max_tokens = max_tokens or _int(body, "max_completion_tokens", default_max_tokens, 1)
     return ChatRequest(
-        prompt=to_prompt(body.get("messages")),  # type: ignore[arg-type]
+        prompt=to_prompt(body.get("messages")),
         n=_int(body, "n", 1, 1, MAX_N),
         temperature=float(temperature),
         max_tokens=max_tokens,
@@ -295,19 +308,19 @@ def answer_from_generation(gen: Generation, max_tokens: int) -> Answer:
     )
 
 
-def _logprob_entry(token: str, logprob: float) -> dict[str, Any]:
+def _logprob_entry(token: str, logprob: float) -> TopLogprob:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
-def openai_logprobs(answer: Answer, top_k: int) -> dict[str, Any]:
+def openai_logprobs(answer: Answer, top_k: int) -> ChoiceLogprobs:
     """OpenAI ``logprobs`` of one answer: per generated token its text, log-prob, bytes
     and the ``top_k`` most likely tokens of that step (at most as many as the model
     reports)."""
     content = [
-        {
+        TokenLogprob(
             **_logprob_entry(tok, lp),
-            "top_logprobs": [_logprob_entry(t, x) for t, x in top[:top_k]],
-        }
+            top_logprobs=[_logprob_entry(t, x) for t, x in top[:top_k]],
+        )
         for tok, lp, top in zip(answer.tokens, answer.logprobs, answer.top, strict=True)
     ]
     return {"content": content, "refusal": None}
@@ -363,20 +376,10 @@ def hf_answers(
     if temperature > 0:
         seeds = [_draw_seed(seed, "request", k) for k in range(n)]
         sampler, copies = _RowSampler(temperature, seeds), n
-    tok = model.tokenizer
     with model._lock, torch.inference_mode():
         inputs = model._encode([prompt])
         prompt_len = int(inputs["input_ids"].shape[1])
-        context = context_length(model)
-        if context is not None and prompt_len + max_tokens > context:
-            raise ContextLengthError(
-                f"This model's maximum context length is {context} tokens. However, you "
-                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-                f"{max_tokens} in the completion). Please reduce the length of the messages "
-                "or completion.",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        _check_context(model, prompt_len, max_tokens)
         out = model.model.generate(**inputs, **model._generate_kwargs(max_tokens, sampler, copies))
         answer_ids = out.sequences[:, prompt_len:]
         if len(out.logits) == 0:
@@ -385,33 +388,73 @@ def hf_answers(
         k = max(1, min(top_k, logp.shape[-1]))
         top_lp, top_ids = logp.topk(k, dim=-1)
         ends = torch.tensor([*model.eos_ids, model.pad_id], device=answer_ids.device)
-        answers = []
-        for row in range(answer_ids.shape[0]):
-            ids = answer_ids[row, : logp.shape[1]].tolist()
-            stop_at = next((t for t, i in enumerate(ids) if i in ends), None)
-            length = len(ids) if stop_at is None else stop_at
-            finish = "length" if stop_at is None and length >= max_tokens else "stop"
-            pieces, prev = [], ""
-            for t in range(length):  # incremental decoding: the pieces spell the text
-                text = tok.decode(ids[: t + 1], skip_special_tokens=True)
-                pieces.append(text[len(prev) :] if text.startswith(prev) else text)
-                prev = text
-            chosen = logp[row, torch.arange(length), torch.tensor(ids[:length], dtype=torch.long)]
-            lps = chosen.tolist()
-            tops = [
-                [
-                    (tok.decode([int(i)], skip_special_tokens=False), float(x))
-                    for i, x in zip(top_ids[row, t].tolist(), top_lp[row, t].tolist(), strict=True)
-                ]
-                for t in range(length)
-            ]
-            text = "".join(pieces)
-            cut = cut_at_stop(pieces, stops) if stops else None
-            if cut is not None:
-                kept, text = cut
-                pieces, lps, tops, finish = pieces[:kept], lps[:kept], tops[:kept], "stop"
-            answers.append(Answer(text.strip(), pieces, lps, tops, finish, prompt_len))
+        rows = _Steps(model.tokenizer, logp, top_lp, top_ids, ends)
+        answers = [
+            rows.answer(row, answer_ids[row, : logp.shape[1]].tolist(), max_tokens, stops)
+            for row in range(answer_ids.shape[0])
+        ]
+        for a in answers:
+            a.prompt_tokens = prompt_len  # one prompt for every row
     return answers * n if copies == 1 else answers
+
+
+def _check_context(model: Any, prompt_len: int, max_tokens: int) -> None:
+    """:class:`ContextLengthError` when the prompt plus ``max_tokens`` exceed the model's
+    context."""
+    context = context_length(model)
+    if context is not None and prompt_len + max_tokens > context:
+        raise ContextLengthError(
+            f"This model's maximum context length is {context} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages "
+            "or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+
+@dataclass
+class _Steps:
+    """A generation's per-step log-probs (rows × steps × vocabulary) and top-k, read into
+    one :class:`Answer` per row."""
+
+    tok: Any  # the tokenizer
+    logp: Any  # torch tensors
+    top_lp: Any
+    top_ids: Any
+    ends: Any  # ids that end an answer (eos, pad)
+
+    def answer(self, row: int, ids: list[int], max_tokens: int, stops: Sequence[str]) -> Answer:
+        """Row ``row``'s answer (``ids``: its generated token ids), cut at its end token
+        or the first stop string."""
+        import torch
+
+        tok = self.tok
+        stop_at = next((t for t, i in enumerate(ids) if i in self.ends), None)
+        length = len(ids) if stop_at is None else stop_at
+        finish = "length" if stop_at is None and length >= max_tokens else "stop"
+        pieces, prev = [], ""
+        for t in range(length):  # incremental decoding: the pieces spell the text
+            text = tok.decode(ids[: t + 1], skip_special_tokens=True)
+            pieces.append(text[len(prev) :] if text.startswith(prev) else text)
+            prev = text
+        index = torch.tensor(ids[:length], dtype=torch.long)
+        lps = self.logp[row, torch.arange(length), index].tolist()
+        tops = [
+            [
+                (tok.decode([int(i)], skip_special_tokens=False), float(x))
+                for i, x in zip(
+                    self.top_ids[row, t].tolist(), self.top_lp[row, t].tolist(), strict=True
+                )
+            ]
+            for t in range(length)
+        ]
+        text = "".join(pieces)
+        cut = cut_at_stop(pieces, stops) if stops else None
+        if cut is not None:
+            kept, text = cut
+            pieces, lps, tops, finish = pieces[:kept], lps[:kept], tops[:kept], "stop"
+        return Answer(text.strip(), pieces, lps, tops, finish)
 
 
 def context_length(model: Any) -> int | None:
@@ -544,8 +587,9 @@ class OpenAIServer:
         """The response of a request whose outcome is not ``"ok"``."""
         raise NotImplementedError(f"outcome {outcome!r}")
 
-    def _review(self, body: dict[str, Any], req: ChatRequest) -> ChatRequest | Response:
-        """A parsed request, or the error response it gets instead (none here)."""
+    def _review(self, body: JSONObject, req: ChatRequest) -> ChatRequest | Response:
+        """A parsed request (``body``: as received), or the error response it gets instead
+        (none here)."""
         return req
 
     # -- routes -----------------------------------------------------------------------
@@ -664,8 +708,8 @@ class OpenAIServer:
             )
         return JSONResponse(completion)
 
-    def _completion(self, req: ChatRequest, answers: list[Answer]) -> dict[str, Any]:
-        choices = [
+    def _completion(self, req: ChatRequest, answers: list[Answer]) -> ChatCompletion:
+        choices: list[Choice] = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": a.text, "refusal": None},
@@ -690,15 +734,20 @@ class OpenAIServer:
         }
 
     async def _events(
-        self, req: ChatRequest, answers: list[Answer], completion: dict[str, Any]
+        self, req: ChatRequest, answers: list[Answer], completion: ChatCompletion
     ) -> AsyncIterator[str]:
         """The completion as server-sent events: per choice a role chunk, one chunk per
         token (its text, and its log-probs when asked), a chunk with the finish reason;
         then the usage (``stream_options.include_usage``) and ``[DONE]``."""
-        head = {k: completion[k] for k in ("id", "created", "model")}
-        head["object"] = "chat.completion.chunk"
+        head: dict[str, str | int] = {
+            "id": completion["id"],
+            "created": completion["created"],
+            "model": completion["model"],
+            "object": "chat.completion.chunk",
+        }
 
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            extra = {} if usage is None else {"usage": usage}
             return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
         for i, a in enumerate(answers):
@@ -706,7 +755,9 @@ class OpenAIServer:
                           "logprobs": None, "finish_reason": None}])  # fmt: skip
             steps = openai_logprobs(a, req.top_logprobs)["content"] if req.logprobs else None
             for t, piece in enumerate(stream_pieces(a)):
-                logprobs = {"content": [steps[t]], "refusal": None} if steps else None
+                logprobs: ChoiceLogprobs | None = (
+                    {"content": [steps[t]], "refusal": None} if steps else None
+                )
                 yield chunk([{"index": i, "delta": {"content": piece},
                               "logprobs": logprobs, "finish_reason": None}])  # fmt: skip
             yield chunk(
