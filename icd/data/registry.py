@@ -390,7 +390,7 @@ def _entry_model() -> type[Any]:
             return Field(default_factory=f.default_factory)
         return ...  # required
 
-    # name -> (type form, default); a dict[str, Any] because create_model's ** also
+    # name -> (type form, default); values typed Any because create_model's ** also
     # binds its typed dunder keywords
     entry: dict[str, Any] = {
         f.name: (hints[f.name], default(f))

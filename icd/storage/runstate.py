@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from icd.jsontypes import JSONObject
 from icd.storage.locks import atomic_write_text
 
 if TYPE_CHECKING:
@@ -30,8 +31,9 @@ class RunState:
     def _path(self, chunk: int) -> Path:
         return self.dir / f"chunk-{chunk:05d}.json"
 
-    def commit(self, chunk: int, state: dict[str, Any]) -> None:
-        """Mark ``chunk`` committed with its state (policy state, counters, pool version)."""
+    def commit(self, chunk: int, state: JSONObject) -> None:
+        """Mark ``chunk`` committed with its state (policy state, counters, pool version):
+        a JSON object the caller reads back and validates (this class does not look in)."""
         atomic_write_text(self._path(chunk), json.dumps({"chunk": chunk, **state}, sort_keys=True))
 
     def committed(self) -> list[int]:
@@ -40,15 +42,15 @@ class RunState:
             return []
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("chunk-*.json"))
 
-    def load(self, chunk: int) -> dict[str, Any]:
+    def load(self, chunk: int) -> JSONObject:
         return json.loads(self._path(chunk).read_text())
 
-    def last(self) -> dict[str, Any] | None:
+    def last(self) -> JSONObject | None:
         """State after the last committed chunk, or None for a fresh run."""
         done = self.committed()
         return self.load(done[-1]) if done else None
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[JSONObject]:
         return [self.load(c) for c in self.committed()]
 
     def check_config(self, fingerprint: str, record: bool = True) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 from mlflow import MlflowClient
@@ -44,10 +44,12 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from icd.data.types import DatasetInfo
 from icd.errors import one_line
 from icd.storage.locks import atomic_file, file_lock, remove_leftovers
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 RUN_ID_TAG = "icd.run_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -68,7 +70,7 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be reached or rejected a write (one-line message)."""
 
 
-def is_secret(key: str, value: Any = None) -> bool:
+def is_secret(key: str, value: object = None) -> bool:
     """True for a config key (last dotted part) or value that looks like a credential.
 
     Keys naming an environment variable (``*_env``) are not secrets: they hold a name.
@@ -81,7 +83,7 @@ def is_secret(key: str, value: Any = None) -> bool:
     return isinstance(value, str) and bool(_SECRET_VALUE.match(value))
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(config: Mapping[str, object], prefix: str = "") -> dict[str, str]:
     """Nested dict -> ``{"a.b.c": str(value)}``; lists/dicts-in-lists as JSON, secrets dropped."""
     out: dict[str, str] = {}
     for key, value in config.items():
@@ -112,12 +114,12 @@ def _param_value(value: str) -> str:
     )
 
 
-def _tag_value(value: Any) -> str:
+def _tag_value(value: object) -> str:
     text = str(value)
     return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
 
 
-def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
+def _batches(items: list[_T], size: int) -> Iterable[list[_T]]:
     for lo in range(0, len(items), size):
         yield items[lo : lo + size]
 
@@ -143,7 +145,7 @@ class StreamSource(DatasetSource):
     def _resolve(cls, raw_source: Any) -> StreamSource:
         return cls(str(raw_source))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str]:
         return {"uri": self.uri}
 
     @classmethod
@@ -287,10 +289,10 @@ class Tracker:
     def start(
         self,
         run_id: str,
-        config: dict[str, Any],
-        tags: dict[str, Any] | None = None,
+        config: Mapping[str, object],
+        tags: Mapping[str, object] | None = None,
         parent_mlflow_run_id: str | None = None,
-        models: dict[str, dict[str, Any]] | None = None,
+        models: Mapping[str, Mapping[str, object]] | None = None,
         run_name: str | None = None,
     ) -> str:
         """Create the MLflow run of ICD run ``run_id`` (shown as ``run_name``, default the
@@ -329,9 +331,12 @@ class Tracker:
             self._set_tags({**tags, "icd.resumes": resumes})
         self.log_params(flatten(config))
         if models is None:
+            section = config.get("models") or {}
+            if not isinstance(section, Mapping):
+                raise TypeError(f"config 'models' is a {type(section).__name__}, not a mapping")
             models = {
                 role: m
-                for role, m in (config.get("models") or {}).items()
+                for role, m in section.items()
                 if isinstance(m, dict) and m.get("model_id")
             }
         if models:
@@ -357,7 +362,7 @@ class Tracker:
 
     # -- logging -------------------------------------------------------------------------
 
-    def log_params(self, params: dict[str, Any]) -> list[str]:
+    def log_params(self, params: Mapping[str, object]) -> list[str]:
         """Log params not logged yet. A key already logged with another value (a resumed run
         whose config changed) keeps its first value; the new one is recorded as tag
         ``icd.param_changed.<key>`` and the key is returned."""
@@ -429,7 +434,7 @@ class Tracker:
             self._writer.shutdown()
             self._writer = None
 
-    def log_dataset(self, info: dict[str, Any], df: pl.DataFrame | None = None) -> None:
+    def log_dataset(self, info: DatasetInfo, df: pl.DataFrame | None = None) -> None:
         """Record the stream dataset as a run input (context ``stream``): ``info`` holds
         ``name``, ``source`` and ``digest`` (other str/int entries become input tags; a
         hub source's ``revision`` also goes into the input's source); with ``df`` its schema
@@ -442,8 +447,8 @@ class Tracker:
             str(revision) if revision else None,
         )
         name = str(info.get("name") or "stream")
-        digest = info.get("digest")
-        digest = str(digest)[:MAX_DATASET_DIGEST_SIZE] if digest else None
+        full_digest = info.get("digest")
+        digest = str(full_digest)[:MAX_DATASET_DIGEST_SIZE] if full_digest else None
         dataset: Dataset
         if df is not None:
             dataset = from_polars(df, source=source, name=name, digest=digest)
@@ -487,7 +492,7 @@ class Tracker:
         }
         self.client.log_dict(self._require_run(), data, "pool/manifest.json")
 
-    def log_models(self, models: dict[str, dict[str, Any]]) -> None:
+    def log_models(self, models: Mapping[str, Mapping[str, object]]) -> None:
         """Record each model (role -> {model_id, revision, backend, ...}) as an external
         MLflow logged model (no weights) linked to this run; each role once per run."""
         rid = self._require_run()
@@ -515,7 +520,7 @@ class Tracker:
             raise TrackingError("Tracker.start(run_id, config) must be called before logging")
         return self.mlflow_run_id
 
-    def _set_tags(self, tags: dict[str, Any]) -> None:
+    def _set_tags(self, tags: Mapping[str, object]) -> None:
         items = [RunTag(k, _tag_value(v)) for k, v in tags.items()]
         for part in _batches(items, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self._require_run(), tags=part)
@@ -574,7 +579,7 @@ def metric_key(name: str) -> str:
     return name
 
 
-def params_value(params: dict[str, Any], key: str) -> str:
+def params_value(params: Mapping[str, object], key: str) -> str:
     """The (truncated) value of ``key`` in ``params`` as it would be logged."""
     for k, v in params.items():
         if _param_key(k) == key:
