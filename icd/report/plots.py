@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypedDict, cast
 
 import numpy as np
 import polars as pl
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import NullLocator
 
 from icd.method.accounting import RunSummary
-from icd.report.tables import running_curves
+from icd.report.tables import Col, mean_col, running_curves, std_col
 
 _DPI = 110
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
@@ -44,7 +46,15 @@ _EXTRA_COLORS = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5
 _EXTRA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 
 
-def style(variant: str) -> dict[str, str]:
+class Style(TypedDict):
+    """A line's look, as matplotlib's keyword arguments of those names."""
+
+    color: str
+    marker: str
+    ls: str
+
+
+def style(variant: str) -> Style:
     """Matplotlib ``color``, ``marker`` and ``ls`` of a mode or variant, fixed across plots."""
     if variant in _MODE_STYLES:
         color, marker, ls = _MODE_STYLES[variant]
@@ -65,13 +75,13 @@ def _save(fig: Figure, path: Path | str) -> Path:
     return path
 
 
-def _empty(ax, message: str) -> None:
+def _empty(ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _percent_axis(ax, *values: np.ndarray) -> None:
+def _percent_axis(ax: Axes, *values: np.ndarray) -> None:
     """Y limits for a percentage axis: the data range padded, at least 10 points tall,
     kept within [-2, 102] (a little room so markers at 0 % or 100 % stay whole)."""
     data = np.concatenate([np.asarray(v, dtype=float).ravel() for v in values] or [np.zeros(0)])
@@ -107,6 +117,19 @@ def _coincide(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
     )
 
 
+def _coinciding(series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, str]:
+    """For each series that lies on top of an earlier one (:func:`_coincide`), the name of
+    the first such earlier series that does not itself coincide with another."""
+    same_as: dict[str, str] = {}
+    names = list(series)
+    for i, a in enumerate(names):
+        for b in names[:i]:
+            if b not in same_as and _coincide(series[a], series[b]):
+                same_as[a] = b
+                break
+    return same_as
+
+
 def plot_accuracy_vs_annotation(
     table: pl.DataFrame, path: Path | str, title: str | None = None
 ) -> Path:
@@ -121,7 +144,7 @@ def plot_accuracy_vs_annotation(
     drawn on top; ``title`` (the benchmark id) goes into the figure's title.
     """
     datasets = (
-        [] if table.height == 0 else list(dict.fromkeys(table.get_column("dataset").to_list()))
+        [] if table.height == 0 else list(dict.fromkeys(table.get_column(Col.DATASET).to_list()))
     )
     ncols = max(1, min(3, len(datasets)))
     nrows = max(1, -(-len(datasets) // ncols))
@@ -130,80 +153,7 @@ def plot_accuracy_vs_annotation(
     if not datasets:
         _empty(axes[0], "no benchmark runs")
     for ax, dataset in zip(axes, datasets, strict=False):
-        sub = table.filter(pl.col("dataset") == dataset)
-        drawn = False
-        ys: list[np.ndarray] = []  # every y drawn, for the axis limits
-        budgeted = sub.filter(pl.col("budget").is_not_null()).sort("budget")
-        names = list(dict.fromkeys(budgeted.get_column("variant").to_list()))
-        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for variant in names:
-            rows = budgeted.filter(pl.col("variant") == variant)
-            curves[variant] = (
-                _floats(rows, "annotation_rate_mean") * 100,
-                _floats(rows, "accuracy_mean") * 100,
-            )
-        # Series that coincide (e.g. ICD and its oracle when the teacher's labels are all
-        # right) are all drawn, side by side, and the legend says which they coincide with.
-        same_as: dict[str, str] = {}
-        for i, a in enumerate(names):
-            for b in names[:i]:
-                if b not in same_as and _coincide(curves[a], curves[b]):
-                    same_as[a] = b
-                    break
-        span = max([np.nanmax(c[0]) for c in curves.values() if np.isfinite(c[0]).any()] or [1.0])
-        for j, variant in enumerate(names):
-            rows = budgeted.filter(pl.col("variant") == variant)
-            x, y = curves[variant]
-            ok = ~(np.isnan(x) | np.isnan(y))
-            if not ok.any():
-                continue
-            xerr = np.nan_to_num(_floats(rows, "annotation_rate_std") * 100)[ok]
-            yerr = np.nan_to_num(_floats(rows, "accuracy_std") * 100)[ok]
-            ys += [y[ok] - yerr, y[ok] + yerr]
-            # dodged side by side (series at one budget sit at nearly one x), ICD on top
-            shift = 0.012 * span * (j - (len(names) - 1) / 2)
-            label = variant + (f" (= {same_as[variant]})" if variant in same_as else "")
-            ours = variant == "icd"
-            ax.errorbar(
-                x[ok] + shift, y[ok], xerr=xerr, yerr=yerr, capsize=3, label=label,
-                markersize=7 if ours else 5, lw=2.4 if ours else 1.3, alpha=0.95,
-                zorder=20 if ours else 3 + j, **style(variant),
-            )  # fmt: skip
-            drawn = True
-        # The budget ρ of each setting, once per budget, under the axis.
-        budgets = budgeted.get_column("budget").unique().sort().to_list() if budgeted.height else []
-        for b in budgets:
-            xs = _floats(budgeted.filter(pl.col("budget") == b), "annotation_rate_mean") * 100
-            if np.isfinite(xs).any():
-                ax.annotate(
-                    f"ρ={b:g}", (float(np.nanmean(xs)), 0), xycoords=("data", "axes fraction"),
-                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7,
-                    color="0.35",
-                )  # fmt: skip
-        for r in sub.filter(pl.col("budget").is_null()).iter_rows(named=True):
-            if r["accuracy_mean"] is None:
-                continue
-            rate = r["annotation_rate_mean"]
-            label = r["variant"] + ("" if rate is None else f" (annotation {rate * 100:.0f}%)")
-            st = style(r["variant"])
-            ax.axhline(r["accuracy_mean"] * 100, ls="--", lw=1.2, color=st["color"], label=label)
-            std = r["accuracy_std"] or 0.0
-            lo, hi = (r["accuracy_mean"] - std) * 100, (r["accuracy_mean"] + std) * 100
-            if std:
-                ax.axhspan(lo, hi, color=st["color"], alpha=0.12)
-            ys.append(np.array([lo, hi]))
-            drawn = True
-        if not drawn:
-            _empty(ax, f"{dataset}: no accuracy values")
-            continue
-        seeds = sub.get_column("seeds").max() if "seeds" in sub.columns else None
-        orders = "" if not seeds else f", mean ± std over {seeds} stream order{'s' * (seeds > 1)}"
-        ax.set_title(f"{dataset}: accuracy vs teacher labels{orders}", fontsize=9)
-        ax.set_xlabel("annotation rate (% of stream labelled by the teacher)")
-        ax.set_ylabel("accuracy (%)")
-        _percent_axis(ax, *ys)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        _accuracy_panel(ax, dataset, table.filter(pl.col(Col.DATASET) == dataset))
     for ax in axes[len(datasets) :]:
         ax.set_visible(False)
     if title:
@@ -211,13 +161,115 @@ def plot_accuracy_vs_annotation(
     return _save(fig, path)
 
 
+_ACC_MEAN, _ACC_STD = mean_col("accuracy"), std_col("accuracy")
+_RATE_MEAN, _RATE_STD = mean_col("annotation_rate"), std_col("annotation_rate")
+
+
+def _accuracy_panel(ax: Axes, dataset: str, sub: pl.DataFrame) -> None:
+    """One dataset's panel of :func:`plot_accuracy_vs_annotation`."""
+    budgeted = sub.filter(pl.col(Col.BUDGET).is_not_null()).sort(Col.BUDGET)
+    ys: list[np.ndarray] = []  # every y drawn, for the axis limits
+    drawn = _budgeted_curves(ax, budgeted, ys)
+    _budget_marks(ax, budgeted)
+    drawn = _reference_lines(ax, sub, ys) or drawn
+    if not drawn:
+        _empty(ax, f"{dataset}: no accuracy values")
+        return
+    seeds = _max_int(sub, Col.SEEDS)
+    orders = "" if not seeds else f", mean ± std over {seeds} stream order{'s' * (seeds > 1)}"
+    ax.set_title(f"{dataset}: accuracy vs teacher labels{orders}", fontsize=9)
+    ax.set_xlabel("annotation rate (% of stream labelled by the teacher)")
+    ax.set_ylabel("accuracy (%)")
+    _percent_axis(ax, *ys)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
+def _max_int(frame: pl.DataFrame, column: str) -> int | None:
+    """The largest value of an integer column, None when absent or all null."""
+    if column not in frame.columns:
+        return None
+    value = frame.get_column(column).max()
+    return None if value is None else int(cast(int, value))
+
+
+def _budgeted_curves(ax: Axes, budgeted: pl.DataFrame, ys: list[np.ndarray]) -> bool:
+    """The budgeted modes' points, joined in budget order, dodged side by side, ICD on top;
+    appends the y extents drawn to ``ys``. Whether any point was drawn."""
+    names = list(dict.fromkeys(budgeted.get_column(Col.VARIANT).to_list()))
+    rows_of = {v: budgeted.filter(pl.col(Col.VARIANT) == v) for v in names}
+    curves = {
+        v: (_floats(rows, _RATE_MEAN) * 100, _floats(rows, _ACC_MEAN) * 100)
+        for v, rows in rows_of.items()
+    }
+    # Series that coincide (e.g. ICD and its oracle when the teacher's labels are all
+    # right) are all drawn, side by side, and the legend says which they coincide with.
+    same_as = _coinciding(curves)
+    span = max([np.nanmax(c[0]) for c in curves.values() if np.isfinite(c[0]).any()] or [1.0])
+    drawn = False
+    for j, variant in enumerate(names):
+        rows = rows_of[variant]
+        x, y = curves[variant]
+        ok = ~(np.isnan(x) | np.isnan(y))
+        if not ok.any():
+            continue
+        xerr = np.nan_to_num(_floats(rows, _RATE_STD) * 100)[ok]
+        yerr = np.nan_to_num(_floats(rows, _ACC_STD) * 100)[ok]
+        ys += [y[ok] - yerr, y[ok] + yerr]
+        # dodged side by side (series at one budget sit at nearly one x), ICD on top
+        shift = 0.012 * span * (j - (len(names) - 1) / 2)
+        label = variant + (f" (= {same_as[variant]})" if variant in same_as else "")
+        ours = variant == "icd"
+        ax.errorbar(
+            x[ok] + shift, y[ok], xerr=xerr, yerr=yerr, capsize=3, label=label,
+            markersize=7 if ours else 5, lw=2.4 if ours else 1.3, alpha=0.95,
+            zorder=20 if ours else 3 + j, **style(variant),
+        )  # fmt: skip
+        drawn = True
+    return drawn
+
+
+def _budget_marks(ax: Axes, budgeted: pl.DataFrame) -> None:
+    """The budget ρ of each setting, once per budget, under the axis."""
+    budgets = budgeted.get_column(Col.BUDGET).unique().sort().to_list() if budgeted.height else []
+    for b in budgets:
+        xs = _floats(budgeted.filter(pl.col(Col.BUDGET) == b), _RATE_MEAN) * 100
+        if np.isfinite(xs).any():
+            ax.annotate(
+                f"ρ={b:g}", (float(np.nanmean(xs)), 0), xycoords=("data", "axes fraction"),
+                textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7,
+                color="0.35",
+            )  # fmt: skip
+
+
+def _reference_lines(ax: Axes, sub: pl.DataFrame, ys: list[np.ndarray]) -> bool:
+    """The budget-free modes as horizontal lines (± std bands), labelled with their
+    annotation rate; appends the y extents drawn to ``ys``. Whether any was drawn."""
+    drawn = False
+    for r in sub.filter(pl.col(Col.BUDGET).is_null()).iter_rows(named=True):
+        acc = r[_ACC_MEAN]
+        if acc is None:
+            continue
+        rate = r[_RATE_MEAN]
+        label = r[Col.VARIANT] + ("" if rate is None else f" (annotation {rate * 100:.0f}%)")
+        st = style(r[Col.VARIANT])
+        ax.axhline(acc * 100, ls="--", lw=1.2, color=st["color"], label=label)
+        std = r[_ACC_STD] or 0.0
+        lo, hi = (acc - std) * 100, (acc + std) * 100
+        if std:
+            ax.axhspan(lo, hi, color=st["color"], alpha=0.12)
+        ys.append(np.array([lo, hi]))
+        drawn = True
+    return drawn
+
+
 def _plot_merged(
-    ax, x: np.ndarray, series: list[tuple[str, np.ndarray, dict[str, str]]], *, marker: str | None
+    ax: Axes, x: np.ndarray, series: list[tuple[str, np.ndarray, Style]], *, marker: str | None
 ) -> list[np.ndarray]:
     """Plot each (label, y, style) series; series that coincide are drawn once, their
     labels joined with "=", so none hides under another. All-NaN series are left out.
     Returns the y arrays drawn."""
-    groups: list[tuple[list[str], np.ndarray, dict[str, str]]] = []
+    groups: list[tuple[list[str], np.ndarray, Style]] = []
     for label, y, sty in series:
         if np.isnan(y).all():
             continue
@@ -372,7 +424,9 @@ def headline_bars_figure(summary: RunSummary) -> Figure:
     ]
     rows = [(name, 100 * float(v), color) for name, v, color in bars if v is not None]
     fig = Figure(figsize=(7.6, 0.06 + 0.2 * max(len(rows), 1)), layout="constrained")
-    fig.get_layout_engine().set(h_pad=0.01, w_pad=0.02)  # type: ignore[union-attr]
+    engine = fig.get_layout_engine()
+    assert isinstance(engine, ConstrainedLayoutEngine)  # layout="constrained"
+    engine.set(h_pad=0.01, w_pad=0.02)
     ax = fig.subplots()
     if not rows:
         _empty(ax, "no scored samples")
@@ -401,6 +455,15 @@ def plot_headline_bars(summary: RunSummary, path: Path | str) -> Path:
     return path
 
 
+class MeanCurve(NamedTuple):
+    """The running accuracy (%) of a setting's stream orders: x, mean, std, orders."""
+
+    x: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    orders: int
+
+
 def running_comparison_figure(
     preds: pl.DataFrame,
     labels: Mapping[str, str] | None = None,
@@ -411,48 +474,10 @@ def running_comparison_figure(
     """The figure of :func:`plot_running_comparison` (for callers that save it themselves)."""
     fig = Figure(figsize=(9.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    run_ids = [] if preds.height == 0 else list(dict.fromkeys(preds.get_column("run_id").to_list()))
-    groups: dict[str, list[str]] = {}
-    for run_id in run_ids:
-        groups.setdefault((labels or {}).get(run_id, run_id), []).append(run_id)
-    means: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
-    for label, members in groups.items():
-        curves = [running_curves(preds.filter(pl.col("run_id") == r)) for r in members]
-        curves = [c for c in curves if not np.isnan(_floats(c, "running_accuracy")).all()]
-        if not curves:
-            continue
-        n = min(c.height for c in curves)  # stream orders cut the same stream alike
-        x = curves[0].get_column("samples_seen").to_numpy()[:n]
-        acc = np.vstack([_floats(c, "running_accuracy")[:n] * 100 for c in curves])
-        std = np.nanstd(acc, axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
-        means[label] = (x, np.nanmean(acc, axis=0), std, len(curves))
-    same_as: dict[str, str] = {}
-    names = list(means)
-    for i, a in enumerate(names):
-        for b in names[:i]:
-            if b not in same_as and _coincide(means[a][:2], means[b][:2]):
-                same_as[a] = b
-                break
-    ys: list[np.ndarray] = []
+    means = _mean_curves(preds, labels or {})
     bands = len(means) <= 4  # more bands than that only hide one another
-    last = max((float(m[0][-1]) for m in means.values()), default=0.0)
-    for i, (label, (x, mean, std, _)) in enumerate(means.items()):
-        variant = (variants or {}).get(label)
-        st = style(variant) if variant else {"color": _COLORS[i % len(_COLORS)], "marker": "o"}
-        ls = "--" if label in dashed else "-"
-        shown = label + (f" (= {same_as[label]})" if label in same_as else "")
-        marker = st["marker"] if len(x) <= 40 else None
-        ax.plot(x, mean, color=st["color"], marker=marker, ls=ls, label=shown, ms=5,
-                mfc="white" if label in dashed else st["color"], zorder=3 + i)  # fmt: skip
-        lo, hi = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)
-        if std.any() and bands:
-            ax.fill_between(x, lo, hi, color=st["color"], alpha=0.12, lw=0)
-        elif std.any():  # the end of the stream only, each line's bar a little apart
-            at = x[-1] + (i - (len(means) - 1) / 2) * 0.006 * last
-            ax.errorbar([at], [mean[-1]], yerr=[[mean[-1] - lo[-1]], [hi[-1] - mean[-1]]],
-                        color=st["color"], capsize=2, lw=1, zorder=2)  # fmt: skip
-        ys += [lo, hi]
-    orders = max((m[3] for m in means.values()), default=0)
+    ys = _draw_mean_curves(ax, means, variants or {}, dashed, bands=bands)
+    orders = max((m.orders for m in means.values()), default=0)
     head = "running accuracy over the stream"
     if orders > 1:
         where = "bands" if bands else "bars at the end"
@@ -467,6 +492,59 @@ def running_comparison_figure(
         _empty(ax, "no scored predictions")
     ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
     return fig
+
+
+def _mean_curves(preds: pl.DataFrame, labels: Mapping[str, str]) -> dict[str, MeanCurve]:
+    """Per label (runs sharing one are stream orders of a setting), the mean running
+    accuracy of its runs that have scores, cut to the shortest; labels in run order."""
+    run_ids = [] if preds.height == 0 else list(dict.fromkeys(preds.get_column("run_id").to_list()))
+    groups: dict[str, list[str]] = {}
+    for run_id in run_ids:
+        groups.setdefault(labels.get(run_id, run_id), []).append(run_id)
+    means: dict[str, MeanCurve] = {}
+    for label, members in groups.items():
+        curves = [running_curves(preds.filter(pl.col("run_id") == r)) for r in members]
+        curves = [c for c in curves if not np.isnan(_floats(c, "running_accuracy")).all()]
+        if not curves:
+            continue
+        n = min(c.height for c in curves)  # stream orders cut the same stream alike
+        x = curves[0].get_column("samples_seen").to_numpy()[:n]
+        acc = np.vstack([_floats(c, "running_accuracy")[:n] * 100 for c in curves])
+        std = np.nanstd(acc, axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
+        means[label] = MeanCurve(x, np.nanmean(acc, axis=0), std, len(curves))
+    return means
+
+
+def _draw_mean_curves(
+    ax: Axes,
+    means: Mapping[str, MeanCurve],
+    variants: Mapping[str, str],
+    dashed: Collection[str],
+    *,
+    bands: bool,
+) -> list[np.ndarray]:
+    """One line per label, its ± std as a band (``bands``) or a bar at the stream's end;
+    returns the y extents drawn."""
+    same_as = _coinciding({label: (m.x, m.mean) for label, m in means.items()})
+    ys: list[np.ndarray] = []
+    last = max((float(m.x[-1]) for m in means.values()), default=0.0)
+    for i, (label, (x, mean, std, _)) in enumerate(means.items()):
+        variant = variants.get(label)
+        st = style(variant) if variant else {"color": _COLORS[i % len(_COLORS)], "marker": "o"}
+        ls = "--" if label in dashed else "-"
+        shown = label + (f" (= {same_as[label]})" if label in same_as else "")
+        marker = st["marker"] if len(x) <= 40 else None
+        ax.plot(x, mean, color=st["color"], marker=marker, ls=ls, label=shown, ms=5,
+                mfc="white" if label in dashed else st["color"], zorder=3 + i)  # fmt: skip
+        lo, hi = np.clip(mean - std, 0, 100), np.clip(mean + std, 0, 100)
+        if std.any() and bands:
+            ax.fill_between(x, lo, hi, color=st["color"], alpha=0.12, lw=0)
+        elif std.any():  # the end of the stream only, each line's bar a little apart
+            at = x[-1] + (i - (len(means) - 1) / 2) * 0.006 * last
+            ax.errorbar([at], [mean[-1]], yerr=[[mean[-1] - lo[-1]], [hi[-1] - mean[-1]]],
+                        color=st["color"], capsize=2, lw=1, zorder=2)  # fmt: skip
+        ys += [lo, hi]
+    return ys
 
 
 def plot_running_comparison(
@@ -543,35 +621,13 @@ def uncertainty_figure(
         queried = rows.get_column("queried").fill_null(False).to_numpy().astype(bool)
         early = _floats(rows, "stream_pos") < warmup
         edges = np.histogram_bin_edges(values, bins=min(30, max(5, int(np.sqrt(values.size)) * 2)))
-        n_rest = int((~queried).sum())
-        if n_rest:
-            ax.hist(values[~queried], bins=edges, histtype="stepfilled", alpha=0.45,
-                    color="#1f77b4", edgecolor="#1f77b4", lw=1.5,
-                    label=f"not queried (n={n_rest})")  # fmt: skip
-        else:
-            ax.plot([], [], color="#1f77b4", label="not queried (n=0)")
-        # The queried samples, stacked: above the threshold, then the unconditional warm-up.
-        parts = [(queried & ~early, "queried", "#d62728")]
-        if (queried & early).any():
-            parts.append((queried & early, f"queried in the warm-up (first {warmup})", "#ff7f0e"))
-        ax.hist([values[m] for m, _, _ in parts], bins=edges, histtype="stepfilled", stacked=True,
-                alpha=0.6, color=[c for *_, c in parts], edgecolor="0.2", lw=0.6,
-                label=[f"{lbl} (n={int(m.sum())})" for m, lbl, _ in parts])  # fmt: skip
+        _uncertainty_hists(ax, values, queried, early, edges.tolist(), warmup)
         line = query_threshold(values, threshold, tau, budget)
         if line is not None:
             ax.axvline(line[0], ls="--", color="0.15", lw=1.2, label=line[1])
         elif threshold in ("always", "never"):
             ax.plot([], [], " ", label=f"threshold: {threshold} (no line)")
-        # Linear to 10, logarithmic above: a handful of queried samples stays visible.
-        top = max(1, int(np.histogram(values, bins=edges)[0].max()))
-        ax.set_yscale("symlog", linthresh=10, linscale=1.5)
-        ticks = [
-            t for t in (0, 2, 4, 6, 8, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= top
-        ]
-        ticks += [t * 10**k for k in range(4, 9) for t in (1, 2, 5) if t * 10**k <= top]
-        ax.set_yticks(ticks, [str(t) for t in ticks])
-        ax.yaxis.set_minor_locator(NullLocator())
-        ax.set_ylim(0, top * 1.3)
+        _symlog_counts(ax, int(np.histogram(values, bins=edges)[0].max()))
         name = MEASURES.get(measure or "", measure or "uncertainty")
         ax.set_xlabel(f"student zero-shot uncertainty: {name}" if measure else name)
         ax.set_ylabel("samples (log scale above 10)")
@@ -581,6 +637,43 @@ def uncertainty_figure(
     head = "student uncertainty of queried and not queried samples"
     ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
     return fig
+
+
+def _uncertainty_hists(
+    ax: Axes,
+    values: np.ndarray,
+    queried: np.ndarray,
+    early: np.ndarray,
+    edges: list[float],
+    warmup: int,
+) -> None:
+    """The not-queried samples' histogram, and the queried ones' stacked on one another:
+    above the threshold, then the unconditional warm-up."""
+    n_rest = int((~queried).sum())
+    if n_rest:
+        ax.hist(values[~queried], bins=edges, histtype="stepfilled", alpha=0.45,
+                color="#1f77b4", edgecolor="#1f77b4", lw=1.5,
+                label=f"not queried (n={n_rest})")  # fmt: skip
+    else:
+        ax.plot([], [], color="#1f77b4", label="not queried (n=0)")
+    parts = [(queried & ~early, "queried", "#d62728")]
+    if (queried & early).any():
+        parts.append((queried & early, f"queried in the warm-up (first {warmup})", "#ff7f0e"))
+    ax.hist([values[m] for m, _, _ in parts], bins=edges, histtype="stepfilled", stacked=True,
+            alpha=0.6, color=[c for *_, c in parts], edgecolor="0.2", lw=0.6,
+            label=[f"{lbl} (n={int(m.sum())})" for m, lbl, _ in parts])  # fmt: skip
+
+
+def _symlog_counts(ax: Axes, highest: int) -> None:
+    """A count axis linear to 10 and logarithmic above, so a handful of queried samples
+    stays visible; ``highest`` is the tallest bin."""
+    top = max(1, highest)
+    ax.set_yscale("symlog", linthresh=10, linscale=1.5)
+    ticks = [t for t in (0, 2, 4, 6, 8, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= top]
+    ticks += [t * 10**k for k in range(4, 9) for t in (1, 2, 5) if t * 10**k <= top]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(0, top * 1.3)
 
 
 def plot_uncertainty_hist(
@@ -671,6 +764,9 @@ _RATES = (
 )  # fmt: skip
 
 
+SweepLine = tuple[str, str, Any]  # (dataset, mode variant, budget)
+
+
 def plot_sweep(
     table: pl.DataFrame,
     path: Path | str,
@@ -689,50 +785,58 @@ def plot_sweep(
     where = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
     fig = Figure(figsize=(5.2 * len(metrics), 4.0), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
-    rows = table.filter(pl.col("variant").is_in(list(points))) if table.height else table
-    lines: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    rows = table.filter(pl.col(Col.VARIANT).is_in(list(points))) if table.height else table
+    lines: dict[SweepLine, list[dict[str, Any]]] = {}
     for r in rows.iter_rows(named=True):
-        base, _ = points[r["variant"]]
-        lines.setdefault((r["dataset"], base, r["budget"]), []).append(r)
+        base, _ = points[r[Col.VARIANT]]
+        lines.setdefault((r[Col.DATASET], base, r[Col.BUDGET]), []).append(r)
+    at = {variant: where[value] for variant, (_, value) in points.items()}
     for ax, metric in zip(axes, metrics, strict=True):
-        scale = 100.0 if metric.startswith(_RATES) else 1.0
-        drawn = False
-        for i, ((dataset, base, budget), rs) in enumerate(lines.items()):
-            rs = sorted(rs, key=lambda r: where[points[r["variant"]][1]])
-            x = np.array([where[points[r["variant"]][1]] for r in rs])
-            y = (
-                np.array(
-                    [np.nan if r.get(f"{metric}_mean") is None else r[f"{metric}_mean"] for r in rs]
-                )
-                * scale
-            )
-            err = np.array([r.get(f"{metric}_std") or 0.0 for r in rs]) * scale
-            ok = ~np.isnan(y)
-            if not ok.any():
-                continue
-            label = (
-                base
-                + ("" if budget is None else f" ρ={budget:g}")
-                + (f" ({dataset})" if len({k[0] for k in lines}) > 1 else "")
-            )
-            st = style(base)
-            if len(lines) > 1 and len({k[1] for k in lines}) < len(lines):
-                st["color"] = _COLORS[i % len(_COLORS)]  # one mode at several budgets/datasets
-            ax.errorbar(x[ok], y[ok], yerr=err[ok], capsize=3, label=label, **st)
-            drawn = True
-        if not drawn:
+        if not _sweep_lines(ax, metric, lines, at):
             _empty(ax, f"no {metric} values")
             continue
         if not numeric:
             ax.set_xticks(list(where.values()), [str(v) for v in values], rotation=20)
         ax.set_xlabel(key)
-        ax.set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
+        ax.set_ylabel(metric + (" (%)" if metric.startswith(_RATES) else ""))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def _sweep_lines(
+    ax: Axes,
+    metric: str,
+    lines: Mapping[SweepLine, list[dict[str, Any]]],
+    at: Mapping[str, float],
+) -> bool:
+    """One panel's lines of :func:`plot_sweep` (``at``: each variant's x); whether any
+    was drawn."""
+    scale = 100.0 if metric.startswith(_RATES) else 1.0
+    drawn = False
+    for i, ((dataset, base, budget), rs) in enumerate(lines.items()):
+        rs = sorted(rs, key=lambda r: at[r[Col.VARIANT]])
+        x = np.array([at[r[Col.VARIANT]] for r in rs])
+        means = [r.get(mean_col(metric)) for r in rs]
+        y = np.array([np.nan if m is None else m for m in means]) * scale
+        err = np.array([r.get(std_col(metric)) or 0.0 for r in rs]) * scale
+        ok = ~np.isnan(y)
+        if not ok.any():
+            continue
+        label = (
+            base
+            + ("" if budget is None else f" ρ={budget:g}")
+            + (f" ({dataset})" if len({k[0] for k in lines}) > 1 else "")
+        )
+        st = style(base)
+        if len(lines) > 1 and len({k[1] for k in lines}) < len(lines):
+            st["color"] = _COLORS[i % len(_COLORS)]  # one mode at several budgets/datasets
+        ax.errorbar(x[ok], y[ok], yerr=err[ok], capsize=3, label=label, **st)
+        drawn = True
+    return drawn
 
 
 def _spread(x: np.ndarray, span: float, step: float = 0.02) -> np.ndarray:
@@ -788,7 +892,7 @@ def accuracy_vs_compute_figure(table: pl.DataFrame, title: str | None = None) ->
         _percent_axis(ax, *ys)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    seeds = table.get_column("seeds").max() if "seeds" in table.columns and table.height else None
+    seeds = _max_int(table, Col.SEEDS)
     orders = f", mean ± std over {seeds} stream orders" if seeds and seeds > 1 else ""
     head = f"accuracy vs student compute{orders}"
     ax.set_title(f"{title}\n{head}" if title else head, fontsize=10)
