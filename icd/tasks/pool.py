@@ -17,6 +17,7 @@ from icd.data.types import Chunk
 from icd.method import curation, steps
 from icd.method.voting import VoteResult
 from icd.models import load_embedder
+from icd.storage.pool.schema import PoolRow
 from icd.tasks.annotate import Labels
 from icd.tasks.base import open_pool, stage
 from icd.tasks.context import RunContext
@@ -85,7 +86,7 @@ def pool(
     label_vecs = load_embedder(ctx.cfg.models.embedder).embed_texts(labels)
     now = datetime.now(UTC)
     teacher = teacher_provenance(ctx.cfg.models.teacher)
-    rows = [
+    rows: list[PoolRow] = [
         {
             "sample_id": valid[i].sample_id,
             "run_id": ctx.run_id,
@@ -94,7 +95,7 @@ def pool(
             "image": valid[i].image_bytes,
             "question": valid[i].question,
             "image_vec": image_vecs[i],
-            "label": v.label,
+            "label": v.label or "",  # never empty: pool_mask admits labelled votes only
             "label_vec": label_vec,
             "votes": v.votes,
             "agreement": v.agreement,

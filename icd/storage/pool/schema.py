@@ -1,6 +1,6 @@
 """The pool's row schema: the Arrow schema of the table and the validation of new rows.
 
-A row is a dict with the fields of :data:`REQUIRED_FIELDS` and any of
+A row is a :class:`PoolRow`: the fields of :data:`REQUIRED_FIELDS` and any of
 :data:`OPTIONAL_FIELDS`. :func:`rows_to_arrow` checks every row before anything is
 written and turns the rows into the Arrow table to merge plus, per run, the arrays the
 in-memory selection index appends; a bad row raises :class:`PoolError` with a one-line
@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 MERGE_KEY = "key"
@@ -38,6 +39,43 @@ VECTOR_FIELDS = ("image_vec", "label_vec")
 CURATION_FIELDS = ("excluded_chunk", "excluded_reason")
 CURATION_TYPES = {"excluded_chunk": pa.int64(), "excluded_reason": pa.string()}
 _ALLOWED = frozenset(REQUIRED_FIELDS) | frozenset(OPTIONAL_FIELDS)
+
+
+class PoolRow(TypedDict):
+    """One demonstration as written to the pool (:func:`pool_schema`'s columns less the
+    merge key, which is derived, and the curation marks, which only curation sets)."""
+
+    sample_id: str
+    run_id: str
+    chunk: int
+    stream_pos: int
+    image_vec: npt.ArrayLike  # float vector of the pool's dimension
+    label: str
+    label_vec: npt.ArrayLike
+    question: NotRequired[str | None]
+    image: NotRequired[bytes | None]  # PNG
+    votes: NotRequired[list[str] | None]
+    agreement: NotRequired[float | None]
+    uncertainty: NotRequired[float | None]
+    teacher: NotRequired[str | None]
+    created_at: NotRequired[datetime | None]  # None or missing: the time of the write
+
+
+class _StoredRow(TypedDict):
+    """A checked row's scalar columns as stored (defaults filled, types coerced)."""
+
+    sample_id: str
+    run_id: str
+    label: str
+    question: str | None
+    teacher: str | None
+    chunk: int
+    stream_pos: int
+    image: bytes | None
+    votes: list[str]
+    agreement: float | None
+    uncertainty: float | None
+    created_at: datetime
 
 
 class PoolError(ValueError):
@@ -166,13 +204,17 @@ def _check_row(i: int, row: Any, dim: int, seen: set[tuple[str, str]]) -> list[n
     return vectors  # type: ignore[return-value]
 
 
-def _stored(row: dict[str, Any], now: datetime) -> dict[str, Any]:
+def _stored(row: PoolRow, now: datetime) -> _StoredRow:
     """The scalar columns of a checked row as stored (defaults filled, types coerced)."""
     created = row.get("created_at") or now
     image, votes = row.get("image"), row.get("votes")
     agreement, uncertainty = row.get("agreement"), row.get("uncertainty")
     return {
-        **{name: row.get(name) for name in ("sample_id", "run_id", "label", "question", "teacher")},
+        "sample_id": row["sample_id"],
+        "run_id": row["run_id"],
+        "label": row["label"],
+        "question": row.get("question"),
+        "teacher": row.get("teacher"),
         "chunk": int(row["chunk"]),
         "stream_pos": int(row["stream_pos"]),
         "image": bytes(image) if image is not None else None,
@@ -184,7 +226,7 @@ def _stored(row: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 def rows_to_arrow(
-    rows: Sequence[dict[str, Any]], dim: int
+    rows: Sequence[PoolRow], dim: int
 ) -> tuple[pa.Table, dict[str, dict[str, np.ndarray]]]:
     """Validate pool ``rows`` and build the Arrow table to write plus per-run index batches.
 
@@ -201,13 +243,16 @@ def rows_to_arrow(
         for name, vec in zip(VECTOR_FIELDS, _check_row(i, row, dim, seen), strict=True):
             vecs[name][i] = vec
         stored.append(_stored(row, now))
-    cols = {name: [r[name] for r in stored] for name in stored[0]} if stored else {}
+    cols: dict[str, list[object]] = {}
+    for r in stored:
+        for name, value in r.items():
+            cols.setdefault(name, []).append(value)
     schema = pool_schema(dim)
     arrays = []
     for f in schema:
         if f.name == MERGE_KEY:
-            keys = map(row_key, cols.get("run_id", []), cols.get("sample_id", []))
-            arrays.append(pa.array(list(keys), type=f.type))
+            keys = [row_key(r["run_id"], r["sample_id"]) for r in stored]
+            arrays.append(pa.array(keys, type=f.type))
         elif f.name in CURATION_FIELDS:
             arrays.append(pa.nulls(len(rows), f.type))
         elif f.name in VECTOR_FIELDS:
@@ -218,7 +263,7 @@ def rows_to_arrow(
 
     run_ids = np.array(cols.get("run_id", []), dtype=object)
     batches: dict[str, dict[str, np.ndarray]] = {}
-    for run_id in dict.fromkeys(cols.get("run_id", [])):
+    for run_id in dict.fromkeys(r["run_id"] for r in stored):
         sel = np.flatnonzero(run_ids == run_id)
         batches[run_id] = {
             "ids": np.array(cols["sample_id"], dtype=object)[sel],

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import lancedb
 import numpy as np
@@ -57,6 +57,7 @@ from icd.storage.pool.schema import (
     MERGE_KEY,
     VECTOR_FIELDS,
     PoolError,
+    PoolRow,
     pool_schema,
     row_key,
     rows_to_arrow,
@@ -80,6 +81,42 @@ def _sql_str(value: str) -> str:
 
 def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
+
+
+class PoolVersion(TypedDict):
+    """One kept version of the pool table."""
+
+    version: int
+    timestamp: Any  # as LanceDB lists it (a datetime)
+    rows: int | None
+
+
+class AgreementStats(TypedDict):
+    mean: float | None
+    min: float | None
+    max: float | None
+
+
+class PoolSummary(TypedDict):
+    """:meth:`DemoPool.describe`: ``uri``, ``table``, ``rows`` and ``dim`` only for a pool
+    without a table yet."""
+
+    uri: str
+    table: str
+    rows: int
+    dim: int | None
+    live: NotRequired[int]
+    evicted: NotRequired[int]
+    excluded: NotRequired[int]
+    bytes: NotRequired[int]
+    runs: NotRequired[dict[str, int]]
+    labels: NotRequired[dict[str, int]]
+    agreement: NotRequired[AgreementStats]
+    version: NotRequired[int]
+    versions: NotRequired[int]
+    first_version: NotRequired[int | None]
+    fragments: NotRequired[int]
+    tags: NotRequired[list[str]]
 
 
 class DemoPool:
@@ -216,7 +253,7 @@ class DemoPool:
 
     # -- writing -------------------------------------------------------------------------
 
-    def upsert(self, rows: Sequence[dict[str, Any]]) -> int:
+    def upsert(self, rows: Sequence[PoolRow]) -> int:
         """Insert or replace ``rows`` (keyed by ``(run_id, sample_id)``) in one commit.
 
         Every row is validated before anything is written: a missing or unknown field, a
@@ -481,11 +518,11 @@ class DemoPool:
         """The latest LanceDB version of the pool table (0 before it exists)."""
         return int(self._tbl.version) if self._tbl is not None else 0
 
-    def versions(self) -> list[dict[str, Any]]:
+    def versions(self) -> list[PoolVersion]:
         """Every kept version: ``{"version", "timestamp", "rows"}``, oldest first."""
         if self._tbl is None:
             return []
-        out = []
+        out: list[PoolVersion] = []
         for v in self._tbl.list_versions():
             rows = v.get("metadata", {}).get("total_rows")
             out.append(
@@ -524,7 +561,7 @@ class DemoPool:
 
     def describe(
         self, run_id: str | None = None, *, through_chunk: int | None = None
-    ) -> dict[str, Any]:
+    ) -> PoolSummary:
         """A summary for inspection: size, per-run counts, label histogram, agreement
         statistics, versions and fragments (rows of ``run_id`` only, if given).
 
@@ -628,7 +665,7 @@ def inspect_pool(
     table: str = DEFAULT_TABLE,
     *,
     through_chunk: int | None = None,
-) -> dict[str, Any]:
+) -> PoolSummary:
     """:meth:`DemoPool.describe` of an existing pool (read-only; a missing pool raises
     :class:`PoolError` with a one-line message instead of creating one)."""
     pool = DemoPool(uri, table=table, must_exist=True)
