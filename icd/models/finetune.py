@@ -16,7 +16,8 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,21 @@ from icd.method.types import Prompt
 ADAPTER_FILE = "adapter_config.json"
 
 
-def _assistant(text: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AdaptCost:
+    """What one :func:`train_adapter` round cost: optimizer ``steps``, ``tokens`` trained
+    on (prompt and answer), wall ``seconds``, ``flops`` (≈ 6 · parameters · tokens),
+    the process's ``peak_rss_mb`` and the pool ``examples`` drawn from."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    flops: float
+    peak_rss_mb: float
+    examples: int
+
+
+def _assistant(text: str) -> dict[str, object]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
@@ -37,7 +52,7 @@ def encode_answers(
     processor: Any,
     prompts: Sequence[Prompt],
     answers: Sequence[str],
-    processor_kwargs: dict[str, Any] | None = None,
+    processor_kwargs: Mapping[str, object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for ``prompts`` with their ``answers`` as the assistant's turn, and
     ``labels`` on the answer tokens through the first end-of-sequence token (-100
@@ -57,7 +72,7 @@ def encode_answers(
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "right"
     try:
-        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        kwargs: dict[str, object] = {"text": texts, "padding": True, "return_tensors": "pt"}
         if any(images):
             kwargs["images"] = images
             kwargs.update(processor_kwargs or {})
@@ -100,14 +115,13 @@ def train_adapter(
     out: Path,
     cfg: FinetuneConfig,
     seed: int,
-) -> dict[str, Any]:
+) -> AdaptCost:
     """``cfg.steps_per_chunk`` AdamW steps of LoRA on ``vlm``'s model over ``examples``
     (prompt, answer), in batches of ``cfg.batch_size`` drawn with a generator seeded by
     ``seed``, starting from the adapter at ``start`` (a fresh one when None). Saves the
-    adapter to ``out`` (replaced atomically) and returns the cost: ``steps``, ``tokens``
-    (prompt and answer tokens trained on), ``seconds``, ``flops`` (≈ 6 · parameters ·
-    tokens: forward and backward through the whole model) and ``peak_rss_mb`` (the
-    process's peak resident memory).
+    adapter to ``out`` (replaced atomically) and returns the :class:`AdaptCost` (``flops``
+    ≈ 6 · parameters · tokens: forward and backward through the whole model;
+    ``peak_rss_mb`` the process's peak resident memory).
 
     The LoRA layers go into ``vlm``'s own weights for the round, not into a copy (a copy
     would double the memory of a large student), and come out again afterwards, failure
@@ -144,14 +158,14 @@ def train_adapter(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     steps = cfg.steps_per_chunk if examples else 0
-    return {
-        "steps": steps,
-        "tokens": tokens,
-        "seconds": time.perf_counter() - t0,
-        "flops": 6.0 * n_params * tokens,
-        "peak_rss_mb": _peak_rss_mb(),
-        "examples": len(examples),
-    }
+    return AdaptCost(
+        steps=steps,
+        tokens=tokens,
+        seconds=time.perf_counter() - t0,
+        flops=6.0 * n_params * tokens,
+        peak_rss_mb=_peak_rss_mb(),
+        examples=len(examples),
+    )
 
 
 def _train(

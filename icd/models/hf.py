@@ -30,7 +30,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -284,10 +284,10 @@ class HFVLM:
         load: HFLoad | None = None,
         batch_size: int = 8,
         max_new_tokens: int = 16,
-        processor_kwargs: dict[str, Any] | None = None,
+        processor_kwargs: Mapping[str, object] | None = None,
         image_cache_mb: float = 0,
     ) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         from icd.models import image_cache
 
@@ -309,24 +309,38 @@ class HFVLM:
         # processed images, shared by this model's views (None: off, or an unknown layout)
         self.image_cache = image_cache.install(self.processor, max_mb=image_cache_mb)
         self._counting = threading.local()  # per thread: its calls' cache hits and misses
-        weights: dict[str, Any] = {"dtype": self.dtype}
-        if attn_implementation is not None:
-            weights["attn_implementation"] = attn_implementation
-        if device_map is not None:
-            weights["device_map"] = device_map
-        model = from_pretrained(AutoModelForImageTextToText, model_id, revision, **weights)
-        if device_map is None:
-            model = model.to(self.device)
-        else:  # inputs go where the embeddings are
-            self.device = model.get_input_embeddings().weight.device
-        self.model = model.eval()
+        self.model = self._load_weights(opts)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         if getattr(self.processor, "chat_template", None) is None:
             raise ModelLoadError(
                 f"cannot load model {model_id!r}: its processor has no chat template"
             )
+        self._set_end_tokens()
 
+    def _load_weights(self, opts: HFLoad) -> Any:
+        """The model in eval mode, on ``self.device`` (or placed by ``opts.device_map``,
+        ``self.device`` then where its embeddings are)."""
+        from transformers import AutoModelForImageTextToText
+
+        weights: dict[str, object] = {"dtype": self.dtype}
+        if opts.attn_implementation is not None:
+            weights["attn_implementation"] = opts.attn_implementation
+        if opts.device_map is not None:
+            weights["device_map"] = opts.device_map
+        model = from_pretrained(
+            AutoModelForImageTextToText, self.model_id, self.revision, **weights
+        )
+        if opts.device_map is None:
+            model = model.to(self.device)
+        else:  # inputs go where the embeddings are
+            self.device = model.get_input_embeddings().weight.device
+        return model.eval()
+
+    def _set_end_tokens(self) -> None:
+        """``eos_ids`` (the generation config's and the tokenizer's) and ``pad_id`` (the
+        tokenizer gets it when it has none)."""
+        model_id = self.model_id
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -465,8 +479,8 @@ class HFVLM:
 
     def _generate_kwargs(
         self, max_new_tokens: int, sampler: _RowSampler | None, copies: int
-    ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
+    ) -> dict[str, object]:
+        kwargs: dict[str, object] = dict(
             max_new_tokens=max_new_tokens,
             return_dict_in_generate=True,
             output_logits=True,
@@ -497,7 +511,7 @@ class HFVLM:
             for p in prompts
         ]
         images = [[to_rgb(im) for im in p.images] for p in prompts]
-        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        kwargs: dict[str, object] = {"text": texts, "padding": True, "return_tensors": "pt"}
         if any(images):
             kwargs["images"] = images
             kwargs.update(self.processor_kwargs)
@@ -573,7 +587,7 @@ class HFEmbedder:
         check_load_options(repr(model_id), None, attn_implementation)
         self.device = torch.device(resolve_device(device, model_id))
         self.processor = from_pretrained(AutoProcessor, model_id, revision)
-        load: dict[str, Any] = {"dtype": self.dtype}
+        load: dict[str, object] = {"dtype": self.dtype}
         if attn_implementation is not None:
             load["attn_implementation"] = attn_implementation
         model = from_pretrained(AutoModel, model_id, revision, **load)
@@ -586,7 +600,7 @@ class HFEmbedder:
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "right"
         model_type = getattr(self.model.config, "model_type", "")
-        self._text_kwargs: dict[str, Any] = {"padding": True, "truncation": True}
+        self._text_kwargs: dict[str, object] = {"padding": True, "truncation": True}
         text_cfg = getattr(self.model.config, "text_config", None)
         max_len = getattr(text_cfg, "max_position_embeddings", None)
         if max_len:

@@ -4,7 +4,7 @@ chunk; the next chunks' student passes use the new adapter (committed with the c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,13 @@ def adapt(
         seed=ctx.cfg.seed * 100_003 + chunk.index,
     )
     with (ctx.run_dir / "adapt_calls.jsonl").open("a") as f:
-        f.write(json.dumps({"chunk": chunk.index, "chunk_key": chunk.key, **cost}) + "\n")
+        f.write(json.dumps({"chunk": chunk.index, "chunk_key": chunk.key, **asdict(cost)}) + "\n")
     return Adapted(
         adapter=str(out),
-        steps=int(cost["steps"]),
-        tokens=int(cost["tokens"]),
-        flops=float(cost["flops"]),
-        peak_rss_mb=float(cost["peak_rss_mb"]),
+        steps=cost.steps,
+        tokens=cost.tokens,
+        flops=cost.flops,
+        peak_rss_mb=cost.peak_rss_mb,
     )
 
 

@@ -55,9 +55,9 @@ def test_the_adapter_teaches_the_student_its_training_labels(student, tmp_path) 
     after = [g.text for g in with_adapter(student, tmp_path / "a").generate(prompts)]
     assert sum(a == NOVEL for a in after) >= 6
     assert [g.text for g in student.generate(prompts)] == before  # the base is untouched
-    assert cost["steps"] == 30 and cost["tokens"] > 0 and cost["examples"] == 8
+    assert cost.steps == 30 and cost.tokens > 0 and cost.examples == 8
     # ≈ 6 FLOPs per parameter (the student's and the adapter's) per token trained on
-    per_token = cost["flops"] / (6 * cost["tokens"])
+    per_token = cost.flops / (6 * cost.tokens)
     assert parameter_count(student) <= per_token <= 1.05 * parameter_count(student)
 
 
@@ -141,5 +141,5 @@ def test_training_is_deterministic_resumable_and_costs_grow_with_steps(student, 
     b = train_adapter(
         vlm=student, examples=examples, start=None, out=tmp_path / "d", cfg=long, seed=3
     )
-    assert b["steps"] == 4 * a["steps"] and b["tokens"] > a["tokens"]
-    assert b["seconds"] > a["seconds"] and b["flops"] > a["flops"]
+    assert b.steps == 4 * a.steps and b.tokens > a.tokens
+    assert b.seconds > a.seconds and b.flops > a.flops
