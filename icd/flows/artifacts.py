@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+from icd.method.accounting import RunSummary
 from icd.report.tables import fmt_count, fmt_pct
 
 log = logging.getLogger(__name__)
@@ -93,51 +94,45 @@ def _points(x: Any) -> str:
     return "–" if x is None else f"{100 * float(x):+.1f} pts"
 
 
-def headline(summary: Mapping[str, Any], *, mlflow_url: str | None = None) -> str:
+def headline(summary: RunSummary, *, mlflow_url: str | None = None) -> str:
     """The run's headline as markdown: accuracy against the same-run baselines (the
     student alone and forwarding the teacher's labels), teacher use and cost, and where the
     results are."""
+    s = summary
     lines = [
-        f"# {summary.get('run_id')}: {summary.get('mode')} on {summary.get('dataset')}",
+        f"# {s.run_id}: {s.mode} on {s.dataset}",
         "",
         "| | accuracy |",
         "|---|---|",
-        f"| **this run ({summary.get('mode')})** | **{fmt_pct(summary.get('accuracy'))}** |",
+        f"| **this run ({s.mode})** | **{fmt_pct(s.accuracy)}** |",
     ]
-    if summary.get("zs_accuracy") is not None:
-        lines.append(f"| the student alone (zero-shot) | {fmt_pct(summary.get('zs_accuracy'))} |")
-    if summary.get("forward_accuracy") is not None:
-        lines.append(
-            f"| forwarding the teacher's labels, no ICL | {fmt_pct(summary.get('forward_accuracy'))} |"
-        )
+    if s.zs_accuracy is not None:
+        lines.append(f"| the student alone (zero-shot) | {fmt_pct(s.zs_accuracy)} |")
+    if s.forward_accuracy is not None:
+        lines.append(f"| forwarding the teacher's labels, no ICL | {fmt_pct(s.forward_accuracy)} |")
     lines += [
         "",
-        f"- gain from in-context learning: {_points(summary.get('gain_from_icl'))}; from the "
-        f"forwarded teacher labels: {_points(summary.get('gain_from_teacher_labels'))}",
-        f"- teacher labelled {fmt_pct(summary.get('annotation_rate'))} of the samples "
-        f"({fmt_count(summary.get('queried'))} queried, {fmt_count(summary.get('accepted'))} "
-        f"admitted to the pool, {fmt_count(summary.get('teacher_calls'))} teacher answers "
-        "generated)",
+        f"- gain from in-context learning: {_points(s.gains.from_icl)}; from the "
+        f"forwarded teacher labels: {_points(s.gains.from_teacher_labels)}",
+        f"- teacher labelled {fmt_pct(s.annotation_rate)} of the samples "
+        f"({fmt_count(s.queried)} queried, {fmt_count(s.accepted)} admitted to the pool, "
+        f"{fmt_count(s.teacher_calls)} teacher answers generated)",
     ]
-    if summary.get("demo_accuracy") is not None:
-        lines.append(
-            f"- demonstrations of the query's class: {fmt_pct(summary.get('demo_accuracy'))}"
-        )
-    seconds = summary.get("seconds")
-    if isinstance(seconds, Mapping):
-        total = sum(float(v) for v in seconds.values())
-        parts = ", ".join(f"{k} {float(v):.1f}s" for k, v in seconds.items())
-        lines.append(f"- stage time {total:.1f}s ({parts})")
-    lines.append(f"- results: `{summary.get('run_dir')}`")
+    if s.demo_accuracy is not None:
+        lines.append(f"- demonstrations of the query's class: {fmt_pct(s.demo_accuracy)}")
+    if s.seconds:
+        parts = ", ".join(f"{k} {float(v):.1f}s" for k, v in s.seconds.items())
+        lines.append(f"- stage time {s.stage_seconds:.1f}s ({parts})")
+    lines.append(f"- results: `{s.run_dir}`")
     if mlflow_url:
-        lines.append(f"- MLflow run: [{summary.get('mlflow_run_id')}]({mlflow_url})")
-    elif summary.get("mlflow_run_id"):
-        lines.append(f"- MLflow run id: `{summary.get('mlflow_run_id')}`")
+        lines.append(f"- MLflow run: [{s.mlflow_run_id}]({mlflow_url})")
+    elif s.mlflow_run_id:
+        lines.append(f"- MLflow run id: `{s.mlflow_run_id}`")
     return "\n".join(lines) + "\n"
 
 
 def mlflow_description(
-    summary: Mapping[str, Any],
+    summary: RunSummary,
     *,
     mlflow_run_id: str,
     bars: str | None = None,
@@ -156,21 +151,22 @@ def mlflow_description(
         return f"get-artifact?path={quote(path, safe='')}&run_uuid={mlflow_run_id}"
 
     line = (
-        f"{summary.get('mode')} {fmt_pct(summary.get('accuracy'))} vs the student alone "
-        f"{fmt_pct(summary.get('zs_accuracy'))} vs forwarding the teacher's labels "
-        f"{fmt_pct(summary.get('forward_accuracy'))}"
+        f"{summary.mode} {fmt_pct(summary.accuracy)} vs the student alone "
+        f"{fmt_pct(summary.zs_accuracy)} vs forwarding the teacher's labels "
+        f"{fmt_pct(summary.forward_accuracy)}"
     )
     shown = f"![{line}]({src(bars)})" if bars else f"**{line}**"
     return f"[{shown}]({src(curves)})" if curves else shown
 
 
-def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The summary as (metric, value) rows: its numbers, with the units the headline uses
-    (%, points, s), and short strings."""
+def summary_rows(summary: RunSummary) -> list[dict[str, str]]:
+    """The summary as (metric, value) rows: its numbers (by their names in
+    ``summary.json``), with the units the headline uses (%, points, s), and short
+    strings."""
     from icd.report import fmt_value
 
     rows = []
-    for key, value in summary.items():
+    for key, value in summary.to_json().items():
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, int | float):
@@ -180,14 +176,14 @@ def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def publish_run(summary: Mapping[str, Any], *, mlflow_url: str | None = None) -> None:
+def publish_run(summary: RunSummary, *, mlflow_url: str | None = None) -> None:
     """The end-of-run markdown headline and summary table artifacts."""
     if _flow_run_id() is None:
         return
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        key = artifact_key(str(summary.get("run_id")))
+        key = artifact_key(str(summary.run_id))
         create_markdown_artifact(
             headline(summary, mlflow_url=mlflow_url),
             key=f"{key}-headline",

@@ -47,8 +47,9 @@ from icd.config import Config, load_config
 from icd.data.stream import Stream, open_stream
 from icd.data.types import Chunk
 from icd.flows import artifacts
+from icd.jsontypes import JSONObject
 from icd.method import accounting, steps
-from icd.method.accounting import Made
+from icd.method.accounting import ChunkSums, Made, RunSummary
 from icd.report import build_run_report
 from icd.storage import results
 from icd.storage.locks import atomic_file
@@ -74,8 +75,10 @@ def stream(
     run_id: str | None = None,
     parent_mlflow_run_id: str | None = None,
     config_json: str | None = None,
-) -> dict[str, Any]:
-    """Run online ICD over one benchmark stream and return the run summary.
+) -> JSONObject:
+    """Run online ICD over one benchmark stream and return the run summary in its JSON
+    form (``summary.json``'s; :meth:`RunSummary.from_json` reads it back): a flow's
+    result travels through Prefect, to a parent flow or a deployment's caller.
 
     ``preset`` names a shipped preset, ``config_file`` a YAML file layered on top, and
     ``overrides`` are ``key.path=value`` strings applied last (``config_json``, a fully
@@ -96,7 +99,8 @@ def stream(
             parent_mlflow_run_id=parent_mlflow_run_id,
         )
     with _api_for_workers() if on_dask else nullcontext():
-        return run_stream(cfg, run_id=run_id, parent_mlflow_run_id=parent_mlflow_run_id)
+        summary = run_stream(cfg, run_id=run_id, parent_mlflow_run_id=parent_mlflow_run_id)
+    return summary.to_json()
 
 
 def _runner_fits(cfg: Config, *, on_dask: bool) -> bool:
@@ -150,7 +154,7 @@ def stream_flow_for(cfg: Config) -> Any:
 
 def run_stream(
     cfg: Config, run_id: str | None = None, parent_mlflow_run_id: str | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """The body of the stream flow for an already resolved config: the diagram above. Each
     stage returns its typed result, which the flow hands to the stages that read it; the
     run's state after each chunk is made from the chunk's results (:func:`advance`)."""
@@ -246,7 +250,7 @@ class ChunkResults:
     demos: icl.Demonstrated
     pooled: pool.Pooled | None
     adapted: adapt.Adapted | None
-    sums: dict[str, Any]
+    sums: ChunkSums
 
 
 def advance(
@@ -286,7 +290,7 @@ def advance(
         policy_state=r.labels.policy,
         icl_gate_state=r.demos.gate,
         counters=counters,
-        running=accounting.merge_metrics(state.running, r.sums),
+        running=r.sums if state.running is None else state.running + r.sums,
         manifest=manifest,
         seconds=dict(books.seconds),
         cached=dict(books.cached),
@@ -457,23 +461,70 @@ class PoolGrades:
         )
 
 
-def finish(
-    ctx: RunContext, *, state: ResumeState, books: Books, tracker: Tracker
-) -> dict[str, Any]:
-    """Compact the pool, write the predictions and the summary, log them with the pool
-    manifest to MLflow, and return the summary."""
-    log = get_run_logger()
-    table = open_pool(ctx.pool_uri)
-    if ctx.plan.pool and state.manifest:
-        # Short runs never reach `compact_every` commits: compact once at the end too.
-        try:
-            table.compact()
-        except PoolError as e:  # maintenance: the rows are unaffected; the next run retries
-            log.warning("pool compaction skipped: %s", e)
+def finish(ctx: RunContext, *, state: ResumeState, books: Books, tracker: Tracker) -> RunSummary:
+    """The end of a run: compact the pool, write the predictions table and the summary,
+    log them with the report and the pool manifest to MLflow, publish the headline as
+    Prefect artifacts, and return the summary."""
+    compact_pool(ctx, state=state)
+    df = write_predictions(ctx)
+    summary = summarize(ctx, df=df, state=state, books=books, mlflow_run_id=tracker.mlflow_run_id)
+    atomic_write_text(
+        ctx.run_dir / "summary.json", json.dumps(summary.to_json(), indent=2, default=str)
+    )
+    log_to_mlflow(ctx, df=df, summary=summary, state=state, tracker=tracker)
+    artifacts.publish_run(
+        summary,
+        mlflow_url=artifacts.mlflow_run_url(
+            ctx.cfg.storage.resolved_tracking_uri(),
+            experiment_id=getattr(tracker, "experiment_id", None),
+            run_id=tracker.mlflow_run_id,
+        ),
+    )
+    cache = summary.student_image_cache_hit_rate
+    get_run_logger().info(
+        "run %s finished: accuracy %s, annotation rate %.3f, teacher calls %d, pool %d%s",
+        ctx.run_id,
+        f"{summary.accuracy:.3f}" if summary.accuracy is not None else "n/a",
+        summary.annotation_rate or 0.0,
+        summary.teacher_calls,
+        summary.pool_size,
+        "" if cache is None else f", student image cache hits {cache:.0%}",
+    )
+    return summary
+
+
+def compact_pool(ctx: RunContext, *, state: ResumeState) -> None:
+    """Compact the pool once at the end of a run that wrote to it (short runs never reach
+    ``storage.compact_every`` commits). Maintenance: a failure leaves the rows as they are
+    and is logged; the next run retries."""
+    if not (ctx.plan.pool and state.manifest):
+        return
+    try:
+        open_pool(ctx.pool_uri).compact()
+    except PoolError as e:
+        get_run_logger().warning("pool compaction skipped: %s", e)
+
+
+def write_predictions(ctx: RunContext) -> pl.DataFrame:
+    """The run's predictions, its chunks' tables as one, written as ``predictions.parquet``
+    (atomically: a reader never sees half of it, nor does a resume)."""
     df = results.read_predictions(ctx.run_dir)
-    pred_path = ctx.run_dir / "predictions.parquet"
-    with atomic_file(pred_path) as tmp:  # a reader never sees half of it, nor does a resume
+    with atomic_file(ctx.run_dir / "predictions.parquet") as tmp:
         df.write_parquet(tmp)
+    return df
+
+
+def summarize(
+    ctx: RunContext,
+    *,
+    df: pl.DataFrame,
+    state: ResumeState,
+    books: Books,
+    mlflow_run_id: str | None,
+) -> RunSummary:
+    """The run's summary (:func:`icd.method.accounting.summarize_run`) from its predictions
+    ``df``, its final ``state`` and the runner's ``books``, with a remote teacher's service
+    numbers over every committed chunk, and where the run is stored and tracked."""
     totals = accounting.RunTotals(
         run_id=ctx.run_id,
         mode=ctx.cfg.method.mode,
@@ -488,7 +539,7 @@ def finish(
         pool_precision=state.pool_precision,
         chunks_in_flight_peak=books.in_flight_peak,
     )
-    summary = accounting.summarize(
+    summary = accounting.summarize_run(
         df,
         totals,
         sums=state.running,
@@ -496,22 +547,33 @@ def finish(
         groups=ctx.class_groups,
         task=ctx.task_type,  # captioning runs add corpus BLEU / CIDEr
     )
+    service = None
     calls = [st.service for st in ResumeState.committed(ctx) if st.service]
     if calls:  # remote teacher: retries, failures and latency percentiles of the run
         from icd.models.openai import summarize_stats
 
-        summary.update({f"teacher_{k}": v for k, v in summarize_stats(calls).items()})
-    summary.update(run_dir=str(ctx.run_dir), mlflow_run_id=tracker.mlflow_run_id)
-    atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    tracker.log_artifact(pred_path)
+        stats = {f"teacher_{k}": v for k, v in summarize_stats(calls).items()}
+        service = accounting.TeacherServiceStats.from_json(stats)
+    return replace(
+        summary, teacher_service=service, run_dir=str(ctx.run_dir), mlflow_run_id=mlflow_run_id
+    )
+
+
+def log_to_mlflow(
+    ctx: RunContext, *, df: pl.DataFrame, summary: RunSummary, state: ResumeState, tracker: Tracker
+) -> None:
+    """Log the finished run to its MLflow run: the predictions (and a preview table), the
+    resolved config, the run report (its plots and HTML page; the headline plot among the
+    run's charts, its bars atop the run's description), the pool manifest and the
+    summary; then close the run."""
+    tracker.log_artifact(ctx.run_dir / "predictions.parquet")
     tracker.log_artifact(ctx.run_dir / "config.json")  # the resolved config, as run
     tracker.log_table(_preview(df), "predictions_table.json")
-    report = build_run_report(ctx.run_dir)  # plots and the HTML page, in MLflow too
+    report = build_run_report(ctx.run_dir)
     for path in (report.html, *report.plots.values()):
         tracker.log_artifact(path, REPORT_ARTIFACTS)
-    # The run against its same-run baselines, among the charts of the run's page.
     tracker.log_chart(
-        report.plots["headline"], key="headline/accuracy_vs_baselines", step=int(summary["samples"])
+        report.plots["headline"], key="headline/accuracy_vs_baselines", step=summary.samples
     )
     if tracker.mlflow_run_id is not None:  # the page MLflow opens on leads with the comparison
         tracker.client.set_tag(
@@ -529,27 +591,7 @@ def finish(
         pool_uri=ctx.pool_uri,
         table=DEFAULT_TABLE,
     )
-    tracker.finish(summary)
-    artifacts.publish_run(
-        summary,
-        mlflow_url=artifacts.mlflow_run_url(
-            ctx.cfg.storage.resolved_tracking_uri(),
-            experiment_id=getattr(tracker, "experiment_id", None),
-            run_id=tracker.mlflow_run_id,
-        ),
-    )
-    accuracy = summary.get("accuracy")
-    cache = summary.get("student_image_cache_hit_rate")
-    log.info(
-        "run %s finished: accuracy %s, annotation rate %.3f, teacher calls %d, pool %d%s",
-        ctx.run_id,
-        f"{accuracy:.3f}" if accuracy is not None else "n/a",
-        summary.get("annotation_rate") or 0.0,
-        summary.get("teacher_calls", 0),
-        summary.get("pool_size", 0),
-        "" if cache is None else f", student image cache hits {cache:.0%}",
-    )
-    return summary
+    tracker.finish(summary.to_json())
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -11,14 +11,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import BeforeValidator, PlainSerializer, TypeAdapter
 
 from icd.config import Config
 from icd.data.stream import Stream
 from icd.method import metrics, modes
-from icd.method.accounting import Made
+from icd.method.accounting import ChunkSums, Made
 from icd.method.modes import Plan
 from icd.method.policy import PolicyState
 from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
@@ -122,6 +122,19 @@ def add_counts(counters: Mapping[str, int], *counts: Mapping[str, int]) -> dict[
     return out
 
 
+def _sums(data: object) -> object:
+    return ChunkSums.from_json(data) if isinstance(data, Mapping) else data
+
+
+# The run's merged chunk sums, kept in the state file in their JSON form (sums and ratios:
+# ``icd runs`` reads a stopped run's accuracy there).
+RunningSums = Annotated[
+    ChunkSums | None,
+    BeforeValidator(_sums),
+    PlainSerializer(lambda s: None if s is None else s.to_json()),
+]
+
+
 @dataclass(frozen=True)
 class ResumeState:
     """What a run carries from one chunk to the next, committed after each chunk as
@@ -137,7 +150,7 @@ class ResumeState:
     policy_state: PolicyState = field(default_factory=PolicyState)  # the query policy's
     icl_gate_state: PolicyState = field(default_factory=PolicyState)  # the ICL gate's
     counters: dict[str, int] = field(default_factory=dict)  # by name, summed over chunks
-    running: dict[str, Any] | None = None  # merged sums and ratios of the committed chunks
+    running: RunningSums = None  # the committed chunks' sums (kept with their ratios)
     manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (the runner's books)
     cached: dict[str, int] = field(default_factory=dict)  # chunks taken from the task cache

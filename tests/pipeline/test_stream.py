@@ -355,12 +355,13 @@ def test_the_flow_runs_on_the_thread_pool_the_config_asks_for(
     from prefect.context import get_run_context
 
     from icd.flows import stream as stream_mod
+    from icd.method.accounting import RunSummary
 
     seen: list[int] = []
 
-    def body(cfg: Any, **kw: Any) -> dict[str, Any]:
+    def body(cfg: Any, **kw: Any) -> RunSummary:
         seen.append(get_run_context().task_runner._max_workers)
-        return {}
+        return RunSummary()
 
     monkeypatch.setattr(stream_mod, "run_stream", body)
     stream(preset="smoke", overrides=["pipeline.max_workers=3"])
