@@ -38,7 +38,8 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -86,7 +87,18 @@ def _array(v: Any) -> np.ndarray:
     return np.asarray(v)
 
 
-_Entry = dict[str, Any]  # one image's outputs: arrays (leading axis: batch of one), lists
+# One image's outputs as the image processor names them: arrays (leading axis: batch of
+# one) and nested lists (Idefics3's crop rows/cols); the keys depend on the processor.
+_Entry = dict[str, Any]
+
+
+class CacheStats(TypedDict):
+    hits: int
+    misses: int
+    evictions: int
+    entries: int
+    bytes: int
+    enabled: bool
 
 
 class CachedImageProcessor:
@@ -124,7 +136,7 @@ class CachedImageProcessor:
             f"entries={len(self._entries)}, enabled={self.enabled}) over {self.wrapped!r}"
         )
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> CacheStats:
         """Hits, misses, evictions, cached entries and bytes, and whether it is on."""
         return {
             "hits": self.hits,
@@ -168,13 +180,15 @@ class CachedImageProcessor:
             return real
 
     # ---------------------------------------------------------------- internals
-    def _options(self, kwargs: dict[str, Any]) -> str:
+    def _options(self, kwargs: Mapping[str, object]) -> str:
         """What, besides the pixels, decides an image's outputs: the call's options and the
         image processor's own settings."""
         call = {k: v for k, v in kwargs.items() if k != "return_tensors"}
         return json.dumps([call, self.wrapped.to_dict()], sort_keys=True, default=repr)
 
-    def _entry(self, image: Any, options: str, kwargs: dict[str, Any], *, alone: bool) -> _Entry:
+    def _entry(
+        self, image: Any, options: str, kwargs: Mapping[str, object], *, alone: bool
+    ) -> _Entry:
         """One image's outputs (cached); ``alone``: the only image of its prompt."""
         context = "" if self.layout != "padded_patches" else "alone" if alone else "among"
         key = (options + context, image_digest(image))
@@ -207,7 +221,7 @@ class CachedImageProcessor:
         from transformers import BatchFeature
 
         flat = [e for row in entries for e in row]
-        lists: dict[str, Any] = {}
+        lists: dict[str, list[list[int]]] = {}
         if self.layout == "concat":
             data = {k: np.concatenate([e[k] for e in flat]) for k in flat[0]}
         elif self.layout == "padded_patches":
@@ -235,7 +249,9 @@ def _nested(images: Any) -> list[list[Any]] | None:
     return None
 
 
-def _padded_crops(entries: list[list[_Entry]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _padded_crops(
+    entries: list[list[_Entry]],
+) -> tuple[dict[str, np.ndarray], dict[str, list[list[int]]]]:
     """Idefics3's batch: each prompt's crops in order, zero-padded to the batch's most crops
     and largest crop (bottom/right, as the image processor pads), masks alike."""
     flat = [e for row in entries for e in row]
@@ -255,13 +271,13 @@ def _padded_crops(entries: list[list[_Entry]]) -> tuple[dict[str, Any], dict[str
             values[i, j : j + n, :, :h, :w] = p
             masks[i, j : j + n, :h, :w] = m
             j += n
-    lists: dict[str, Any] = {
+    lists: dict[str, list[list[int]]] = {
         k: [[e[k][0][0] for e in row] for row in entries] for k in ("rows", "cols") if k in flat[0]
     }
     return {"pixel_values": values, "pixel_attention_mask": masks}, lists
 
 
-def _padded_patches(entries: list[list[_Entry]]) -> dict[str, Any]:
+def _padded_patches(entries: list[list[_Entry]]) -> dict[str, np.ndarray]:
     """LLaVA-OneVision's batch: every image's patches, zero-padded to the batch's most
     patches; its size; each prompt's image count."""
     flat = [e for row in entries for e in row]
