@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from rich.table import Table
 from icd.method.accounting import GroupNumbers, RunSummary
 from icd.method.modes import mode_spec
 from icd.report import html, plots
-from icd.report.tables import comparison_rows, fmt_count, fmt_pct
+from icd.report.tables import (
+    Col,
+    comparison_rows,
+    fmt_count,
+    fmt_pct,
+    mean_col,
+    require_columns,
+)
 from icd.storage.locks import atomic_write_text
 
 BENCHMARK_FILE = "benchmark.json"
@@ -127,38 +135,44 @@ def _run_predictions(run_dir: Path) -> pl.DataFrame:
     return read_predictions(run_dir)
 
 
+@dataclass(frozen=True)
+class RunPlotSettings:
+    """What a run's plots show of its ``config.json``: the budget ρ and the query policy
+    (for budgeted modes only), the uncertainty measure, the vote's N and ``a_min``."""
+
+    budget: float | None = None
+    measure: str | None = None
+    threshold: str | None = None
+    tau: float | None = None
+    warmup: int = 0
+    a_min: float | None = None
+    votes: int | None = None
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> RunPlotSettings:
+        method = config.get("method", {})
+        mode = method.get("mode")
+        budgeted = mode is not None and mode_spec(mode).uses_budget
+        voting, policy = method.get("voting", {}), method.get("policy", {})
+        return cls(
+            budget=policy.get("budget") if budgeted else None,
+            measure=method.get("uncertainty"),
+            threshold=policy.get("threshold") if budgeted else None,
+            tau=policy.get("tau"),
+            warmup=(policy.get("warmup") or 0) if budgeted else 0,
+            a_min=voting.get("a_min"),
+            votes=voting.get("n"),
+        )
+
+
 def build_run_report(run_dir: Path) -> ReportPaths:
     """Report of one run folder: running curves, uncertainty and agreement plots, HTML."""
     run_dir = Path(run_dir)
     preds = _run_predictions(run_dir)
     summary = _run_summary(run_dir, preds)
     config = _read_json(run_dir / "config.json")
-    method = config.get("method", {})
-    mode = method.get("mode")
-    budgeted = mode is not None and mode_spec(mode).uses_budget
-    budget = method.get("policy", {}).get("budget") if budgeted else None
-    voting, policy = method.get("voting", {}), method.get("policy", {})
-    a_min = voting.get("a_min")
-    out = run_dir / REPORT_DIR
     name = summary.run_id or run_dir.name
-    paths = {
-        "headline": plots.plot_headline(preds, out / "headline.png"),
-        "headline_bars": plots.plot_headline_bars(summary, out / "headline_bars.png"),
-        "running": plots.plot_running_curves(preds, out / "running.png", title=name, budget=budget),
-        "uncertainty": plots.plot_uncertainty_hist(
-            preds,
-            out / "uncertainty.png",
-            title=name,
-            measure=method.get("uncertainty"),
-            threshold=policy.get("threshold") if budgeted else None,
-            tau=policy.get("tau"),
-            budget=budget,
-            warmup=(policy.get("warmup") or 0) if budgeted else 0,
-        ),
-        "agreement": plots.plot_agreement_hist(
-            preds, out / "agreement.png", a_min=a_min, title=name, votes=voting.get("n")
-        ),
-    }
+    paths = _run_plots(preds, summary, RunPlotSettings.of(config), run_dir / REPORT_DIR, name)
     rows = [(k, _fmt_value(k, v)) for k, v in _flat_summary(summary.to_json()).items()]
     page = html.page(
         f"ICD run {name}",
@@ -188,9 +202,35 @@ def build_run_report(run_dir: Path) -> ReportPaths:
             html.preformatted(json.dumps(config, indent=2) if config else "(no config.json)"),
         ),
     )
-    html_path = out / "report.html"
+    html_path = run_dir / REPORT_DIR / "report.html"
     atomic_write_text(html_path, page)  # a run and `icd report` may both write it
     return ReportPaths("run", run_dir, html_path, paths, summary)
+
+
+def _run_plots(
+    preds: pl.DataFrame, summary: RunSummary, cfg: RunPlotSettings, out: Path, name: str
+) -> dict[str, Path]:
+    """A run's PNGs in ``out``, by plot name."""
+    return {
+        "headline": plots.plot_headline(preds, out / "headline.png"),
+        "headline_bars": plots.plot_headline_bars(summary, out / "headline_bars.png"),
+        "running": plots.plot_running_curves(
+            preds, out / "running.png", title=name, budget=cfg.budget
+        ),
+        "uncertainty": plots.plot_uncertainty_hist(
+            preds,
+            out / "uncertainty.png",
+            title=name,
+            measure=cfg.measure,
+            threshold=cfg.threshold,
+            tau=cfg.tau,
+            budget=cfg.budget,
+            warmup=cfg.warmup,
+        ),
+        "agreement": plots.plot_agreement_hist(
+            preds, out / "agreement.png", a_min=cfg.a_min, title=name, votes=cfg.votes
+        ),
+    }
 
 
 def _run_summary(run_dir: Path, preds: pl.DataFrame) -> RunSummary:
@@ -203,6 +243,43 @@ def _run_summary(run_dir: Path, preds: pl.DataFrame) -> RunSummary:
     return summarize_run(preds, RunTotals(run_id=run_dir.name))
 
 
+@dataclass(frozen=True)
+class BenchmarkInfo:
+    """What a benchmark's report shows of its ``benchmark.json`` (written by the benchmark
+    flow): its id, the suite (as written), its sweep (key and metrics) and each sweep
+    variant's (mode variant, swept value), the parent MLflow run and the start time."""
+
+    benchmark_id: str
+    suite: Mapping[str, Any]
+    sweep_key: str | None
+    sweep_metrics: tuple[str, ...]
+    sweep_points: Mapping[str, tuple[str, Any]]  # variant → (mode variant, value)
+    parent_mlflow_run_id: str
+    started: str
+
+    @classmethod
+    def read(cls, bench_dir: Path) -> BenchmarkInfo:
+        info = _read_json(bench_dir / BENCHMARK_FILE)
+        sweep = (info.get("suite") or {}).get("sweep") or {}
+        points = (info.get("sweep_points") or {}) if sweep else {}
+        return cls(
+            benchmark_id=info.get("benchmark_id", bench_dir.name),
+            suite=info.get("suite", {}),
+            sweep_key=sweep["key"] if points else None,
+            sweep_metrics=tuple(sweep["metrics"]) if points else (),
+            sweep_points={k: (v[0], v[1]) for k, v in points.items()},
+            parent_mlflow_run_id=info.get("parent_mlflow_run_id", "?"),
+            started=info.get("started", "?"),
+        )
+
+
+# The runs table's columns the benchmark report reads.
+_RUNS_COLUMNS = (
+    Col.DATASET, Col.VARIANT, Col.BUDGET, Col.SEED, Col.RUN_ID, Col.MLFLOW_RUN_ID, Col.RUN_DIR,
+    "accuracy", "annotation_rate",
+)  # fmt: skip
+
+
 def build_benchmark_report(bench_dir: Path) -> ReportPaths:
     """Report of one benchmark folder: the main curve, running accuracy per dataset, HTML.
 
@@ -210,16 +287,49 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
     stream orders (seeds) with a ± std band, read from each child run's predictions.
     """
     bench_dir = Path(bench_dir)
-    info = _read_json(bench_dir / BENCHMARK_FILE)
+    info = BenchmarkInfo.read(bench_dir)
     table = pl.read_parquet(bench_dir / COMPARISON_FILE)
     runs = pl.read_parquet(bench_dir / RUNS_FILE)
+    require_columns(runs, _RUNS_COLUMNS, f"runs table {bench_dir / RUNS_FILE}")
     out = bench_dir / REPORT_DIR
-    name = info.get("benchmark_id", bench_dir.name)
-    paths: dict[str, Path] = {
-        "accuracy_vs_annotation": plots.plot_accuracy_vs_annotation(
-            table, out / "accuracy_vs_annotation.png", title=name
+    paths: dict[str, Path] = {}
+    sections = _benchmark_plots(table, info, out, paths)
+    for dataset in dict.fromkeys(runs.get_column(Col.DATASET).to_list()):
+        key = f"running_{_slug(dataset)}"
+        paths[key] = _plot_dataset_runs(
+            runs.filter(pl.col(Col.DATASET) == dataset),
+            out / f"{key}.png",
+            title=f"{info.benchmark_id}: {dataset}",
         )
-    }
+        sections.append(html.section(f"{dataset}: over the stream", html.image(paths[key])))
+    header, rows = comparison_rows(table)
+    page = html.page(
+        f"ICD benchmark {info.benchmark_id}",
+        html.paragraph(
+            f"{bench_dir} · parent MLflow run {info.parent_mlflow_run_id} · started {info.started}",
+            "meta",
+        ),
+        html.section("Comparison (mean ± std over stream orders)", html.table(header, rows)),
+        *sections,
+        html.section("Runs", html.table(list(_CHILD_HEADER), _child_rows(runs))),
+        html.section(
+            "Benchmark configuration", html.preformatted(json.dumps(info.suite, indent=2))
+        ),
+    )
+    html_path = out / "report.html"
+    atomic_write_text(html_path, page)  # a run and `icd report` may both write it
+    return ReportPaths("benchmark", bench_dir, html_path, paths, table)
+
+
+def _benchmark_plots(
+    table: pl.DataFrame, info: BenchmarkInfo, out: Path, paths: dict[str, Path]
+) -> list[str]:
+    """The comparison table's plots (accuracy vs annotation, vs compute where measured, the
+    sweep where the suite has one) into ``out``, recorded in ``paths``; their sections."""
+    name = info.benchmark_id
+    paths["accuracy_vs_annotation"] = plots.plot_accuracy_vs_annotation(
+        table, out / "accuracy_vs_annotation.png", title=name
+    )
     sections = [
         html.section(
             "Accuracy vs annotation rate",
@@ -229,7 +339,8 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
             ),
         )
     ]
-    if "compute_flops_mean" in table.columns and table["compute_flops_mean"].is_not_null().any():
+    flops = mean_col("compute_flops")
+    if flops in table.columns and table[flops].is_not_null().any():
         paths["accuracy_vs_compute"] = plots.plot_accuracy_vs_compute(
             table, out / "accuracy_vs_compute.png", title=name
         )
@@ -243,83 +354,55 @@ def build_benchmark_report(bench_dir: Path) -> ReportPaths:
                 ),
             )
         )
-    sweep = (info.get("suite") or {}).get("sweep")
-    if sweep and info.get("sweep_points"):
-        points = {k: tuple(v) for k, v in info["sweep_points"].items()}
+    if info.sweep_key is not None:
         paths["sweep"] = plots.plot_sweep(
-            table, out / "sweep.png", points=points, key=sweep["key"],
-            metrics=sweep["metrics"], title=name,
+            table, out / "sweep.png", points=info.sweep_points,
+            key=info.sweep_key, metrics=info.sweep_metrics, title=name,
         )  # fmt: skip
         sections.append(
             html.section(
-                f"Sweep over {sweep['key']}",
+                f"Sweep over {info.sweep_key}",
                 html.image(paths["sweep"], "Mean ± std over stream orders, per mode and budget."),
             )
         )
-    for dataset in dict.fromkeys(runs.get_column("dataset").to_list()):
-        settings = runs.filter(pl.col("dataset") == dataset)
-        top = settings.group_by("variant").agg(pl.col("budget").max().alias("top"))
-        largest = dict(zip(top.get_column("variant"), top.get_column("top"), strict=True))
-        frames, labels, variants, dashed = [], {}, {}, set()
-        for r in settings.iter_rows(named=True):
-            run_dir = Path(r["run_dir"]) if r["run_dir"] else None
-            if run_dir is None or not run_dir.is_dir():
-                continue
-            frames.append(
-                _run_predictions(run_dir).with_columns(pl.lit(r["run_id"]).alias("run_id"))
-            )
-            budget = "" if r["budget"] is None else f" ρ={r['budget']:g}"
-            label = f"{r['variant']}{budget}"
-            labels[r["run_id"]], variants[label] = label, r["variant"]
-            if r["budget"] is not None and r["budget"] != largest[r["variant"]]:
-                dashed.add(label)
-        preds = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
-        key = f"running_{_slug(dataset)}"
-        paths[key] = plots.plot_running_comparison(
-            preds, out / f"{key}.png", labels=labels, title=f"{name}: {dataset}",
-            variants=variants, dashed=dashed,
-        )  # fmt: skip
-        sections.append(html.section(f"{dataset}: over the stream", html.image(paths[key])))
-    header, rows = comparison_rows(table)
-    child_rows = [
-        (r["dataset"], r["variant"], _fmt_value("budget", r["budget"]), _fmt_value("seed", r["seed"]),
-         r["run_id"], r["mlflow_run_id"] or "", _fmt_value("accuracy", r["accuracy"]),
+    return sections
+
+
+def _plot_dataset_runs(settings: pl.DataFrame, path: Path, *, title: str) -> Path:
+    """One dataset's runs over the stream, a line per (variant, budget) — the mean of its
+    stream orders —, a mode's smaller budgets dashed."""
+    top = settings.group_by(Col.VARIANT).agg(pl.col(Col.BUDGET).max().alias("top"))
+    largest = dict(zip(top.get_column(Col.VARIANT), top.get_column("top"), strict=True))
+    frames, labels, variants, dashed = [], {}, {}, set()
+    for r in settings.iter_rows(named=True):
+        run_dir = Path(r[Col.RUN_DIR]) if r[Col.RUN_DIR] else None
+        if run_dir is None or not run_dir.is_dir():
+            continue
+        run_id, variant, budget = r[Col.RUN_ID], r[Col.VARIANT], r[Col.BUDGET]
+        frames.append(_run_predictions(run_dir).with_columns(pl.lit(run_id).alias("run_id")))
+        label = variant + ("" if budget is None else f" ρ={budget:g}")
+        labels[run_id], variants[label] = label, variant
+        if budget is not None and budget != largest[variant]:
+            dashed.add(label)
+    preds = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+    return plots.plot_running_comparison(
+        preds, path, labels=labels, title=title, variants=variants, dashed=dashed
+    )
+
+
+_CHILD_HEADER = ("dataset", "mode", "budget", "seed", "run id", "MLflow run", "accuracy",
+                 "annotation rate")  # fmt: skip
+
+
+def _child_rows(runs: pl.DataFrame) -> list[tuple[str, ...]]:
+    """The runs table's rows as the report's "Runs" section shows them."""
+    return [
+        (r[Col.DATASET], r[Col.VARIANT], _fmt_value("budget", r[Col.BUDGET]),
+         _fmt_value("seed", r[Col.SEED]), r[Col.RUN_ID], r[Col.MLFLOW_RUN_ID] or "",
+         _fmt_value("accuracy", r["accuracy"]),
          _fmt_value("annotation_rate", r["annotation_rate"]))
         for r in runs.iter_rows(named=True)
     ]  # fmt: skip
-    page = html.page(
-        f"ICD benchmark {name}",
-        html.paragraph(
-            f"{bench_dir} · parent MLflow run {info.get('parent_mlflow_run_id', '?')} · "
-            f"started {info.get('started', '?')}",
-            "meta",
-        ),
-        html.section("Comparison (mean ± std over stream orders)", html.table(header, rows)),
-        *sections,
-        html.section(
-            "Runs",
-            html.table(
-                [
-                    "dataset",
-                    "mode",
-                    "budget",
-                    "seed",
-                    "run id",
-                    "MLflow run",
-                    "accuracy",
-                    "annotation rate",
-                ],
-                child_rows,
-            ),
-        ),
-        html.section(
-            "Benchmark configuration",
-            html.preformatted(json.dumps(info.get("suite", {}), indent=2)),
-        ),
-    )
-    html_path = out / "report.html"
-    atomic_write_text(html_path, page)  # a run and `icd report` may both write it
-    return ReportPaths("benchmark", bench_dir, html_path, paths, table)
 
 
 def _slug(text: str) -> str:
