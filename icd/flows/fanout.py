@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -86,31 +86,14 @@ def run_cells(
     its error; the others go on. Call :func:`check_pool` first: this assumes a server that
     knows ``deployment``."""
     from prefect import get_client
-    from prefect.deployments import run_deployment
 
     ledger_path = folder / LEDGER_FILE
     ledger: dict[str, str] = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     with get_client(sync_client=True) as client:
-        todo: list[Cell] = []
-        for cell in cells:
-            summary = read_summary(root, cell.run_id)
-            if summary is None:
-                todo.append(cell)
-            else:
-                on_done(cell, Outcome(summary, None, ledger.get(cell.run_id), reused=True))
-        active: dict[UUID, Cell] = {}
-        by_run = {UUID(ledger[c.run_id]): c for c in todo if c.run_id in ledger}
-        started: list[UUID] = []
-        for run in _read_runs(client, list(by_run)):
-            if run.state is None or run.state.is_final():
-                continue  # finished without a summary, failed or cancelled: run it again
-            if run.state.is_scheduled():  # still queued: any live worker takes it; wait
-                active[run.id] = by_run[run.id]
-                todo.remove(by_run[run.id])
-            else:  # pending or running under a previous parent: maybe on a dead worker
-                started.append(run.id)
-        if started:
-            _take_over(client, started, wait_s=takeover_s, poll_s=poll_s, log=log)
+        todo = _reuse_finished(cells, root=root, ledger=ledger, on_done=on_done)
+        active = _resume_submitted(
+            client, todo, ledger=ledger, takeover_s=takeover_s, poll_s=poll_s, log=log
+        )
         log.info(
             "%d cells on deployment %s: %d finished before, %d still queued, %d to run "
             "(%d at a time)",
@@ -120,29 +103,83 @@ def run_cells(
         while todo or active:
             while todo and len(active) < max_parallel:
                 cell = todo.pop(0)
-                run = cast(
-                    "FlowRun",
-                    run_deployment(
-                        deployment,
-                        parameters=cell.parameters,
-                        timeout=0,
-                        flow_run_name=cell.run_id,
-                        tags=list(cell.tags),
-                        work_queue_name=work_queue,
-                    ),
-                )  # a FlowRun: called from sync code
-                active[run.id] = cell
-                ledger[cell.run_id] = str(run.id)
+                run_id = _submit(cell, deployment=deployment, work_queue=work_queue)
+                active[run_id] = cell
+                ledger[cell.run_id] = str(run_id)
                 # merged under the ledger's lock: another parent of this benchmark keeps its
                 # entries (a plain rewrite of this process's copy would drop them)
-                merge_json(ledger_path, {cell.run_id: str(run.id)})
-                log.info("submitted %s as flow run %s", cell.run_id, run.id)
+                merge_json(ledger_path, {cell.run_id: str(run_id)})
+                log.info("submitted %s as flow run %s", cell.run_id, run_id)
             time.sleep(poll_s)
             for run in _read_runs(client, list(active)):
                 if run.state is None or not run.state.is_final():
                     continue
                 cell = active.pop(run.id)
                 on_done(cell, _outcome(root, cell, run))
+
+
+def _reuse_finished(
+    cells: Sequence[Cell],
+    *,
+    root: Path,
+    ledger: Mapping[str, str],
+    on_done: Callable[[Cell, Outcome], None],
+) -> list[Cell]:
+    """Hand back each cell whose run folder has a summary as reused; the others, to run."""
+    todo: list[Cell] = []
+    for cell in cells:
+        summary = read_summary(root, cell.run_id)
+        if summary is None:
+            todo.append(cell)
+        else:
+            on_done(cell, Outcome(summary, None, ledger.get(cell.run_id), reused=True))
+    return todo
+
+
+def _resume_submitted(
+    client: Any,
+    todo: list[Cell],
+    *,
+    ledger: Mapping[str, str],
+    takeover_s: float,
+    poll_s: float,
+    log: Any,
+) -> dict[UUID, Cell]:
+    """The cells of ``todo`` a previous parent submitted: one still queued is waited for
+    (moved from ``todo`` to the active cells returned); one started is taken over (its
+    flow run cancelled, the cell left in ``todo`` to run again)."""
+    active: dict[UUID, Cell] = {}
+    by_run = {UUID(ledger[c.run_id]): c for c in todo if c.run_id in ledger}
+    started: list[UUID] = []
+    for run in _read_runs(client, list(by_run)):
+        if run.state is None or run.state.is_final():
+            continue  # finished without a summary, failed or cancelled: run it again
+        if run.state.is_scheduled():  # still queued: any live worker takes it; wait
+            active[run.id] = by_run[run.id]
+            todo.remove(by_run[run.id])
+        else:  # pending or running under a previous parent: maybe on a dead worker
+            started.append(run.id)
+    if started:
+        _take_over(client, started, wait_s=takeover_s, poll_s=poll_s, log=log)
+    return active
+
+
+def _submit(cell: Cell, *, deployment: str, work_queue: str | None) -> UUID:
+    """Submit ``cell`` as a run of ``deployment`` without waiting; its flow-run id."""
+    from prefect.deployments import run_deployment
+
+    run = cast(
+        "FlowRun",
+        run_deployment(
+            deployment,
+            parameters=cell.parameters,
+            timeout=0,
+            flow_run_name=cell.run_id,
+            tags=list(cell.tags),
+            work_queue_name=work_queue,
+        ),
+    )  # a FlowRun: called from sync code
+    return run.id
 
 
 def check_pool(deployment: str) -> None:
