@@ -155,9 +155,9 @@ def stream_flow_for(cfg: Config) -> Any:
 def run_stream(
     cfg: Config, run_id: str | None = None, parent_mlflow_run_id: str | None = None
 ) -> RunSummary:
-    """The body of the stream flow for an already resolved config: the diagram above. Each
-    stage returns its typed result, which the flow hands to the stages that read it; the
-    run's state after each chunk is made from the chunk's results (:func:`advance`)."""
+    """The body of the stream flow for an already resolved config: set the run up (or
+    resume it), run its chunks (:func:`run_chunk`, the diagram above), each followed by
+    the run's state after it (:func:`advance`) and its commit, then :func:`finish`."""
     if cfg.pipeline.torch_threads:
         torch.set_num_threads(cfg.pipeline.torch_threads)
     src = open_stream(cfg.data)
@@ -165,60 +165,66 @@ def run_stream(
     tracker = start_tracking(ctx=ctx, src=src, parent_mlflow_run_id=parent_mlflow_run_id)
     ledger = Ledger.read(ctx.ledger)
     state = resume(ctx=ctx, tracker=tracker, ledger=ledger)
-    books = Books(
-        seconds={**Books().seconds, **state.seconds}, cached={**Books().cached, **state.cached}
-    )
     runner = Runner(
-        lookahead=cfg.pipeline.lookahead, on_dask=_on_dask(), cache_dir=ctx.cache_dir, books=books
+        lookahead=cfg.pipeline.lookahead,
+        on_dask=_on_dask(),
+        cache_dir=ctx.cache_dir,
+        books=Books.resumed(seconds=state.seconds, cached=state.cached),
     )
     grades = PoolGrades.rebuild(ctx, resumed=state.next_chunk > 0)
     progress = show_run(ctx=ctx, state=state)  # the Prefect UI: name, tags, progress
     chunks = src.chunks(cfg.pipeline.chunk_size, start_chunk=state.next_chunk)
     for started in runner.window(chunks, start=lambda c: start_chunk(runner, ctx, chunk=c)):
         chunk = started.chunk
-        image_vecs = embed.collect(runner, pending=started.embedding)
-        answers = zero_shot.collect(
-            runner, ctx, chunk=chunk, pending=started.answering, adapter=state.adapter
-        )
-        labels = annotate.run(  # the budgeted policy picks samples; the teacher votes
-            runner,
-            ctx,
-            chunk=chunk,
-            answers=answers,
-            policy=state.policy_state,
-            ledgered=ledger.chunk_keys,
-        )
-        view = icl.demo_view(ctx, chunk=chunk)  # the pool as it was before this chunk
-        pooling = pool.submit(  # one pool commit, in the background
-            runner, ctx, chunk=chunk, labels=labels, image_vecs=image_vecs, answers=answers
-        )
-        demos = icl.run(
-            runner,
-            ctx,
-            chunk=chunk,
-            answers=answers,
-            labels=labels,
-            image_vecs=image_vecs,
-            view=view,
-            gate=state.icl_gate_state,
-            lineage=state.lineage,
-            adapter=state.adapter,
-        )
-        pooled = pool.collect(runner, pending=pooling)
-        adapted = adapt.run(  # finetune modes: LoRA on the pool
-            runner, ctx, chunk=chunk, start=state.adapter, lineage=state.lineage
-        )
-        sums = evaluate.run(runner, ctx, chunk=chunk, answers=answers, labels=labels, demos=demos)
-        state = advance(
-            state,
-            chunk=chunk,
-            results=ChunkResults(answers, labels, demos, pooled, adapted, sums),
-            books=runner.books,
-            pool=grades.measure(ctx, chunk=chunk, labels=labels),
-        )
-        commit(ctx, chunk=chunk, state=state, labels=labels, tracker=tracker)
+        results = run_chunk(runner, ctx, started=started, state=state, ledger=ledger)
+        pool_after = grades.measure(ctx, chunk=chunk, labels=results.labels)
+        state = advance(state, chunk=chunk, results=results, books=runner.books, pool=pool_after)
+        commit(ctx, chunk=chunk, state=state, labels=results.labels, tracker=tracker)
         progress.update(state.samples_seen)
     return finish(ctx, state=state, books=runner.books, tracker=tracker)
+
+
+def run_chunk(
+    runner: Runner, ctx: RunContext, *, started: StartedChunk, state: ResumeState, ledger: Ledger
+) -> ChunkResults:
+    """One chunk through the stages (its pool-independent ones ``started`` ahead), with
+    the run's ``state`` after the previous chunk: each stage's typed result goes to the
+    stages that read it."""
+    chunk = started.chunk
+    image_vecs = embed.collect(runner, pending=started.embedding)
+    answers = zero_shot.collect(
+        runner, ctx, chunk=chunk, pending=started.answering, adapter=state.adapter
+    )
+    labels = annotate.run(  # the budgeted policy picks samples; the teacher votes
+        runner,
+        ctx,
+        chunk=chunk,
+        answers=answers,
+        policy=state.policy_state,
+        ledgered=ledger.chunk_keys,
+    )
+    view = icl.demo_view(ctx, chunk=chunk)  # the pool as it was before this chunk
+    pooling = pool.submit(  # one pool commit, in the background
+        runner, ctx, chunk=chunk, labels=labels, image_vecs=image_vecs, answers=answers
+    )
+    demos = icl.run(
+        runner,
+        ctx,
+        chunk=chunk,
+        answers=answers,
+        labels=labels,
+        image_vecs=image_vecs,
+        view=view,
+        gate=state.icl_gate_state,
+        lineage=state.lineage,
+        adapter=state.adapter,
+    )
+    pooled = pool.collect(runner, pending=pooling)
+    adapted = adapt.run(  # finetune modes: LoRA on the pool after the chunk
+        runner, ctx, chunk=chunk, start=state.adapter, lineage=state.lineage
+    )
+    sums = evaluate.run(runner, ctx, chunk=chunk, answers=answers, labels=labels, demos=demos)
+    return ChunkResults(answers, labels, demos, pooled, adapted, sums)
 
 
 @dataclass(frozen=True)

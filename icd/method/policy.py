@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -110,6 +111,29 @@ def target_rate(cfg: PolicyConfig, stream_length: int | None) -> float | None:
     return cfg.budget
 
 
+def _cap(cfg: PolicyConfig, stream_length: int | None) -> Callable[[int], int | None]:
+    """The budget's cap on queries after ``seen`` samples, in integers: a fixed total,
+    ``floor(budget * seen)`` (the budget as an exact fraction), or none."""
+    total = total_budget(cfg, stream_length)
+    if total is not None or cfg.budget is None:
+        return lambda seen: total
+    frac = _as_fraction(cfg.budget)
+    return lambda seen: frac.numerator * seen // frac.denominator
+
+
+def _paced(
+    x: float, ordered: list[float], *, rate: float, seen: int, queried: int, pace: int
+) -> bool:
+    """The adaptive threshold's decision on uncertainty ``x``: above the quantile of the
+    ``ordered`` window that asks at ``rate`` plus the deficit spread over ``pace`` samples
+    (at the threshold itself only with a whole sample owed)."""
+    deficit = rate * seen - queried
+    working = min(1.0, max(0.0, rate + deficit / pace))
+    n = len(ordered)
+    threshold = ordered[max(0, n - 1 - math.floor(working * n))]
+    return x > threshold or (x == threshold and deficit >= 1.0)
+
+
 def decide_queries(
     uncertainties: np.ndarray,
     state: PolicyState,
@@ -134,14 +158,7 @@ def decide_queries(
             "or policy.budget_count with a known stream length"
         )
 
-    # The cap as integers: fixed total, or floor(num * seen / den), or none.
-    total = total_budget(cfg, stream_length)
-    running = total is None and cfg.budget is not None
-    if running:
-        assert cfg.budget is not None
-        frac = _as_fraction(cfg.budget)
-        num, den = frac.numerator, frac.denominator
-
+    cap_after = _cap(cfg, stream_length)
     seen, queried = state.seen, state.queried
     history = deque(state.history, maxlen=state.window)
     ordered = sorted(history)
@@ -153,7 +170,7 @@ def decide_queries(
         bisect.insort(ordered, x)
         seen += 1
 
-        cap = num * seen // den if running else total
+        cap = cap_after(seen)
         if mode == "never" or (cap is not None and queried >= cap):
             ask = False
         elif seen <= cfg.warmup or mode == "always":
@@ -162,11 +179,7 @@ def decide_queries(
             ask = x > cfg.tau
         else:
             assert rate is not None  # checked above for the adaptive threshold
-            deficit = rate * seen - queried
-            working = min(1.0, max(0.0, rate + deficit / state.pace))
-            n = len(ordered)
-            threshold = ordered[max(0, n - 1 - math.floor(working * n))]
-            ask = x > threshold or (x == threshold and deficit >= 1.0)
+            ask = _paced(x, ordered, rate=rate, seen=seen, queried=queried, pace=state.pace)
         out[i] = ask
         queried += ask
 

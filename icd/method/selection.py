@@ -400,6 +400,27 @@ def _select_among(
     return out
 
 
+def _check_pool(
+    qi: np.ndarray,
+    qt: np.ndarray | None,
+    pi: np.ndarray,
+    pt: np.ndarray,
+    *,
+    n_pool: int,
+    strategy: str,
+) -> None:
+    """``ValueError`` unless the pool's vectors have a row per pool label and (ranking
+    strategies) the queries' and the pool's vectors one dimension."""
+    if pi.shape[0] != n_pool or pt.shape[0] != n_pool:
+        raise ValueError("pool_img, pool_txt and pool_labels must have the same number of rows")
+    if strategy != "random":
+        dims = {qi.shape[1], pi.shape[1], pt.shape[1]} | (
+            {qt.shape[1]} if qt is not None else set()
+        )
+        if len(dims) > 1:
+            raise ValueError("query and pool vectors must have the same dimension")
+
+
 def select_demos(
     query_img: np.ndarray,
     query_txt: np.ndarray | None,
@@ -445,15 +466,7 @@ def select_demos(
     if k == 0 or n_pool == 0 or n_queries == 0:
         return [np.zeros(0, dtype=np.int64) for _ in range(n_queries)]
     pi, pt = _f32(pool_img, "pool_img"), _f32(pool_txt, "pool_txt")
-    if pi.shape[0] != n_pool or pt.shape[0] != n_pool:
-        raise ValueError("pool_img, pool_txt and pool_labels must have the same number of rows")
-    if cfg.strategy != "random":
-        dims = {qi.shape[1], pi.shape[1], pt.shape[1]} | (
-            {qt.shape[1]} if qt is not None else set()
-        )
-        if len(dims) > 1:
-            raise ValueError("query and pool vectors must have the same dimension")
-
+    _check_pool(qi, qt, pi, pt, n_pool=n_pool, strategy=cfg.strategy)
     labels = _LabelCodes(pool_labels)
     if cfg.strategy == "random":
         ids = list(query_ids) if query_ids is not None else [str(b) for b in range(n_queries)]

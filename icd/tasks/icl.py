@@ -5,6 +5,7 @@ them in the prompt, or (``pool_vote``) as their majority label."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
@@ -13,11 +14,12 @@ import numpy as np
 from PIL import Image
 
 from icd.data.images import image_id, load_image
-from icd.data.types import Chunk
+from icd.data.types import Chunk, Sample
 from icd.method import steps
 from icd.method.icl_gate import gate_icl
 from icd.method.policy import PolicyState
 from icd.method.prompts import build_prompt
+from icd.method.types import Prompt
 from icd.models import counting_image_cache, load_embedder, load_student
 from icd.storage.pool import PoolView, ann
 from icd.tasks.annotate import Labels
@@ -148,22 +150,7 @@ def icl(
         last = plan.selection.most_similar_last
         answers = [steps.pool_vote(ls, most_similar_last=last) for ls in labels]
         return DemoAnswers(demo_ids, labels, answers, none, none, none)
-    needed = sorted({d for ids in demo_ids for d in ids})
-    table = open_pool(ctx.pool_uri)
-    by_id = {r["sample_id"]: r for r in table.fetch(needed, ctx.run_id)} if needed else {}
-    images = {d: load_image(r["image"]) for d, r in by_id.items()}
-    names = {d: image_id(d, r["image"]) for d, r in by_id.items()}
-    prompts = [
-        build_prompt(
-            s.question,
-            cast(Image.Image, s.image),  # valid: decoded
-            [(images[d], by_id[d]["question"] or s.question, by_id[d]["label"]) for d in ids],
-            task=ctx.task_type,
-            class_names=ctx.prompt_classes,
-            image_ids=[*(names[d] for d in ids), image_id(s.sample_id, s.image_bytes)],
-        )
-        for s, ids in zip(valid, demo_ids, strict=True)
-    ]
+    prompts, by_id = _demo_prompts(ctx, valid=valid, demo_ids=demo_ids)
     student = load_student(ctx.cfg.models.student, adapter)
     with counting_image_cache(student) as cache:
         gens = student.generate(prompts)
@@ -177,6 +164,31 @@ def icl(
         errors=[g.error for g in gens],
         image_cache=cache or None,
     )
+
+
+def _demo_prompts(
+    ctx: RunContext, *, valid: list[Sample], demo_ids: list[list[str]]
+) -> tuple[list[Prompt], dict[str, Mapping[str, Any]]]:
+    """Each sample's prompt with its demonstrations (read from the pool: image, question,
+    label), and those pool rows by sample id."""
+    needed = sorted({d for ids in demo_ids for d in ids})
+    table = open_pool(ctx.pool_uri)
+    rows = table.fetch(needed, ctx.run_id) if needed else []
+    by_id: dict[str, Mapping[str, Any]] = {r["sample_id"]: r for r in rows}
+    images = {d: load_image(r["image"]) for d, r in by_id.items()}
+    names = {d: image_id(d, r["image"]) for d, r in by_id.items()}
+    prompts = [
+        build_prompt(
+            s.question,
+            cast(Image.Image, s.image),  # valid: decoded
+            [(images[d], by_id[d]["question"] or s.question, by_id[d]["label"]) for d in ids],
+            task=ctx.task_type,
+            class_names=ctx.prompt_classes,
+            image_ids=[*(names[d] for d in ids), image_id(s.sample_id, s.image_bytes)],
+        )
+        for s, ids in zip(valid, demo_ids, strict=True)
+    ]
+    return prompts, by_id
 
 
 def run(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
 
@@ -64,6 +64,14 @@ class Books:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     cached: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     in_flight_peak: int = 0  # most chunks started at once (lookahead at work)
+
+    @classmethod
+    def resumed(cls, *, seconds: Mapping[str, float], cached: Mapping[str, int]) -> Books:
+        """The books of a run resumed with these ``seconds`` and ``cached`` counts."""
+        books = cls()
+        books.seconds.update(seconds)
+        books.cached.update(cached)
+        return books
 
     def book(self, stage: str, *, seconds: float, cached: bool) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
