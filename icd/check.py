@@ -27,12 +27,13 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from icd.config import Config, ModelConfig
 from icd.errors import one_line
+from icd.jsontypes import JSONObject, JSONValue
 
 # Model types whose processors need torchvision (their video processors), SentencePiece.
 TORCHVISION_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "llava_next_video"}
@@ -78,7 +79,7 @@ def _hub_cached(cfg: ModelConfig, name: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _local_config(cfg: ModelConfig) -> tuple[str | None, dict[str, Any] | None, str | None]:
+def _local_config(cfg: ModelConfig) -> tuple[str | None, JSONObject | None, str | None]:
     """(where the model is, its config.json, the error) without downloading anything."""
     from icd.models.fixtures import resolve_model_path
 
@@ -96,17 +97,18 @@ def _local_config(cfg: ModelConfig) -> tuple[str | None, dict[str, Any] | None, 
     return None, None, None
 
 
-def _model_type(data: dict[str, Any] | None) -> set[str]:
+def _model_type(data: JSONObject | None) -> set[str]:
     if not data:
         return set()
     types = {str(data.get("model_type", ""))}
     for sub in ("text_config", "vision_config"):
-        if isinstance(data.get(sub), dict):
-            types.add(str(data[sub].get("model_type", "")))
+        part = data.get(sub)
+        if isinstance(part, dict):
+            types.add(str(part.get("model_type", "")))
     return types - {""}
 
 
-def needed_packages(cfg: ModelConfig, config: dict[str, Any] | None) -> list[str]:
+def needed_packages(cfg: ModelConfig, config: JSONObject | None) -> list[str]:
     """Optional packages the model of ``cfg`` needs (import names)."""
     if cfg.backend != "hf":
         return []
@@ -130,7 +132,9 @@ def _roles(cfg: Config) -> list[tuple[str, ModelConfig]]:
     return roles
 
 
-def check_deps(roles: list[tuple[str, ModelConfig]], configs: dict[str, Any]) -> Check:
+def check_deps(
+    roles: list[tuple[str, ModelConfig]], configs: Mapping[str, JSONObject | None]
+) -> Check:
     from icd.models.hf import OPTIONAL_DEPENDENCIES, has_module
 
     missing: dict[str, list[str]] = {}
@@ -151,7 +155,7 @@ def check_deps(roles: list[tuple[str, ModelConfig]], configs: dict[str, Any]) ->
     return Check("deps", True, have)
 
 
-def check_model(role: str, m: ModelConfig) -> tuple[Check, dict[str, Any] | None]:
+def check_model(role: str, m: ModelConfig) -> tuple[Check, JSONObject | None]:
     name = f"model {role}"
     if m.backend == "oracle":
         return Check(name, True, f"oracle {m.model_id!r} (ground truth)"), None
@@ -193,7 +197,7 @@ def _image_processor_type(m: ModelConfig) -> str | None:
         file = folder / name if folder is not None else _hub_cached(m, name)
         if file is None or not file.is_file():
             continue
-        data: Any = json.loads(file.read_text())
+        data: JSONValue = json.loads(file.read_text())
         for key in path:
             data = data.get(key) if isinstance(data, dict) else None
         if isinstance(data, dict) and data.get("image_processor_type"):
@@ -396,7 +400,7 @@ def run_checks(cfg: Config, preset: str | None = None) -> list[Check]:
     benchmark suites built on it)."""
     roles = _roles(cfg)
     checks: list[Check] = []
-    configs: dict[str, Any] = {}
+    configs: dict[str, JSONObject | None] = {}  # each model's config.json
     model_checks = []
     for role, m in roles:
         c, data = check_model(role, m)
