@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from icd.data import shapes
 from icd.data.types import Sample
 from icd.method.metrics import score
 from icd.method.prompts import build_prompt
+from icd.method.types import Generation
 from icd.method.uncertainty import uncertainty
 from icd.method.voting import aggregate
 from icd.miniworld.train import Bank, Recipe, render_bank
@@ -183,37 +185,22 @@ def _icl_prompts(
     return out
 
 
-def evaluate_student(model_id: str, queries: Bank, demos: Bank) -> dict[str, Any]:
+def evaluate_student(model_id: str, queries: Bank, demos: Bank) -> dict[str, float]:
     """The student's zero-shot and in-context numbers: every design's settings (the
     copier's "its class nearest the query" and the matching design's "its class anywhere"),
     uncertainty AUROCs, and the share of in-context answers that blend labels."""
     from icd.models.hf import HFVLM
 
     design = student_design(model_id)
-
     vlm = HFVLM(model_id, batch_size=64, max_new_tokens=6)
     names = shapes.CLASS_NAMES
     base = {names.index(c) for c in shapes.BASE_CLASSES}
     split = lambda c: names[c].split(" ", 1)  # noqa: E731
     others = lambda c: [o for o in range(len(names)) if o != c]  # noqa: E731
 
-    zs_prompts = [build_prompt(shapes.QUESTION, im, [], TASK) for im in queries.images]
-    zs = vlm.generate(zs_prompts)
-    ent = uncertainty(zs, "entropy_mean")
+    zs = vlm.generate([build_prompt(shapes.QUESTION, im, [], TASK) for im in queries.images])
     is_base = np.array([y in base for y in queries.labels])
-    answers = [g.text for g in zs]
-    labels = np.asarray(queries.labels)
-    out: dict[str, Any] = {
-        "zero_shot_base": _accuracy(
-            [a for a, b in zip(answers, is_base, strict=True) if b], labels[is_base]
-        ),
-        "zero_shot_novel": _accuracy(
-            [a for a, b in zip(answers, is_base, strict=True) if not b], labels[~is_base]
-        ),
-        "entropy_auroc_novel_vs_base": auroc(ent[~is_base], ent[is_base]),
-        "entropy_mean_base": float(ent[is_base].mean()),
-        "entropy_mean_novel": float(ent[~is_base].mean()),
-    }
+    out = _zero_shot_numbers(zs, queries, is_base)
     novel_q = [i for i, b in enumerate(is_base) if not b]
     base_q = [i for i, b in enumerate(is_base) if b]
 
@@ -226,11 +213,63 @@ def evaluate_student(model_id: str, queries: Bank, demos: Bank) -> dict[str, Any
         same_shape = [o for o in others(c) if split(o)[1] == shape]
         return [c, rng.choice(same_colour), rng.choice(same_shape)]
 
-    icl_right: list[float] = []
-    icl_entropy: list[float] = []
-    blended: list[bool] = []
+    icl = _InContext(vlm, queries, demos)
+    copier = design == "copier"
+    out["icl_novel_k3_nearest"] = icl.accuracy(
+        novel_q, one_match(3), 4, nearest=True, target=copier
+    )
+    out["icl_novel_k3_one_match"] = icl.accuracy(
+        novel_q, one_match(3), 1, target=design == "matching"
+    )
+    out["icl_novel_k3_hard_distractors"] = icl.accuracy(novel_q, hard, 2)
+    out["icl_base_k3_no_match"] = icl.accuracy(
+        base_q, lambda rng, c: rng.sample(others(c), 3), 3, target=True
+    )
+    for k in (1, 2, 4):
+        out[f"icl_novel_k{k}_one_match"] = icl.accuracy(novel_q, one_match(k), 10 + k)
+    out["icl_blended_labels"] = float(np.mean(icl.blended))
+    r, e = np.array(icl.right), np.array(icl.entropy)
+    out["icl_entropy_auroc_wrong_vs_right"] = auroc(e[r == 0], e[r == 1])
+    return out
 
-    def icl(
+
+def _zero_shot_numbers(
+    zs: Sequence[Generation], queries: Bank, is_base: np.ndarray
+) -> dict[str, float]:
+    """Zero-shot accuracy on base and novel classes and how its entropy separates novel
+    from base and wrong from right."""
+    ent = uncertainty(zs, "entropy_mean")
+    answers = [g.text for g in zs]
+    labels = np.asarray(queries.labels)
+    right = np.array([_accuracy([a], [y]) for a, y in zip(answers, labels, strict=True)])
+    return {
+        "zero_shot_base": _accuracy(
+            [a for a, b in zip(answers, is_base, strict=True) if b], labels[is_base]
+        ),
+        "zero_shot_novel": _accuracy(
+            [a for a, b in zip(answers, is_base, strict=True) if not b], labels[~is_base]
+        ),
+        "entropy_auroc_novel_vs_base": auroc(ent[~is_base], ent[is_base]),
+        "entropy_mean_base": float(ent[is_base].mean()),
+        "entropy_mean_novel": float(ent[~is_base].mean()),
+        "entropy_auroc_wrong_vs_right": auroc(ent[right == 0], ent[right == 1]),
+    }
+
+
+@dataclass
+class _InContext:
+    """The student answering in-context settings; keeps, across settings, whether each
+    answer blends labels and, for the design's own settings, right/wrong and entropy."""
+
+    vlm: Any
+    queries: Bank
+    demos: Bank
+    right: list[float] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+    blended: list[bool] = field(default_factory=list)
+
+    def accuracy(
+        self,
         picks: list[int],
         rule: Callable[[random.Random, int], list[int]],
         seed: int,
@@ -238,8 +277,11 @@ def evaluate_student(model_id: str, queries: Bank, demos: Bank) -> dict[str, Any
         nearest: bool = False,
         target: bool = False,
     ) -> float:
-        prompts = _icl_prompts(queries, demos, picks, rule, seed, nearest=nearest)
-        gens = vlm.generate(prompts)
+        """Accuracy on queries ``picks`` with demos drawn by ``rule`` (``target``: the
+        design's own settings, whose uncertainty is checked)."""
+        queries = self.queries
+        prompts = _icl_prompts(queries, self.demos, picks, rule, seed, nearest=nearest)
+        gens = self.vlm.generate(prompts)
         texts = [g.text for g in gens]
         hits = [_accuracy([t], [queries.labels[q]]) for t, q in zip(texts, picks, strict=True)]
         # a blend: an answer that is neither a label the prompt shows nor a class name
@@ -247,30 +289,14 @@ def evaluate_student(model_id: str, queries: Bank, demos: Bank) -> dict[str, Any
             {m["content"][0]["text"].lower() for m in p.messages if m["role"] == "assistant"}
             for p in prompts
         ]
-        known = {n.lower() for n in names}
-        blended.extend(
+        known = {n.lower() for n in shapes.CLASS_NAMES}
+        self.blended.extend(
             t.strip().lower() not in s | known for t, s in zip(texts, shown, strict=True)
         )
         if target:  # the design's own settings: is its uncertainty higher where it errs?
-            icl_right.extend(hits)
-            icl_entropy.extend(uncertainty(gens, "entropy_mean").tolist())
+            self.right.extend(hits)
+            self.entropy.extend(uncertainty(gens, "entropy_mean").tolist())
         return float(np.mean(hits))
-
-    right = np.array([_accuracy([a], [y]) for a, y in zip(answers, labels, strict=True)])
-    out["entropy_auroc_wrong_vs_right"] = auroc(ent[right == 0], ent[right == 1])
-    nearest = {"nearest": True, "target": design == "copier"}
-    out["icl_novel_k3_nearest"] = icl(novel_q, one_match(3), 4, **nearest)
-    out["icl_novel_k3_one_match"] = icl(novel_q, one_match(3), 1, target=design == "matching")
-    out["icl_novel_k3_hard_distractors"] = icl(novel_q, hard, 2)
-    out["icl_base_k3_no_match"] = icl(
-        base_q, lambda rng, c: rng.sample(others(c), 3), 3, target=True
-    )
-    for k in (1, 2, 4):
-        out[f"icl_novel_k{k}_one_match"] = icl(novel_q, one_match(k), 10 + k)
-    out["icl_blended_labels"] = float(np.mean(blended))
-    r, e = np.array(icl_right), np.array(icl_entropy)
-    out["icl_entropy_auroc_wrong_vs_right"] = auroc(e[r == 0], e[r == 1])
-    return out
 
 
 def evaluate(

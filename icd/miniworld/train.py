@@ -38,11 +38,11 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _save(model: Any, processor: Any, out: Path, info: dict[str, Any]) -> None:
+def _save(model: Any, processor: Any, out: Path, info: Mapping[str, object]) -> None:
     """Write the model to ``out`` through a temporary folder renamed into place, under
     ``out``'s lock: a run loading ``out`` meanwhile reads the old weights or the new ones."""
     model.eval()
@@ -169,6 +169,13 @@ def _save(model: Any, processor: Any, out: Path, info: dict[str, Any]) -> None:
         publish_dir(tmp, out)
 
 
+class RunInfo(TypedDict):
+    """How long a training run took and its loss curve ((step, mean loss) points)."""
+
+    seconds: float
+    loss_curve: list[tuple[int, float]]
+
+
 class _Meter:
     """Running loss and progress lines every ``every`` steps."""
 
@@ -176,7 +183,8 @@ class _Meter:
         every = max(1, min(every, steps // 5))  # short schedules still log a curve
         self.name, self.steps, self.log, self.every = name, steps, log, every
         self.t0 = time.perf_counter()
-        self.total, self.count, self.curve = 0.0, 0, []
+        self.total, self.count = 0.0, 0
+        self.curve: list[tuple[int, float]] = []
 
     def add(self, step: int, loss: float) -> None:
         self.total, self.count = self.total + loss, self.count + 1
@@ -187,7 +195,7 @@ class _Meter:
             self.log(f"{self.name} step {step + 1}/{self.steps} loss {mean:.4f} ({rate:.1f} it/s)")
             self.total, self.count = 0.0, 0
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> RunInfo:
         return {"seconds": round(time.perf_counter() - self.t0, 1), "loss_curve": self.curve}
 
 
@@ -237,7 +245,9 @@ class Episode:
     kind: str
 
 
-def encode_episodes(processor: Any, bank: Bank, episodes: Sequence[Episode]) -> dict[str, Any]:
+def encode_episodes(
+    processor: Any, bank: Bank, episodes: Sequence[Episode]
+) -> dict[str, torch.Tensor]:
     """Model inputs and labels for ``episodes``, rendered the way ``HFVLM`` renders prompts
     (``build_prompt`` + the chat template + the processor) with the answer turn appended;
     labels cover the answer tokens through the first end-of-sequence token
@@ -545,7 +555,7 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
         f"rendered the glyph world ({world.N_CATEGORIES} categories) in "
         f"{time.perf_counter() - t0:.1f}s"
     )
-    info: dict[str, Any] = {"model": fixtures.STUDENT, "recipe": asdict(recipe)}
+    info: dict[str, object] = {"model": fixtures.STUDENT, "recipe": asdict(recipe)}
     info.update(
         student_cycle(
             model, processor=processor, bank=bank, recipe=recipe, out=out, cycle=1, log=log
@@ -561,7 +571,7 @@ def train_student(*, start: Path, out: Path, bank: Bank, recipe: Recipe, log: Lo
 
 def student_cycle(
     model: Any, *, processor: Any, bank: Bank, recipe: Recipe, out: Path, cycle: int, log: Log
-) -> dict[str, Any]:
+) -> RunInfo:
     """One cosine cycle of the student's training on ``bank`` (the shapes world extended by
     the glyph world); returns its seconds and loss curve. The model keeps its weights."""
     first_cycle = cycle == 1
@@ -587,20 +597,12 @@ def student_cycle(
     params = [*model.parameters(), *head.parameters()]
     meter = _Meter("student" if first_cycle else f"student (cycle {cycle})", steps, log)
     suffix = "" if first_cycle else f".cycle{cycle}"
-    ckpt = out.parent / f".{out.name}{suffix}.ckpt.pt"
-    first = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["recipe"] == asdict(recipe):
-            model.load_state_dict(state["model"])
-            head.load_state_dict(state["head"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
-            first = state["step"]
-            meter.curve = state["curve"]
-            log(f"student: resumed cycle {cycle} at step {first}")
+    run = _CycleRun(
+        model, head, opt, sched, rng, meter, out.parent / f".{out.name}{suffix}.ckpt.pt"
+    )
+    first = run.resume(recipe)
+    if first:
+        log(f"student: resumed cycle {cycle} at step {first}")
     try:
         for step in range(first, steps):
             max_k = 3 if first_cycle and step < steps // 5 else 5
@@ -613,27 +615,62 @@ def student_cycle(
             _step(opt, sched, loss, params)
             meter.add(step, loss.item())
             if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
-                state = {
-                    "recipe": asdict(recipe),
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "head": head.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(),
-                    "curve": meter.curve,
-                }
-                torch.save(state, ckpt.with_suffix(".tmp"))
-                ckpt.with_suffix(".tmp").replace(ckpt)
+                run.checkpoint(recipe, step + 1)
                 partial = {"model": fixtures.STUDENT, "partial": step + 1, "cycle": cycle}
                 _save(model, processor, out, partial)
                 model.train()
     finally:
         tower_tap.remove()
         token_tap.remove()
-    ckpt.unlink(missing_ok=True)
+    run.ckpt.unlink(missing_ok=True)
     return meter.info()
+
+
+@dataclass
+class _CycleRun:
+    """What a student cycle's checkpoint (``ckpt``) holds: the weights, the auxiliary
+    head, optimizer, schedule, the episode and torch random states and the loss curve."""
+
+    model: Any
+    head: torch.nn.Module
+    opt: Any
+    sched: Any
+    rng: random.Random
+    meter: _Meter
+    ckpt: Path
+
+    def resume(self, recipe: Recipe) -> int:
+        """Load the checkpoint if one of this recipe exists; the step to go on from (0:
+        none)."""
+        if not self.ckpt.exists():
+            return 0
+        state = torch.load(self.ckpt, weights_only=False)
+        if state["recipe"] != asdict(recipe):
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.meter.curve = state["curve"]
+        return int(state["step"])
+
+    def checkpoint(self, recipe: Recipe, step: int) -> None:
+        """Write the checkpoint after ``step`` steps (through a temporary file)."""
+        state = {
+            "recipe": asdict(recipe),
+            "step": step,
+            "model": self.model.state_dict(),
+            "head": self.head.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "curve": self.meter.curve,
+        }
+        torch.save(state, self.ckpt.with_suffix(".tmp"))
+        self.ckpt.with_suffix(".tmp").replace(self.ckpt)
 
 
 # ---------------------------------------------------------------------------- all
