@@ -29,7 +29,7 @@ import getpass
 import json
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -390,7 +390,7 @@ def resume(*, ctx: RunContext, tracker: Tracker, ledger: Ledger) -> ResumeState:
     return state
 
 
-def running_numbers(state: ResumeState) -> dict[str, Any]:
+def running_numbers(state: ResumeState) -> dict[str, float | None]:
     """The numbers logged after a committed chunk (:func:`accounting.running_numbers`)."""
     assert state.running is not None  # every committed chunk has its sums
     return accounting.running_numbers(
@@ -634,7 +634,7 @@ def _flow_run_id() -> str:
     return str(run.flow_run.id) if run is not None and run.flow_run is not None else "none"
 
 
-def _loggable(running: dict[str, Any]) -> dict[str, float]:
+def _loggable(running: Mapping[str, float | None]) -> dict[str, float]:
     """The numeric running metrics worth a curve in MLflow."""
     return {
         k: float(v)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypedDict, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+from typing_extensions import TypedDict  # pydantic reads it (typing.TypedDict needs 3.12)
 
 from icd.data.types import Sample
 from icd.method.types import Generation, Prompt

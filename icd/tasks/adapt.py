@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from icd.data.images import load_image
 from icd.data.types import Chunk
 from icd.method.prompts import build_prompt
 from icd.models import load_student
 from icd.storage.pool import PoolView
-from icd.tasks.base import MODEL_RETRIES, open_pool, stage, stage_cache
+from icd.tasks.base import MODEL_RETRIES, TaskParameters, open_pool, stage, stage_cache
 from icd.tasks.context import RunContext, chain
 from icd.tasks.icl import pool_key
 from icd.tasks.runner import Runner
@@ -30,7 +29,7 @@ class Adapted:
     peak_rss_mb: float
 
 
-def _adapt_inputs(p: dict[str, Any]) -> Any:
+def _adapt_inputs(p: TaskParameters) -> object:
     return [p["ctx"].run_id, p["pool_key"], p["start"]]
 
 

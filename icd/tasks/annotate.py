@@ -7,7 +7,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from icd.config import VotingConfig
 from icd.data.types import Chunk
@@ -16,9 +15,9 @@ from icd.method.accounting import Made
 from icd.method.policy import PolicyState
 from icd.method.voting import VoteResult
 from icd.models import load_teacher
-from icd.models.base import Sampling
-from icd.tasks.base import MODEL_RETRIES, stage, stage_cache, zero_shot_prompts
-from icd.tasks.context import RunContext
+from icd.models.base import Sampling, ServiceCalls
+from icd.tasks.base import MODEL_RETRIES, TaskParameters, stage, stage_cache, zero_shot_prompts
+from icd.tasks.context import LedgerRound, RunContext
 from icd.tasks.runner import Runner
 from icd.tasks.zero_shot import Answers
 
@@ -35,10 +34,10 @@ class Annotated:
     votes: dict[str, VoteResult]  # by sample id
     answers: int  # teacher answers returned
     requests: int  # requests sent (a request may return several answers)
-    service: dict[str, Any] = field(default_factory=dict)  # a remote teacher's accounting
+    service: ServiceCalls = field(default_factory=ServiceCalls)  # a remote teacher's
 
 
-def _annotate_inputs(p: dict[str, Any]) -> Any:
+def _annotate_inputs(p: TaskParameters) -> object:
     return [p["queried_ids"], p["voting"].model_dump(mode="json")]
 
 
@@ -63,17 +62,17 @@ def annotate(
     prompts = zero_shot_prompts(samples, task_type=ctx.task_type, class_names=None)
     sampling = Sampling(voting.n, voting.temperature, voting.include_greedy, ctx.cfg.seed)
     anns = model.annotate(samples, prompts, sampling)
-    service = getattr(anns, "service", {})  # a remote teacher's retries and latency
+    service = anns.service  # a remote teacher's retries and latency
     votes = steps.vote_annotations(anns, voting, ctx.class_names, ctx.synonyms, task=ctx.task_type)
     requests = sum(a.requests for a in anns)
     returned = sum(len(a.generations) for a in anns)
-    record = {
-        "chunk_key": chunk.key,
-        "sample_ids": [s.sample_id for s in samples],
-        "requests": requests,
-        "samples": returned,
-        "time": time.time(),
-    }
+    record = LedgerRound(
+        chunk_key=chunk.key,
+        sample_ids=[s.sample_id for s in samples],
+        requests=requests,
+        samples=returned,
+        time=time.time(),
+    )
     with Path(ctx.ledger).open("a") as f:
         f.write(json.dumps(record) + "\n")
     votes_by_id = {s.sample_id: v for s, v in zip(samples, votes, strict=True)}
@@ -92,7 +91,7 @@ class Labels:
     votes: dict[str, VoteResult]
     teacher_answers: dict[str, VoteResult]
     policy: PolicyState
-    service: dict[str, Any] = field(default_factory=dict)
+    service: ServiceCalls = field(default_factory=ServiceCalls)
     made: Made = Made()
     counts: dict[str, int] = field(default_factory=dict)
 

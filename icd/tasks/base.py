@@ -18,7 +18,7 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from prefect import Task, task
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
@@ -37,15 +37,19 @@ from icd.tasks.runner import Timed, timed
 T = TypeVar("T")
 
 
+# A stage task's parameters by name, as Prefect hands them to a cache key function.
+TaskParameters = dict[str, Any]
+
+
 def stage_cache(
-    *fields: str, inputs: Callable[[dict[str, Any]], Any] = lambda p: None
+    *fields: str, inputs: Callable[[TaskParameters], object] = lambda p: None
 ) -> CachePolicy:
     """The cache policy of a stage that reads the config ``fields`` (dotted paths; model
     sections add the identity of their local weights, :func:`weights_identity`) and whose
     own inputs beyond the run and the chunk are ``inputs(parameters)`` (JSON-able)."""
     models = [f for f in fields if f.startswith("models.")]
 
-    def key(context: Any, parameters: dict[str, Any]) -> str:
+    def key(context: Any, parameters: TaskParameters) -> str:
         ctx: RunContext = parameters["ctx"]
         chunk: Chunk = parameters["chunk"]
         weights = [ctx.memo(("weights", f), _weights_of(ctx, f)) for f in models]
@@ -111,12 +115,21 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-MODEL_RETRIES: dict[str, Any] = {
-    "retries": 2,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=0.5),
-    "retry_jitter_factor": 0.5,
-    "retry_condition_fn": _transient,
-}
+class Retries(TypedDict):
+    """Prefect's retry options of a task."""
+
+    retries: int
+    retry_delay_seconds: Callable[[int], list[float]]
+    retry_jitter_factor: float
+    retry_condition_fn: Callable[[Any, Any, Any], bool]
+
+
+MODEL_RETRIES = Retries(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=0.5),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_transient,
+)
 
 _POOLS: dict[str, DemoPool] = {}
 

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, TypedDict
 
 from pydantic import BeforeValidator, PlainSerializer, TypeAdapter
 
@@ -21,6 +21,7 @@ from icd.method import metrics, modes
 from icd.method.accounting import ChunkSums, Made
 from icd.method.modes import Plan
 from icd.method.policy import PolicyState
+from icd.models.base import ServiceCalls
 from icd.storage.runstate import RunState, atomic_write_text, resume_fingerprint
 
 
@@ -154,7 +155,7 @@ class ResumeState:
     manifest: dict[str, int] = field(default_factory=dict)  # chunk -> pool version
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (the runner's books)
     cached: dict[str, int] = field(default_factory=dict)  # chunks taken from the task cache
-    service: dict[str, Any] = field(default_factory=dict)  # this chunk's remote teacher's
+    service: ServiceCalls = field(default_factory=ServiceCalls)  # this chunk's remote teacher's
     lineage: str = ""  # hash chain of the committed chunks' content keys (:func:`chain`)
     adapter: str | None = None  # the student's LoRA adapter after the chunk (finetune modes)
     adapt: dict[str, float] = field(default_factory=dict)  # steps, tokens, FLOPs, peak memory
@@ -219,7 +220,18 @@ class Ledger:
         )
 
 
-def read_ledger(path: str) -> list[dict[str, Any]]:
+class LedgerRound(TypedDict):
+    """One teacher round of a run, a JSON line of its ledger (written by the annotate
+    stage before its result is kept)."""
+
+    chunk_key: str
+    sample_ids: list[str]
+    requests: int  # requests sent
+    samples: int  # answers returned
+    time: float
+
+
+def read_ledger(path: str) -> list[LedgerRound]:
     """The teacher rounds a run made (one JSON line each, written by the annotate stage)."""
     try:
         lines = Path(path).read_text().splitlines()

@@ -23,7 +23,14 @@ from icd.method.types import Prompt
 from icd.models import counting_image_cache, load_embedder, load_student
 from icd.storage.pool import PoolView, ann
 from icd.tasks.annotate import Labels
-from icd.tasks.base import MODEL_RETRIES, finite_or_none, open_pool, stage, stage_cache
+from icd.tasks.base import (
+    MODEL_RETRIES,
+    TaskParameters,
+    finite_or_none,
+    open_pool,
+    stage,
+    stage_cache,
+)
 from icd.tasks.context import RunContext
 from icd.tasks.runner import Runner
 from icd.tasks.zero_shot import Answers
@@ -90,7 +97,7 @@ def pool_key(view: PoolView, *, lineage: str) -> str:
     return hashlib.sha256(f"{lineage}\n{text}".encode()).hexdigest()[:16]
 
 
-def _icl_inputs(p: dict[str, Any]) -> Any:
+def _icl_inputs(p: TaskParameters) -> object:
     return [p["rows"], p["pool_key"], p.get("adapter")]
 
 

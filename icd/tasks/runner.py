@@ -118,11 +118,11 @@ class Runner:
             )
         return self._bound[task]
 
-    def _here(self, task: Task[..., Timed[T]], kwargs: dict[str, Any]) -> Pending[T]:
+    def _here(self, task: Task[..., Timed[T]], kwargs: Mapping[str, object]) -> Pending[T]:
         args = {k: quote(v) for k, v in kwargs.items()}
         return Pending(task.name, self._task(task)(**args, return_state=True))
 
-    def _submit(self, task: Task[..., Timed[T]], kwargs: dict[str, Any]) -> Pending[T]:
+    def _submit(self, task: Task[..., Timed[T]], kwargs: Mapping[str, object]) -> Pending[T]:
         args = kwargs if self.on_dask else {k: quote(v) for k, v in kwargs.items()}
         return Pending(task.name, self._task(task).submit(**args))
 

@@ -12,7 +12,13 @@ from icd.method import steps
 from icd.method.types import Generation
 from icd.models import counting_image_cache, load_student
 from icd.models.finetune import parameter_count
-from icd.tasks.base import MODEL_RETRIES, stage, stage_cache, zero_shot_prompts
+from icd.tasks.base import (
+    MODEL_RETRIES,
+    TaskParameters,
+    stage,
+    stage_cache,
+    zero_shot_prompts,
+)
 from icd.tasks.context import RunContext
 from icd.tasks.runner import Pending, Runner
 
@@ -48,7 +54,7 @@ class Answers:
         return cls([None] * n, None, [None] * n, [None] * n)
 
 
-def _adapter_input(p: dict) -> object:
+def _adapter_input(p: TaskParameters) -> object:
     return p.get("adapter")
 
 
