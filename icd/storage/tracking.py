@@ -335,9 +335,7 @@ class Tracker:
             if not isinstance(section, Mapping):
                 raise TypeError(f"config 'models' is a {type(section).__name__}, not a mapping")
             models = {
-                role: m
-                for role, m in section.items()
-                if isinstance(m, dict) and m.get("model_id")
+                role: m for role, m in section.items() if isinstance(m, dict) and m.get("model_id")
             }
         if models:
             self.log_models(models)
