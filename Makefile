@@ -23,7 +23,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff format --check icd tests
 	$(BIN)/ruff check icd tests
-	$(BIN)/mypy icd/method icd/tasks icd/flows icd/storage icd/models icd/data
+	$(BIN)/mypy icd/method icd/tasks icd/flows icd/storage icd/models icd/data icd/report
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The README's "What the smoke run shows": the smoke benchmark (every mode, two budgets) on

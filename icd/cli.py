@@ -6,9 +6,9 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -76,7 +76,7 @@ SetOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
@@ -171,6 +171,33 @@ def run(
         _preflight(cfg, run_id)
     except _user_errors() as e:
         _fail(one_line(e))
+    result = _stream_with_progress(
+        cfg, preset=preset, config=config, set_=set_, run_id=run_id, progress=progress
+    )
+    # Nothing of Prefect's (its temporary server stopping at exit) comes after the headline.
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    from icd.method.accounting import as_summary
+    from icd.report import print_headline, print_summary
+
+    summary = as_summary(result)
+    if verbose:
+        print_summary(summary, console=console)
+    print_headline(summary, console=console)
+    print_where(summary, tracking_uri=cfg.storage.resolved_tracking_uri())
+
+
+def _stream_with_progress(
+    cfg: Config,
+    *,
+    preset: str | None,
+    config: Path | None,
+    set_: list[str] | None,
+    run_id: str | None,
+    progress: bool,
+) -> RunSummary | Mapping[str, Any]:
+    """Run the stream flow in this process under a progress bar of the samples done (on
+    stderr; none without ``progress``); what the flow returns. A user error ends the
+    command with its one-line message."""
     from icd.flows import stream as stream_mod
 
     bar = Progress(
@@ -193,7 +220,7 @@ def run(
             _local_server()
             # The flow resolves the same config from what the user gave (so the Prefect UI
             # shows the real parameters, not a serialised config).
-            result = stream_mod.stream_flow_for(cfg)(
+            return stream_mod.stream_flow_for(cfg)(
                 preset=preset if (preset or config) else "smoke",
                 overrides=set_ or None,
                 config_file=str(config) if config else None,
@@ -203,16 +230,6 @@ def run(
         _fail(one_line(e))
     finally:
         stream_mod.CHUNK_HOOKS.remove(hook)
-    # Nothing of Prefect's (its temporary server stopping at exit) comes after the headline.
-    logging.getLogger("prefect").setLevel(logging.WARNING)
-    from icd.method.accounting import as_summary
-    from icd.report import print_headline, print_summary
-
-    summary = as_summary(result)
-    if verbose:
-        print_summary(summary, console=console)
-    print_headline(summary, console=console)
-    print_where(summary, tracking_uri=cfg.storage.resolved_tracking_uri())
 
 
 def print_where(summary: RunSummary, *, tracking_uri: str) -> None:
@@ -702,8 +719,12 @@ def bench_select(
     from icd.bench import select
 
     if pool:
-        kw = {"sizes": tuple(sizes)} if sizes else {}
-        select.print_select_bench(select.run_select_bench(quick=quick, **kw))
+        rows = (
+            select.run_select_bench(quick=quick, sizes=tuple(sizes))
+            if sizes
+            else select.run_select_bench(quick=quick)
+        )
+        select.print_select_bench(rows)
     if ann:
         opts: dict[str, Any] = {"ann_min_rows": ann_min_rows}
         if quick:

@@ -134,12 +134,13 @@ def test_where_lines_are_whole_at_any_width(monkeypatch: pytest.MonkeyPatch, tmp
     from rich.console import Console
 
     from icd import cli
+    from icd.method.accounting import RunSummary
 
     console = Console(record=True, width=60, force_terminal=False)
     monkeypatch.setattr(cli, "console", console)
     run_dir = tmp_path / "a-rather-long-folder-name" / "runs" / "shapes-icd-20261206-055507-c2c4cd"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = {"run_id": "shapes-icd-20261206-055507-c2c4cd", "run_dir": str(run_dir)}
+    summary = RunSummary(run_id="shapes-icd-20261206-055507-c2c4cd", run_dir=str(run_dir))
     cli.print_where(summary, tracking_uri=uri)
     lines = console.export_text().splitlines()
     assert f"results: {run_dir}" in lines
