@@ -33,7 +33,9 @@ def test_the_terminal_headline_shows_the_baselines_in_points_and_hides_what_does
 
 
 def test_the_prefect_headline_names_the_baselines_and_links_mlflow_only_for_a_server():
-    md = headline(ICD, mlflow_url="http://mlflow:5000/#/experiments/1/runs/abc")
+    md = headline(
+        RunSummary.from_json(ICD), mlflow_url="http://mlflow:5000/#/experiments/1/runs/abc"
+    )
     assert "| **this run (icd)** | **42.0%** |" in md
     assert "| forwarding the teacher's labels, no ICL | 37.0% |" in md
     assert "+5.0 pts" in md and "](http://mlflow:5000/#/experiments/1/runs/abc)" in md
