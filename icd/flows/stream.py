@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import polars as pl
 import torch
@@ -652,7 +652,7 @@ def task_runner_for(cfg: Config) -> Any:
 
         if cfg.pipeline.dask_address:
             return DaskTaskRunner(address=cfg.pipeline.dask_address)
-        return DaskTaskRunner(cluster_kwargs=dask_cluster_kwargs(cfg))
+        return DaskTaskRunner(cluster_kwargs=dict(dask_cluster_kwargs(cfg)))
     return ThreadPoolTaskRunner(max_workers=cfg.pipeline.max_workers)
 
 
@@ -660,7 +660,18 @@ def task_runner_for(cfg: Config) -> Any:
 WORKER_ENV = ("ICD_FIXTURES", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def dask_cluster_kwargs(cfg: Config) -> dict[str, Any]:
+class LocalClusterOptions(TypedDict):
+    """Keyword arguments of ``distributed.LocalCluster``."""
+
+    n_workers: int
+    threads_per_worker: int
+    processes: bool
+    host: str
+    dashboard_address: str | None
+    env: dict[str, str]
+
+
+def dask_cluster_kwargs(cfg: Config) -> LocalClusterOptions:
     """Keyword arguments of ``distributed.LocalCluster`` for a local Dask cluster:
     ``dask_workers`` worker processes with one thread each on loopback, no dashboard.
     Workers get this process's fixture and Hugging Face variables and ``torch_threads``
@@ -670,11 +681,11 @@ def dask_cluster_kwargs(cfg: Config) -> dict[str, Any]:
     if cfg.pipeline.torch_threads:
         threads = str(cfg.pipeline.torch_threads)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    return {
-        "n_workers": cfg.pipeline.dask_workers,
-        "threads_per_worker": 1,
-        "processes": True,
-        "host": "127.0.0.1",
-        "dashboard_address": None,
-        "env": env,
-    }
+    return LocalClusterOptions(
+        n_workers=cfg.pipeline.dask_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        env=env,
+    )

@@ -758,7 +758,7 @@ def summarize(
     score_fn: Callable[[str, list[str]], float] | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
     task: str | None = None,
-) -> dict[str, Any]:
+) -> JSONObject:
     """The JSON form of :func:`summarize_run` (``sums`` may be in their JSON form).
 
     (For the stream flow's ``finish`` until it holds a :class:`RunSummary`.)"""

@@ -31,7 +31,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+
+from icd.jsontypes import JSONObject, JSONValue
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it)
@@ -103,7 +104,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def merge_json(path: str | Path, entries: Mapping[str, Any]) -> dict[str, Any]:
+def merge_json(path: str | Path, entries: Mapping[str, JSONValue]) -> JSONObject:
     """Merge ``entries`` into the JSON object in ``path`` ({} when missing or unreadable)
     and write it back atomically, all under ``path``'s lock, so concurrent writers never
     drop each other's entries. Returns the new object."""

@@ -46,6 +46,7 @@ from mlflow.utils.validation import (
 
 from icd.data.types import DatasetInfo
 from icd.errors import one_line
+from icd.jsontypes import JSONObject
 from icd.storage.locks import atomic_file, file_lock, remove_leftovers
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ class Tracker:
             self.log_models(models)
         return self.mlflow_run_id
 
-    def finish(self, summary: dict[str, Any] | None = None, status: str = "FINISHED") -> None:
+    def finish(self, summary: JSONObject | None = None, status: str = "FINISHED") -> None:
         """Record the run summary and mark the run ``status`` (FINISHED | FAILED | KILLED).
 
         Each number of the summary is logged once under its own name, as the final point
@@ -352,7 +353,8 @@ class Tracker:
         self.flush()
         if summary:
             numbers = {k: float(v) for k, v in flatten(summary).items() if _is_number(v)}
-            step = int(summary.get("samples") or self._last_step)
+            samples = summary.get("samples")
+            step = int(samples) if isinstance(samples, int | float) and samples else self._last_step
             self.log_metrics(numbers, step)
             plain = json.loads(json.dumps(summary, default=_plain))
             self.client.log_dict(rid, plain, "summary.json")
