@@ -31,6 +31,22 @@ def test_no_function_outside_bench_takes_more_than_eight_positional_parameters()
     assert not long, f"more than {MAX_POSITIONAL} positional parameters: {long}"
 
 
+MAX_LINES = 60
+
+
+def test_no_function_outside_bench_is_longer_than_sixty_lines() -> None:
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if "bench" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_LINES:
+                    long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} {size}")
+    assert not long, f"functions over {MAX_LINES} lines (split them into named steps): {long}"
+
+
 def test_each_stage_is_one_module_with_its_task_named_after_it() -> None:
     for name in STAGES:
         module = importlib.import_module(f"icd.tasks.{name}")
