@@ -20,11 +20,15 @@ run: $(STAMP)
 	$(BIN)/icd fixtures
 	$(BIN)/icd run --preset smoke
 
+# The suite on 2 worker processes, each file whole on one worker (its module fixtures built
+# once), the longest files first (tests/conftest.py); PYTEST_XDIST= runs it in one process.
+PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
 	$(BIN)/ruff format --check icd tests
 	$(BIN)/ruff check icd tests
 	$(BIN)/mypy icd/method icd/tasks icd/flows icd/storage icd/models icd/data icd/report
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 # The README's "What the smoke run shows": the smoke benchmark (every mode, two budgets) on
 # the mini-world, its comparison table and accuracy-vs-annotation plot copied to docs/smoke.

@@ -12,10 +12,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".icd" / "test-state"
 
-# Set before anything imports prefect or transformers.
-os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect-home"))
-# Task results (the cross-run cache) start empty in every test session.
-os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="icd-prefect-results-"))
+# Set before anything imports prefect or transformers. Under pytest-xdist the controller
+# imports this file first and its workers inherit its environment: each worker replaces the
+# values the controller chose here (not ones the caller set) with its own, so two workers
+# never share one Prefect database or one task-result cache.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... in an xdist worker
+_OURS = "ICD_TEST_ENV_DEFAULTS"  # the variables this file chose, for the workers to redo
+_inherited = set(filter(None, os.environ.get(_OURS, "").split(",")))
+_chosen: set[str] = set()
+
+
+def _default(key: str, value: str) -> None:
+    if key not in os.environ or key in _inherited:
+        os.environ[key] = value
+        _chosen.add(key)
+
+
+PREFECT_HOME = STATE / (f"prefect-home-{WORKER}" if WORKER else "prefect-home")
+_default("PREFECT_HOME", str(PREFECT_HOME))
+# Task results (the cross-run cache) start empty in every test session (and worker).
+_default("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="icd-prefect-results-"))
+os.environ[_OURS] = ",".join(sorted(_chosen | _inherited))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -24,7 +41,7 @@ os.environ.setdefault("ICD_FIXTURES", str(REPO / ".icd" / "fixtures"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-(STATE / "prefect-home").mkdir(parents=True, exist_ok=True)
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 class _Stop(RuntimeError):
@@ -63,3 +80,28 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         stream_mod.CHUNK_HOOKS.remove(stop)
     return root
+
+
+# The longest files first (measured, in seconds on 2 cores): under `pytest -n 2 --dist
+# loadfile` each file runs whole on one worker in this order, so the long ones start at once
+# and the many short ones fill in around them instead of leaving one worker idle at the end.
+LONGEST_FIRST = (
+    "tests/pipeline/test_fanout.py",  # ~150: a Prefect server, two workers, a kill, a rerun
+    "tests/test_openai_student.py",  # ~90
+    "tests/pipeline/test_stream.py",  # ~80
+    "tests/test_concurrency.py",  # ~75
+    "tests/pipeline/test_pool_curation.py",  # ~55
+    "tests/pipeline/test_deployment.py",  # ~50: a Prefect server, a worker, a deployed run
+    "tests/pipeline/test_miniworld.py",  # ~45
+    "tests/models/test_miniworld.py",
+    "tests/pipeline/test_scale.py",
+    "tests/bench/test_bench_smoke.py",
+    "tests/test_benchmark_flow.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not WORKER:  # one process: keep pytest's own order
+        return
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
