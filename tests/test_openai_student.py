@@ -134,7 +134,7 @@ def test_sigkill_then_resume_sends_no_request_twice_for_a_committed_chunk(
     """Student and teacher both over HTTP: the run is killed (SIGKILL) after some chunks
     commit; the resumed run asks neither server anything about those chunks' samples."""
     teacher_server.reset_counts()
-    chunk_size, limit = 32, 192
+    chunk_size, limit = 32, 128  # four chunks: killed after two, two left to resume
     sets = [
         f"storage.root={tmp_path}", f"data.limit={limit}", f"pipeline.chunk_size={chunk_size}",
         "method.policy.budget=0.15", "pipeline.cache=false",
@@ -178,9 +178,20 @@ def test_sigkill_then_resume_sends_no_request_twice_for_a_committed_chunk(
 
 
 @pytest.mark.slow
-def test_stream_flow_end_to_end_with_the_openai_student(srv, tmp_path) -> None:
+def test_stream_flow_end_to_end_with_the_openai_student(srv, tmp_path, monkeypatch) -> None:
+    import dataclasses
+
     from icd.config import load_config
     from icd.flows.stream import stream
+
+    # Retries wait as in the client's own tests (10 ms, not 0.5 s, doubling): the injected
+    # faults are retried just the same, in a fraction of the wall time.
+    options = OpenAIOptions.from_config
+    monkeypatch.setattr(
+        OpenAIOptions,
+        "from_config",
+        classmethod(lambda cls, cfg: dataclasses.replace(options(cfg), backoff_base=0.01)),
+    )
 
     def run(run_id: str) -> dict:
         cfg = load_config(

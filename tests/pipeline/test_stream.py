@@ -239,9 +239,10 @@ def _adapt_rounds(run_dir: Path) -> list[int]:
     return [json.loads(line)["chunk"] for line in lines if line.strip()]
 
 
-def kill_and_resume(root: Path, run_id: str, sets: list[str]) -> None:
-    """Run ``icd run --preset smoke`` with ``sets`` in a process of its own, SIGKILL it after
-    its third committed chunk (before its tenth), then run the same command to the end."""
+def kill_and_resume(root: Path, run_id: str, sets: list[str], chunks: int = 10) -> None:
+    """Run ``icd run --preset smoke`` with ``sets`` (a stream of ``chunks`` chunks) in a
+    process of its own, SIGKILL it after its third committed chunk (before its last), then
+    run the same command to the end."""
     cmd = [
         sys.executable,
         "-m",
@@ -274,15 +275,16 @@ def kill_and_resume(root: Path, run_id: str, sets: list[str]) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = len(list(state.glob("chunk-*.json")))
-    assert 1 <= committed < 10, f"kill landed after {committed} chunks"
+    assert 1 <= committed < chunks, f"kill landed after {committed} chunks"
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["icd", "finetune_lora"])
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) -> None:
+    chunks = 6  # killed after three, three left to resume
     sets = [
-        "data.limit=320",
+        f"data.limit={32 * chunks}",
         "pipeline.chunk_size=32",
         "seed=5",
         "pipeline.cache=false",
@@ -295,7 +297,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
     ref_df = pl.read_parquet(Path(reference["run_dir"]) / "predictions.parquet")
 
     root = tmp_path / "killed"
-    kill_and_resume(root, "victim", sets)
+    kill_and_resume(root, "victim", sets, chunks)
     df = pl.read_parquet(root / "runs" / "victim" / "predictions.parquet")
     cols = [
         "sample_id",
@@ -318,7 +320,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
     if mode == "finetune_lora":  # the adapter: no chunk trained twice, same rounds
         rounds = _adapt_rounds(root / "runs" / "victim")
         assert rounds == sorted(set(rounds)) == _adapt_rounds(Path(reference["run_dir"]))
-        assert len(rounds) == 10
+        assert len(rounds) == chunks
     pool = _pool_rows(root, "victim")
     assert pool["sample_id"].n_unique() == pool.height == df["accepted"].sum()
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -326,7 +328,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, mode: str) ->
     runs = client.search_runs([exp], "tags.`icd.run_id` = 'victim'")
     assert len(runs) == 1
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "headline/accuracy")]
-    assert steps == sorted(set(steps)) and steps[-1] == 320
+    assert steps == sorted(set(steps)) and steps[-1] == 32 * chunks
 
 
 def test_in_process_runs_skip_heartbeats_and_server_runs_keep_them() -> None:
