@@ -24,11 +24,18 @@ run: $(STAMP)
 # once), the longest files first (tests/conftest.py); PYTEST_XDIST= runs it in one process.
 PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
+# mypy runs beside the suite (it fills the CPU the suite leaves idle while its tests wait on
+# servers and subprocesses); its report is printed after the suite's, and the target fails
+# if either fails.
 test: $(STAMP)
 	$(BIN)/ruff format --check icd tests
 	$(BIN)/ruff check icd tests
-	$(BIN)/mypy icd/method icd/tasks icd/flows icd/storage icd/models icd/data icd/report
-	$(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
+	@mkdir -p .icd
+	$(BIN)/mypy icd/method icd/tasks icd/flows icd/storage icd/models icd/data icd/report \
+		> .icd/mypy.log 2>&1 & mypy=$$!; \
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS); tests=$$?; \
+	wait $$mypy; typed=$$?; echo "mypy:"; cat .icd/mypy.log; \
+	test $$tests -eq 0 && test $$typed -eq 0
 
 # The README's "What the smoke run shows": the smoke benchmark (every mode, two budgets) on
 # the mini-world, its comparison table and accuracy-vs-annotation plot copied to docs/smoke.
