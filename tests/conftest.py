@@ -1,4 +1,5 @@
-"""Test-session environment: one Prefect home, one fixture cache, offline Hugging Face."""
+"""Test-session environment: one Prefect home per test process (each pytest-xdist worker has
+its own), one fixture cache, offline Hugging Face; the order in which `make test` runs files."""
 
 from __future__ import annotations
 
@@ -82,21 +83,22 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-# The longest files first (measured, in seconds on 2 cores): under `pytest -n 2 --dist
-# loadfile` each file runs whole on one worker in this order, so the long ones start at once
-# and the many short ones fill in around them instead of leaving one worker idle at the end.
+# The longest files first (seconds each took on one of two workers, on 2 cores): under
+# `pytest -n 2 --dist loadfile` (`make test`) each file runs whole on one worker in this order,
+# so the long ones start at once and the many short ones fill in around them instead of
+# leaving one worker idle at the end.
 LONGEST_FIRST = (
-    "tests/pipeline/test_fanout.py",  # ~150: a Prefect server, two workers, a kill, a rerun
-    "tests/test_openai_student.py",  # ~90
-    "tests/pipeline/test_stream.py",  # ~80
-    "tests/test_concurrency.py",  # ~75
-    "tests/pipeline/test_pool_curation.py",  # ~55
-    "tests/pipeline/test_deployment.py",  # ~50: a Prefect server, a worker, a deployed run
-    "tests/pipeline/test_miniworld.py",  # ~45
-    "tests/models/test_miniworld.py",
-    "tests/pipeline/test_scale.py",
-    "tests/bench/test_bench_smoke.py",
-    "tests/test_benchmark_flow.py",
+    "tests/pipeline/test_fanout.py",  # 155: a Prefect server, two workers, a kill, a rerun
+    "tests/pipeline/test_stream.py",  # 130
+    "tests/test_openai_student.py",  # 95
+    "tests/pipeline/test_pool_curation.py",  # 65
+    "tests/pipeline/test_miniworld.py",  # 50
+    "tests/test_concurrency.py",  # 50
+    "tests/models/test_miniworld.py",  # 45
+    "tests/pipeline/test_deployment.py",  # 45: a Prefect server, a worker, a deployed run
+    "tests/pipeline/test_scale.py",  # 37
+    "tests/test_benchmark_flow.py",  # 22
+    "tests/bench/test_bench_smoke.py",  # 17
 )
 
 
