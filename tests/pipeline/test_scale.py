@@ -158,4 +158,4 @@ def test_dask_cluster_matches_sequential(sequential: tuple[Path, dict[str, Any]]
         )
     done = [t.name for t in task_runs if t.state is not None and t.state.is_completed()]
     assert sum(n.startswith("embed-") for n in done) == N_CHUNKS
-    assert sum(n.startswith("score-") for n in done) == N_CHUNKS
+    assert sum(n.startswith("zero_shot-") for n in done) == N_CHUNKS

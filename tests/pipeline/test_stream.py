@@ -19,7 +19,7 @@ import pytest
 
 from icd.config import load_config
 from icd.flows.stream import stream
-from icd.models.base import Annotation
+from icd.models.base import Annotation, Annotations
 from icd.tasks import adapt, annotate, embed, icl, pool, zero_shot
 
 pytestmark = pytest.mark.slow
@@ -195,12 +195,12 @@ class _FlakyTeacher:
             self.raised = True
             raise ConnectionError("teacher unreachable (transient)")
         out = self.inner.annotate(samples, prompts, sampling)
-        return [
+        return Annotations(
             Annotation([], error="teacher_error: HTTP 500 after 5 retries")
             if int(s.sample_id[-1]) % 2
             else a
             for s, a in zip(samples, out, strict=True)
-        ]
+        )
 
 
 def test_teacher_faults_fall_back_to_student(
