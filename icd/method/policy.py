@@ -67,20 +67,23 @@ class PolicyState:
     def from_dict(cls, data: dict[str, Any]) -> PolicyState:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` on an inconsistent dict."""
         try:
-            state = cls(
+            return cls(
                 seen=int(data["seen"]),
                 queried=int(data["queried"]),
                 history=[float(x) for x in data["history"]],
                 window=int(data.get("window", WINDOW)),
                 pace=int(data.get("pace", PACE)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError) as e:
             raise ValueError(f"invalid policy state: {e}") from None
-        if not (0 <= state.queried <= state.seen) or state.window < 1 or state.pace < 1:
+
+    def __post_init__(self) -> None:
+        """``ValueError`` on an inconsistent state (a damaged state file a run resumes
+        from, however it is read)."""
+        if not (0 <= self.queried <= self.seen) or self.window < 1 or self.pace < 1:
             raise ValueError("invalid policy state: counts or sizes out of range")
-        if len(state.history) > state.window or not all(map(math.isfinite, state.history)):
+        if len(self.history) > self.window or not all(map(math.isfinite, self.history)):
             raise ValueError("invalid policy state: bad uncertainty history")
-        return state
 
 
 def _as_fraction(x: float) -> Fraction:

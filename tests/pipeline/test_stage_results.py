@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 from PIL import Image
 
 from icd.config import load_config
@@ -170,3 +171,12 @@ def test_a_committed_state_loads_back_equal(tmp_path: Path) -> None:
     loaded = ResumeState.load(ctx, counters=tuple(state.counters), ledger=Ledger(made=state.made))
     assert loaded == state
     assert ResumeState.committed(ctx) == [state]
+
+
+def test_a_damaged_state_file_is_refused_with_what_is_wrong(tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    ResumeState(chunk=0, policy_state=PolicyState(seen=4, queried=1)).commit(ctx)
+    path = ctx.run_dir / "state" / "chunk-00000.json"
+    path.write_text(path.read_text().replace('"queried": 1', '"queried": 9'))
+    with pytest.raises(ValueError, match="invalid policy state: counts or sizes out of range"):
+        ResumeState.load(ctx, counters=(), ledger=Ledger())
