@@ -6,7 +6,6 @@ Modules: ``uncertainty`` (docs/design.md §2.2), ``policy`` (§2.3), ``voting`` 
 chunk-level functions the stages wire), ``types`` (records shared with the model backends).
 """
 
-from icd.method.accounting import chunk_metrics, merge_metrics
 from icd.method.metrics import demo_accuracy, score, vqa_accuracy
 from icd.method.modes import MODES, ModeSpec, Plan, mode_spec, plan
 from icd.method.policy import PolicyState, budget_cap, decide_queries
@@ -28,12 +27,10 @@ __all__ = [
     "aggregate",
     "budget_cap",
     "build_prompt",
-    "chunk_metrics",
     "decide_queries",
     "demo_accuracy",
     "format_question",
     "map_to_class",
-    "merge_metrics",
     "mode_spec",
     "plan",
     "normalize_answer",

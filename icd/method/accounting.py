@@ -267,35 +267,6 @@ def baseline_scores(
     return zs, forward, icl
 
 
-def chunk_metrics(
-    rows: Sequence[PredictionRow] | Sequence[Mapping[str, Any]],
-    task: str | None,
-    *,
-    synonyms: Mapping[str, Sequence[str]] | None = None,
-    class_names: Sequence[str] | None = None,
-    fuzzy_threshold: float = 0.85,
-) -> dict[str, float | None]:
-    """The JSON form of ``rows``' :class:`ChunkSums` (what a chunk's state keeps)."""
-    sums = ChunkSums.of_rows(
-        cast("Sequence[PredictionRow]", rows),
-        task,
-        synonyms=synonyms,
-        class_names=class_names,
-        fuzzy_threshold=fuzzy_threshold,
-    )
-    return sums.to_json()
-
-
-def merge_metrics(
-    running: Mapping[str, Any] | None, chunk: Mapping[str, Any]
-) -> dict[str, float | None]:
-    """The JSON form of the running sums after ``chunk`` (both in :class:`ChunkSums`'s JSON
-    form; ``running=None`` starts a run): ``ChunkSums`` added up, ratios recomputed."""
-    if running is None:
-        return dict(chunk)
-    return (ChunkSums.from_json(running) + ChunkSums.from_json(chunk)).to_json()
-
-
 # ---------------------------------------------------------------------------- run numbers
 @dataclass(frozen=True)
 class Made:
@@ -699,8 +670,9 @@ class RunSummary:
 
 
 def as_summary(result: RunSummary | Mapping[str, Any]) -> RunSummary:
-    """A stream flow's result as a :class:`RunSummary` (a run made by a version whose flow
-    returned the summary's JSON form gives that)."""
+    """A stream flow's result as a :class:`RunSummary`: the flow returns the summary's
+    JSON form (what travels through Prefect), :func:`icd.flows.stream.run_stream` the
+    summary itself."""
     return result if isinstance(result, RunSummary) else RunSummary.from_json(result)
 
 
@@ -748,24 +720,6 @@ class RunTotals:
     pool_size: int = 0
     pool_precision: float | None = None
     chunks_in_flight_peak: int = 0
-
-
-def summarize(
-    df: pl.DataFrame,
-    totals: RunTotals | None = None,
-    *,
-    sums: ChunkSums | Mapping[str, Any] | None = None,
-    score_fn: Callable[[str, list[str]], float] | None = None,
-    groups: Mapping[str, Sequence[str]] | None = None,
-    task: str | None = None,
-) -> JSONObject:
-    """The JSON form of :func:`summarize_run` (``sums`` may be in their JSON form).
-
-    (For the stream flow's ``finish`` until it holds a :class:`RunSummary`.)"""
-    if sums is not None and not isinstance(sums, ChunkSums):
-        sums = ChunkSums.from_json(sums)
-    run = summarize_run(df, totals, sums=sums, score_fn=score_fn, groups=groups, task=task)
-    return dict(run.to_json())
 
 
 def summarize_run(

@@ -13,16 +13,34 @@ from hypothesis import strategies as st
 
 from icd.method.accounting import (
     RATIOS,
+    ChunkSums,
     Made,
     RunTotals,
-    chunk_metrics,
-    merge_metrics,
     running_numbers,
-    summarize,
+    summarize_run,
 )
 from icd.method.metrics import corpus_bleu, corpus_cider
 from icd.storage.results import PREDICTION_SCHEMA, predictions_frame
 from tests.storage.test_results import record
+
+
+def chunk_metrics(rows, task, **mapping):
+    """The JSON form of ``rows``' sums, as a committed chunk's state keeps them."""
+    return ChunkSums.of_rows(rows, task, **mapping).to_json()
+
+
+def merge_metrics(running, chunk):
+    """Two chunks' sums (JSON form) added up, in JSON form; ``running=None`` starts."""
+    if running is None:
+        return dict(chunk)
+    return (ChunkSums.from_json(running) + ChunkSums.from_json(chunk)).to_json()
+
+
+def summarize(df, totals=None, *, sums=None, **kw):
+    """The summary's JSON form (``summary.json``), ``sums`` given in their JSON form."""
+    if sums is not None and not isinstance(sums, ChunkSums):
+        sums = ChunkSums.from_json(sums)
+    return summarize_run(df, totals, sums=sums, **kw).to_json()
 
 
 def test_chunk_metrics_score_student_answers_with_the_class_mapping():
