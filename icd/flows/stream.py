@@ -292,7 +292,6 @@ def advance(
     return replace(
         state,
         chunk=chunk.index,
-        samples_seen=counters["samples_seen"],
         policy_state=r.labels.policy,
         icl_gate_state=r.demos.gate,
         counters=counters,

@@ -77,7 +77,7 @@ def read_run(folder: Path) -> RunListing | None:
         samples: int | None = summary.samples
     else:  # the running numbers after the last committed chunk
         ratios = ChunkSums.from_json(last.get("running") or {}).ratios
-        samples = last.get("samples_seen")
+        samples = (last.get("counters") or {}).get("samples_seen")
     finished = summary is not None
     limit = data.get("limit")
     total = samples if finished else (limit if isinstance(limit, int) else None)

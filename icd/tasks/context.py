@@ -147,7 +147,6 @@ class ResumeState:
     (``icd.flows.stream.advance``); nothing else changes it."""
 
     chunk: int = -1  # the last committed chunk (-1: none yet)
-    samples_seen: int = 0
     policy_state: PolicyState = field(default_factory=PolicyState)  # the query policy's
     icl_gate_state: PolicyState = field(default_factory=PolicyState)  # the ICL gate's
     counters: dict[str, int] = field(default_factory=dict)  # by name, summed over chunks
@@ -167,6 +166,11 @@ class ResumeState:
     @property
     def next_chunk(self) -> int:
         return self.chunk + 1
+
+    @property
+    def samples_seen(self) -> int:
+        """Stream samples of the committed chunks, skipped ones included."""
+        return self.counters.get("samples_seen", 0)
 
     @classmethod
     def load(cls, ctx: RunContext, *, counters: tuple[str, ...], ledger: Ledger) -> ResumeState:
