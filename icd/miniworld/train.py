@@ -440,6 +440,21 @@ def _distractor(rng: random.Random, q_class: int, n_classes: int) -> int:
     return rng.choice(choices)
 
 
+def _icl_query(
+    rng: random.Random,
+    pick: Callable[[int], int],
+    kind: str,
+    *,
+    n_classes: int,
+    k_range: tuple[int, int],
+) -> tuple[int, int, int]:
+    """An in-context episode's query class, its bank image and how many demos it shows (drawn
+    in this order, the same for both designs)."""
+    q_class = _query_class(rng, kind, n_classes)
+    query = pick(q_class)
+    return q_class, query, rng.randint(*k_range)
+
+
 def student_episode(
     rng: random.Random,
     bank: Bank,
@@ -457,9 +472,7 @@ def student_episode(
     if kind in ("zs_base", "zs_novel"):
         return _zero_shot_episode(rng, bank, kind)
     n_classes = len(bank.by_class)
-    q_class = _query_class(rng, kind, n_classes)
-    query = pick(q_class)
-    k = rng.randint(min_k, max_k)
+    q_class, query, k = _icl_query(rng, pick, kind, n_classes=n_classes, k_range=(min_k, max_k))
     match = kind != "icl_base" or rng.random() < 0.5
     demo_classes = [q_class] * (1 + (match and k > 2 and rng.random() < 0.2)) if match else []
     while len(demo_classes) < k:
@@ -518,9 +531,7 @@ def copier_episode(
     if kind in ("zs_base", "zs_novel"):
         return _zero_shot_episode(rng, bank, kind)
     n_classes = len(bank.by_class)
-    q_class = _query_class(rng, kind, n_classes)
-    query = pick(q_class)
-    k = rng.randint(min_k, max_k)
+    q_class, query, k = _icl_query(rng, pick, kind, n_classes=n_classes, k_range=(min_k, max_k))
     last = kind != "icl_base" or rng.random() < 0.3
     demo_classes: list[int] = []
     while len(demo_classes) < k - last:
